@@ -1,0 +1,1 @@
+"""Command-line interfaces: the `pygirder` command and the service-CLI helper."""

@@ -1,0 +1,119 @@
+"""The exceptions pygirder raises, one tree rooted at PygirderError.
+
+    PygirderError
+     ├── CodecError              a value cannot be encoded/decoded (names the argument path)
+     │    └── PayloadTooLarge    an argument or result is over the configured size limit
+     ├── GridFunctionError       misuse of @fn or of a Call at the call site (lambda, closure,
+     │                           unregistered function, wrong arguments)
+     ├── RemoteError             a grid call failed remotely (carries type, message, traceback,
+     │                           and the chain of calls from the failure up to the caller)
+     ├── GridTimeout             a wait ran out of time (also a TimeoutError)
+     ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
+     └── ConfigError             invalid configuration (names the key, the value, what is allowed)
+
+Every error carries the data needed to act on it, and its message says what to do next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class PygirderError(Exception):
+    """Base of every exception pygirder raises on purpose."""
+
+
+class CodecError(PygirderError, TypeError):
+    """A value cannot be encoded or decoded; ``path`` names where, e.g. ``args.x[2]``."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class PayloadTooLarge(CodecError):
+    """An encoded argument or result is larger than the configured limit."""
+
+    def __init__(self, message: str, *, path: str = "", size: int = 0, limit: int = 0) -> None:
+        super().__init__(message, path=path)
+        self.size = size
+        self.limit = limit
+
+
+class GridFunctionError(PygirderError, TypeError):
+    """A grid function or call was used in a way that cannot work on a grid."""
+
+
+class ConfigError(PygirderError, ValueError):
+    """Invalid configuration: the message names the key, the value and what is allowed."""
+
+
+class GridConnectionError(PygirderError, ConnectionError):
+    """The Redis-protocol server is unreachable or refused the credentials."""
+
+
+class GridTimeout(PygirderError, TimeoutError):
+    """Waiting for a grid call took longer than the given timeout.
+
+    The call itself is not failed: it keeps running and its result is memoized,
+    so asking again later is cheap.
+    """
+
+    def __init__(self, message: str, *, call_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.call_ids = call_ids
+
+
+@dataclass(frozen=True)
+class CallLink:
+    """One call in a :class:`RemoteError` chain."""
+
+    id: str
+    function: str
+
+
+@dataclass
+class RemoteError(PygirderError):
+    """A grid call raised; this is the remote exception as seen by its caller.
+
+    ``chain`` starts at the call that raised and ends at the call the caller
+    waited on, so a failure deep in a recursion says which path led to it.
+    """
+
+    remote_type: str
+    message: str
+    traceback: str = ""
+    chain: list[CallLink] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.remote_type, self.message)
+
+    def __str__(self) -> str:
+        lines = [f"{self.remote_type}: {self.message}"]
+        if self.chain:
+            path = " <- ".join(f"{link.function}[{link.id[:12]}]" for link in self.chain)
+            lines.append(f"  call chain (failing call first): {path}")
+        if self.traceback:
+            lines.append("  remote traceback:")
+            lines.extend("    " + line for line in self.traceback.rstrip().splitlines())
+        return "\n".join(lines)
+
+    def __reduce__(self):  # keep pickling/copying working despite the dataclass __init__
+        return (RemoteError, (self.remote_type, self.message, self.traceback, self.chain))
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.remote_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "chain": [[link.id, link.function] for link in self.chain],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RemoteError:
+        return cls(
+            remote_type=str(data.get("type", "Exception")),
+            message=str(data.get("message", "")),
+            traceback=str(data.get("traceback", "")),
+            chain=[CallLink(str(i), str(f)) for i, f in data.get("chain", [])],
+        )
