@@ -1,0 +1,97 @@
+"""Every key pygirder writes, in one place.
+
+All keys of a grid share the prefix ``pg:{<namespace>}:`` so several grids can share
+one server and ``SCAN pg:{ns}:*`` finds everything of one grid.  The braces are a
+Redis Cluster hash tag: all keys of a namespace live in one slot, which the
+server-side scripts rely on (they touch keys computed inside the script).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How long a pushed inbox survives without its reader (a process that died without
+# cleaning up leaves at most this much garbage behind).
+INBOX_TTL_S = 24 * 3600
+# A worker that has not refreshed its heartbeat for this long is considered dead.
+HEARTBEAT_TTL_S = 10
+# Approximate cap of the grid-wide log stream (XADD MAXLEN ~).
+LOG_STREAM_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one namespace.  Methods, not constants, so typos fail loudly."""
+
+    namespace: str = "default"
+
+    @property
+    def prefix(self) -> str:
+        return f"pg:{{{self.namespace}}}:"
+
+    # -- requests -------------------------------------------------------------
+    def result(self, request_id: str) -> str:
+        """STRING: the encoded result envelope of a finished request."""
+        return f"{self.prefix}res:{request_id}"
+
+    def state(self, request_id: str) -> str:
+        """HASH: payload and state of a pending request (gone once finished)."""
+        return f"{self.prefix}st:{request_id}"
+
+    def waiters(self, request_id: str) -> str:
+        """SET: inbox names to notify when the request finishes."""
+        return f"{self.prefix}wt:{request_id}"
+
+    # -- pools and processes ----------------------------------------------------
+    def queue(self, pool: str) -> str:
+        """LIST: request ids waiting for any worker of the pool (LPUSH in, RPOP out)."""
+        return f"{self.prefix}q:{pool}"
+
+    def idle(self, pool: str) -> str:
+        """HASH: worker id -> time it became idle, for workers blocked on the pool queue."""
+        return f"{self.prefix}idle:{pool}"
+
+    def inbox(self, process_id: str) -> str:
+        """LIST: completion messages for the waiters of one process."""
+        return f"{self.prefix}inbox:{process_id}"
+
+    def inflight(self, worker_id: str) -> str:
+        """LIST: request ids a worker took from a pool queue and has not finished."""
+        return f"{self.prefix}inflight:{worker_id}"
+
+    def owned(self, worker_id: str) -> str:
+        """SET: request ids on a worker's local stack or running there."""
+        return f"{self.prefix}owned:{worker_id}"
+
+    def heartbeat(self, process_id: str) -> str:
+        """STRING with TTL: present while the process is alive."""
+        return f"{self.prefix}hb:{process_id}"
+
+    @property
+    def workers(self) -> str:
+        """HASH: worker id -> JSON description (host, pid, pool, started)."""
+        return f"{self.prefix}workers"
+
+    @property
+    def stats(self) -> str:
+        """HASH: grid-wide counters (submitted, executed, cached, shared, failed...)."""
+        return f"{self.prefix}stats"
+
+    @property
+    def logs(self) -> str:
+        """STREAM: structured log records of every grid process (capped)."""
+        return f"{self.prefix}logs"
+
+    @property
+    def dead_letters(self) -> str:
+        """LIST: undecodable payloads taken off a queue, kept for inspection."""
+        return f"{self.prefix}dead"
+
+    @property
+    def reaper_lock(self) -> str:
+        """STRING with TTL: held by the one process currently reaping dead workers."""
+        return f"{self.prefix}reaper"
+
+    def calls(self, request_id: str) -> str:
+        """HASH: call-graph record of a request (parent, children, times, worker)."""
+        return f"{self.prefix}call:{request_id}"
