@@ -1,0 +1,5 @@
+"""`python -m pygirder` is the `pygirder` command."""
+
+from .cli.main import main
+
+main()

@@ -1,0 +1,247 @@
+"""Grid functions: the @fn decorator, Call objects, the registry, code fingerprints and ids.
+
+A grid function is a pure function, so a call is fully named by
+``["Call", qualified name, code fingerprint, bound arguments]``.  The request id is a
+BLAKE2b hash of the canonical encoding of that structure: equal calls anywhere on the
+grid get equal ids, which is what makes memoization and sharing work.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import codec
+from .errors import GridFunctionError
+
+__all__ = ["Call", "GridFunction", "fingerprint", "fn", "lookup", "registered_names"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ID_TAG = b"pygirder-call-v1\x00"
+ID_LENGTH = 40  # hex characters of a request id (BLAKE2b, 20 bytes)
+
+_REGISTRY: dict[str, GridFunction[..., Any]] = {}
+
+
+def _module_name(module: str) -> str:
+    # Local workers load the user's script as __mp_main__ (as multiprocessing's spawn
+    # does, so its `if __name__ == "__main__":` block does not run); both names must
+    # give the same qualified name and therefore the same request ids.
+    return "__main__" if module == "__mp_main__" else module
+
+
+def _const_repr(value: object) -> str:
+    if isinstance(value, types.CodeType):
+        return "code:" + _code_digest(value)
+    if isinstance(value, frozenset):  # iteration order of str members varies per process
+        return "frozenset(" + ",".join(sorted(_const_repr(v) for v in value)) + ")"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_const_repr(v) for v in value) + ")"
+    return f"{type(value).__name__}:{value!r}"
+
+
+def _code_digest(code: types.CodeType, doc: str | None = None) -> str:
+    """Hash what determines behaviour, not where the code sits.
+
+    Line numbers, file names and the docstring are left out, so moving a function or
+    editing its documentation keeps its memoized results.
+    """
+    consts = list(code.co_consts)
+    if doc is not None and consts and consts[0] == doc:
+        consts = consts[1:]
+    parts = [
+        code.co_code.hex(),
+        repr(code.co_names),
+        repr(code.co_varnames),
+        repr(code.co_freevars),
+        repr(code.co_cellvars),
+        repr((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)),
+        "|".join(_const_repr(c) for c in consts),
+    ]
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(func: Callable[..., Any]) -> str:
+    """The code fingerprint of a plain function (bytecode, constants, names)."""
+    return _code_digest(func.__code__, func.__doc__)
+
+
+def _check_definable(func: Callable[..., Any]) -> None:
+    if not inspect.isfunction(func):
+        raise GridFunctionError(
+            f"@pygirder.fn takes a plain `def` function, got {type(func).__name__} {func!r}"
+        )
+    name = func.__qualname__
+    if func.__name__ == "<lambda>":
+        raise GridFunctionError(
+            "a lambda cannot be a grid function: workers find functions by module and "
+            "name. Define it with `def` at module level and decorate it with @pygirder.fn"
+        )
+    if "<locals>" in name or func.__closure__:
+        raise GridFunctionError(
+            f"{name} is defined inside another function (a closure); workers cannot import "
+            "it. Move it to module level and pass what it captured as arguments"
+        )
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise GridFunctionError(
+            f"{name} is a generator; a grid function must return a value. Return a list instead"
+        )
+
+
+class GridFunction(Generic[P, R]):
+    """A registered pure function.  Calling it builds a :class:`Call`; it never runs it."""
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        version: str | None = None,
+        pool: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        _check_definable(func)
+        self.func = func
+        self.name = f"{_module_name(func.__module__)}:{func.__qualname__}"
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.signature = inspect.signature(func)
+        self.version = version
+        self.fingerprint = f"v:{version}" if version is not None else fingerprint(func)
+        self.pool = pool
+        self.timeout = timeout
+        functools.update_wrapper(self, func)
+        existing = _REGISTRY.get(self.name)
+        if existing is not None and existing.fingerprint != self.fingerprint:
+            # A module reloaded with new code: the newest definition wins, like Python's own.
+            pass
+        _REGISTRY[self.name] = self
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Call[R]:
+        return self.options()(*args, **kwargs)
+
+    def options(self, *, pool: str | None = None) -> Callable[P, Call[R]]:
+        """Per-call overrides: ``price.options(pool="big")(1, 2)``."""
+
+        def make(*args: P.args, **kwargs: P.kwargs) -> Call[R]:
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise GridFunctionError(f"{self.name}{self.signature}: {exc}") from None
+            bound.apply_defaults()
+            return Call(self, dict(bound.arguments), pool=pool or self.pool or "default")
+
+        return make
+
+    def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here, in this process, without the grid (for tests and debugging)."""
+        return self.func(*args, **kwargs)
+
+    def bind_payload(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Turn decoded bound arguments back into ``(args, kwargs)`` for the real function."""
+        bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
+        return bound.args, bound.kwargs
+
+    def __repr__(self) -> str:
+        return f"<grid function {self.name}>"
+
+    def __reduce__(self) -> str:
+        return self.func.__qualname__
+
+
+@overload
+def fn(func: Callable[P, R], /) -> GridFunction[P, R]: ...
+@overload
+def fn(
+    *, version: str | None = None, pool: str | None = None, timeout: float | None = None
+) -> Callable[[Callable[P, R]], GridFunction[P, R]]: ...
+def fn(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    version: str | None = None,
+    pool: str | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Make a pure function a grid function: ``@pygirder.fn`` or ``@pygirder.fn(version="2")``.
+
+    ``version`` replaces the code fingerprint (bump it when behaviour changes through
+    something the bytecode does not show, such as a global constant); ``pool`` is the
+    default pool for its calls; ``timeout`` the default time a caller waits.
+    """
+    if func is not None:
+        return GridFunction(func, version=version, pool=pool, timeout=timeout)
+
+    def decorate(f: Callable[P, R]) -> GridFunction[P, R]:
+        return GridFunction(f, version=version, pool=pool, timeout=timeout)
+
+    return decorate
+
+
+def lookup(name: str) -> GridFunction[..., Any] | None:
+    return _REGISTRY.get(name)
+
+
+def registered_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Call(Generic[R]):
+    """One application of a grid function to arguments; names a request by its ``id``.
+
+    ``await call`` in async code, ``call.result()`` in sync code; both wait on the
+    grid the caller runs in (a worker's, or the most recent ``pygirder.connect()``).
+    """
+
+    __slots__ = ("_args_bytes", "_id", "arguments", "function", "pool")
+
+    def __init__(self, function: GridFunction[..., R], arguments: dict[str, Any], pool: str):
+        self.function = function
+        self.arguments = arguments
+        self.pool = pool
+        self._args_bytes: bytes | None = None
+        self._id: str | None = None
+
+    @property
+    def args_bytes(self) -> bytes:
+        if self._args_bytes is None:
+            self._args_bytes = codec.encode(
+                self.arguments,
+                path=f"{self.function.name} arguments",
+                limit=codec.DEFAULT_LIMITS["max_arg_bytes"],
+            )
+        return self._args_bytes
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            h = hashlib.blake2b(ID_TAG, digest_size=ID_LENGTH // 2)
+            for part in (self.function.name.encode(), self.function.fingerprint.encode()):
+                h.update(len(part).to_bytes(4, "big"))
+                h.update(part)
+            h.update(self.args_bytes)
+            self._id = h.hexdigest()
+        return self._id
+
+    def payload(self) -> bytes:
+        """What a worker needs to run the call: name, fingerprint, encoded arguments."""
+        return codec.encode([self.function.name, self.function.fingerprint, self.args_bytes])
+
+    def result(self, timeout: float | None = None) -> R:
+        from .grid import context
+
+        return context.wait_sync([self], timeout)[0]
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        from .grid import context
+
+        results = yield from context.gather_async([self], None).__await__()
+        return results[0]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}"[:40] for k, v in self.arguments.items())
+        return f"<Call {self.function.name}({args})>"

@@ -1,0 +1,1 @@
+"""The grid: client, worker runtime, and the async core they share."""

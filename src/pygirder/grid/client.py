@@ -1,0 +1,442 @@
+"""The client side: ``pygirder.connect()`` and the ``Grid`` handle users hold.
+
+The grid's async core runs on a private event loop in a background thread, so sync
+code (``grid.run``, ``call.result()``) and asyncio code (``await grid.run_async``,
+``await call``) share one implementation.  Without a URL, ``connect()`` also starts a
+private Valkey server and local worker processes, and stops them on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..calls import Call, GridFunction
+from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTimeout
+from ..server import EmbeddedServer
+from . import context
+from .runtime import Runtime, decode_envelope, new_process_id
+
+R = TypeVar("R")
+_UNSET: Any = object()
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="pygirder-client", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class GridFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The future result of one submitted call: ``.result(timeout)``, ``.cancel()``."""
+
+    def __init__(self, call: Call[Any]) -> None:
+        super().__init__()
+        self.call = call
+
+    def __repr__(self) -> str:
+        return f"<GridFuture {self.call!r} {self._state.lower()}>"
+
+
+def _main_script() -> str | None:
+    """The user's script file, when the program was started as `python script.py`."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None:
+        return None  # interactive, `python -m module` (importable anyway), or embedded
+    path = os.path.abspath(path)
+    return path if path.endswith(".py") and os.path.exists(path) else None
+
+
+class Grid:
+    """A connection to a grid, plus the private server and workers it started, if any."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        workers: int | None = None,
+        namespace: str = "default",
+        pool: str = "default",
+        start_timeout: float = 60.0,
+    ) -> None:
+        if workers is not None and workers < 0:
+            raise ConfigError(f"workers={workers!r}: must be 0 or more")
+        self.namespace = namespace
+        self.pool = pool
+        self.start_timeout = start_timeout
+        self._url = url
+        self._n_workers = workers if workers is not None else (0 if url else os.cpu_count() or 1)
+        self._server: EmbeddedServer | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._log_dir: Path | None = None
+        self._loop: _LoopThread | None = None
+        self.runtime: Runtime | None = None
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise GridConnectionError("the grid is not started; use it as `with connect() as grid`")
+        return self._url
+
+    def start(self) -> Grid:
+        try:
+            if self._url is None:
+                self._server = EmbeddedServer().start()
+                self._url = self._server.url
+            self._loop = _LoopThread()
+            self.runtime = Runtime(
+                self._url, namespace=self.namespace, process_id=new_process_id("client")
+            )
+            self._loop.run(self.runtime.start())
+            if self._n_workers:
+                self._start_workers(self._n_workers)
+                self.wait_for_workers(self._n_workers, timeout=self.start_timeout)
+        except BaseException:
+            self.close()
+            raise
+        context.push_default(self)
+        return self
+
+    def _start_workers(self, n: int) -> None:
+        self._log_dir = Path(tempfile.mkdtemp(prefix="pygirder-workers-"))
+        cmd = [
+            sys.executable, "-m", "pygirder", "worker", "--redis", self.url,
+            "--namespace", self.namespace, "--pool", self.pool, "--processes", "1",
+            "--auto-import",
+        ]  # fmt: skip
+        main = _main_script()
+        if main:
+            cmd += ["--main-path", main]
+        env = dict(os.environ)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
+        for i in range(n):
+            log = open(self._log_dir / f"worker-{i}.log", "wb")  # noqa: SIM115
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+            finally:
+                log.close()
+            self._workers.append(proc)
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        """Block until ``n`` workers have registered in this grid's namespace."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.workers()) >= n:
+                return
+            for i, proc in enumerate(self._workers):
+                if proc.poll() is not None:
+                    raise GridConnectionError(
+                        f"local worker {i} exited with code {proc.returncode} while starting; "
+                        f"its log ends with:\n{self._worker_log_tail(i)}"
+                    )
+            if time.monotonic() > deadline:
+                raise GridTimeout(
+                    f"only {len(self.workers())} of {n} workers started in {timeout}s"
+                )
+            time.sleep(0.02)
+
+    def _worker_log_tail(self, i: int) -> str:
+        if self._log_dir is None:
+            return ""
+        path = self._log_dir / f"worker-{i}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The workers registered in this namespace, by id."""
+        rt = self._require()
+        raw = self._call(rt.redis.hgetall(rt.keys.workers))  # type: ignore[union-attr]
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def stats(self) -> dict[str, int]:
+        """Grid-wide counters: submitted, executed, cached, shared, moved_to_pool, requeued."""
+        rt = self._require()
+        raw = self._call(rt.redis.hgetall(rt.keys.stats))  # type: ignore[union-attr]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        context.pop_default(self)
+        if self.runtime is not None and self._loop is not None:
+            try:
+                self._loop.run(self.runtime.close(), timeout=10)
+            except Exception:
+                pass
+        for proc in self._workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._workers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._loop is not None:
+            self._loop.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self._log_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+
+    def __enter__(self) -> Grid:
+        return self if self.runtime is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require(self) -> Runtime:
+        if self.runtime is None or self._closed:
+            raise GridConnectionError("this grid is closed; open a new one with pygirder.connect()")
+        return self.runtime
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        assert self._loop is not None
+        return self._loop.run(coro, timeout)
+
+    # -- sync API ---------------------------------------------------------------
+    async def _gather(self, calls: list[Call[Any]], timeout: float | None) -> list[Any]:
+        rt = self._require()
+        futures, _ = await rt.submit(calls)
+        return await rt.wait(futures, calls, timeout)
+
+    def run(self, call: Call[R], timeout: float | None = None) -> R:
+        """Run one call on the grid and return its result (memoized grid-wide)."""
+        return self.wait([call], timeout=timeout)[0]
+
+    def wait(self, calls: Iterable[Call[Any]], timeout: float | None = None) -> list[Any]:
+        """Results of several calls, in order; they run in parallel."""
+        checked = context._check_calls(calls)
+        self._require()
+        fut = self._loop.submit(self._gather(checked, timeout))  # type: ignore[union-attr]
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def submit(self, call: Call[R]) -> GridFuture:
+        """Start a call and return at once; the future resolves when it finishes."""
+        [call] = context._check_calls([call])
+        rt = self._require()
+        result = GridFuture(call)
+
+        async def go() -> None:
+            futures, _ = await rt.submit([call])
+            try:
+                data = await asyncio.shield(futures[0])
+            except asyncio.CancelledError:
+                return
+            if result.set_running_or_notify_cancel():
+                try:
+                    result.set_result(decode_envelope(data))
+                except Exception as exc:
+                    result.set_exception(exc)
+
+        inner = self._loop.submit(go())  # type: ignore[union-attr]
+
+        def on_inner_done(f: concurrent.futures.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is not None and not result.done():
+                result.set_exception(f.exception())
+
+        inner.add_done_callback(on_inner_done)
+        result.add_done_callback(lambda r: inner.cancel() if r.cancelled() else None)
+        return result
+
+    def as_completed(
+        self, calls: Iterable[Call[Any]], timeout: float | None = None
+    ) -> Iterator[GridFuture]:
+        """Futures of the calls, yielded as they finish."""
+        futures = [self.submit(c) for c in calls]
+        yield from concurrent.futures.as_completed(futures, timeout=timeout)  # type: ignore[misc]
+
+    def map(
+        self,
+        fn: GridFunction[..., R],
+        args: Iterable[tuple[Any, ...]],
+        *,
+        progress: bool = False,
+        timeout: float | None = None,
+        window: int = 10_000,
+    ) -> list[R]:
+        """``fn(*a)`` for every tuple ``a``, in parallel; results in argument order.
+
+        At most ``window`` calls are outstanding at once, so arguments are consumed
+        lazily from the iterable.
+        """
+        if not isinstance(fn, GridFunction):
+            raise GridFunctionError(
+                f"grid.map needs a grid function, got {fn!r}; decorate it with @pygirder.fn"
+            )
+        total = len(args) if hasattr(args, "__len__") else None  # type: ignore[arg-type]
+        if not progress:
+            return self._call(self._map(fn, args, window, timeout, None))
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8.0f} calls/s"), TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(fn.name, total=total, rate=0.0)
+            start = time.perf_counter()
+            done = itertools.count(1)
+
+            def tick() -> None:
+                n = next(done)
+                if n % 64 == 0 or n == total:
+                    elapsed = time.perf_counter() - start
+                    bar.update(task, completed=n, rate=n / elapsed if elapsed else 0.0)
+
+            return self._call(self._map(fn, args, window, timeout, tick))
+
+    async def _map(
+        self,
+        fn: GridFunction[..., R],
+        args: Iterable[tuple[Any, ...]],
+        window: int,
+        timeout: float | None,
+        tick: Callable[[], None] | None,
+    ) -> list[R]:
+        rt = self._require()
+        slots = asyncio.Semaphore(max(1, window))
+        futures: list[asyncio.Future[bytes]] = []
+
+        def release(_f: asyncio.Future[bytes]) -> None:
+            slots.release()
+            if tick is not None:
+                tick()
+
+        iterator = iter(args)
+        index = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            chunk = list(itertools.islice(iterator, 512))
+            if not chunk:
+                break
+            calls = []
+            for item in chunk:
+                if not isinstance(item, tuple | list):
+                    raise GridFunctionError(
+                        f"grid.map argument {index} is {type(item).__name__} {item!r:.40}, not a "
+                        f"tuple of positional arguments; write [({item!r:.20},), ...] for "
+                        "one-argument functions"
+                    )
+                calls.append(fn(*item))
+                index += 1
+            for _ in calls:
+                await slots.acquire()
+            submitted, _ = await rt.submit(calls)
+            for f in submitted:
+                f.add_done_callback(release)
+            futures.extend(submitted)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if futures:
+            pending = [f for f in futures if not f.done()]
+            if pending:
+                _, still = await asyncio.wait(pending, timeout=remaining)
+                if still:
+                    raise GridTimeout(
+                        f"{len(still)} of {len(futures)} {fn.name} calls did not finish in "
+                        f"{timeout}s; they keep running and their results will be memoized"
+                    )
+        return [decode_envelope(f.result()) for f in futures]
+
+    # -- async twins --------------------------------------------------------------
+    async def _bridge(self, coro: Any) -> Any:
+        self._require()
+        return await asyncio.wrap_future(self._loop.submit(coro))  # type: ignore[union-attr]
+
+    async def run_async(self, call: Call[R], timeout: float | None = None) -> R:
+        return (await self.gather_async([call], timeout=timeout))[0]
+
+    async def gather_async(
+        self, calls: Iterable[Call[Any]], timeout: float | None = None
+    ) -> list[Any]:
+        return await self._bridge(self._gather(context._check_calls(calls), timeout))
+
+    async def map_async(
+        self,
+        fn: GridFunction[..., R],
+        args: Iterable[tuple[Any, ...]],
+        *,
+        timeout: float | None = None,
+        window: int = 10_000,
+    ) -> list[R]:
+        return await self._bridge(self._map(fn, args, window, timeout, None))
+
+    async def as_completed_async(self, calls: Iterable[Call[Any]]) -> AsyncIterator[GridFuture]:
+        """Futures of the calls, yielded as they finish (already done when yielded)."""
+        wrapped = {asyncio.wrap_future(f): f for f in (self.submit(c) for c in calls)}
+        pending = set(wrapped)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                yield wrapped[fut]
+
+
+def connect(
+    url: str | None = None,
+    *,
+    workers: int | None = None,
+    namespace: str = "default",
+    pool: str = "default",
+    start_timeout: float = 60.0,
+) -> Grid:
+    """Open a grid.  No URL: a private Valkey plus ``workers`` local worker processes
+    (default: one per core).  With a URL: connect to that server (Redis 7+/Valkey;
+    ``redis://user:password@host:port/db`` or ``rediss://`` for TLS)."""
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"url={url!r}: expected redis://host:port/db, rediss:// (TLS) or unix:// "
+            "(leave it out for a private local grid)"
+        )
+    return Grid(
+        url, workers=workers, namespace=namespace, pool=pool, start_timeout=start_timeout
+    ).start()

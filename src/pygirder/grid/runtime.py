@@ -1,0 +1,311 @@
+"""The async core every grid process shares: connection, scripts, inbox, futures, cache.
+
+Clients and workers both submit calls and wait for results the same way; only what
+happens to a new request differs (a client queues it on a pool, a worker keeps it on
+its own stack).  One inbox per process receives completion messages, and one future
+per request id per process is shared by every local waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from .. import codec
+from ..errors import CallLink, GridConnectionError, GridTimeout, RemoteError
+from ..store import scripts
+from ..store.keys import Keys
+
+if TYPE_CHECKING:
+    from ..calls import Call
+
+log = logging.getLogger("pygirder.grid")
+
+ID_LEN = 40
+OK, ERR = 0, 1
+
+
+def new_process_id(kind: str) -> str:
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def encode_ok(value: Any, *, name: str, limit: int | None) -> bytes:
+    return codec.encode([OK, value], path=f"result of {name}", limit=limit)
+
+
+def encode_error(error: RemoteError) -> bytes:
+    return codec.encode([ERR, error.to_dict()])
+
+
+def decode_envelope(data: bytes) -> Any:
+    """The value of a result envelope, or raise the RemoteError it holds."""
+    status, payload = codec.decode(data, path="result")
+    if status == OK:
+        return payload
+    raise RemoteError.from_dict(payload)
+
+
+def describe_exception(exc: BaseException, request_id: str, function: str) -> RemoteError:
+    """Turn an exception raised by user code into the error its callers will see."""
+    import traceback
+
+    link = CallLink(request_id, function)
+    if isinstance(exc, RemoteError):  # a sub-call failed and the caller let it through
+        return RemoteError(exc.remote_type, exc.message, exc.traceback, [*exc.chain, link])
+    etype = type(exc)
+    qual = (
+        etype.__qualname__
+        if etype.__module__ == "builtins"
+        else (f"{etype.__module__}.{etype.__qualname__}")
+    )
+    tb = "".join(traceback.format_exception(exc))
+    return RemoteError(qual, str(exc), tb, [link])
+
+
+async def connect_redis(url: str, *, max_connections: int | None = None) -> aioredis.Redis:
+    """Open a client and prove the server answers, with errors a person can act on."""
+    client = aioredis.Redis.from_url(
+        url, decode_responses=False, max_connections=max_connections, health_check_interval=30
+    )
+    try:
+        await client.ping()
+    except redis_errors.AuthenticationError as exc:
+        await client.aclose()
+        raise GridConnectionError(
+            f"the server at {redact(url)} refused the credentials ({exc}); "
+            "check the user and password in the URL (redis://user:password@host:port/db)"
+        ) from None
+    except redis_errors.ResponseError as exc:
+        await client.aclose()
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise GridConnectionError(
+                f"the server at {redact(url)} requires a password: "
+                "put it in the URL (redis://:password@host:port/db)"
+            ) from None
+        raise
+    except (redis_errors.ConnectionError, OSError) as exc:
+        await client.aclose()
+        raise GridConnectionError(
+            f"cannot reach the Redis/Valkey server at {redact(url)}: {exc}. "
+            "Is it running? Start one with `pygirder server`, or use pygirder.connect() "
+            "without a URL for a private one"
+        ) from None
+    return client
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Runtime:
+    """Submission, waiting and the local result cache of one process, on one event loop."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "default",
+        process_id: str | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self.url = url
+        self.keys = Keys(namespace)
+        self.process_id = process_id or new_process_id("proc")
+        self.inbox = self.keys.inbox(self.process_id)
+        self.cache_size = cache_size
+        self.redis: aioredis.Redis | None = None
+        self._listener_client: aioredis.Redis | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._scripts: dict[str, Any] = {}
+        self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
+
+    async def start(self) -> None:
+        self.redis = await connect_redis(self.url)
+        self._listener_client = await connect_redis(self.url, max_connections=1)
+        for script in scripts.ALL:
+            self._scripts[script.name] = self.redis.register_script(script.source)
+        self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):
+                pass
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
+        if self.redis is not None:
+            try:
+                await self.redis.delete(self.inbox)
+            except Exception:  # the server may be gone already; the inbox has a TTL
+                pass
+        for client in (self._listener_client, self.redis):
+            if client is not None:
+                await client.aclose()
+
+    async def script(self, name: str, args: Sequence[Any]) -> Any:
+        self.round_trips += 1
+        return await self._scripts[name](keys=[], args=list(args))
+
+    # -- results -------------------------------------------------------------
+    def _remember(self, request_id: str, data: bytes) -> None:
+        cache = self._cache
+        cache[request_id] = data
+        cache.move_to_end(request_id)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def resolve(self, request_id: str, data: bytes) -> None:
+        """A result arrived (from the inbox, a submit reply, or this process's own worker)."""
+        self._remember(request_id, data)
+        fut = self._waiting.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(data)
+
+    async def _listen(self) -> None:
+        assert self._listener_client is not None and self.redis is not None
+        client = self._listener_client
+        while True:
+            try:
+                reply = await client.execute_command(
+                    "BLMPOP", 0, 1, self.inbox, "RIGHT", "COUNT", 1024
+                )
+            except asyncio.CancelledError:
+                raise
+            except (redis_errors.ConnectionError, OSError) as exc:
+                log.warning("inbox connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.2)
+                continue
+            if not reply:
+                continue
+            fetch: list[str] = []
+            for msg in reply[1]:
+                request_id = msg[1 : 1 + ID_LEN].decode()
+                if msg[:1] == b"1":
+                    self.resolve(request_id, msg[1 + ID_LEN :])
+                elif request_id in self._waiting:
+                    fetch.append(request_id)
+            if fetch:
+                await self._fetch_results(fetch)
+
+    async def _fetch_results(self, ids: list[str]) -> None:
+        assert self.redis is not None
+        self.round_trips += 1
+        values = await self.redis.mget([self.keys.result(i) for i in ids])
+        for request_id, data in zip(ids, values, strict=True):
+            if data is not None:
+                self.resolve(request_id, data)
+            else:  # expired between completion and fetch: ask for a re-run
+                fut = self._waiting.pop(request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(
+                        GridTimeout(
+                            f"the result of request {request_id} expired before it was read; "
+                            "raise the result TTL",
+                            call_ids=(request_id,),
+                        )
+                    )
+
+    # -- submission ----------------------------------------------------------
+    async def submit(
+        self,
+        calls: Iterable[Call[Any]],
+        *,
+        owner: str = "",
+        local_pool: str | None = None,
+    ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]]]:
+        """Submit-or-subscribe every call; returns one future per call and the new
+        requests this process must run itself (worker-local ones, as (id, payload))."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bytes]] = []
+        sent: list[tuple[str, bytes, str]] = []
+        args: list[Any] = [self.keys.prefix, self.inbox, owner]
+        for call in calls:
+            request_id = call.id
+            fut = self._waiting.get(request_id)
+            if fut is None:
+                fut = loop.create_future()
+                cached = self._cache.get(request_id)
+                if cached is not None:
+                    fut.set_result(cached)
+                else:
+                    self._waiting[request_id] = fut
+                    mode = "l" if owner and call.pool == local_pool else "q"
+                    payload = call.payload()
+                    args += [request_id, payload, call.pool, mode]
+                    sent.append((request_id, payload, mode))
+            futures.append(fut)
+        new_local: list[tuple[str, bytes]] = []
+        if not sent:
+            return futures, new_local
+        try:
+            replies = await self.script("submit", args)
+        except BaseException as exc:
+            for request_id, _, _ in sent:
+                fut = self._waiting.pop(request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(
+                        exc if isinstance(exc, Exception) else GridTimeout("cancelled")
+                    )
+                    fut.exception()  # mark retrieved; the caller sees `exc` directly
+            raise
+        for (request_id, payload, mode), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, bytes):
+                self.resolve(request_id, reply)
+            elif reply == 1 and mode == "l":
+                new_local.append((request_id, payload))
+        return futures, new_local
+
+    async def wait(
+        self,
+        futures: Sequence[asyncio.Future[bytes]],
+        calls: Sequence[Call[Any]],
+        timeout: float | None,
+    ) -> list[Any]:
+        """Results in call order; the first failure (in call order) is raised."""
+        pending = {f for f in futures if not f.done()}
+        if pending:
+            # shield: a waiter that gives up must not cancel the future other waiters share
+            _, still = await asyncio.wait(
+                {asyncio.ensure_future(asyncio.shield(f)) for f in pending}, timeout=timeout
+            )
+            if still:
+                for s in still:
+                    s.cancel()
+                missing = tuple(c.id for c, f in zip(calls, futures, strict=True) if not f.done())
+                names = sorted(
+                    {c.function.name for c, f in zip(calls, futures, strict=True) if not f.done()}
+                )
+                raise GridTimeout(
+                    f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not finish "
+                    f"within {timeout}s; they keep running and their results will be memoized",
+                    call_ids=missing,
+                )
+        return [decode_envelope(f.result()) for f in futures]

@@ -1,0 +1,201 @@
+"""Server-side scripts: every state transition of a request is one atomic Lua script.
+
+A request moves  new -> local (on a worker's stack) or queued (in a pool queue)
+-> running (claimed by a worker) -> done (result stored, waiters notified).  Each
+arrow is one script below, so two processes can never both claim, both complete, or
+miss each other's wake-ups: the server serialises scripts.
+
+Keys are built inside the scripts from the namespace prefix passed as ARGV[1]; they
+all share one hash tag, so they live in one slot (see keys.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .keys import INBOX_TTL_S
+
+# Result messages pushed to inboxes are "<flag><id><result?>": flag "1" means the
+# encoded result follows inline (small results, saving the waiter a GET), "0" means
+# the waiter fetches res:<id>.
+INLINE_RESULT_LIMIT = 16 * 1024
+
+SUBMIT = """
+-- ARGV: prefix, inbox key ('' for none), owner (worker id or ''),
+--       then groups of 4: id, payload, pool, mode ('l' local stack of owner, 'q' pool queue)
+-- Returns per request: the stored result (bulk) if done, 0 if already pending, 1 if new.
+local p, inbox, owner = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+local new, cached, shared = 0, 0, 0
+for i = 4, #ARGV, 4 do
+  local id, payload, pool, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local r = redis.call('GET', p .. 'res:' .. id)
+  if r then
+    out[#out + 1] = r
+    cached = cached + 1
+  else
+    if inbox ~= '' then redis.call('SADD', p .. 'wt:' .. id, inbox) end
+    local st = p .. 'st:' .. id
+    if redis.call('EXISTS', st) == 1 then
+      out[#out + 1] = 0
+      shared = shared + 1
+    else
+      if mode == 'l' then
+        redis.call('HSET', st, 'p', payload, 's', 'local', 'o', owner, 'pool', pool)
+        redis.call('SADD', p .. 'owned:' .. owner, id)
+      else
+        redis.call('HSET', st, 'p', payload, 's', 'queued', 'pool', pool)
+        redis.call('LPUSH', p .. 'q:' .. pool, id)
+      end
+      out[#out + 1] = 1
+      new = new + 1
+    end
+  end
+end
+local stats = p .. 'stats'
+if new > 0 then redis.call('HINCRBY', stats, 'submitted', new) end
+if cached > 0 then redis.call('HINCRBY', stats, 'cached', cached) end
+if shared > 0 then redis.call('HINCRBY', stats, 'shared', shared) end
+return out
+"""
+
+TAKE = """
+-- ARGV: prefix, pool, worker, max, [id already moved into inflight by BLMOVE]
+-- Claims up to max requests of the pool queue for the worker (moving them to its
+-- in-flight list) and returns {id1, payload1, id2, payload2, ...}.  Stale entries
+-- (finished or unknown requests) are dropped on the way.
+local p, pool, worker, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local q, inflight = p .. 'q:' .. pool, p .. 'inflight:' .. worker
+local out = {}
+local function claim(id)
+  local st = p .. 'st:' .. id
+  local payload = redis.call('HGET', st, 'p')
+  if payload and redis.call('EXISTS', p .. 'res:' .. id) == 0 then
+    redis.call('HSET', st, 's', 'running', 'o', worker)
+    redis.call('HINCRBY', st, 'n', 1)
+    out[#out + 1] = id
+    out[#out + 1] = payload
+  else
+    redis.call('LREM', inflight, 1, id)
+  end
+end
+if ARGV[5] then claim(ARGV[5]) end
+local tries = 0
+while #out < 2 * max and tries < 4 * max do
+  tries = tries + 1
+  local id = redis.call('LMOVE', q, inflight, 'RIGHT', 'LEFT')
+  if not id then break end
+  claim(id)
+end
+if #out > 0 then redis.call('HDEL', p .. 'idle:' .. pool, worker) end
+return out
+"""
+
+COMPLETE = """
+-- ARGV: prefix, worker, inline limit, then groups of 3: id, encoded result, ttl seconds (0: none)
+-- Stores each result, pushes a completion message to every waiting inbox, and drops
+-- the request's pending state, all in one step: no waiter can miss it.
+local p, worker, inline = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local done = 0
+for i = 4, #ARGV, 3 do
+  local id, result, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if ttl > 0 then
+    redis.call('SET', p .. 'res:' .. id, result, 'EX', ttl)
+  else
+    redis.call('SET', p .. 'res:' .. id, result)
+  end
+  local msg
+  if #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
+  local wt = p .. 'wt:' .. id
+  for _, box in ipairs(redis.call('SMEMBERS', wt)) do
+    redis.call('LPUSH', box, msg)
+    redis.call('EXPIRE', box, INBOX_TTL)
+  end
+  redis.call('DEL', wt, p .. 'st:' .. id)
+  redis.call('SREM', p .. 'owned:' .. worker, id)
+  redis.call('LREM', p .. 'inflight:' .. worker, 1, id)
+  done = done + 1
+end
+redis.call('HINCRBY', p .. 'stats', 'executed', done)
+return done
+""".replace("INBOX_TTL", str(INBOX_TTL_S))
+
+SHARE = """
+-- ARGV: prefix, pool, worker, then candidate ids (bottom of the worker's stack first)
+-- Moves as many candidates as there are idle workers not already served by the
+-- queue from the worker's stack to the pool queue.  Returns the ids it moved.
+local p, pool, worker = ARGV[1], ARGV[2], ARGV[3]
+local q = p .. 'q:' .. pool
+local want = redis.call('HLEN', p .. 'idle:' .. pool) - redis.call('LLEN', q)
+local out = {}
+local i = 4
+while want > 0 and i <= #ARGV do
+  local id = ARGV[i]
+  local st = p .. 'st:' .. id
+  if redis.call('HGET', st, 's') == 'local' and redis.call('HGET', st, 'o') == worker then
+    redis.call('HSET', st, 's', 'queued')
+    redis.call('HDEL', st, 'o')
+    redis.call('SREM', p .. 'owned:' .. worker, id)
+    redis.call('LPUSH', q, id)
+    out[#out + 1] = id
+    want = want - 1
+  end
+  i = i + 1
+end
+if #out > 0 then redis.call('HINCRBY', p .. 'stats', 'moved_to_pool', #out) end
+return out
+"""
+
+REQUEUE = """
+-- ARGV: prefix, worker, [ids...]
+-- Hands requests back to their pool queues: the given ids, or (with none given)
+-- everything the worker owns or has in flight.  Used on graceful shutdown and by the
+-- reaper for dead workers.  Finished requests are only dropped from the lists.
+local p, worker = ARGV[1], ARGV[2]
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  for _, id in ipairs(redis.call('SMEMBERS', p .. 'owned:' .. worker)) do ids[#ids + 1] = id end
+  for _, id in ipairs(redis.call('LRANGE', p .. 'inflight:' .. worker, 0, -1)) do
+    ids[#ids + 1] = id
+  end
+end
+local moved = 0
+local seen = {}
+for _, id in ipairs(ids) do
+  if not seen[id] then
+    seen[id] = true
+    local st = p .. 'st:' .. id
+    local pool = redis.call('HGET', st, 'pool')
+    local owner = redis.call('HGET', st, 'o')
+    if pool and (owner == worker or owner == false)
+        and redis.call('EXISTS', p .. 'res:' .. id) == 0
+        and redis.call('HGET', st, 's') ~= 'queued' then
+      redis.call('HSET', st, 's', 'queued')
+      redis.call('HDEL', st, 'o')
+      redis.call('RPUSH', p .. 'q:' .. pool, id)
+      moved = moved + 1
+    end
+    redis.call('SREM', p .. 'owned:' .. worker, id)
+    redis.call('LREM', p .. 'inflight:' .. worker, 0, id)
+  end
+end
+if moved > 0 then redis.call('HINCRBY', p .. 'stats', 'requeued', moved) end
+return moved
+"""
+
+
+@dataclass(frozen=True)
+class ScriptSource:
+    name: str
+    source: str
+
+
+ALL = [
+    ScriptSource("submit", SUBMIT),
+    ScriptSource("take", TAKE),
+    ScriptSource("complete", COMPLETE),
+    ScriptSource("share", SHARE),
+    ScriptSource("requeue", REQUEUE),
+]
