@@ -154,15 +154,28 @@ def load_options(text: str) -> dict[str, Any]:
         suffix = path.suffix.lower()
     if not text.strip():
         return {}
-    as_json = suffix == ".json" or (suffix != ".toml" and text.lstrip().startswith("{"))
+    head = text.lstrip()[:1]
+    if suffix == ".json" or (suffix != ".toml" and head == "{"):
+        kind = "JSON"
+    elif suffix != ".toml" and head == "[" and _is_json(text):
+        kind = "JSON"  # a JSON array, not a TOML table header: reported below
+    else:
+        kind = "TOML"
     try:
-        data = json.loads(text) if as_json else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if as_json else "TOML"
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except ValueError as exc:  # TOMLDecodeError is a ValueError too
         raise ConfigError(f"{where} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a JSON object or TOML table, not {type(data).__name__}")
     return data
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _plain_annotation(annotation: Any) -> Any:
