@@ -221,6 +221,11 @@ class ImdsEmulator:
         with self._lock:
             self._spot_action = None
 
+    def revoke_tokens(self) -> None:
+        """Invalidate every issued token, as if they had all expired."""
+        with self._lock:
+            self._tokens.clear()
+
     # -- request handling (called from server threads) ---------------------------
     def _issue_token(self, ttl: int) -> str:
         token = secrets.token_urlsafe(40)

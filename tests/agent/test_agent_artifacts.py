@@ -1,0 +1,212 @@
+"""Artifacts: reproducible builds, idempotent pushes, and fetches that refuse tampered objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pygirder.cloud.artifacts import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    build_artifact,
+    install_artifact,
+    list_artifacts,
+    parse_s3_uri,
+    push_artifact,
+)
+
+BUCKET = "pygirder-artifacts-test"
+
+
+def make_project(root: Path) -> Path:
+    """A plain directory of scripts, the way most grid users start."""
+    project = root / "pricing"
+    (project / "models").mkdir(parents=True)
+    (project / "gridjobs.py").write_text("def price(i, j):\n    return i * 10 + j\n")
+    (project / "models" / "__init__.py").write_text("RATE = 0.05\n")
+    (project / "models" / "table.csv").write_text("a,b\n1,2\n")
+    (project / "setup_notes.txt").write_text("not a module\n")
+    (project / "test_gridjobs.py").write_text("def test_it(): pass\n")
+    (project / "tests").mkdir()
+    (project / "tests" / "__init__.py").write_text("")
+    (project / "__pycache__").mkdir()
+    (project / "__pycache__" / "gridjobs.cpython-311.pyc").write_bytes(b"\0junk")
+    return project
+
+
+@pytest.fixture
+def bucket(aws) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    return BUCKET
+
+
+def test_build_is_reproducible_and_content_addressed(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    first = build_artifact(project, tmp_path / "a")
+    second = build_artifact(project, tmp_path / "b")
+    assert first.sha256 == second.sha256
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.name == f"{first.sha256}.tar.gz" == first.path.name
+    (project / "gridjobs.py").write_text("def price(i, j):\n    return i * 11 + j\n")
+    assert build_artifact(project, tmp_path / "c").sha256 != first.sha256
+
+
+def test_artifact_layout_and_manifest(tmp_path: Path) -> None:
+    artifact = build_artifact(make_project(tmp_path), tmp_path / "out")
+    with tarfile.open(artifact.path) as tar:
+        members = tar.getmembers()
+        manifest = json.load(tar.extractfile("manifest.json"))
+    assert [m.name for m in members] == [
+        "manifest.json",
+        "wheels/pricing-0.0.0-py3-none-any.whl",
+        f"wheels/pygirder-{manifest['pygirder_version']}-py3-none-any.whl",
+    ]
+    assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(315532800, 0, 0, 0o644)}
+    assert manifest["format"] == "pygirder-artifact/1"
+    assert manifest["install"] == ["pricing", "pygirder"]
+    assert manifest["modules"] == ["gridjobs", "models"]
+    assert manifest == artifact.manifest
+
+
+def test_a_directory_without_modules_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no Python modules found"):
+        build_artifact(tmp_path / "empty", tmp_path / "out")
+
+
+BACKEND = '''
+"""A tiny in-tree PEP 517 backend, so the pip path is tested without a network."""
+from pathlib import Path
+from pygirder.cloud.artifacts import _write_wheel
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    files = {"packaged/__init__.py": Path("packaged/__init__.py").read_bytes()}
+    return _write_wheel(Path(wheel_directory), "packaged", "1.2.3", files).name
+'''
+
+
+def test_a_project_with_pyproject_is_built_by_pip(tmp_path: Path) -> None:
+    project = tmp_path / "packaged-project"
+    (project / "packaged").mkdir(parents=True)
+    (project / "packaged" / "__init__.py").write_text("ANSWER = 42\n")
+    (project / "backend.py").write_text(BACKEND)
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent("""
+        [build-system]
+        requires = []
+        build-backend = "backend"
+        backend-path = ["."]
+        """)
+    )
+    first = build_artifact(project, tmp_path / "a")
+    assert first.manifest["project"] == {"name": "packaged", "version": "1.2.3"}
+    assert first.manifest["modules"] == ["packaged"]
+    assert build_artifact(project, tmp_path / "b").sha256 == first.sha256
+
+    (project / "backend.py").write_text("raise SystemExit('backend is broken')\n")
+    with pytest.raises(ArtifactError, match=r"(?s)could not build a wheel.*backend is broken"):
+        build_artifact(project, tmp_path / "c")
+
+
+def test_push_is_idempotent(tmp_path: Path, bucket: str) -> None:
+    import boto3
+
+    artifact = build_artifact(make_project(tmp_path), tmp_path / "out")
+    uri = push_artifact(artifact, bucket)
+    assert uri == f"s3://{bucket}/artifacts/{artifact.sha256}.tar.gz"
+    assert push_artifact(artifact, bucket) == uri
+    s3 = boto3.client("s3")
+    versions = s3.list_object_versions(Bucket=bucket)["Versions"]
+    assert len(versions) == 1, "the second push uploaded again"
+    head = s3.head_object(Bucket=bucket, Key=parse_s3_uri(uri)[1])
+    assert head["Metadata"]["sha256"] == artifact.sha256
+    assert head["Metadata"]["project"] == "pricing"
+    [listed] = list_artifacts(bucket)
+    assert (listed["uri"], listed["sha256"], listed["project"]) == (uri, artifact.sha256, "pricing")
+
+
+def test_push_refuses_a_key_holding_another_hash(tmp_path: Path, bucket: str) -> None:
+    import boto3
+
+    artifact = build_artifact(make_project(tmp_path), tmp_path / "out")
+    key = f"artifacts/{artifact.name}"
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"x", Metadata={"sha256": "0" * 64})
+    with pytest.raises(ArtifactError, match="someone wrote to the artifact prefix"):
+        push_artifact(artifact, bucket)
+
+
+def _fetch_cli(uri: str, sha256: str, venv: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pygirder.cloud.agent", "fetch-artifact", uri,
+         "--sha256", sha256, "--venv", str(venv)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ), check=False,
+    )  # fmt: skip
+
+
+def test_fetch_installs_the_project_and_its_pygirder(tmp_path: Path, bucket: str) -> None:
+    artifact = build_artifact(make_project(tmp_path), tmp_path / "out")
+    uri = push_artifact(artifact, bucket)
+    venv = tmp_path / "home" / "pygirder" / "venv"
+    proc = _fetch_cli(uri, artifact.sha256, venv)
+    assert proc.returncode == 0, proc.stderr
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import gridjobs, models, pygirder.cloud.agent as a, typer;"
+         "print(gridjobs.price(1, 2), models.RATE, a.__file__)"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    price, rate, agent_file = probe.stdout.split()
+    assert (price, rate) == ("12", "0.05")
+    assert agent_file.startswith(str(venv)), "the artifact's pygirder must shadow the image's"
+    assert (venv / "lib").exists()
+    assert not (venv / "lib" / "python3.11" / "site-packages" / "tests").exists()
+    leftovers = [p.name for p in venv.parent.iterdir() if p.name != "venv"]
+    assert leftovers == []
+    # A reboot runs the same user-data: the same artifact is not installed twice.
+    again = install_artifact(uri, artifact.sha256, venv)
+    assert again["project"]["name"] == "pricing"
+
+
+def test_fetch_refuses_a_tampered_object(tmp_path: Path, bucket: str) -> None:
+    import boto3
+
+    artifact = build_artifact(make_project(tmp_path), tmp_path / "out")
+    uri = push_artifact(artifact, bucket)
+    tampered = bytearray(artifact.path.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key=parse_s3_uri(uri)[1], Body=bytes(tampered),
+        Metadata={"sha256": artifact.sha256},
+    )  # fmt: skip
+    home = tmp_path / "home"
+    proc = _fetch_cli(uri, artifact.sha256, home / "venv")
+    assert proc.returncode == 1
+    assert "refusing to install it" in proc.stderr
+    assert artifact.sha256 in proc.stderr
+    assert list(home.iterdir()) == [], "nothing may be left half-installed"
+
+    with pytest.raises(ArtifactIntegrityError) as info:
+        install_artifact(uri, artifact.sha256, home / "venv")
+    assert info.value.expected == artifact.sha256 != info.value.actual
+
+
+def test_fetch_fails_clearly_on_a_missing_object_or_bad_hash(tmp_path: Path, bucket: str) -> None:
+    missing = f"s3://{bucket}/artifacts/{'0' * 64}.tar.gz"
+    with pytest.raises(ArtifactError, match="cannot download"):
+        install_artifact(missing, "0" * 64, tmp_path / "venv")
+    with pytest.raises(ArtifactError, match="64 hex digits"):
+        install_artifact(missing, "abc", tmp_path / "venv")
+    with pytest.raises(ArtifactError, match="not an S3 URI"):
+        install_artifact("https://example.invalid/a.tar.gz", "0" * 64, tmp_path / "venv")
+    assert not (tmp_path / "venv").exists()
