@@ -146,6 +146,24 @@ def test_follow_yields_only_new_records(grid_logger, client: redis.Redis) -> Non
     assert second.request == "r-42" and second.level == "ERROR"
 
 
+def test_request_id_from_the_grid_workers_context(grid_logger, client: redis.Redis) -> None:
+    context = pytest.importorskip("pygirder.grid.context")
+    logger, handler = grid_logger
+    token = context.current_request.set(
+        context.RequestContext(worker=None, request_id="cafe01", function="f")
+    )
+    try:
+        logger.info("inside a request")
+    finally:
+        context.current_request.reset(token)
+    logger.info("outside")
+    handler.flush(timeout=5)
+    assert [(e.message, e.request) for e in read_logs(client, NS)] == [
+        ("inside a request", "cafe01"),
+        ("outside", ""),
+    ]
+
+
 def test_the_stream_is_capped(redis_url: str, client: redis.Redis) -> None:
     assert GridLogHandler.__init__.__kwdefaults__["maxlen"] == LOG_STREAM_MAXLEN
     logger = logging.getLogger("test.grid.capped")

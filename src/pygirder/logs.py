@@ -11,8 +11,9 @@ in batches by a background thread, so the caller never waits on the network and
 never sees an exception.  When the server is unreachable or the queue is full,
 records are dropped and counted (``handler.dropped``).
 
-The grid worker sets :data:`current_request_id` while it runs a request, so every
-record says which request it came from.
+While a request runs, :data:`current_request_id` (or, failing that, the grid
+worker's own request context) names it, so every record says which request it came
+from.
 
 Stream entry fields (all strings): ``time`` (epoch seconds), ``level``, ``levelno``,
 ``process``, ``host``, ``pid``, ``request`` (empty outside requests), ``logger``,
@@ -26,6 +27,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -72,6 +74,26 @@ def parse_level(level: str | int) -> int:
             f"unknown log level {level!r}: use DEBUG, INFO, WARNING, ERROR, CRITICAL or a number"
         )
     return value
+
+
+def _request_id() -> str:
+    """The request being run: ``current_request_id``, else the grid worker's context.
+
+    The worker keeps its own ``RequestContext`` contextvar; reading it here (only if
+    that module is already loaded) means records carry the request id even where
+    only that one was set, without this module importing the grid.
+    """
+    rid = current_request_id.get()
+    if rid:
+        return rid
+    grid_context = sys.modules.get("pygirder.grid.context")
+    if grid_context is not None:
+        try:
+            ctx = grid_context.current_request.get()
+            return str(ctx.request_id) if ctx is not None else ""
+        except (AttributeError, LookupError):
+            return ""
+    return ""
 
 
 def _default_host() -> str:
@@ -144,7 +166,7 @@ class GridLogHandler(logging.Handler):
         """
         try:
             if os.getpid() == self.pid and self._thread.is_alive():
-                self.flush(timeout=2 * _SOCKET_TIMEOUT_S)
+                self.flush(timeout=_SOCKET_TIMEOUT_S)
                 self._stop.set()
                 with self._cond:
                     self._cond.notify_all()
@@ -156,7 +178,7 @@ class GridLogHandler(logging.Handler):
         finally:
             super().close()
 
-    def flush(self, timeout: float = 5.0) -> bool:
+    def flush(self, timeout: float = 3.0) -> bool:
         """Wait until every queued record was sent or dropped; False on time-out."""
         if os.getpid() != self.pid or not self._thread.is_alive():
             return self._queued == 0
@@ -195,7 +217,7 @@ class GridLogHandler(logging.Handler):
             "process": self.process_id,
             "host": self.host,
             "pid": str(self.pid),
-            "request": current_request_id.get() or "",
+            "request": _request_id(),
             "logger": record.name,
             "message": record.getMessage(),
         }

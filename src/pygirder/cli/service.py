@@ -610,6 +610,8 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
             else:
                 signals.phase = "sync"
                 try:
+                    if spec.stop == "interrupt" and ctx.stopping.is_set():
+                        raise KeyboardInterrupt  # the signal came before the call
                     result = spec.fn(**call_kwargs)
                 finally:
                     signals.phase = "idle"
