@@ -28,6 +28,13 @@ The function's own parameters become Typer options as usual; the decorator adds
 ``--log-level``, ``--id``, ``--hang SECONDS``, ``--opts JSON|TOML|@file`` and ``--json``
 and passes a :class:`ServiceContext` to the parameter annotated with it (if any).
 
+The envelope (or, without ``--json``, the plain result, or a one-line error on
+stderr) is printed as soon as the function returns; ``--hang`` waits after that, so
+a controller reads the outcome while the process stays up.  ``time_s`` times the
+function alone.  Log records at ``--log-level`` and above go to stderr while the
+command runs and, with ``--json``, into the envelope's ``log``; each carries the
+``--id`` (``record.service_id``).  ``ctx.log`` is the logger named after the command.
+
 Precedence of values: the function's defaults < ``--opts`` < options given on the
 command line (or through an ``envvar=`` of the option).  ``--opts`` may also carry
 ``log_level``, ``id`` and ``hang``.  Parameters without a default stay required
