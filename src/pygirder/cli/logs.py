@@ -73,9 +73,10 @@ def logs_command(
         str,
         typer.Option("--redis", metavar="URL", envvar="PYGIRDER_REDIS", help="The grid's server."),
     ] = DEFAULT_REDIS_URL,
-    namespace: Annotated[str, typer.Option("--namespace", help="The grid's namespace.")] = (
-        "default"
-    ),
+    namespace: Annotated[
+        str,
+        typer.Option("--namespace", envvar="PYGIRDER_NAMESPACE", help="The grid's namespace."),
+    ] = ("default"),
     lines: Annotated[
         int, typer.Option("--lines", "-n", min=0, help="How many past records to show first.")
     ] = 20,
