@@ -76,7 +76,7 @@ def logs_command(
     namespace: Annotated[
         str,
         typer.Option("--namespace", envvar="PYGIRDER_NAMESPACE", help="The grid's namespace."),
-    ] = ("default"),
+    ] = "default",
     lines: Annotated[
         int, typer.Option("--lines", "-n", min=0, help="How many past records to show first.")
     ] = 20,
