@@ -61,7 +61,15 @@ def _code_digest(code: types.CodeType, doc: str | None = None) -> str:
         repr(code.co_varnames),
         repr(code.co_freevars),
         repr(code.co_cellvars),
-        repr((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)),
+        # only the behavioural flags: __future__ compiler flags sit above bit 16
+        repr(
+            (
+                code.co_argcount,
+                code.co_posonlyargcount,
+                code.co_kwonlyargcount,
+                code.co_flags & 0xFFFF,
+            )
+        ),
         "|".join(_const_repr(c) for c in consts),
     ]
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
@@ -83,14 +91,14 @@ def _check_definable(func: Callable[..., Any]) -> None:
             "a lambda cannot be a grid function: workers find functions by module and "
             "name. Define it with `def` at module level and decorate it with @pygirder.fn"
         )
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise GridFunctionError(
+            f"{name} is a generator; a grid function must return a value. Return a list instead"
+        )
     if "<locals>" in name or func.__closure__:
         raise GridFunctionError(
             f"{name} is defined inside another function (a closure); workers cannot import "
             "it. Move it to module level and pass what it captured as arguments"
-        )
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        raise GridFunctionError(
-            f"{name} is a generator; a grid function must return a value. Return a list instead"
         )
 
 
@@ -131,11 +139,16 @@ class GridFunction(Generic[P, R]):
             try:
                 bound = self.signature.bind(*args, **kwargs)
             except TypeError as exc:
-                raise GridFunctionError(f"{self.name}{self.signature}: {exc}") from None
+                raise GridFunctionError(f"{self.name}{self._plain_signature()}: {exc}") from None
             bound.apply_defaults()
             return Call(self, dict(bound.arguments), pool=pool or self.pool or "default")
 
         return make
+
+    def _plain_signature(self) -> str:
+        empty = inspect.Parameter.empty
+        params = [p.replace(annotation=empty) for p in self.signature.parameters.values()]
+        return str(self.signature.replace(parameters=params, return_annotation=empty))
 
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here, in this process, without the grid (for tests and debugging)."""

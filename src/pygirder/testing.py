@@ -93,3 +93,27 @@ def aws(moto_server: MotoEndpoint, monkeypatch: pytest.MonkeyPatch) -> MotoEndpo
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
     return moto_server
+
+
+@pytest.fixture
+def grid_factory(valkey_server: EmbeddedServer) -> Iterator[Any]:
+    """Factory for grids on the session Valkey, each in its own namespace with its own
+    local worker processes; all are closed at the end of the test.
+
+    ``grid = grid_factory(workers=2)``
+    """
+    import uuid
+
+    from .grid.client import Grid, connect
+
+    grids: list[Grid] = []
+
+    def make(*, workers: int = 2, namespace: str | None = None, **options: Any) -> Grid:
+        ns = namespace or f"test-{uuid.uuid4().hex[:10]}"
+        grid = connect(valkey_server.url, workers=workers, namespace=ns, **options)
+        grids.append(grid)
+        return grid
+
+    yield make
+    for grid in grids:
+        grid.close()

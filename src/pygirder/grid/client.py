@@ -357,7 +357,8 @@ class Grid:
         index = 0
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            chunk = list(itertools.islice(iterator, 512))
+            # a chunk never exceeds the window, or its slots could never all be acquired
+            chunk = list(itertools.islice(iterator, min(512, max(1, window))))
             if not chunk:
                 break
             calls = []

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pygirder.grid")
 
 ID_LEN = 40
-OK, ERR = 0, 1
+# A result envelope is one status byte followed by the codec's encoding of the value
+# (OK) or of the error's fields (ERR).
+OK, ERR = b"O", b"E"
 
 
 def new_process_id(kind: str) -> str:
@@ -39,19 +41,21 @@ def new_process_id(kind: str) -> str:
 
 
 def encode_ok(value: Any, *, name: str, limit: int | None) -> bytes:
-    return codec.encode([OK, value], path=f"result of {name}", limit=limit)
+    return OK + codec.encode(value, path=f"result of {name}", limit=limit)
 
 
 def encode_error(error: RemoteError) -> bytes:
-    return codec.encode([ERR, error.to_dict()])
+    return ERR + codec.encode(error.to_dict())
 
 
 def decode_envelope(data: bytes) -> Any:
     """The value of a result envelope, or raise the RemoteError it holds."""
-    status, payload = codec.decode(data, path="result")
-    if status == OK:
-        return payload
-    raise RemoteError.from_dict(payload)
+    body = memoryview(data)[1:]
+    if data[:1] == OK:
+        return codec.decode(body, path="result")
+    if data[:1] == ERR:
+        raise RemoteError.from_dict(codec.decode(body, path="error"))
+    raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
 
 
 def describe_exception(exc: BaseException, request_id: str, function: str) -> RemoteError:

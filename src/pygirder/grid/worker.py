@@ -101,7 +101,7 @@ def load_main_script(path: str) -> None:
     module = types.ModuleType("__mp_main__")
     module.__file__ = path
     sys.modules["__mp_main__"] = module
-    code = compile(Path(path).read_bytes(), path, "exec")
+    code = compile(Path(path).read_bytes(), path, "exec", dont_inherit=True)
     exec(code, module.__dict__)
 
 
@@ -259,19 +259,25 @@ class Worker:
         task.add_done_callback(lambda _t, rid=request_id: self.running.pop(rid, None))
 
     async def _idle(self) -> None:
-        """Nothing local to do: take from the pool queue, or block until work appears."""
+        """Nothing local to do: take from the pool queue, or block until work appears.
+
+        ``_wake`` is cleared before the first await: a request that resumes while we
+        talk to the server and pushes sub-calls sets it again, and we must see that.
+        """
+        self._wake.clear()
         if self._fetch is None:
-            got = await self._take()
-            if got:
+            if await self._take() or self._wake.is_set():
                 return
             await self._mark_idle(True)
+            if self._wake.is_set():
+                await self._mark_idle(False)
+                return
             assert self._blocking is not None
             self._fetch = asyncio.create_task(
                 self._blocking.blmove(
                     self.keys.queue(self.pool), self.keys.inflight(self.id), 1.0, "RIGHT", "LEFT"
                 )
             )
-        self._wake.clear()
         waker = asyncio.create_task(self._wake.wait())
         try:
             await asyncio.wait({self._fetch, waker}, return_when=asyncio.FIRST_COMPLETED)
@@ -287,7 +293,7 @@ class Worker:
                 return
             if moved is not None:
                 await self._take(moved.decode())
-        elif self.stack or self.baton.held:
+        else:  # woken by local work while the blocking take is still outstanding
             await self._mark_idle(False)
 
     async def _mark_idle(self, idle: bool) -> None:

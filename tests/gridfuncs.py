@@ -1,0 +1,164 @@
+"""Grid functions the tests run on real worker processes (importable by them).
+
+Functions that must be counted append one line per execution to a file the test
+owns: a side channel that does not go through the grid under test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pygirder
+
+
+def record(log: str, tag: str) -> None:
+    with open(log, "a") as fh:  # O_APPEND: one write per line, safe across processes
+        fh.write(f"{tag}\n")
+
+
+def count(log: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if os.path.exists(log):
+        with open(log) as fh:
+            for line in fh:
+                counts[line.strip()] = counts.get(line.strip(), 0) + 1
+    return counts
+
+
+@pygirder.fn
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+@pygirder.fn
+def paths(i: int, j: int, log: str) -> int:
+    """Lattice paths from (i, j) to (0, 0): overlapping sub-calls everywhere."""
+    record(log, f"paths:{i}:{j}")
+    if i == 0 or j == 0:
+        return 1
+    a, b = pygirder.wait(paths(i - 1, j, log), paths(i, j - 1, log))
+    return a + b
+
+
+@pygirder.fn
+def slow(x: int, seconds: float, log: str) -> int:
+    record(log, f"slow:{x}")
+    time.sleep(seconds)
+    return x * 10
+
+
+@pygirder.fn
+def wait_slow(i: int, x: int, seconds: float, log: str) -> int:
+    record(log, f"wait_slow:{i}")
+    return slow(x, seconds, log).result() + i
+
+
+@pygirder.fn
+def chain(n: int) -> int:
+    """Sync recursion n deep: every level waits on the next one."""
+    if n == 0:
+        return 0
+    return chain(n - 1).result() + 1
+
+
+@pygirder.fn
+def wide(n: int) -> int:
+    return sum(pygirder.wait(*(add(i, n) for i in range(n))))
+
+
+@pygirder.fn
+async def async_chain(n: int) -> int:
+    if n == 0:
+        return 0
+    return (await sync_of_async(n - 1)) + 1
+
+
+@pygirder.fn
+def sync_of_async(n: int) -> int:
+    if n == 0:
+        return 0
+    return async_chain(n - 1).result() + 1
+
+
+@pygirder.fn
+async def async_sum(n: int) -> int:
+    values = await pygirder.gather(*(add(i) for i in range(n)))
+    return sum(values)
+
+
+# --- the shared-sub-request scenario that deadlocks depth-first Fork-Join ---------
+@pygirder.fn
+def node_e(log: str, seconds: float) -> str:
+    record(log, "E")
+    time.sleep(seconds)
+    return "E"
+
+
+@pygirder.fn
+def node_d(log: str, seconds: float) -> str:
+    record(log, "D")
+    return "D" + node_e(log, seconds).result()
+
+
+@pygirder.fn
+def node_b(log: str, seconds: float) -> str:
+    record(log, "B")
+    return "B" + node_d(log, seconds).result()
+
+
+@pygirder.fn
+def node_c(log: str, seconds: float) -> str:
+    record(log, "C")
+    return "C" + node_d(log, seconds).result()
+
+
+@pygirder.fn
+def node_a(log: str, seconds: float) -> str:
+    record(log, "A")
+    b, c = pygirder.wait(node_b(log, seconds), node_c(log, seconds))
+    return "A" + b + c
+
+
+# --- errors ----------------------------------------------------------------------
+class Boom(ValueError):
+    pass
+
+
+@pygirder.fn
+def fail_level3(x: int) -> int:
+    raise Boom(f"bad input {x}")
+
+
+@pygirder.fn
+def fail_level2(x: int) -> int:
+    return fail_level3(x).result() + 1
+
+
+@pygirder.fn
+def fail_level1(x: int) -> int:
+    return fail_level2(x).result() + 1
+
+
+@pygirder.fn
+def catches(x: int) -> str:
+    try:
+        fail_level3(x).result()
+    except pygirder.RemoteError as exc:
+        return f"caught {exc.remote_type}"
+    return "no error"
+
+
+@pygirder.fn(version="1")
+def versioned(x: int) -> int:
+    return x
+
+
+@pygirder.fn
+def returns_unencodable() -> object:
+    return object()
+
+
+@pygirder.fn
+def self_wait(x: int) -> int:
+    return self_wait(x).result()
