@@ -210,3 +210,34 @@ def test_fetch_fails_clearly_on_a_missing_object_or_bad_hash(tmp_path: Path, buc
     with pytest.raises(ArtifactError, match="not an S3 URI"):
         install_artifact("https://example.invalid/a.tar.gz", "0" * 64, tmp_path / "venv")
     assert not (tmp_path / "venv").exists()
+
+
+def test_the_artifact_cli_pushes_once_and_lists(tmp_path: Path, bucket: str) -> None:
+    from typer.testing import CliRunner
+
+    from pygirder.cloud.artifact_cli import app
+
+    project = make_project(tmp_path)
+    runner = CliRunner()
+    first = runner.invoke(app, ["push", str(project), "--bucket", bucket, "--json"])
+    assert first.exit_code == 0, first.output
+    pushed = json.loads(first.stdout)
+    assert pushed["uri"] == f"s3://{bucket}/artifacts/{pushed['sha256']}.tar.gz"
+    again = runner.invoke(app, ["push", str(project), "--bucket", bucket])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines()[:2] == [pushed["uri"], f"sha256 {pushed['sha256']}"]
+    listed = runner.invoke(app, ["list", "--bucket", bucket, "--json"])
+    assert [a["uri"] for a in json.loads(listed.stdout)] == [pushed["uri"]]
+    table = runner.invoke(app, ["list", "--bucket", bucket])
+    assert pushed["sha256"][:12] in table.stdout
+
+
+def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str) -> None:
+    from typer.testing import CliRunner
+
+    from pygirder.cloud.artifact_cli import app
+
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["push", str(tmp_path / "empty"), "--bucket", bucket])
+    assert result.exit_code == 1
+    assert "no Python modules found" in result.output

@@ -99,6 +99,8 @@ log = logging.getLogger("pygirder.agent")
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 DEFAULT_SHUTDOWN_COMMAND = "sudo shutdown -h now"
 DEFAULT_REDIS_PORT = 6379
+# How often the spot watcher asks IMDS for an interruption notice (AWS gives two minutes).
+DEFAULT_SPOT_INTERVAL_S = 5.0
 # Schema of the announcement JSON; bump when a field changes meaning.
 ANNOUNCEMENT_SCHEMA = 1
 # AWS error codes worth retrying: throttling and the service's own trouble.
@@ -575,22 +577,10 @@ def alive_for(grace_s: float) -> ReadyProbe:
 
 
 def redis_answers(host: str, port: int, password: str | None) -> ReadyProbe:
-    """Ready once the server answers PING (with the password)."""
+    """Ready once the server answers PING (after AUTH with the password)."""
+    from ..server import _ping  # one raw RESP round trip, no client retries
 
-    def probe(proc: subprocess.Popen, elapsed: float) -> bool:
-        import redis
-
-        client = redis.Redis(
-            host=host, port=port, password=password, socket_timeout=1, socket_connect_timeout=1
-        )
-        try:
-            return bool(client.ping())
-        except Exception:
-            return False
-        finally:
-            client.close()
-
-    return probe
+    return lambda proc, elapsed: _ping(host, port, password, 1.0)
 
 
 class Supervisor:
@@ -743,7 +733,10 @@ class SpotWatcher(_Watcher):
     """Polls IMDS for a spot interruption notice; calls ``on_notice(notice)`` once."""
 
     def __init__(
-        self, imds: ImdsClient, on_notice: Callable[[dict[str, str]], None], interval_s: float = 5.0
+        self,
+        imds: ImdsClient,
+        on_notice: Callable[[dict[str, str]], None],
+        interval_s: float = DEFAULT_SPOT_INTERVAL_S,
     ) -> None:
         super().__init__("spot-watcher")
         self.imds = imds
@@ -839,7 +832,7 @@ class RunOptions:
     processes: str = "auto"
     expires: datetime | None = None
     shutdown_command: str | None = None
-    spot_interval_s: float = 5.0
+    spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S
     ready_grace_s: float = 2.0
     max_restarts: int = 5
     stop_timeout_s: float = 30.0
@@ -1075,7 +1068,9 @@ def run(
     shutdown_command: Annotated[
         str | None, typer.Option(help=f"Run at expiry [default: {DEFAULT_SHUTDOWN_COMMAND}].")
     ] = None,
-    spot_interval: Annotated[float, typer.Option(help="Seconds between spot checks.")] = 5.0,
+    spot_interval: Annotated[
+        float, typer.Option(help="Seconds between spot checks.")
+    ] = DEFAULT_SPOT_INTERVAL_S,
     ready_grace: Annotated[
         float, typer.Option(help="Seconds a worker/distributor must stay up to be ready.")
     ] = 2.0,

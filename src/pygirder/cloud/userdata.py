@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from ..errors import ConfigError
-from .agent import DEFAULT_REDIS_PORT, Role, pygirder_version
+from .agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role, pygirder_version
 
 __all__ = ["DEFAULT_BASE_PYTHON", "MAX_USER_DATA_BYTES", "render_user_data"]
 
@@ -70,6 +70,7 @@ def render_user_data(
     processes: str = "auto",
     ttl: float | None = None,
     expires: datetime | None = None,
+    spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S,
     base_python: str = DEFAULT_BASE_PYTHON,
 ) -> str:
     """The bash user-data of one instance.
@@ -78,7 +79,8 @@ def render_user_data(
     now (the clock starts when the launch renders it, as for the ``pygirder:expires``
     tag); exactly one of the two is required.  ``redis`` (``redis://HOST:PORT/DB``,
     no password) is required for workers and distributors, ``parent`` for
-    distributors.
+    distributors.  ``spot_interval_s`` is how often the agent asks IMDS for a spot
+    interruption notice.
     """
     role = Role(role)
     if (ttl is None) == (expires is None):
@@ -129,6 +131,8 @@ def render_user_data(
     if role is Role.WORKER:
         run_args.append(f"--processes {q(processes)}")
         run_args.extend(f"--import {q(m)}" for m in imports)
+    if spot_interval_s != DEFAULT_SPOT_INTERVAL_S:
+        run_args.append(f"--spot-interval {float(spot_interval_s):g}")
     run_args += ['--expires "$EXPIRES"', '"${SHUTDOWN_OPTS[@]}"']
     run_lines = " \\\n    ".join(run_args)
 

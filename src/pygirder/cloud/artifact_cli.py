@@ -1,0 +1,130 @@
+"""``pygirder cloud artifact push|list``: build the project into an artifact and keep it on S3.
+
+The cloud CLI mounts :data:`app` as ``pygirder cloud artifact``.  The bucket and
+prefix come from ``--bucket``/``--prefix``, else from the account setup
+(``pygirder.cloud.setup.account_resources(load_config())``), looked up only when
+needed so these commands also work against a bucket given by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import PygirderError
+from .artifacts import build_artifact, list_artifacts, push_artifact
+
+__all__ = ["app", "artifact_list", "artifact_push"]
+
+app = typer.Typer(
+    help="Build the project and pygirder into an artifact on S3, where instances fetch it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+BucketOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bucket", help="Artifact bucket [default: the one `pygirder cloud setup` made]."
+    ),
+]
+PrefixOpt = Annotated[
+    str | None, typer.Option("--prefix", help="Key prefix [default: artifacts/ or the config's].")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="pygirder.toml [default: ./pygirder.toml].")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _where(bucket: str | None, prefix: str | None, config: Path | None) -> tuple[str, str]:
+    """Bucket and prefix from the options, falling back to the account setup's."""
+    if bucket is not None:
+        return bucket, prefix or "artifacts/"
+    try:
+        from .config import load_config
+        from .setup import account_resources
+    except ImportError as exc:
+        raise PygirderError(
+            f"give --bucket: the account setup is not available here ({exc})"
+        ) from exc
+    cfg: Any = load_config(config)
+    found = account_resources(cfg)["bucket"]
+    return found, prefix or getattr(cfg, "artifact_prefix", "artifacts/")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@app.command("push")
+def artifact_push(
+    project_dir: Annotated[
+        Path, typer.Argument(help="The project: a pyproject/setup.py project or plain .py files.")
+    ] = Path("."),
+    bucket: BucketOpt = None,
+    prefix: PrefixOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Keep the built tar.gz in this directory.")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the project and pygirder as wheels into one artifact and upload it once.
+
+    The artifact is named by its SHA-256, so pushing unchanged code uploads nothing.
+    Prints the s3:// URI and the SHA-256 that instances verify.
+    """
+    logging.getLogger("pygirder.cloud.artifacts").setLevel(logging.INFO)
+    try:
+        where = _where(bucket, prefix, config)
+        with tempfile.TemporaryDirectory(prefix="pygirder-artifact-") as tmp:
+            artifact = build_artifact(project_dir, out or tmp)
+            uri = push_artifact(artifact, *where)
+    except (PygirderError, OSError) as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(
+            json.dumps({"uri": uri, "sha256": artifact.sha256, "manifest": artifact.manifest})
+        )
+        return
+    wheels = ", ".join(f"{w['name']} {w['version']}" for w in artifact.manifest["wheels"])
+    typer.echo(f"{uri}\nsha256 {artifact.sha256}\nwheels {wheels}")
+
+
+@app.command("list")
+def artifact_list(
+    bucket: BucketOpt = None,
+    prefix: PrefixOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the artifacts on S3, newest first."""
+    try:
+        found = list_artifacts(*_where(bucket, prefix, config))
+    except (PygirderError, OSError) as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(found, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("modified", "project", "pygirder", "size", "sha256", "uri")
+    for item in found:
+        table.add_row(
+            item["modified"].strftime("%Y-%m-%d %H:%M"),
+            item["project"],
+            item["pygirder_version"],
+            f"{item['size'] / 1e6:.1f} MB",
+            item["sha256"][:12],
+            item["uri"],
+        )
+    Console().print(table)
