@@ -260,3 +260,24 @@ def test_functions_defined_in_the_users_script_work_on_local_workers(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "285 [9, 16]"
+
+
+def test_call_graph_records_children_and_outcomes(grid):
+    import redis
+
+    from pygirder.store.keys import Keys
+
+    top = gf.wide(3)
+    assert grid.run(top) == 3 + 3 + 3 + 3
+    keys = Keys(grid.namespace)
+    client = redis.Redis.from_url(grid.url, decode_responses=True)
+    try:
+        record = client.hgetall(keys.call(top.id))
+        kids = client.smembers(keys.children(top.id))
+    finally:
+        client.close()
+    assert record["fn"] == "gridfuncs:wide"
+    assert record["args"] == "{'n': 3}"
+    assert record["state"] == "done" and record["summary"] == "12"
+    assert float(record["submitted"]) <= float(record["started"]) <= float(record["finished"])
+    assert kids == {gf.add(i, 3).id for i in range(3)}

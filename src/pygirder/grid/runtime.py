@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import reprlib
 import socket
 import uuid
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from redis import exceptions as redis_errors
 from .. import codec
 from ..errors import CallLink, GridConnectionError, GridTimeout, RemoteError
 from ..store import scripts
-from ..store.keys import Keys
+from ..store.keys import CALL_GRAPH_TTL_S, Keys
 
 if TYPE_CHECKING:
     from ..calls import Call
@@ -56,6 +57,21 @@ def decode_envelope(data: bytes) -> Any:
     if data[:1] == ERR:
         raise RemoteError.from_dict(codec.decode(body, path="error"))
     raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
+
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlevel = 3
+
+
+def summarize(value: Any, limit: int = 200) -> str:
+    """A bounded one-line repr for the call graph: never expensive, never huge."""
+    try:
+        text = _short.repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe_exception(exc: BaseException, request_id: str, function: str) -> RemoteError:
@@ -133,12 +149,14 @@ class Runtime:
         namespace: str = "default",
         process_id: str | None = None,
         cache_size: int = 4096,
+        call_graph: bool = True,
     ) -> None:
         self.url = url
         self.keys = Keys(namespace)
         self.process_id = process_id or new_process_id("proc")
         self.inbox = self.keys.inbox(self.process_id)
         self.cache_size = cache_size
+        self.graph_ttl = CALL_GRAPH_TTL_S if call_graph else 0
         self.redis: aioredis.Redis | None = None
         self._listener_client: aioredis.Redis | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -244,13 +262,14 @@ class Runtime:
         *,
         owner: str = "",
         local_pool: str | None = None,
+        parent: str = "",
     ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]]]:
         """Submit-or-subscribe every call; returns one future per call and the new
         requests this process must run itself (worker-local ones, as (id, payload))."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
-        args: list[Any] = [self.keys.prefix, self.inbox, owner]
+        args: list[Any] = [self.keys.prefix, self.inbox, owner, parent, self.graph_ttl]
         for call in calls:
             request_id = call.id
             fut = self._waiting.get(request_id)
@@ -263,7 +282,8 @@ class Runtime:
                     self._waiting[request_id] = fut
                     mode = "l" if owner and call.pool == local_pool else "q"
                     payload = call.payload()
-                    args += [request_id, payload, call.pool, mode]
+                    summary = summarize(call.arguments) if self.graph_ttl else ""
+                    args += [request_id, payload, call.pool, mode, call.function.name, summary]
                     sent.append((request_id, payload, mode))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []

@@ -33,8 +33,9 @@ import redis.asyncio as aioredis
 from .. import calls as calls_mod
 from .. import codec
 from ..calls import Call, GridFunction
-from ..errors import GridFunctionError, PayloadTooLarge, RemoteError
+from ..errors import GridFunctionError, RemoteError
 from ..store.keys import HEARTBEAT_TTL_S
+from ..store.scripts import INLINE_RESULT_LIMIT
 from .context import RequestContext, current_request
 from .runtime import (
     Runtime,
@@ -44,6 +45,7 @@ from .runtime import (
     encode_error,
     encode_ok,
     new_process_id,
+    summarize,
 )
 
 log = logging.getLogger("pygirder.worker")
@@ -322,6 +324,8 @@ class Worker:
     async def _execute(self, request_id: str, payload: bytes) -> None:
         name = "?"
         ttl = self.result_ttl
+        started = time.time()
+        summary = ""
         try:
             try:
                 name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
@@ -338,16 +342,17 @@ class Worker:
                         self.threads, contextvars.copy_context().run, run
                     )
                 envelope = encode_ok(value, name=name, limit=self.max_result_bytes)
+                summary = summarize(value)
             except _RefusedRequest as exc:
                 log.warning("refused %s: %s", request_id, exc)
                 envelope = encode_error(RemoteError(exc.kind, str(exc), "", []))
                 ttl = self.error_ttl
-            except PayloadTooLarge as exc:
-                envelope = encode_error(describe_exception(exc, request_id, name))
-                ttl = self.error_ttl
+                summary = f"{exc.kind}: {exc}"[:200]
             except Exception as exc:
-                envelope = encode_error(describe_exception(exc, request_id, name))
+                error = describe_exception(exc, request_id, name)
+                envelope = encode_error(error)
                 ttl = self.error_ttl
+                summary = f"{error.remote_type}: {error.message}"[:200]
         finally:
             self.baton.release()
             self._wake.set()
@@ -355,7 +360,16 @@ class Worker:
         self.runtime.resolve(request_id, envelope)  # local waiters need not wait for the inbox
         await self.runtime.script(
             "complete",
-            [self.keys.prefix, self.id, 16 * 1024, request_id, envelope, ttl],
+            [
+                self.keys.prefix,
+                self.id,
+                INLINE_RESULT_LIMIT,
+                request_id,
+                envelope,
+                ttl,
+                started,
+                summary,
+            ],
         )
 
     # -- waiting inside a request ---------------------------------------------
@@ -368,7 +382,9 @@ class Worker:
                     f"{ctx.function} waits on itself (same arguments): a cycle that can never "
                     "finish"
                 )
-        futures, new_local = await self.runtime.submit(calls, owner=self.id, local_pool=self.pool)
+        futures, new_local = await self.runtime.submit(
+            calls, owner=self.id, local_pool=self.pool, parent=ctx.request_id
+        )
         if new_local:
             self.stack.extend(reversed(new_local))  # first call on top: it runs first
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 INBOX_TTL_S = 24 * 3600
 # A worker that has not refreshed its heartbeat for this long is considered dead.
 HEARTBEAT_TTL_S = 10
+# How long the call graph (call:<id>, kids:<id>) of a request is kept.
+CALL_GRAPH_TTL_S = 3600
 # Approximate cap of the grid-wide log stream (XADD MAXLEN ~).
 LOG_STREAM_MAXLEN = 100_000
 
@@ -92,6 +94,12 @@ class Keys:
         """STRING with TTL: held by the one process currently reaping dead workers."""
         return f"{self.prefix}reaper"
 
-    def calls(self, request_id: str) -> str:
-        """HASH: call-graph record of a request (parent, children, times, worker)."""
+    def call(self, request_id: str) -> str:
+        """HASH: call-graph record of a request: fn, args (summary), parent, pool, state
+        (queued, taken, done, failed), worker, submitted/started/finished (epoch seconds),
+        summary (of the result or error).  Expires after CALL_GRAPH_TTL_S."""
         return f"{self.prefix}call:{request_id}"
+
+    def children(self, request_id: str) -> str:
+        """SET: ids of the calls a request made (its children in the call graph)."""
+        return f"{self.prefix}kids:{request_id}"

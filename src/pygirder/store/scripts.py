@@ -21,14 +21,23 @@ from .keys import INBOX_TTL_S
 INLINE_RESULT_LIMIT = 16 * 1024
 
 SUBMIT = """
--- ARGV: prefix, inbox key ('' for none), owner (worker id or ''),
---       then groups of 4: id, payload, pool, mode ('l' local stack of owner, 'q' pool queue)
+-- ARGV: prefix, inbox key ('' for none), owner (worker id or ''), parent request id
+--       ('' for top-level calls), call-graph TTL (0: no call graph), then groups of 6:
+--       id, payload, pool, mode ('l' local stack of owner, 'q' pool queue), function, args
 -- Returns per request: the stored result (bulk) if done, 0 if already pending, 1 if new.
-local p, inbox, owner = ARGV[1], ARGV[2], ARGV[3]
+local p, inbox, owner, parent = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local graph_ttl = tonumber(ARGV[5])
+local now = redis.call('TIME')
+local t = now[1] + now[2] / 1e6
 local out = {}
 local new, cached, shared = 0, 0, 0
-for i = 4, #ARGV, 4 do
+for i = 6, #ARGV, 6 do
   local id, payload, pool, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if graph_ttl > 0 and parent ~= '' then
+    local kids = p .. 'kids:' .. parent
+    redis.call('SADD', kids, id)
+    redis.call('EXPIRE', kids, graph_ttl)
+  end
   local r = redis.call('GET', p .. 'res:' .. id)
   if r then
     out[#out + 1] = r
@@ -49,6 +58,12 @@ for i = 4, #ARGV, 4 do
       end
       out[#out + 1] = 1
       new = new + 1
+      if graph_ttl > 0 then
+        local c = p .. 'call:' .. id
+        redis.call('HSET', c, 'fn', ARGV[i + 4], 'args', ARGV[i + 5], 'parent', parent,
+                   'pool', pool, 'state', 'queued', 'submitted', t)
+        redis.call('EXPIRE', c, graph_ttl)
+      end
     end
   end
 end
@@ -73,6 +88,10 @@ local function claim(id)
   if payload and redis.call('EXISTS', p .. 'res:' .. id) == 0 then
     redis.call('HSET', st, 's', 'running', 'o', worker)
     redis.call('HINCRBY', st, 'n', 1)
+    local c = p .. 'call:' .. id
+    if redis.call('EXISTS', c) == 1 then
+      redis.call('HSET', c, 'state', 'taken', 'worker', worker)
+    end
     out[#out + 1] = id
     out[#out + 1] = payload
   else
@@ -92,13 +111,23 @@ return out
 """
 
 COMPLETE = """
--- ARGV: prefix, worker, inline limit, then groups of 3: id, encoded result, ttl seconds (0: none)
+-- ARGV: prefix, worker, inline limit, then groups of 5: id, encoded result, ttl seconds
+--       (0: none), time the run started, one-line summary of the result or error
 -- Stores each result, pushes a completion message to every waiting inbox, and drops
 -- the request's pending state, all in one step: no waiter can miss it.
 local p, worker, inline = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local done = 0
-for i = 4, #ARGV, 3 do
+local now = redis.call('TIME')
+local t = now[1] + now[2] / 1e6
+local done, failed = 0, 0
+for i = 4, #ARGV, 5 do
   local id, result, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local c = p .. 'call:' .. id
+  if redis.call('EXISTS', c) == 1 then
+    local state = 'done'
+    if string.sub(result, 1, 1) == 'E' then state = 'failed'; failed = failed + 1 end
+    redis.call('HSET', c, 'state', state, 'worker', worker, 'started', ARGV[i + 3],
+               'finished', t, 'summary', ARGV[i + 4])
+  end
   if ttl > 0 then
     redis.call('SET', p .. 'res:' .. id, result, 'EX', ttl)
   else
@@ -117,6 +146,7 @@ for i = 4, #ARGV, 3 do
   done = done + 1
 end
 redis.call('HINCRBY', p .. 'stats', 'executed', done)
+if failed > 0 then redis.call('HINCRBY', p .. 'stats', 'failed', failed) end
 return done
 """.replace("INBOX_TTL", str(INBOX_TTL_S))
 
