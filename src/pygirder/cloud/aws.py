@@ -1,0 +1,474 @@
+"""The boto3 adaptor: sessions and clients for a CloudConfig, retries, readable errors.
+
+boto3 is imported only when a session is made, with an install hint when it is
+missing, so ``pygirder`` itself (and ``pygirder cloud --help``) never needs it.
+
+Credentials come from the standard boto3 chain (``[cloud] profile`` or AWS_PROFILE,
+SSO, environment variables, instance roles); the endpoint from boto3's own
+AWS_ENDPOINT_URL handling, which is how tests point everything at a local moto server.
+
+botocore's own retries are switched off; :meth:`Aws.call` retries *only* throttling
+and server (5xx) errors, with capped exponential backoff and jitter, and turns every
+other failure into one of the errors below, whose messages say what to do next.
+
+    PygirderError
+     └── CloudError                 an AWS call failed: .service, .operation, .code
+          ├── CloudDependencyError  boto3 is not installed (also an ImportError)
+          ├── CredentialsError      no credentials, an expired token, a rejected key
+          ├── AccessDeniedError     the identity lacks a permission: .action names it
+          ├── QuotaExceededError    an account quota (VPCs, addresses, ...) is reached
+          └── CloudTimeoutError     a bounded wait ran out (also a TimeoutError)
+
+``setup.py`` adds the errors about pygirder's own resources (name clashes, live
+fleets, a setup that is missing).
+
+Threads: a boto3 Session is not thread-safe, clients are.  An :class:`Aws` makes its
+session and clients once and is meant for one thread; give each thread its own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import PygirderError
+from .policy import iam_action
+
+if TYPE_CHECKING:
+    from .config import CloudConfig
+
+T = TypeVar("T")
+
+INSTALL_HINT = "pip install 'pygirder[cloud]'"
+POLICY_HINT = "`pygirder cloud policy` prints the IAM policy pygirder needs"
+QUOTAS_URL = "https://console.aws.amazon.com/servicequotas/home?region={region}"
+
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "SlowDown",
+        "BandwidthLimitExceeded",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+        "ProvisionedThroughputExceededException",
+    }
+)
+SERVER_ERROR_CODES = frozenset(
+    {
+        "InternalError",
+        "InternalFailure",
+        "InternalServerError",
+        "InternalErrorException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "Unavailable",
+    }
+)
+ACCESS_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedOperation",
+        "AuthorizationError",
+        "AuthorizationErrorException",
+        "UnauthorizedAccess",
+        "Forbidden",
+        "403",
+    }
+)
+EXPIRED_CODES = frozenset(
+    {"ExpiredToken", "ExpiredTokenException", "RequestExpired", "TokenRefreshRequired"}
+)
+INVALID_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "AuthFailure",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "IncompleteSignature",
+    }
+)
+QUOTA_CODES = frozenset(
+    {
+        "TooManyBuckets",
+        "ServiceQuotaExceededException",
+        "VcpuLimitExceeded",
+        "MaxSpotInstanceCountExceeded",
+        "InsufficientAddressCapacity",
+        "CreationLimitExceededException",
+    }
+)
+
+
+# ----------------------------------------------------------------------- errors
+
+
+class CloudError(PygirderError):
+    """An AWS call failed.  ``code`` is AWS's error code ("" when there was none)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str = "",
+        operation: str = "",
+        code: str = "",
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.service = service
+        self.operation = operation
+        self.code = code
+        self.status = status
+
+
+class CloudDependencyError(CloudError, ImportError):
+    """boto3 is needed for ``pygirder cloud`` and is not installed."""
+
+
+class CredentialsError(CloudError):
+    """There are no usable AWS credentials: none found, expired, or rejected."""
+
+
+class AccessDeniedError(CloudError):
+    """The AWS identity lacks a permission; ``action`` is the IAM action to grant."""
+
+    def __init__(self, message: str, *, action: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.action = action
+
+
+class QuotaExceededError(CloudError):
+    """An AWS account quota (limit) stops pygirder from creating a resource."""
+
+
+class CloudTimeoutError(CloudError, TimeoutError):
+    """A bounded wait for AWS to converge (propagation, a state change) ran out."""
+
+
+# ---------------------------------------------------------------- boto3, lazily
+
+
+def require_boto3() -> Any:
+    """Import and return boto3, or explain how to install it."""
+    try:
+        import boto3
+    except ImportError:  # pragma: no cover - the dev environment always has boto3
+        raise CloudDependencyError(
+            f"boto3 is needed for `pygirder cloud`: {INSTALL_HINT}", code="ImportError"
+        ) from None
+    return boto3
+
+
+def session(config: CloudConfig) -> Any:
+    """A boto3 Session for ``config``'s profile (or the default chain) and region."""
+    boto3 = require_boto3()
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        return boto3.Session(profile_name=config.profile, region_name=config.region)
+    except ProfileNotFound:
+        raise CredentialsError(
+            f"AWS profile {config.profile!r} (from [cloud] profile) is not configured; "
+            f"create it with `aws configure --profile {config.profile}` or "
+            f"`aws configure sso --profile {config.profile}`, or remove `profile`",
+            code="ProfileNotFound",
+        ) from None
+
+
+def client_config() -> Any:
+    """botocore Config for every client: our retries only, sane time-outs."""
+    from botocore.config import Config
+
+    return Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        user_agent_extra="pygirder",
+    )
+
+
+def client(service: str, config: CloudConfig, region: str | None = None) -> Any:
+    """A bare boto3 client for ``service`` (no pygirder retries: prefer :class:`Aws`)."""
+    return session(config).client(
+        service, region_name=region or config.region, config=client_config()
+    )
+
+
+# ------------------------------------------------------------------- the adaptor
+
+
+class Aws:
+    """Clients for one :class:`CloudConfig`, with retries and error translation.
+
+    ``aws.call("ec2", "create_vpc", CidrBlock=...)`` calls a boto3 client method.
+    Throttling and 5xx errors are retried (``max_attempts`` in all, exponential
+    backoff from ``base_delay`` capped at ``max_delay``, with jitter); error codes in
+    ``ignore`` return ``None``; anything else raises a :class:`CloudError`.
+    ``sleep`` is injectable so tests of retries and waits do not sleep.
+    """
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        *,
+        boto_session: Any = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_attempts: int = 6,
+        base_delay: float = 0.5,
+        max_delay: float = 20.0,
+    ) -> None:
+        self.config = config
+        self.region = config.region
+        self._session = boto_session
+        self.sleep = sleep
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._account_id: str | None = None
+
+    @property
+    def boto_session(self) -> Any:
+        if self._session is None:
+            self._session = session(self.config)
+        return self._session
+
+    def client(self, service: str, region: str | None = None) -> Any:
+        """The (cached) boto3 client of ``service`` in ``region`` (default: config's)."""
+        key = (service, region or self.region)
+        if key not in self._clients:
+            self._clients[key] = self.boto_session.client(
+                service, region_name=key[1], config=client_config()
+            )
+        return self._clients[key]
+
+    def call(
+        self,
+        service: str,
+        operation: str,
+        *,
+        region: str | None = None,
+        retry: bool = True,
+        ignore: tuple[str, ...] = (),
+        **params: Any,
+    ) -> Any:
+        """Call ``client(service).<operation>(**params)``; see the class docstring."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        api = self.client(service, region)
+        method = getattr(api, operation)
+        op_name = api.meta.method_to_api_mapping.get(operation, operation)
+        attempt = 1
+        while True:
+            try:
+                return method(**params)
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                code = str(error.get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in ignore:
+                    return None
+                if retry and attempt < self.max_attempts and is_transient(code, status):
+                    self.backoff(attempt)
+                    attempt += 1
+                    continue
+                raise translate_client_error(
+                    code=code,
+                    message=str(error.get("Message", "")),
+                    status=status,
+                    service=service,
+                    operation=op_name,
+                    region=region or self.region,
+                ) from exc
+            except BotoCoreError as exc:
+                raise translate_botocore_error(
+                    exc, service=service, operation=op_name, profile=self.config.profile
+                ) from exc
+
+    def pages(
+        self,
+        service: str,
+        operation: str,
+        *,
+        token: str = "NextToken",
+        next_token: str | None = None,
+        region: str | None = None,
+        **params: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Every page of a paginated call, each page retried like :meth:`call`.
+
+        ``token`` is the request parameter that asks for the next page and
+        ``next_token`` the response field holding it (default: same name).
+        """
+        while True:
+            page = self.call(service, operation, region=region, **params)
+            yield page
+            following = page.get(next_token or token)
+            if not following:
+                return
+            params[token] = following
+
+    def backoff(self, attempt: int) -> None:
+        """Sleep before retry ``attempt`` (1-based): capped exponential, half jitter."""
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        self.sleep(delay * (0.5 + random.random() / 2))
+
+    def wait_for(
+        self,
+        check: Callable[[], T | None],
+        *,
+        what: str,
+        timeout: float,
+        interval: float,
+    ) -> T:
+        """Poll ``check`` until it returns something truthy, at most ``timeout`` s.
+
+        The bound is a number of polls (``timeout / interval``), so a test's fake
+        ``sleep`` makes waits instant without making them endless.
+        """
+        polls = max(1, math.ceil(timeout / interval))
+        for poll in range(polls):
+            result = check()
+            if result:
+                return result
+            if poll < polls - 1:
+                self.sleep(interval)
+        raise CloudTimeoutError(
+            f"timed out after {timeout:.0f}s waiting for {what}; AWS may still be "
+            "converging: run the command again in a minute",
+            code="Timeout",
+        )
+
+    @property
+    def account_id(self) -> str:
+        """The 12-digit account of the credentials in use (asked once)."""
+        if self._account_id is None:
+            self._account_id = self.call("sts", "get_caller_identity")["Account"]
+        return self._account_id
+
+
+def is_transient(code: str, status: int | None) -> bool:
+    """Throttling and server errors: the only failures worth retrying as they are."""
+    if code in THROTTLING_CODES or code in SERVER_ERROR_CODES:
+        return True
+    return status is not None and status >= 500
+
+
+def is_quota_code(code: str) -> bool:
+    if code in QUOTA_CODES:
+        return True
+    # "VpcLimitExceeded", "AddressLimitExceeded", "LimitExceededException", ... but
+    # "RequestLimitExceeded" is EC2's throttling.
+    return "LimitExceeded" in code and code not in THROTTLING_CODES
+
+
+def translate_client_error(
+    *,
+    code: str,
+    message: str,
+    status: int | None,
+    service: str,
+    operation: str,
+    region: str,
+) -> CloudError:
+    """Turn one AWS error response into the most specific :class:`CloudError`."""
+    where = f"{service}:{operation}"
+    info = {"service": service, "operation": operation, "code": code, "status": status}
+    short = _shorten(message)
+    if code in EXPIRED_CODES:
+        return CredentialsError(
+            f"your AWS session has expired ({code} from {where}). Refresh it, e.g. "
+            "`aws sso login` (with --profile if you use one), or get new temporary "
+            "credentials, then run the command again.",
+            **info,
+        )
+    if code in INVALID_CREDENTIAL_CODES:
+        return CredentialsError(
+            f"AWS rejected the credentials ({code} from {where}): the access key is "
+            "unknown or inactive, or the secret does not match. Check which identity "
+            "is in use with `aws sts get-caller-identity`.",
+            **info,
+        )
+    if code in ACCESS_DENIED_CODES or (status == 403 and not code):
+        action = _action_from_message(message) or iam_action(service, operation)
+        return AccessDeniedError(
+            f"access denied: the AWS identity in use is missing the permission "
+            f"{action} (needed for {where}). {POLICY_HINT}; attach it to your user or "
+            f"role. AWS said: {code}: {short}",
+            action=action,
+            **info,
+        )
+    if is_quota_code(code):
+        return QuotaExceededError(
+            f"an AWS quota stops {where} in {region}: {code}: {short}. Delete unused "
+            f"resources of that kind or request a higher quota at "
+            f"{QUOTAS_URL.format(region=region)}",
+            **info,
+        )
+    return CloudError(f"{where} failed: {code or status}: {short}", **info)
+
+
+def translate_botocore_error(
+    exc: Exception, *, service: str, operation: str, profile: str | None
+) -> CloudError:
+    """Turn a botocore client-side failure (no credentials, no network) into an error."""
+    from botocore import exceptions as bce
+
+    info = {"service": service, "operation": operation, "code": type(exc).__name__}
+    where = f"{service}:{operation}"
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return CredentialsError(
+            "no AWS credentials found. pygirder uses the standard AWS chain and never "
+            "stores keys: run `aws configure`, or `aws sso login --profile NAME` and set "
+            '`profile = "NAME"` in [cloud] (or AWS_PROFILE), or export '
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+            **info,
+        )
+    sso_errors = tuple(
+        getattr(bce, name)
+        for name in ("TokenRetrievalError", "SSOTokenLoadError", "UnauthorizedSSOTokenError")
+        if hasattr(bce, name)
+    )
+    if isinstance(exc, sso_errors):
+        login = f"aws sso login --profile {profile}" if profile else "aws sso login"
+        return CredentialsError(
+            f"your AWS SSO session has expired or is missing: run `{login}`", **info
+        )
+    if isinstance(exc, bce.CredentialRetrievalError):
+        return CredentialsError(f"could not obtain AWS credentials: {exc}", **info)
+    if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
+        return CloudError(
+            f"cannot reach the AWS endpoint for {where}: {exc}. Check the network, the "
+            "region, and AWS_ENDPOINT_URL if it is set.",
+            **info,
+        )
+    return CloudError(f"{where} failed: {type(exc).__name__}: {exc}", **info)
+
+
+_ACTION_RE = re.compile(r"perform:? ([a-z0-9-]+:[A-Za-z0-9*]+)")
+
+
+def _action_from_message(message: str) -> str | None:
+    match = _ACTION_RE.search(message)
+    return match.group(1) if match else None
+
+
+def _shorten(message: str, limit: int = 300) -> str:
+    message = " ".join(message.split())
+    if "Encoded authorization failure message" in message:
+        message = message.split("Encoded authorization failure message")[0].strip()
+        message += " (decode the full reason with `aws sts decode-authorization-message`)"
+    return message if len(message) <= limit else message[: limit - 1] + "…"
