@@ -110,5 +110,11 @@ def status(aws: Any) -> StatusQueue:
         ],
     }
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(policy)})
-    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
+    # Raw delivery, as the account setup subscribes it: a body is what the instance sent.
+    sns.subscribe(
+        TopicArn=topic_arn,
+        Protocol="sqs",
+        Endpoint=queue_arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
     return StatusQueue(topic_arn=topic_arn, queue_url=queue_url, sqs=sqs)

@@ -232,7 +232,7 @@ def test_the_artifact_cli_pushes_once_and_lists(tmp_path: Path, bucket: str) -> 
     assert pushed["sha256"][:12] in table.stdout
 
 
-def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str) -> None:
+def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str, monkeypatch) -> None:
     from typer.testing import CliRunner
 
     from pygirder.cloud.artifact_cli import app
@@ -241,3 +241,9 @@ def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str) -> None:
     result = CliRunner().invoke(app, ["push", str(tmp_path / "empty"), "--bucket", bucket])
     assert result.exit_code == 1
     assert "no Python modules found" in result.output
+    # Without --bucket the bucket comes from the account setup, which needs a config.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYGIRDER_CONFIG", raising=False)
+    result = CliRunner().invoke(app, ["push", str(make_project(tmp_path))])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "pygirder.toml" in result.output

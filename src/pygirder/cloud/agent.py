@@ -723,10 +723,11 @@ class _Watcher(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.done = threading.Event()
 
-    def cancel(self) -> None:
+    def cancel(self, timeout: float = 60.0) -> None:
+        """Stop watching; wait for a callback in progress (an announcement) to finish."""
         self.done.set()
         if self.is_alive() and self is not threading.current_thread():
-            self.join(5)
+            self.join(timeout)
 
 
 class SpotWatcher(_Watcher):
@@ -931,17 +932,21 @@ def run_service(
             watchers.append(DeadlineWatcher(opts.expires, on_expiry))
 
         previous: dict[int, Any] = {}
+        senders: list[threading.Thread] = []
         if handle_signals:
 
             def on_signal(signum: int, frame: object) -> None:
                 name = signal.Signals(signum).name
                 supervisor.stop(f"agent received {name}")
-                threading.Thread(
+                # Publishing blocks: not in a signal handler.  Joined before exiting.
+                sender = threading.Thread(
                     target=announcer.send,
                     args=(Event.GOING_AWAY, f"agent received {name}"),
                     kwargs={"once": True},
                     daemon=True,
-                ).start()
+                )
+                sender.start()
+                senders.append(sender)
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, on_signal)
@@ -954,6 +959,8 @@ def run_service(
                 watcher.cancel()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            for sender in senders:
+                sender.join(60)
     if expired.is_set():
         shut_down(opts.shutdown_command)
     return 0
@@ -984,11 +991,15 @@ app = typer.Typer(
 def _configure(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"{log_level!r} is not a log level", param_hint="--log-level")
     logging.basicConfig(
-        level=log_level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # botocore logs response bodies at DEBUG, SSM's decrypted password among them.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

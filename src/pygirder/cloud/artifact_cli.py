@@ -54,9 +54,8 @@ def _where(bucket: str | None, prefix: str | None, config: Path | None) -> tuple
         raise PygirderError(
             f"give --bucket: the account setup is not available here ({exc})"
         ) from exc
-    cfg: Any = load_config(config)
-    found = account_resources(cfg)["bucket"]
-    return found, prefix or getattr(cfg, "artifact_prefix", "artifacts/")
+    resources: dict[str, Any] = account_resources(load_config(config))
+    return resources["bucket"], prefix or resources.get("artifact_prefix") or "artifacts/"
 
 
 def _fail(exc: Exception) -> typer.Exit:

@@ -193,7 +193,7 @@ def _pygirder_wheel(out_dir: Path) -> Path:
 def _plain_modules(project_dir: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for path in sorted(project_dir.iterdir()):
-        if path.name.startswith((".", "_")) and path.name != "__init__.py":
+        if path.name.startswith(".") or path.name == "__pycache__":
             continue
         if path.is_file() and path.suffix == ".py":
             if path.name in _SKIP_MODULES or path.name.startswith("test_"):
@@ -371,6 +371,8 @@ def push_artifact(
     object's metadata (``sha256``) and checked by S3 on upload.
     """
     s3 = _s3_client(client)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
     key = f"{prefix}{artifact.name}"
     uri = f"s3://{bucket}/{key}"
     try:
@@ -525,6 +527,13 @@ def install_artifact(
         bundle = download_artifact(uri, sha256, tmp_dir, client=client)
         unpacked = tmp_dir / "unpacked"
         manifest = _read_bundle(bundle, unpacked)
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if manifest.get("python") != here:
+            log.warning(
+                "the artifact was built with Python %s, this is Python %s: its pure-Python "
+                "wheels install, but code that needs the newer Python will fail",
+                manifest.get("python"), here,
+            )  # fmt: skip
         if venv.exists():
             shutil.rmtree(venv)
         with _removed_on_error(venv):
