@@ -71,6 +71,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..cli.service import service
 from ..errors import ConfigError, PygirderError
 
 __all__ = [
@@ -978,6 +979,8 @@ def wait_for_expiry(
 
 
 # -- CLI -----------------------------------------------------------------------------------
+# Every command is a service of the shared helper (DESIGN 6): --log-level, --id, --opts,
+# --json (one envelope on stdout), and "error: <type>: <message>" with exit 1 on failure.
 app = typer.Typer(
     name="pygirder-agent",
     help="The pygirder on-instance agent (run from an instance's user-data).",
@@ -987,34 +990,21 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _configure(
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
-) -> None:
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        raise typer.BadParameter(f"{log_level!r} is not a log level", param_hint="--log-level")
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # botocore logs response bodies at DEBUG, SSM's decrypted password among them.
+def _quiet_aws_loggers() -> None:
+    """botocore logs response bodies at DEBUG, SSM's decrypted password among them."""
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    log.error("%s", exc)
-    return typer.Exit(1)
 
 
 TopicArn = Annotated[str, typer.Option("--topic-arn", help="The fleet's SNS status topic.")]
 LaunchId = Annotated[str, typer.Option("--launch-id", help="Id of the launch (pygirder cloud up).")]
 Fleet = Annotated[str, typer.Option("--fleet", help="Fleet id (tags, SSM parameter path).")]
+ShutdownCommand = Annotated[
+    str | None, typer.Option(help=f"Run at expiry (default: {DEFAULT_SHUTDOWN_COMMAND}).")
+]
 
 
-@app.command()
+@service(app)
 def announce(
     topic_arn: TopicArn,
     launch_id: LaunchId,
@@ -1022,36 +1012,33 @@ def announce(
     event: Annotated[Event, typer.Option("--event", help="What happened.")],
     detail: Annotated[str, typer.Option("--detail", help="Free text, e.g. an error.")] = "",
     fleet: Fleet = "",
-) -> None:
+) -> dict[str, str]:
     """Publish one status message about this instance on the status topic."""
-    try:
-        meta = ImdsClient().metadata()
-        message = Announcement.make(
-            event, launch_id=launch_id, role=role, meta=meta, fleet=fleet, detail=detail
-        )
-        publish_announcement(topic_arn, message)
-    except (AgentError, ConfigError) as exc:
-        raise _fail(exc) from exc
+    _quiet_aws_loggers()
+    meta = ImdsClient().metadata()
+    message = Announcement.make(
+        event, launch_id=launch_id, role=role, meta=meta, fleet=fleet, detail=detail
+    )
+    return {"message_id": publish_announcement(topic_arn, message), "event": message.event}
 
 
-@app.command("fetch-artifact")
+@service(app, name="fetch-artifact")
 def fetch_artifact(
     uri: Annotated[str, typer.Argument(help="s3://bucket/key of the artifact.")],
     sha256: Annotated[str, typer.Option("--sha256", help="Expected SHA-256 (hex).")],
     venv: Annotated[Path, typer.Option("--venv", help="Virtual environment to install into.")],
-) -> None:
+) -> dict[str, Any]:
     """Download the artifact, verify its hash and install it into a virtual environment."""
-    from .artifacts import ArtifactError, install_artifact
+    from .artifacts import install_artifact
 
-    try:
-        manifest = install_artifact(uri, sha256, venv)
-    except ArtifactError as exc:
-        raise _fail(exc) from exc
+    _quiet_aws_loggers()
+    manifest = install_artifact(uri, sha256, venv)
     names = ", ".join(f"{w['name']} {w['version']}" for w in manifest["wheels"])
     log.info("artifact installed: %s", names)
+    return {"venv": str(venv), "sha256": sha256, "wheels": manifest["wheels"]}
 
 
-@app.command()
+@service(app, stop="flag")
 def run(
     role: Annotated[Role, typer.Argument(help="The service to run.")],
     topic_arn: TopicArn,
@@ -1076,9 +1063,7 @@ def run(
     expires: Annotated[
         str | None, typer.Option(help="ISO time at which the instance shuts down.")
     ] = None,
-    shutdown_command: Annotated[
-        str | None, typer.Option(help=f"Run at expiry [default: {DEFAULT_SHUTDOWN_COMMAND}].")
-    ] = None,
+    shutdown_command: ShutdownCommand = None,
     spot_interval: Annotated[
         float, typer.Option(help="Seconds between spot checks.")
     ] = DEFAULT_SPOT_INTERVAL_S,
@@ -1089,31 +1074,28 @@ def run(
         int, typer.Option(help="Quick failures in a row before giving up.")
     ] = 5,
     region: Annotated[
-        str | None, typer.Option(help="Region of SSM [default: the topic's].")
+        str | None, typer.Option(help="Region of SSM (default: the topic's).")
     ] = None,
 ) -> None:
     """Run the role's service: supervise it, watch for spot interruptions, honour the TTL."""
-    try:
-        opts = RunOptions(
-            role=role, topic_arn=topic_arn, launch_id=launch_id, fleet=fleet, name=name,
-            redis=redis, port=port, pool=pool, parent=parent, imports=tuple(imports or ()),
-            processes=processes, expires=resolve_expiry(ttl, expires),
-            shutdown_command=shutdown_command, spot_interval_s=spot_interval,
-            ready_grace_s=ready_grace, max_restarts=max_restarts, region=region,
-        )  # fmt: skip
-        status = run_service(opts)
-    except (AgentError, ConfigError) as exc:
-        raise _fail(exc) from exc
-    raise typer.Exit(status)
+    _quiet_aws_loggers()
+    opts = RunOptions(
+        role=role, topic_arn=topic_arn, launch_id=launch_id, fleet=fleet, name=name,
+        redis=redis, port=port, pool=pool, parent=parent, imports=tuple(imports or ()),
+        processes=processes, expires=resolve_expiry(ttl, expires),
+        shutdown_command=shutdown_command, spot_interval_s=spot_interval,
+        ready_grace_s=ready_grace, max_restarts=max_restarts, region=region,
+    )  # fmt: skip
+    status = run_service(opts)
+    if status:
+        raise typer.Exit(status)
 
 
-@app.command("wait-expiry")
+@service(app, name="wait-expiry")
 def wait_expiry(
     ttl: Annotated[float | None, typer.Option(help="Seconds from now.")] = None,
     expires: Annotated[str | None, typer.Option(help="ISO time.")] = None,
-    shutdown_command: Annotated[
-        str | None, typer.Option(help=f"Run at expiry [default: {DEFAULT_SHUTDOWN_COMMAND}].")
-    ] = None,
+    shutdown_command: ShutdownCommand = None,
     topic_arn: Annotated[str | None, typer.Option("--topic-arn")] = None,
     launch_id: Annotated[str, typer.Option("--launch-id")] = "",
     role: Annotated[str, typer.Option("--role")] = "",
@@ -1124,18 +1106,17 @@ def wait_expiry(
     The user-data hands over to this after a failure, so a broken instance stays up
     for inspection until its TTL and no longer.
     """
-    try:
-        when = resolve_expiry(ttl, expires)
-        if when is None:
-            raise ConfigError("wait-expiry needs --ttl or --expires")
-        announcer = None
-        if topic_arn:
-            meta = ImdsClient().metadata()
-            announcer = Announcer(topic_arn, launch_id=launch_id, role=role, meta=meta, fleet=fleet)
-        status = wait_for_expiry(when, shutdown_command, announcer)
-    except (AgentError, ConfigError) as exc:
-        raise _fail(exc) from exc
-    raise typer.Exit(status)
+    _quiet_aws_loggers()
+    when = resolve_expiry(ttl, expires)
+    if when is None:
+        raise ConfigError("wait-expiry needs --ttl or --expires")
+    announcer = None
+    if topic_arn:
+        meta = ImdsClient().metadata()
+        announcer = Announcer(topic_arn, launch_id=launch_id, role=role, meta=meta, fleet=fleet)
+    status = wait_for_expiry(when, shutdown_command, announcer)
+    if status:
+        raise typer.Exit(status)
 
 
 def main() -> None:

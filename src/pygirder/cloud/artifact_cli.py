@@ -31,14 +31,14 @@ app = typer.Typer(
 BucketOpt = Annotated[
     str | None,
     typer.Option(
-        "--bucket", help="Artifact bucket [default: the one `pygirder cloud setup` made]."
+        "--bucket", help="Artifact bucket (default: the one `pygirder cloud setup` made)."
     ),
 ]
 PrefixOpt = Annotated[
-    str | None, typer.Option("--prefix", help="Key prefix [default: artifacts/ or the config's].")
+    str | None, typer.Option("--prefix", help="Key prefix (default: the setup's, else artifacts/).")
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="pygirder.toml [default: ./pygirder.toml].")
+    Path | None, typer.Option("--config", help="pygirder.toml (default: ./pygirder.toml).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 

@@ -512,6 +512,9 @@ def install_artifact(
     Installing is all or nothing: on any failure ``venv_dir`` is removed.  Installing
     the artifact a venv already holds does nothing.  Returns the manifest.
     """
+    parse_s3_uri(uri)
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ArtifactError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     venv = Path(venv_dir).absolute()
     marker = venv / INSTALLED_MARKER
     if marker.is_file() and marker.read_text().strip() == sha256.lower():
