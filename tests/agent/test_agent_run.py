@@ -362,3 +362,31 @@ def test_agent_run_cli_reports_bad_options(imds) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert "give --ttl or --expires, not both" in proc.stderr
+
+
+def test_a_worker_runs_the_real_grid_worker_and_stops_on_a_spot_notice(
+    imds, status, redis_url
+) -> None:
+    import redis
+
+    from pygirder.store.keys import Keys
+
+    supervisors: list[Supervisor] = []
+    opts = _options(status, redis=redis_url, imports=("json",), ready_grace_s=1.0)
+    thread, outcome = _in_thread(
+        lambda: run_service(opts, handle_signals=False, supervisor_hook=supervisors.append)
+    )
+    try:
+        status.wait_for("ready", timeout=30)
+        client = redis.Redis.from_url(redis_url)
+        _wait(lambda: client.hlen(Keys().workers) > 0, timeout=20, what="a worker")
+        client.close()
+        imds.raise_spot_interruption()
+        status.wait_for("going-away", timeout=20)
+        thread.join(30)
+    finally:
+        if thread.is_alive():
+            supervisors[0].stop("test over")
+            thread.join(30)
+    assert outcome == [0]
+    assert supervisors[0].starts == 1
