@@ -8,6 +8,8 @@
      ├── RemoteError             a grid call failed remotely (carries type, message, traceback,
      │                           and the chain of calls from the failure up to the caller)
      ├── GridTimeout             a wait ran out of time (also a TimeoutError)
+     ├── GridCycleError          a call waits, through other calls, on itself
+     ├── PoisonRequest           a request killed its worker too many times
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
      └── ConfigError             invalid configuration (names the key, the value, what is allowed)
 
@@ -62,6 +64,22 @@ class GridTimeout(PygirderError, TimeoutError):
     def __init__(self, message: str, *, call_ids: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.call_ids = call_ids
+
+
+class GridCycleError(PygirderError):
+    """A call waits, directly or through other calls, on itself: it can never finish."""
+
+    def __init__(self, message: str, *, cycle: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.cycle = cycle
+
+
+class PoisonRequest(PygirderError):
+    """A request was started several times and its worker died every time.
+
+    Raised (as a RemoteError with this type) to every waiter instead of retrying
+    forever: the request most likely crashes or exhausts the worker process.
+    """
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
-from .. import codec
+from .. import codec, settings
 from ..errors import CallLink, GridConnectionError, GridTimeout, RemoteError
 from ..store import scripts
 from ..store.keys import CALL_GRAPH_TTL_S, Keys
@@ -91,21 +93,26 @@ def describe_exception(exc: BaseException, request_id: str, function: str) -> Re
     return RemoteError(qual, str(exc), tb, [link])
 
 
-async def connect_redis(url: str, *, max_connections: int | None = None) -> aioredis.Redis:
-    """Open a client and prove the server answers, with errors a person can act on."""
-    client = aioredis.Redis.from_url(
-        url, decode_responses=False, max_connections=max_connections, health_check_interval=30
+async def connect_redis(
+    url: str, *, max_connections: int | None = None, reconnect_timeout: float | None = None
+) -> aioredis.Redis:
+    """Open a client and prove the server answers, with errors a person can act on.
+
+    The first contact fails fast; afterwards the client retries lost connections with
+    backoff for ``reconnect_timeout`` seconds, so a server restart is ridden out.
+    """
+    timeout = (
+        settings.liveness().reconnect_timeout if reconnect_timeout is None else (reconnect_timeout)
     )
+    probe = aioredis.Redis.from_url(url, decode_responses=False, max_connections=1)
     try:
-        await client.ping()
+        await probe.ping()
     except redis_errors.AuthenticationError as exc:
-        await client.aclose()
         raise GridConnectionError(
             f"the server at {redact(url)} refused the credentials ({exc}); "
             "check the user and password in the URL (redis://user:password@host:port/db)"
         ) from None
     except redis_errors.ResponseError as exc:
-        await client.aclose()
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
             raise GridConnectionError(
                 f"the server at {redact(url)} requires a password: "
@@ -113,13 +120,23 @@ async def connect_redis(url: str, *, max_connections: int | None = None) -> aior
             ) from None
         raise
     except (redis_errors.ConnectionError, OSError) as exc:
-        await client.aclose()
         raise GridConnectionError(
             f"cannot reach the Redis/Valkey server at {redact(url)}: {exc}. "
             "Is it running? Start one with `pygirder server`, or use pygirder.connect() "
             "without a URL for a private one"
         ) from None
-    return client
+    finally:
+        await probe.aclose()
+    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=max(1, int(timeout * 2)))
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        max_connections=max_connections,
+        health_check_interval=30,
+        retry=retry,
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError, OSError],
+    )
 
 
 def redact(url: str) -> str:
@@ -161,8 +178,15 @@ class Runtime:
         self._listener_client: aioredis.Redis | None = None
         self._listener: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        # what is needed to submit a waited-for request again after a server restart
+        self._resubmit: dict[str, tuple[bytes, str, str]] = {}
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._scripts: dict[str, Any] = {}
+        self._beat: asyncio.Task[None] | None = None
+        self._server_run_id: bytes | None = None
+        self.liveness = settings.liveness()
+        self.on_server_restart: list[Any] = []  # async callbacks run after resubmission
+        self.beat_hooks: list[Any] = []  # async callbacks run at every heartbeat
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
 
     async def start(self) -> None:
@@ -170,22 +194,96 @@ class Runtime:
         self._listener_client = await connect_redis(self.url, max_connections=1)
         for script in scripts.ALL:
             self._scripts[script.name] = self.redis.register_script(script.source)
+        self._server_run_id = await self._run_id()
+        await self.beat()
         self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
+        self._beat = asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat")
+
+    async def _run_id(self) -> bytes | None:
+        assert self.redis is not None
+        info = await self.redis.execute_command("INFO", "server")
+        text = info if isinstance(info, bytes | str) else b""
+        if isinstance(text, str):
+            text = text.encode()
+        for line in text.splitlines():
+            if line.startswith(b"run_id:"):
+                return line.split(b":", 1)[1].strip()
+        return None
+
+    async def beat(self) -> None:
+        """Refresh this process's heartbeat (subclasses add their registration)."""
+        assert self.redis is not None
+        await self.redis.set(
+            self.keys.heartbeat(self.process_id), b"1", px=int(self.liveness.heartbeat_ttl * 1000)
+        )
+        for hook in self.beat_hooks:
+            await hook()
+
+    async def _heartbeat(self) -> None:
+        """Beat, and notice a server restart: then submit again what we wait for."""
+        while True:
+            await asyncio.sleep(self.liveness.heartbeat_every)
+            try:
+                await self.beat()
+                run_id = await self._run_id()
+                if run_id != self._server_run_id:
+                    log.warning("the server restarted; submitting %d waited-for calls again",
+                                len(self._waiting))  # fmt: skip
+                    self._server_run_id = run_id
+                    await self.resubmit_waiting()
+                    for callback in self.on_server_restart:
+                        await callback()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep beating; the reaper decides what a gap means
+                log.warning("heartbeat failed: %s", exc)
+
+    async def resubmit_waiting(self) -> None:
+        """Register again as a waiter of everything this process waits for.
+
+        After a restart without persistence the server has forgotten the requests, their
+        queues and their waiters; this puts back what is still needed.
+        """
+        ids = [i for i in self._waiting if i in self._resubmit]
+        for start in range(0, len(ids), 256):
+            batch = ids[start : start + 256]
+            args: list[Any] = [self.keys.prefix, self.inbox, "", "", self.graph_ttl]
+            for request_id in batch:
+                payload, pool, name = self._resubmit[request_id]
+                args += [request_id, payload, pool, "q", name, ""]
+            replies = await self.script("submit", args)
+            for request_id, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, bytes):
+                    self.resolve(request_id, reply)
+
+    async def cancel(self, request_ids: Sequence[str]) -> list[str]:
+        """Stop waiting for these requests; those nobody else waits for and that have not
+        started are dropped from their queues.  Returns the dropped ids."""
+        for request_id in request_ids:
+            fut = self._waiting.pop(request_id, None)
+            self._resubmit.pop(request_id, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        if not request_ids:
+            return []
+        dropped = await self.script("cancel", [self.keys.prefix, self.inbox, *request_ids])
+        return [d.decode() for d in dropped]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._beat, self._listener):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
         self._waiting.clear()
         if self.redis is not None:
             try:
-                await self.redis.delete(self.inbox)
+                await self.redis.delete(self.inbox, self.keys.heartbeat(self.process_id))
             except Exception:  # the server may be gone already; the inbox has a TTL
                 pass
         for client in (self._listener_client, self.redis):
@@ -207,6 +305,7 @@ class Runtime:
     def resolve(self, request_id: str, data: bytes) -> None:
         """A result arrived (from the inbox, a submit reply, or this process's own worker)."""
         self._remember(request_id, data)
+        self._resubmit.pop(request_id, None)
         fut = self._waiting.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.set_result(data)
@@ -245,6 +344,7 @@ class Runtime:
             if data is not None:
                 self.resolve(request_id, data)
             else:  # expired between completion and fetch: ask for a re-run
+                self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(
@@ -263,9 +363,13 @@ class Runtime:
         owner: str = "",
         local_pool: str | None = None,
         parent: str = "",
-    ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]]]:
-        """Submit-or-subscribe every call; returns one future per call and the new
-        requests this process must run itself (worker-local ones, as (id, payload))."""
+    ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]], list[str]]:
+        """Submit-or-subscribe every call.
+
+        Returns one future per call, the new requests this process must run itself
+        (worker-local ones, as (id, payload)), and the ids that were already pending
+        elsewhere: only waiting on those can close a cycle.
+        """
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
@@ -282,17 +386,20 @@ class Runtime:
                     self._waiting[request_id] = fut
                     mode = "l" if owner and call.pool == local_pool else "q"
                     payload = call.payload()
+                    self._resubmit[request_id] = (payload, call.pool, call.function.name)
                     summary = summarize(call.arguments) if self.graph_ttl else ""
                     args += [request_id, payload, call.pool, mode, call.function.name, summary]
                     sent.append((request_id, payload, mode))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []
+        shared: list[str] = []
         if not sent:
-            return futures, new_local
+            return futures, new_local, shared
         try:
             replies = await self.script("submit", args)
         except BaseException as exc:
             for request_id, _, _ in sent:
+                self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(
@@ -305,7 +412,9 @@ class Runtime:
                 self.resolve(request_id, reply)
             elif reply == 1 and mode == "l":
                 new_local.append((request_id, payload))
-        return futures, new_local
+            elif reply == 0:
+                shared.append(request_id)
+        return futures, new_local, shared
 
     async def wait(
         self,

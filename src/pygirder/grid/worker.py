@@ -25,6 +25,7 @@ import time
 import types
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,7 @@ import redis.asyncio as aioredis
 from .. import calls as calls_mod
 from .. import codec
 from ..calls import Call, GridFunction
-from ..errors import GridFunctionError, RemoteError
-from ..store.keys import HEARTBEAT_TTL_S
+from ..errors import CallLink, CodecError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
 from .context import RequestContext, current_request
 from .runtime import (
@@ -107,6 +107,16 @@ def load_main_script(path: str) -> None:
     exec(code, module.__dict__)
 
 
+@dataclass
+class _Parked:
+    """A request waiting on sub-calls, watched for cycles."""
+
+    children: list[str]
+    since: float
+    cycle: asyncio.Future[GridCycleError]
+    next_check: float
+
+
 class _RefusedRequest(Exception):
     """A request this worker must not run (unknown function, other code version)."""
 
@@ -134,6 +144,7 @@ class Worker:
         error_ttl: int = 300,
         max_result_bytes: int | None = None,
         shutdown_grace: float = 30.0,
+        max_stack: int = 100_000,
     ) -> None:
         self.id = worker_id or new_process_id("worker")
         self.pool = pool
@@ -148,7 +159,11 @@ class Worker:
         self.error_ttl = error_ttl
         self.max_result_bytes = max_result_bytes or codec.DEFAULT_LIMITS["max_result_bytes"]
         self.shutdown_grace = shutdown_grace
-        self.stack: list[tuple[str, bytes]] = []
+        # (id, payload, careful): careful for suspects of an earlier worker death
+        self.stack: list[tuple[str, bytes, bool]] = []
+        self._careful: set[str] = set()
+        self.max_stack = max_stack
+        self.parked: dict[str, _Parked] = {}
         self.baton = Baton()
         self.threads = ThreadPoolExecutor(max_workers=10_000, thread_name_prefix="pygirder-call")
         self.processed = 0
@@ -159,6 +174,9 @@ class Worker:
         self._fetch: asyncio.Task[Any] | None = None
         self._blocking: aioredis.Redis | None = None
         self._idle_marked = False
+        self._taking = 0
+        self._beats = 0
+        self.cycle_check_after = 1.0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ------------------------------------------------------------------
@@ -206,12 +224,13 @@ class Worker:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.load_code()
+        self.runtime.beat_hooks.append(self._register)
         await self.runtime.start()
         self._blocking = await connect_redis(self.runtime.url, max_connections=1)
-        await self._register()
         background = [
-            asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat"),
             asyncio.create_task(self._share_loop(), name="pygirder-share"),
+            asyncio.create_task(self._reap_loop(), name="pygirder-reaper"),
+            asyncio.create_task(self._cycle_loop(), name="pygirder-cycles"),
         ]
         log.info("worker %s serving pool %r", self.id, self.pool)
         try:
@@ -225,22 +244,19 @@ class Worker:
         self._wake.set()
 
     async def _register(self) -> None:
+        """Publish who we are and what we do; runs at every heartbeat."""
         assert self.runtime.redis is not None
+        current = next(iter(self.running), None)
         info = {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool,
-            "started": self.started,
+            "started": self.started, "beat": time.time(), "processed": self.processed,
+            "running": len(self.running), "parked": len(self.parked), "stack": len(self.stack),
+            "current": current, "state": "busy" if self.baton.held or self.stack else "idle",
         }  # fmt: skip
         await self.runtime.redis.hset(self.keys.workers, self.id, json.dumps(info))
-        await self.runtime.redis.set(self.keys.heartbeat(self.id), b"1", ex=HEARTBEAT_TTL_S)
-
-    async def _heartbeat(self) -> None:
-        assert self.runtime.redis is not None
-        while True:
-            await asyncio.sleep(HEARTBEAT_TTL_S / 4)
-            try:
-                await self.runtime.redis.set(self.keys.heartbeat(self.id), b"1", ex=HEARTBEAT_TTL_S)
-            except Exception as exc:  # keep beating; the reaper decides what a gap means
-                log.warning("heartbeat failed: %s", exc)
+        self._beats += 1
+        if self._beats % 4 == 0:
+            await self._reconcile_inflight()
 
     async def _schedule(self) -> None:
         while not self._stopping.is_set():
@@ -249,16 +265,30 @@ class Worker:
                 self.baton.release()
                 break
             if self.stack:
-                request_id, payload = self.stack.pop()
-                self._start(request_id, payload)  # the new task owns the baton
+                request_id, payload, careful = self.stack.pop()
+                self._start(request_id, payload, careful)  # the new task owns the baton
                 continue
             self.baton.release()
             await self._idle()
 
-    def _start(self, request_id: str, payload: bytes) -> None:
+    async def _mark_current(self, request_id: str | None) -> None:
+        """Name the suspect holding the baton, so a repeat death is blamed on it alone."""
+        assert self.runtime.redis is not None
+        if request_id is None:
+            await self.runtime.redis.delete(self.keys.current(self.id))
+        else:
+            await self.runtime.redis.set(self.keys.current(self.id), request_id)
+
+    def _start(self, request_id: str, payload: bytes, careful: bool) -> None:
+        if careful:
+            self._careful.add(request_id)
         task = asyncio.create_task(self._execute(request_id, payload))
         self.running[request_id] = task
-        task.add_done_callback(lambda _t, rid=request_id: self.running.pop(rid, None))
+        task.add_done_callback(lambda _t, rid=request_id: self._finished(rid))
+
+    def _finished(self, request_id: str) -> None:
+        self.running.pop(request_id, None)
+        self._careful.discard(request_id)
 
     async def _idle(self) -> None:
         """Nothing local to do: take from the pool queue, or block until work appears.
@@ -310,13 +340,22 @@ class Worker:
         self._idle_marked = idle
 
     async def _take(self, moved: str | None = None) -> int:
+        self._taking += 1
+        try:
+            return await self._take_once(moved)
+        finally:
+            self._taking -= 1
+
+    async def _take_once(self, moved: str | None) -> int:
         args: list[Any] = [self.keys.prefix, self.pool, self.id, self.take_batch]
         if moved is not None:
             args.append(moved)
         reply = await self.runtime.script("take", args)
         if reply:
             self._idle_marked = False  # the script cleared our idle mark
-        items = [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+        items = [
+            (reply[i].decode(), reply[i + 1], reply[i + 2] != b"0") for i in range(0, len(reply), 3)
+        ]
         self.stack.extend(reversed(items))
         return len(items)
 
@@ -328,12 +367,20 @@ class Worker:
         summary = ""
         try:
             try:
-                name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
+                try:
+                    name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
+                except (CodecError, ValueError, TypeError) as exc:
+                    await self._dead_letter(request_id, payload, exc)
+                    raise _RefusedRequest(
+                        "undecodable request", f"request {request_id}: {exc}"
+                    ) from None
                 gf = self._function(name, fingerprint)
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
                 current_request.set(ctx)  # this task's own context
+                if request_id in self._careful:
+                    await self._mark_current(request_id)
                 if gf.is_async:
                     value = await gf.func(*args, **kwargs)
                 else:
@@ -354,6 +401,8 @@ class Worker:
                 ttl = self.error_ttl
                 summary = f"{error.remote_type}: {error.message}"[:200]
         finally:
+            if request_id in self._careful:
+                await self._mark_current(None)
             self.baton.release()
             self._wake.set()
         self.processed += 1
@@ -372,29 +421,60 @@ class Worker:
             ],
         )
 
+    async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
+        """Keep what could not be decoded for inspection, and never crash over it."""
+        assert self.runtime.redis is not None
+        log.error("undecodable request %s moved to the dead-letter list: %s", request_id, exc)
+        entry = json.dumps({"id": request_id, "worker": self.id, "time": time.time(),
+                            "error": str(exc)[:500], "payload": payload[:256].hex()})  # fmt: skip
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.dead_letters, entry)
+            pipe.ltrim(self.keys.dead_letters, 0, 999)
+            await pipe.execute()
+
     # -- waiting inside a request ---------------------------------------------
     async def gather(
         self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
     ) -> list[Any]:
         for call in calls:
             if call.id == ctx.request_id:
-                raise GridFunctionError(
-                    f"{ctx.function} waits on itself (same arguments): a cycle that can never "
-                    "finish"
+                raise GridCycleError(
+                    f"cycle: {ctx.function}[{ctx.request_id[:12]}] waits on itself",
+                    cycle=(ctx.request_id, ctx.request_id),
                 )
-        futures, new_local = await self.runtime.submit(
+        futures, new_local, shared = await self.runtime.submit(
             calls, owner=self.id, local_pool=self.pool, parent=ctx.request_id
         )
         if new_local:
-            self.stack.extend(reversed(new_local))  # first call on top: it runs first
+            self.stack.extend((rid, payload, False) for rid, payload in reversed(new_local))
+            if len(self.stack) > self.max_stack:
+                await self._share(len(self.stack) - self.max_stack, force=True)
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
             return [decode_envelope(f.result()) for f in futures]
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        parked = _Parked(
+            children=shared,  # a new request cannot reach us: only shared ones can cycle
+            since=now, cycle=loop.create_future(), next_check=now + self.cycle_check_after,
+        )  # fmt: skip
+        self.parked[ctx.request_id] = parked
+        careful = ctx.request_id in self._careful
+        if careful:
+            await self._mark_current(None)
         self.baton.release()
         self._wake.set()
+        waiter = asyncio.ensure_future(self.runtime.wait(futures, calls, timeout))
         try:
-            return await self.runtime.wait(futures, calls, timeout)
+            await asyncio.wait({waiter, parked.cycle}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                raise parked.cycle.result()
+            return waiter.result()
         finally:
+            self.parked.pop(ctx.request_id, None)
             await self.baton.acquire(high=True)
+            if careful:
+                await self._mark_current(ctx.request_id)
 
     def wait_from_thread(
         self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
@@ -404,31 +484,147 @@ class Worker:
             self.gather(calls, ctx, timeout), self.loop
         ).result()
 
+    async def _cycle_loop(self) -> None:
+        """Look for cycles among requests that have waited a while (rarely: backoff)."""
+        while True:
+            await asyncio.sleep(self.cycle_check_after / 2)
+            now = time.monotonic()
+            for request_id, parked in list(self.parked.items()):
+                if not parked.children or parked.cycle.done() or now < parked.next_check:
+                    continue
+                parked.next_check = now + 2 * (now - parked.since)
+                try:
+                    await self._check_cycle(request_id, parked)
+                except Exception as exc:
+                    log.warning("cycle check of %s failed: %s", request_id, exc)
+
+    async def _check_cycle(self, request_id: str, parked: _Parked) -> None:
+        assert self.runtime.redis is not None
+        for child in parked.children:
+            path = await self.runtime.script("reach", [self.keys.prefix, child, request_id, 10_000])
+            if not path:
+                continue
+            ids = [request_id, *(p.decode() for p in path)]
+            names = []
+            for i in ids:
+                fn = await self.runtime.redis.hget(self.keys.call(i), "fn")
+                names.append(f"{fn.decode() if fn else '?'}[{i[:12]}]")
+            if not parked.cycle.done():
+                parked.cycle.set_result(GridCycleError(
+                    "cycle: " + " -> ".join(names) + " (each waits on the next)",
+                    cycle=tuple(ids),
+                ))  # fmt: skip
+            return
+
     # -- sharing ----------------------------------------------------------------
     async def _share_loop(self) -> None:
         last = self.processed
         while True:
             await asyncio.sleep(self.share_period)
             recent, last = self.processed - last, self.processed
-            keep = max(1, recent)
-            excess = len(self.stack) - keep
-            if excess <= 0:
-                continue
-            count = (excess + 1) // 2
-            candidates = self.stack[:count]
-            del self.stack[:count]
-            moved: set[bytes] = set()
+            excess = len(self.stack) - max(1, recent)
+            if excess > 0:
+                await self._share((excess + 1) // 2)
+
+    async def _share(self, count: int, *, force: bool = False) -> None:
+        """Offer the ``count`` oldest stack entries to the pool (all of them if ``force``)."""
+        candidates = self.stack[:count]
+        del self.stack[:count]
+        moved: set[bytes] = set()
+        try:
+            reply = await self.runtime.script(
+                "share",
+                [self.keys.prefix, self.pool, self.id, "1" if force else "0",
+                 *(rid for rid, _, _ in candidates)],
+            )  # fmt: skip
+            moved = set(reply)
+        except Exception as exc:
+            log.warning("sharing failed: %s", exc)
+        finally:
+            kept = [item for item in candidates if item[0].encode() not in moved]
+            self.stack[0:0] = kept
+
+    # -- liveness -------------------------------------------------------------------
+    async def _reconcile_inflight(self) -> None:
+        """Hand back in-flight entries we do not know about (a take whose reply was lost)."""
+        if self._taking or self._fetch is not None:
+            return
+        assert self.runtime.redis is not None
+        listed = await self.runtime.redis.lrange(self.keys.inflight(self.id), 0, -1)
+        known = set(self.running) | {rid for rid, _, _ in self.stack}
+        strays = [i.decode() for i in listed if i.decode() not in known]
+        if strays and not self._taking and self._fetch is None:
+            await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *strays])
+
+    async def _reap_loop(self) -> None:
+        """One worker at a time (a lock with a TTL) requeues the work of dead workers."""
+        assert self.runtime.redis is not None
+        redis = self.runtime.redis
+        every = self.runtime.liveness.reap_every
+        while True:
+            await asyncio.sleep(every)
             try:
-                reply = await self.runtime.script(
-                    "share",
-                    [self.keys.prefix, self.pool, self.id, *(rid for rid, _ in candidates)],
-                )
-                moved = set(reply)
+                got = await redis.set(self.keys.reaper_lock, self.id, nx=True, px=int(every * 3000))
+                if not got:
+                    holder = await redis.get(self.keys.reaper_lock)
+                    if holder != self.id.encode():
+                        continue
+                    await redis.pexpire(self.keys.reaper_lock, int(every * 3000))
+                await self.reap()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                log.warning("sharing failed: %s", exc)
-            finally:
-                kept = [item for item in candidates if item[0].encode() not in moved]
-                self.stack[0:0] = kept
+                log.warning("reaping failed: %s", exc)
+
+    async def reap(self) -> list[str]:
+        """Requeue the requests of every registered worker whose heartbeat has expired."""
+        assert self.runtime.redis is not None
+        redis = self.runtime.redis
+        workers = await redis.hgetall(self.keys.workers)
+        if not workers:
+            return []
+        ids = [w.decode() for w in workers]
+        async with redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.exists(self.keys.heartbeat(worker_id))
+            alive = await pipe.execute()
+        dead = [w for w, a in zip(ids, alive, strict=True) if not a and w != self.id]
+        for worker_id in dead:
+            info = json.loads(workers[worker_id.encode()])
+            reply = await self.runtime.script(
+                "requeue", [self.keys.prefix, worker_id, 1, self.runtime.liveness.max_attempts]
+            )
+            requeued, poisoned = reply[0], [p.decode() for p in reply[1:]]
+            for request_id in poisoned:
+                await self._fail_poison(request_id, worker_id)
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self.keys.workers, worker_id)
+                pipe.hdel(self.keys.idle(info.get("pool", self.pool)), worker_id)
+                pipe.hincrby(self.keys.stats, "dead_workers", 1)
+                await pipe.execute()
+            log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",
+                        worker_id, requeued, len(poisoned))  # fmt: skip
+        return dead
+
+    async def _fail_poison(self, request_id: str, worker_id: str) -> None:
+        assert self.runtime.redis is not None
+        fn = await self.runtime.redis.hget(self.keys.call(request_id), "fn")
+        name = fn.decode() if fn else "?"
+        attempts = self.runtime.liveness.max_attempts
+        error = RemoteError(
+            "pygirder.PoisonRequest",
+            f"{name} was started {attempts} times and its worker died each time (last: "
+            f"{worker_id}); it is failed instead of retried. Look for a crash, an abort or "
+            "memory exhaustion in it; raise PYGIRDER_MAX_ATTEMPTS if workers die for other "
+            "reasons",
+            "",
+            [CallLink(request_id, name)],
+        )
+        await self.runtime.script(
+            "complete",
+            [self.keys.prefix, worker_id, INLINE_RESULT_LIMIT, request_id, encode_error(error),
+             self.error_ttl, time.time(), f"PoisonRequest: killed {attempts} workers"],
+        )  # fmt: skip
 
     # -- shutdown -----------------------------------------------------------------
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
@@ -437,18 +633,17 @@ class Worker:
         if self._fetch is not None:
             self._fetch.cancel()
         # Hand back what has not started, then give running requests time to finish.
-        waiting = [request_id for request_id, _ in self.stack]
+        waiting = [request_id for request_id, _, _ in self.stack]
         self.stack.clear()
         if waiting:
-            await self.runtime.script("requeue", [self.keys.prefix, self.id, *waiting])
+            await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *waiting])
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=self.shutdown_grace)
-        await self.runtime.script("requeue", [self.keys.prefix, self.id])
+        await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0])
         for task in background:
             task.cancel()
         await redis.hdel(self.keys.idle(self.pool), self.id)
         await redis.hdel(self.keys.workers, self.id)
-        await redis.delete(self.keys.heartbeat(self.id))
         if self._blocking is not None:
             await self._blocking.aclose()
         await self.runtime.close()

@@ -65,6 +65,11 @@ class Keys:
         """SET: request ids on a worker's local stack or running there."""
         return f"{self.prefix}owned:{worker_id}"
 
+    def current(self, worker_id: str) -> str:
+        """STRING: the request holding the worker's baton, written only for requests that
+        were already on a worker that died (so a repeat death can be blamed precisely)."""
+        return f"{self.prefix}cur:{worker_id}"
+
     def heartbeat(self, process_id: str) -> str:
         """STRING with TTL: present while the process is alive."""
         return f"{self.prefix}hb:{process_id}"

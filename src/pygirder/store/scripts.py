@@ -45,7 +45,10 @@ for i = 6, #ARGV, 6 do
   else
     if inbox ~= '' then redis.call('SADD', p .. 'wt:' .. id, inbox) end
     local st = p .. 'st:' .. id
-    if redis.call('EXISTS', st) == 1 then
+    local state = redis.call('HGET', st, 's')
+    if state == 'local' and owner ~= '' and redis.call('HGET', st, 'o') == owner then
+      out[#out + 1] = 1  -- ours already: a retried submit whose first reply was lost
+    elseif state then
       out[#out + 1] = 0
       shared = shared + 1
     else
@@ -77,7 +80,8 @@ return out
 TAKE = """
 -- ARGV: prefix, pool, worker, max, [id already moved into inflight by BLMOVE]
 -- Claims up to max requests of the pool queue for the worker (moving them to its
--- in-flight list) and returns {id1, payload1, id2, payload2, ...}.  Stale entries
+-- in-flight list) and returns {id1, payload1, deaths1, id2, ...}; deaths counts the
+-- workers that died while holding the request.  Stale entries
 -- (finished or unknown requests) are dropped on the way.
 local p, pool, worker, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local q, inflight = p .. 'q:' .. pool, p .. 'inflight:' .. worker
@@ -88,19 +92,21 @@ local function claim(id)
   if payload and redis.call('EXISTS', p .. 'res:' .. id) == 0 then
     redis.call('HSET', st, 's', 'running', 'o', worker)
     redis.call('HINCRBY', st, 'n', 1)
+    local suspect = redis.call('HGET', st, 'd')
     local c = p .. 'call:' .. id
     if redis.call('EXISTS', c) == 1 then
       redis.call('HSET', c, 'state', 'taken', 'worker', worker)
     end
     out[#out + 1] = id
     out[#out + 1] = payload
+    out[#out + 1] = suspect or '0'
   else
     redis.call('LREM', inflight, 1, id)
   end
 end
 if ARGV[5] then claim(ARGV[5]) end
 local tries = 0
-while #out < 2 * max and tries < 4 * max do
+while #out < 3 * max and tries < 4 * max do
   tries = tries + 1
   local id = redis.call('LMOVE', q, inflight, 'RIGHT', 'LEFT')
   if not id then break end
@@ -151,14 +157,20 @@ return done
 """.replace("INBOX_TTL", str(INBOX_TTL_S))
 
 SHARE = """
--- ARGV: prefix, pool, worker, then candidate ids (bottom of the worker's stack first)
--- Moves as many candidates as there are idle workers not already served by the
--- queue from the worker's stack to the pool queue.  Returns the ids it moved.
-local p, pool, worker = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV: prefix, pool, worker, force ('1': move them all), then candidate ids (bottom
+--       of the worker's stack first)
+-- While some worker of the pool is idle and the queue is shorter than the offer, moves
+-- the candidates from the worker's stack to the pool queue.  Returns the ids it moved.
+local p, pool, worker, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local q = p .. 'q:' .. pool
-local want = redis.call('HLEN', p .. 'idle:' .. pool) - redis.call('LLEN', q)
+local want = 0
+if force == '1' then
+  want = #ARGV - 4
+elseif redis.call('HLEN', p .. 'idle:' .. pool) > 0 then
+  want = #ARGV - 4 - redis.call('LLEN', q)
+end
 local out = {}
-local i = 4
+local i = 5
 while want > 0 and i <= #ARGV do
   local id = ARGV[i]
   local st = p .. 'st:' .. id
@@ -177,14 +189,22 @@ return out
 """
 
 REQUEUE = """
--- ARGV: prefix, worker, [ids...]
--- Hands requests back to their pool queues: the given ids, or (with none given)
--- everything the worker owns or has in flight.  Used on graceful shutdown and by the
--- reaper for dead workers.  Finished requests are only dropped from the lists.
-local p, worker = ARGV[1], ARGV[2]
+-- ARGV: prefix, worker, dead ('1' when the worker died, '0' when it hands work back),
+--       max attempts, then ids (none: all of the worker's owned and in-flight requests)
+-- Hands requests back to their pool queues.  Used on graceful shutdown and by the
+-- reaper.  Finished requests are only dropped from the lists.
+-- When the worker died, every request it held becomes a suspect (field d).  A suspect
+-- runs "carefully": its worker records it in cur:<worker> while it holds the baton.
+-- If the worker dies again while cur names it, that is a strike; a request with
+-- max-attempts - 1 strikes (it also caused the first, unattributed death) is not
+-- requeued: its id is returned and the caller fails it as a poison request.
+-- Returns {number requeued, poisoned id, ...}.
+local p, worker, dead, max_attempts = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+local current = false
+if dead then current = redis.call('GET', p .. 'cur:' .. worker) end
 local ids = {}
-if #ARGV > 2 then
-  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ARGV > 4 then
+  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
   for _, id in ipairs(redis.call('SMEMBERS', p .. 'owned:' .. worker)) do ids[#ids + 1] = id end
   for _, id in ipairs(redis.call('LRANGE', p .. 'inflight:' .. worker, 0, -1)) do
@@ -192,6 +212,7 @@ else
   end
 end
 local moved = 0
+local out = {0}
 local seen = {}
 for _, id in ipairs(ids) do
   if not seen[id] then
@@ -202,17 +223,82 @@ for _, id in ipairs(ids) do
     if pool and (owner == worker or owner == false)
         and redis.call('EXISTS', p .. 'res:' .. id) == 0
         and redis.call('HGET', st, 's') ~= 'queued' then
-      redis.call('HSET', st, 's', 'queued')
-      redis.call('HDEL', st, 'o')
-      redis.call('RPUSH', p .. 'q:' .. pool, id)
-      moved = moved + 1
+      local strikes = 0
+      if dead and id == current then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
+      if dead then redis.call('HINCRBY', st, 'd', 1) end
+      if strikes > 0 and strikes >= math.max(1, max_attempts - 1) then
+        out[#out + 1] = id
+      else
+        redis.call('HSET', st, 's', 'queued')
+        redis.call('HDEL', st, 'o')
+        redis.call('RPUSH', p .. 'q:' .. pool, id)
+        moved = moved + 1
+      end
     end
     redis.call('SREM', p .. 'owned:' .. worker, id)
     redis.call('LREM', p .. 'inflight:' .. worker, 0, id)
   end
 end
+out[1] = moved
+if dead then redis.call('DEL', p .. 'cur:' .. worker) end
 if moved > 0 then redis.call('HINCRBY', p .. 'stats', 'requeued', moved) end
-return moved
+return out
+"""
+
+CANCEL = """
+-- ARGV: prefix, inbox, ids...
+-- The process behind inbox no longer waits for these requests.  A request nobody
+-- waits for any more and that has not started is dropped from its queue.
+-- Returns the ids that were dropped.
+local p, inbox = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local wt = p .. 'wt:' .. id
+  redis.call('SREM', wt, inbox)
+  local st = p .. 'st:' .. id
+  if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued' then
+    redis.call('LREM', p .. 'q:' .. redis.call('HGET', st, 'pool'), 0, id)
+    redis.call('DEL', st)
+    local c = p .. 'call:' .. id
+    if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'cancelled') end
+    out[#out + 1] = id
+  end
+end
+if #out > 0 then redis.call('HINCRBY', p .. 'stats', 'cancelled', #out) end
+return out
+"""
+
+REACH = """
+-- ARGV: prefix, from id, target id, max nodes
+-- Breadth-first search of the call graph (kids:<id> sets) from one call for another:
+-- a request waiting on a call from which it is reachable waits on itself.  Returns the
+-- path from -> ... -> target, or an empty list.
+local p, from, target, max_nodes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local parent = {[from] = false}
+local queue = {from}
+local head, seen = 1, 1
+while head <= #queue and seen < max_nodes do
+  local id = queue[head]
+  head = head + 1
+  for _, kid in ipairs(redis.call('SMEMBERS', p .. 'kids:' .. id)) do
+    if parent[kid] == nil then
+      parent[kid] = id
+      seen = seen + 1
+      if kid == target then
+        local path = {}
+        local cur = kid
+        while cur do
+          table.insert(path, 1, cur)
+          cur = parent[cur]
+        end
+        return path
+      end
+      if redis.call('EXISTS', p .. 'res:' .. kid) == 0 then queue[#queue + 1] = kid end
+    end
+  end
+end
+return {}
 """
 
 
@@ -228,4 +314,6 @@ ALL = [
     ScriptSource("complete", COMPLETE),
     ScriptSource("share", SHARE),
     ScriptSource("requeue", REQUEUE),
+    ScriptSource("cancel", CANCEL),
+    ScriptSource("reach", REACH),
 ]

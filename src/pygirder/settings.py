@@ -1,0 +1,51 @@
+"""Grid timings and limits, with the environment variables that override them, in one place.
+
+Defaults suit a production grid; tests and chaos drills shorten the liveness timings
+through the environment (``PYGIRDER_HEARTBEAT_TTL=1.5``) so worker processes started
+anywhere pick them up without extra plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+def _env_float(name: str, default: float, *, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ConfigError(f"{name}={raw!r}: expected a number >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How fast the grid notices a dead process and what it does about it."""
+
+    heartbeat_ttl: float  # a process whose heartbeat is older than this is dead
+    max_attempts: int  # a request that killed this many workers is failed ("poison")
+    reconnect_timeout: float  # how long to keep retrying a lost server before failing
+
+    @property
+    def heartbeat_every(self) -> float:
+        return self.heartbeat_ttl / 4
+
+    @property
+    def reap_every(self) -> float:
+        return max(0.2, self.heartbeat_ttl / 4)
+
+
+def liveness() -> Liveness:
+    return Liveness(
+        heartbeat_ttl=_env_float("PYGIRDER_HEARTBEAT_TTL", 10.0, minimum=0.5),
+        max_attempts=int(_env_float("PYGIRDER_MAX_ATTEMPTS", 3, minimum=1)),
+        reconnect_timeout=_env_float("PYGIRDER_RECONNECT_TIMEOUT", 120.0, minimum=0.0),
+    )
