@@ -109,14 +109,23 @@ def test_bad_settings_are_refused(change: dict, message: str) -> None:
 
 # -- running it -------------------------------------------------------------------------------
 def _unprivileged() -> list[str]:
-    """Prefix that runs a command as uid/gid 65534, or [] where that is not possible."""
+    """Prefix that runs a command as uid/gid 65534, or [] where that is not possible.
+
+    The one capability kept, CAP_DAC_READ_SEARCH, lets the service user read this
+    test interpreter, which may live under /root (mode 0700); it grants no writes,
+    so the script still proves it needs nothing but its HOME.
+    """
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         return []
-    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import pygirder.cloud.agent"],
-                           capture_output=True, timeout=60, check=False)  # fmt: skip
-    return prefix if probe.returncode == 0 else []
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]  # fmt: skip
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import os, sys, pygirder.cloud.agent; "
+         "print(os.getuid(), sys.version)"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return prefix if probe.stdout.strip() == f"65534 {sys.version}" else []
 
 
 @pytest.fixture

@@ -8,6 +8,10 @@ Every pygirder instance runs this from its user-data (see ``userdata.py``)::
     ~/pygirder/venv/bin/python -m pygirder.cloud.agent run worker --redis redis://10.0.1.5:6379 ...
     python -m pygirder.cloud.agent wait-expiry --expires 2026-01-01T12:00:00Z   # after a failure
 
+Each command is a service of the shared CLI helper (``pygirder.cli.service``): it takes
+``--log-level``, ``--id``, ``--opts`` and ``--json``, and a failure ends with
+``error: <type>: <message>`` on stderr and exit status 1 (2 for bad options).
+
 What it talks to:
 
 - **IMDSv2** at ``http://169.254.169.254``, or at ``$PYGIRDER_IMDS_ENDPOINT`` (the one
