@@ -337,7 +337,7 @@ def _plan_table(report: Report, *, title: str, done: bool = False) -> Table:
             escape(item.title),
             escape(item.name),
             f"[{style}]{escape(action)}[/]" if style else escape(action),
-            escape(item.id),
+            escape(_short_id(item)),
             escape(item.detail),
         )
     return table
@@ -364,12 +364,29 @@ def _status_table(report: Report, *, title: str) -> Table:
         style = _STATE_STYLE.get(item.state, "")
         state = f"[{style}]{escape(item.state)}[/]" if style else escape(item.state)
         table.add_row(
-            escape(item.title), escape(item.name), escape(item.id), state, cost, escape(item.detail)
+            escape(item.title),
+            escape(item.name),
+            escape(_short_id(item)),
+            state,
+            cost,
+            escape(item.detail),
         )
     table.caption = "Costs: us-east-1 list prices, excluding usage (requests, data transfer)." + (
         " '?': price unknown for that instance type." if unknown else ""
     )
     return table
+
+
+def _short_id(item) -> str:
+    """The id a person needs next to the name: none when the name says it all,
+    the resource part of an ARN, nothing for URLs (``--json`` has everything)."""
+    rid = item.id
+    if not rid or rid == item.name or rid.startswith(("http://", "https://")):
+        return ""
+    if rid.startswith("arn:"):
+        tail = re.split(r"[:/]", rid)[-1]
+        return "" if tail == item.name else tail
+    return rid
 
 
 # ---------------------------------------------------------------- init helpers

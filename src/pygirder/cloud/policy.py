@@ -123,7 +123,6 @@ EC2_CREATE = [
     "ec2:DisassociateRouteTable",
     "ec2:CreateRoute",
     "ec2:ReplaceRoute",
-    "ec2:DeleteRoute",
     "ec2:CreateSecurityGroup",
     "ec2:AuthorizeSecurityGroupIngress",
     "ec2:AuthorizeSecurityGroupEgress",
@@ -161,6 +160,7 @@ EC2_OWN_ONLY = [
     "ec2:DeleteNatGateway",
     "ec2:ReleaseAddress",
     "ec2:DeleteSecurityGroup",
+    "ec2:DeleteRoute",
     "ec2:DeleteRouteTable",
     "ec2:DetachInternetGateway",
     "ec2:DeleteInternetGateway",
@@ -203,8 +203,6 @@ S3_BUCKET = [
     "s3:PutEncryptionConfiguration",
     "s3:GetLifecycleConfiguration",
     "s3:PutLifecycleConfiguration",
-    "s3:GetBucketPolicy",
-    "s3:PutBucketPolicy",
 ]
 
 S3_OBJECTS = [

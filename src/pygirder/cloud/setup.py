@@ -59,7 +59,6 @@ Progress = Callable[[str], None]
 BILLING_REGION = "us-east-1"
 INLINE_POLICY_NAME = "pygirder-instance"
 LIFECYCLE_RULE_ID = "pygirder-expire-old-artifacts"
-TLS_STATEMENT_ID = "pygirder-deny-insecure-transport"
 ROLE_PATH = "/pygirder/"
 
 # Bounded waits: (timeout in seconds, poll interval in seconds).
@@ -285,9 +284,14 @@ class Ctx:
         """User tags plus pygirder's ownership tags (ours win)."""
         return {**self.config.tags, **ownership_tags(self.name, component)}
 
-    def tag_specs(self, component: str, *resource_types: str) -> list[dict[str, Any]]:
-        tags = as_tag_list(self.tags(component))
-        return [{"ResourceType": rt, "Tags": tags} for rt in resource_types]
+    def tag_specs(
+        self, component: str, *resource_types: str, name: str | None = None
+    ) -> list[dict[str, Any]]:
+        """EC2 ``TagSpecifications``; ``name`` adds the ``Name`` tag the console shows."""
+        tags = self.tags(component)
+        if name:
+            tags = {"Name": name, **tags}
+        return [{"ResourceType": rt, "Tags": as_tag_list(tags)} for rt in resource_types]
 
     # calls ------------------------------------------------------------------
     def call(self, service: str, operation: str, **params: Any) -> Any:
@@ -711,22 +715,6 @@ class Bucket(Kind):
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
         }
 
-    def _policy(self, ctx: Ctx, name: str) -> dict[str, Any]:
-        arn = f"arn:{ctx.partition}:s3:::{name}"
-        return {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Sid": TLS_STATEMENT_ID,
-                    "Effect": "Deny",
-                    "Principal": "*",
-                    "Action": "s3:*",
-                    "Resource": [arn, f"{arn}/*"],
-                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                }
-            ],
-        }
-
     def check(self, ctx: Ctx, found: Found) -> list[Drift]:
         name = found.id
         drift = []
@@ -762,10 +750,6 @@ class Bucket(Kind):
             or rule.get("Filter", {}).get("Prefix") != ctx.config.artifact_prefix
         ):
             drift.append(Drift(Action.UPDATE, "artifact lifecycle rule missing or different"))
-        pol = ctx.call("s3", "get_bucket_policy", Bucket=name, ignore=("NoSuchBucketPolicy",))
-        statements = _as_json(pol["Policy"]).get("Statement", []) if pol else []
-        if not any(s.get("Sid") == TLS_STATEMENT_ID for s in statements):
-            drift.append(Drift(Action.UPDATE, "TLS-only bucket policy missing"))
         return drift
 
     def create(self, ctx: Ctx) -> Found:
@@ -831,7 +815,6 @@ class Bucket(Kind):
             Bucket=name,
             LifecycleConfiguration={"Rules": [*others, self._lifecycle(ctx)]},
         )
-        ctx.call("s3", "put_bucket_policy", Bucket=name, Policy=json.dumps(self._policy(ctx, name)))
         return found
 
     def delete(self, ctx: Ctx, found: Found) -> None:
@@ -1190,7 +1173,7 @@ class KeyPair(Kind):
         return [Found(id=pair["KeyPairId"], name=pair["KeyName"], data=pair)]
 
     def delete(self, ctx: Ctx, found: Found) -> None:
-        ctx.delete("ec2", "delete_key_pair", KeyPairId=found.id)
+        ctx.delete("ec2", "delete_key_pair", KeyName=found.name)
 
 
 class UserKey(KeyPair):
@@ -1358,7 +1341,7 @@ class Vpc(Ec2Kind):
         vpc = ctx.ec2(
             "create_vpc",
             CidrBlock=ctx.config.vpc_cidr,
-            TagSpecifications=ctx.tag_specs(self.key, "vpc"),
+            TagSpecifications=ctx.tag_specs(self.key, "vpc", name=self.label(ctx)),
         )["Vpc"]
         found = Found(id=vpc["VpcId"], name=self.label(ctx), state=vpc["State"], data=vpc)
 
@@ -1405,7 +1388,7 @@ class InternetGateway(Ec2Kind):
     def create(self, ctx: Ctx) -> Found:
         igw = ctx.ec2(
             "create_internet_gateway",
-            TagSpecifications=ctx.tag_specs(self.key, "internet-gateway"),
+            TagSpecifications=ctx.tag_specs(self.key, "internet-gateway", name=self.label(ctx)),
         )["InternetGateway"]
         found = Found(id=igw["InternetGatewayId"], name=self.label(ctx), data=igw)
         return self.update(ctx, found, [])
@@ -1466,7 +1449,7 @@ class Subnet(Ec2Kind):
             VpcId=ctx.require("vpc").id,
             CidrBlock=self.cidr(ctx.config),
             AvailabilityZone=ctx.config.zone,
-            TagSpecifications=ctx.tag_specs(self.key, "subnet"),
+            TagSpecifications=ctx.tag_specs(self.key, "subnet", name=self.label(ctx)),
         )["Subnet"]
         found = Found(id=subnet["SubnetId"], name=self.label(ctx), data=subnet)
         if self.public:
@@ -1533,7 +1516,7 @@ class RouteTable(Ec2Kind):
         table = ctx.ec2(
             "create_route_table",
             VpcId=ctx.require("vpc").id,
-            TagSpecifications=ctx.tag_specs(self.key, "route-table"),
+            TagSpecifications=ctx.tag_specs(self.key, "route-table", name=self.label(ctx)),
         )["RouteTable"]
         found = Found(id=table["RouteTableId"], name=self.label(ctx), data=table)
         return self.update(ctx, found, [])
@@ -1628,7 +1611,7 @@ class SecurityGroup(Ec2Kind):
             GroupName=self.label(ctx),
             Description=f"{what} of pygirder setup {ctx.name}",
             VpcId=ctx.require("vpc").id,
-            TagSpecifications=ctx.tag_specs(self.key, "security-group"),
+            TagSpecifications=ctx.tag_specs(self.key, "security-group", name=self.label(ctx)),
         )
         found = Found(id=group["GroupId"], name=self.label(ctx), data={"IpPermissions": []})
         return self.update(ctx, found, [])
@@ -1822,17 +1805,25 @@ class NatInstance(Ec2Kind):
         parameter = f"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
         ami = ctx.call("ssm", "get_parameter", Name=parameter)["Parameter"]["Value"]
         images = ctx.ec2("describe_images", ImageIds=[ami]).get("Images", [])
-        root = images[0].get("RootDeviceName") if images else None
-        disks = (
-            [
+        disks: list[dict[str, Any]] = []
+        if images and images[0].get("RootDeviceName"):
+            root = images[0]["RootDeviceName"]
+            sizes = [
+                m["Ebs"].get("VolumeSize")
+                for m in images[0].get("BlockDeviceMappings", [])
+                if m.get("DeviceName") == root and m.get("Ebs")
+            ]
+            disks = [
                 {
                     "DeviceName": root,
-                    "Ebs": {"Encrypted": True, "VolumeType": "gp3", "DeleteOnTermination": True},
+                    "Ebs": {
+                        "VolumeSize": (sizes[0] if sizes and sizes[0] else 8),
+                        "VolumeType": "gp3",
+                        "Encrypted": True,
+                        "DeleteOnTermination": True,
+                    },
                 }
             ]
-            if root
-            else []
-        )
         return ami, disks
 
     def create(self, ctx: Ctx) -> Found:
@@ -1853,7 +1844,9 @@ class NatInstance(Ec2Kind):
             },
             "InstanceInitiatedShutdownBehavior": "stop",
             "ClientToken": f"pygirder-nat-{uuid.uuid4().hex}",
-            "TagSpecifications": ctx.tag_specs(self.key, "instance", "volume", "network-interface"),
+            "TagSpecifications": ctx.tag_specs(
+                self.key, "instance", "volume", "network-interface", name=self.label(ctx)
+            ),
         }
         if disks:
             params["BlockDeviceMappings"] = disks
@@ -1916,7 +1909,7 @@ class NatAddress(Ec2Kind):
         got = ctx.ec2(
             "allocate_address",
             Domain="vpc",
-            TagSpecifications=ctx.tag_specs(self.key, "elastic-ip"),
+            TagSpecifications=ctx.tag_specs(self.key, "elastic-ip", name=self.label(ctx)),
         )
         return Found(id=got["AllocationId"], name=self.label(ctx), state="allocated", data=got)
 
@@ -1945,7 +1938,7 @@ class NatGateway(Ec2Kind):
             SubnetId=ctx.require("public-subnet").id,
             AllocationId=ctx.require("nat-address").id,
             ClientToken=f"pygirder-nat-{uuid.uuid4().hex}",
-            TagSpecifications=ctx.tag_specs(self.key, "natgateway"),
+            TagSpecifications=ctx.tag_specs(self.key, "natgateway", name=self.label(ctx)),
         )["NatGateway"]
         nid = nat["NatGatewayId"]
         ctx.say(f"  waiting for NAT gateway {nid} to become available (a few minutes)")
@@ -2019,7 +2012,7 @@ class S3Endpoint(Ec2Kind):
             VpcEndpointType="Gateway",
             RouteTableIds=self.route_tables(ctx),
             ClientToken=f"pygirder-s3-{uuid.uuid4().hex}",
-            TagSpecifications=ctx.tag_specs(self.key, "vpc-endpoint"),
+            TagSpecifications=ctx.tag_specs(self.key, "vpc-endpoint", name=self.label(ctx)),
         )["VpcEndpoint"]
         return Found(id=ep["VpcEndpointId"], name=self.label(ctx), state=ep["State"], data=ep)
 
