@@ -35,6 +35,7 @@ __all__ = [
     "FailureScanner",
     "call_info",
     "collect_status",
+    "count_keys",
     "find_calls",
     "throughput",
 ]
@@ -121,11 +122,14 @@ def _parse_worker(raw: Any) -> dict[str, Any]:
     return info
 
 
-def _count_keys(
-    client: redis.Redis, keys: Keys, budget: int
-) -> tuple[dict[str, int], set[str], set[str], bool]:
-    """One bounded walk over the namespace: how many results, pending requests and call
-    records there are, and which pools have a queue or idle workers."""
+def count_keys(client: redis.Redis, namespace: str, *, budget: int = 100_000) -> dict[str, Any]:
+    """One bounded walk over the namespace's keys: how many results, pending requests
+    and call records there are, and which pools have a queue or idle workers.
+
+    It is the one expensive part of a status (one SCAN step per thousand keys), so a
+    frequent caller can run it less often and pass the result to :func:`collect_status`.
+    """
+    keys = Keys(namespace)
     counts = {"results": 0, "pending": 0, "calls": 0}
     queues: set[str] = set()
     idles: set[str] = set()
@@ -143,7 +147,12 @@ def _count_keys(
             queues.add(rest)
         elif kind == "idle":
             idles.add(rest)
-    return counts, queues, idles, cursor == 0
+    return {
+        **counts,
+        "complete": cursor == 0,
+        "pools": sorted(queues | idles),
+        "time": time.time(),
+    }
 
 
 def collect_status(
@@ -151,6 +160,7 @@ def collect_status(
     namespace: str,
     *,
     scan_budget: int = 100_000,
+    key_counts: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """A snapshot of the grid in ``namespace``, as a JSON-ready dict.
@@ -161,22 +171,25 @@ def collect_status(
     does not publish them).  ``pools``: per pool, how many workers are alive, busy,
     idle and dead and how many requests wait in its queue.  ``keys``: stored results,
     pending requests and call records, counted by a SCAN of at most ``scan_budget``
-    keys (``complete`` says whether it saw them all).  ``stats``: the grid-wide
+    keys (``complete`` says whether it saw them all), or taken from ``key_counts`` (an
+    earlier :func:`count_keys`).  ``stats``: the grid-wide
     counters; ``rates``: cache hits and sharing as fractions of all submissions.
     ``calls_per_s`` is left None: it needs two snapshots (see :func:`throughput`).
     """
     keys = Keys(namespace)
     now = time.time() if now is None else now
+    walk = key_counts
+    if walk is None:
+        walk = count_keys(client, namespace, budget=scan_budget)
 
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.workers)
     pipe.hgetall(keys.stats)
     raw_workers, raw_stats = pipe.execute()
-    counts, queue_pools, idle_pools, complete = _count_keys(client, keys, scan_budget)
 
     infos = {(_s(k) or ""): _parse_worker(v) for k, v in sorted(raw_workers.items())}
     pools = sorted(
-        {str(info.get("pool") or "default") for info in infos.values()} | queue_pools | idle_pools
+        {str(info.get("pool") or "default") for info in infos.values()} | set(walk["pools"])
     )
 
     pipe = client.pipeline(transaction=False)
@@ -270,7 +283,7 @@ def collect_status(
         "workers": workers,
         "pools": pool_rows,
         "totals": totals,
-        "keys": {**counts, "complete": complete},
+        "keys": {k: walk[k] for k in ("results", "pending", "calls", "complete")},
         "stats": stats,
         "rates": {
             "cache_hit": _ratio(stats["cached"], lookups),

@@ -47,6 +47,7 @@ from ..status import (
     FailureScanner,
     call_info,
     collect_status,
+    count_keys,
     throughput,
 )
 
@@ -69,6 +70,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_COOKIE = "pygirder_dashboard_token"
 TOKEN_HEADER = "x-pygirder-token"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# Counting the namespace's keys walks the key space: done at most this often (the
+# counts shown in between are that old; everything else is sampled every tick).
+KEY_COUNT_REFRESH_S = 10.0
 # A fleet listing is slow (AWS API calls) and changes slowly: ask this often at most.
 FLEET_REFRESH_S = 30.0
 
@@ -124,12 +128,16 @@ class Monitor:
         self._last_status: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._fleet_cache: tuple[float, dict[str, Any]] | None = None
+        self._key_counts: dict[str, Any] | None = None
 
     def sample(self) -> dict[str, Any]:
         """Read the grid now, append to the history, and return the new snapshot."""
         with self._lock:
             try:
-                status = collect_status(self.client, self.namespace)
+                counts = self._key_counts
+                if counts is None or time.time() - counts["time"] > KEY_COUNT_REFRESH_S:
+                    counts = self._key_counts = count_keys(self.client, self.namespace)
+                status = collect_status(self.client, self.namespace, key_counts=counts)
                 failures = self.failures.step()
             except redis.RedisError as exc:
                 self.snapshot = {

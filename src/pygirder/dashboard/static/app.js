@@ -184,7 +184,7 @@
     const root = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}` });
     const points = samples.filter((p) => p.t);
     const now = points.length ? points[points.length - 1].t : Date.now() / 1000;
-    const span = Math.max(60, Math.min(300, points.length ? now - points[0].t : 60));
+    const span = Math.max(30, Math.min(300, points.length ? now - points[0].t : 30));
     const t0 = now - span;
     const shown = points.filter((p) => p.t >= t0);
     const maxRate = niceMax(Math.max(0, ...shown.map((p) => p.rate || 0)));
