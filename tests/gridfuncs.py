@@ -162,3 +162,43 @@ def returns_unencodable() -> object:
 @pygirder.fn
 def self_wait(x: int) -> int:
     return self_wait(x).result()
+
+
+# --- reliability ------------------------------------------------------------------
+@pygirder.fn
+def chaos_tree(depth: int, fanout: int, k: int, leaf_s: float, log: str = "") -> int:
+    """A sync re-entrant tree; returns its number of nodes."""
+    if log:
+        record(log, f"node:{depth}:{k}")
+    if depth == 0:
+        time.sleep(leaf_s)
+        return 1
+    kids = pygirder.wait(
+        *(chaos_tree(depth - 1, fanout, k * fanout + i, leaf_s, log) for i in range(fanout))
+    )
+    return 1 + sum(kids)
+
+
+@pygirder.fn
+def crash(x: int) -> int:
+    os._exit(3)  # dies like a segfault or an OOM kill would: no cleanup, no reply
+
+
+@pygirder.fn
+def crash_parent(x: int) -> int:
+    return crash(x).result()
+
+
+@pygirder.fn
+def cyc_a(n: int) -> int:
+    return cyc_b(n).result()
+
+
+@pygirder.fn
+def cyc_b(n: int) -> int:
+    return cyc_a(n).result()
+
+
+@pygirder.fn
+def big_bytes(n: int) -> bytes:
+    return b"x" * n

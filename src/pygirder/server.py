@@ -86,6 +86,12 @@ class EmbeddedServer:
                 f"refusing to bind Valkey to {bind!r} without a password: "
                 "pass --password (or password=) or bind to 127.0.0.1"
             )
+        if password is not None and (not password or any(c in password for c in '"\\\n\r ')):
+            raise ConfigError(
+                "the Valkey password must be non-empty, without quotes, backslashes, spaces or "
+                "line breaks; generate one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
         self.bind = bind
         self.port = port
         self.password = password
@@ -117,7 +123,12 @@ class EmbeddedServer:
         if not self.persist:
             args += ["--save", "", "--appendonly", "no"]
         if self.password:
-            args += ["--requirepass", self.password]
+            # In a 0600 config file, not on the command line where `ps` would show it.
+            conf = self.dir / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f'requirepass "{self.password}"\n')
+            args.insert(1, str(conf))
         return args + self.extra_args
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
@@ -131,8 +142,6 @@ class EmbeddedServer:
         for _ in range(attempts):
             if not fixed:
                 self.port = _free_port(self.bind)
-            # The password is passed on the command line; make the argv unreadable to
-            # nobody but us is not possible, so local servers normally run without one.
             self.process = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, start_new_session=True,

@@ -49,3 +49,11 @@ def liveness() -> Liveness:
         max_attempts=int(_env_float("PYGIRDER_MAX_ATTEMPTS", 3, minimum=1)),
         reconnect_timeout=_env_float("PYGIRDER_RECONNECT_TIMEOUT", 120.0, minimum=0.0),
     )
+
+
+def max_result_bytes() -> int:
+    """Largest encoded result a worker stores (``PYGIRDER_MAX_RESULT_BYTES``)."""
+    from .codec import DEFAULT_LIMITS
+
+    return int(_env_float("PYGIRDER_MAX_RESULT_BYTES", DEFAULT_LIMITS["max_result_bytes"],
+                          minimum=1))  # fmt: skip

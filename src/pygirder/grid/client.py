@@ -13,7 +13,6 @@ import concurrent.futures
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTi
 from ..server import EmbeddedServer
 from . import context
 from .runtime import Runtime, decode_envelope, new_process_id
+from .supervisor import Supervisor
 
 R = TypeVar("R")
 _UNSET: Any = object()
@@ -98,7 +98,8 @@ class Grid:
         self._url = url
         self._n_workers = workers if workers is not None else (0 if url else os.cpu_count() or 1)
         self._server: EmbeddedServer | None = None
-        self._workers: list[subprocess.Popen[bytes]] = []
+        self._supervisor: Supervisor | None = None
+        self._monitor: threading.Thread | None = None
         self._log_dir: Path | None = None
         self._loop: _LoopThread | None = None
         self.runtime: Runtime | None = None
@@ -131,6 +132,9 @@ class Grid:
         return self
 
     def _start_workers(self, n: int) -> None:
+        """Local worker processes, restarted when they die (as `pygirder worker` does)."""
+        from .supervisor import Supervisor
+
         self._log_dir = Path(tempfile.mkdtemp(prefix="pygirder-workers-"))
         cmd = [
             sys.executable, "-m", "pygirder", "worker", "--redis", self.url,
@@ -143,15 +147,33 @@ class Grid:
         env = dict(os.environ)
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
-        for i in range(n):
-            log = open(self._log_dir / f"worker-{i}.log", "wb")  # noqa: SIM115
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-                )
-            finally:
-                log.close()
-            self._workers.append(proc)
+        log_dir = self._log_dir
+        self._supervisor = Supervisor(
+            cmd,
+            n,
+            env=env,
+            output=lambda i: open(log_dir / f"worker-{i}.log", "ab"),  # noqa: SIM115 (closed by Supervisor)
+        )
+        self._supervisor.start()
+        self._monitor = threading.Thread(target=self._watch_workers, daemon=True,
+                                         name="pygirder-local-workers")  # fmt: skip
+        self._monitor.start()
+
+    def _watch_workers(self) -> None:
+        while not self._closed and self._supervisor is not None:
+            self._supervisor.poll()
+            time.sleep(0.1)
+
+    def add_workers(self, n: int = 1) -> None:
+        """Start ``n`` more local worker processes."""
+        if self._supervisor is None:
+            self._start_workers(n)
+        else:
+            self._supervisor.add(n)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live local workers this grid started."""
+        return self._supervisor.pids() if self._supervisor is not None else []
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
         """Block until ``n`` workers have registered in this grid's namespace."""
@@ -159,12 +181,11 @@ class Grid:
         while True:
             if len(self.workers()) >= n:
                 return
-            for i, proc in enumerate(self._workers):
-                if proc.poll() is not None:
-                    raise GridConnectionError(
-                        f"local worker {i} exited with code {proc.returncode} while starting; "
-                        f"its log ends with:\n{self._worker_log_tail(i)}"
-                    )
+            if self._supervisor is not None and self._supervisor.restarts:
+                raise GridConnectionError(
+                    "a local worker exited while starting; its log ends with:\n"
+                    + self._worker_log_tail(0)
+                )
             if time.monotonic() > deadline:
                 raise GridTimeout(
                     f"only {len(self.workers())} of {n} workers started in {timeout}s"
@@ -199,15 +220,10 @@ class Grid:
                 self._loop.run(self.runtime.close(), timeout=10)
             except Exception:
                 pass
-        for proc in self._workers:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._workers:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout=10)
+        if self._monitor is not None:
+            self._monitor.join(2)
         if self._loop is not None:
             self._loop.stop()
         if self._server is not None:
@@ -278,7 +294,13 @@ class Grid:
                 result.set_exception(f.exception())
 
         inner.add_done_callback(on_inner_done)
-        result.add_done_callback(lambda r: inner.cancel() if r.cancelled() else None)
+
+        def on_result_done(r: concurrent.futures.Future[Any]) -> None:
+            if r.cancelled():
+                inner.cancel()
+                self._loop.submit(rt.cancel([call.id]))  # type: ignore[union-attr]
+
+        result.add_done_callback(on_result_done)
         return result
 
     def as_completed(

@@ -17,6 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -108,6 +109,11 @@ async def connect_redis(
     try:
         await probe.ping()
     except redis_errors.AuthenticationError as exc:
+        if urlsplit(url).password is None:
+            raise GridConnectionError(
+                f"the server at {redact(url)} requires a password: "
+                "put it in the URL (redis://:password@host:port/db)"
+            ) from None
         raise GridConnectionError(
             f"the server at {redact(url)} refused the credentials ({exc}); "
             "check the user and password in the URL (redis://user:password@host:port/db)"
@@ -141,8 +147,6 @@ async def connect_redis(
 
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -183,10 +187,11 @@ class Runtime:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._scripts: dict[str, Any] = {}
         self._beat: asyncio.Task[None] | None = None
-        self._server_run_id: bytes | None = None
+        self._server_run_id: str | None = None
         self.liveness = settings.liveness()
         self.on_server_restart: list[Any] = []  # async callbacks run after resubmission
         self.beat_hooks: list[Any] = []  # async callbacks run at every heartbeat
+        self._interest: dict[str, int] = {}  # local waiters per pending request
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
 
     async def start(self) -> None:
@@ -199,16 +204,12 @@ class Runtime:
         self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
         self._beat = asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat")
 
-    async def _run_id(self) -> bytes | None:
+    async def _run_id(self) -> str | None:
+        """The server's run id: it changes when the server restarts."""
         assert self.redis is not None
-        info = await self.redis.execute_command("INFO", "server")
-        text = info if isinstance(info, bytes | str) else b""
-        if isinstance(text, str):
-            text = text.encode()
-        for line in text.splitlines():
-            if line.startswith(b"run_id:"):
-                return line.split(b":", 1)[1].strip()
-        return None
+        info = await self.redis.info("server")
+        run_id = info.get("run_id")
+        return str(run_id) if run_id is not None else None
 
     async def beat(self) -> None:
         """Refresh this process's heartbeat (subclasses add their registration)."""
@@ -422,23 +423,62 @@ class Runtime:
         calls: Sequence[Call[Any]],
         timeout: float | None,
     ) -> list[Any]:
-        """Results in call order; the first failure (in call order) is raised."""
-        pending = {f for f in futures if not f.done()}
-        if pending:
-            # shield: a waiter that gives up must not cancel the future other waiters share
-            _, still = await asyncio.wait(
-                {asyncio.ensure_future(asyncio.shield(f)) for f in pending}, timeout=timeout
-            )
-            if still:
-                for s in still:
-                    s.cancel()
-                missing = tuple(c.id for c, f in zip(calls, futures, strict=True) if not f.done())
-                names = sorted(
-                    {c.function.name for c, f in zip(calls, futures, strict=True) if not f.done()}
+        """Results in call order; the first failure (in call order) is raised.
+
+        A waiter that gives up (time-out or cancellation) withdraws its interest; a
+        request nobody in this process waits for any more is cancelled on the grid,
+        which drops it if it has not started.
+        """
+        ids = [c.id for c in calls]
+        for request_id, fut in zip(ids, futures, strict=True):
+            if not fut.done():
+                self._interest[request_id] = self._interest.get(request_id, 0) + 1
+        try:
+            pending = {f for f in futures if not f.done()}
+            if pending:
+                # shield: giving up must not cancel the future other waiters share
+                _, still = await asyncio.wait(
+                    {asyncio.ensure_future(asyncio.shield(f)) for f in pending}, timeout=timeout
                 )
-                raise GridTimeout(
-                    f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not finish "
-                    f"within {timeout}s; they keep running and their results will be memoized",
-                    call_ids=missing,
-                )
-        return [decode_envelope(f.result()) for f in futures]
+                if still:
+                    for s in still:
+                        s.cancel()
+                    missing = tuple(i for i, f in zip(ids, futures, strict=True) if not f.done())
+                    names = sorted(
+                        {c.function.name for c, f in zip(calls, futures, strict=True)
+                         if not f.done()}
+                    )  # fmt: skip
+                    raise GridTimeout(
+                        f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not "
+                        f"finish within {timeout}s; those not yet started were cancelled, "
+                        "started ones run to the end and their results are memoized",
+                        call_ids=missing,
+                    )
+            return [decode_envelope(f.result()) for f in futures]
+        except (GridTimeout, asyncio.CancelledError):
+            await asyncio.shield(self._withdraw(ids, futures, give_up=True))
+            raise
+        finally:
+            self._withdraw_local(ids)
+
+    def _withdraw_local(self, ids: Sequence[str]) -> None:
+        for request_id in ids:
+            left = self._interest.get(request_id, 0) - 1
+            if left > 0:
+                self._interest[request_id] = left
+            else:
+                self._interest.pop(request_id, None)
+
+    async def _withdraw(
+        self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]], *, give_up: bool
+    ) -> None:
+        """Cancel on the grid what this process waited for and nobody else here does."""
+        abandoned = [
+            i for i, f in zip(ids, futures, strict=True)
+            if not f.done() and self._interest.get(i, 0) <= 1
+        ]  # fmt: skip
+        if abandoned and give_up:
+            try:
+                await self.cancel(list(dict.fromkeys(abandoned)))
+            except Exception as exc:  # the grid keeps the requests; they just run
+                log.warning("could not cancel %d abandoned calls: %s", len(abandoned), exc)

@@ -12,8 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import IO
 
 log = logging.getLogger("pygirder.supervisor")
 
@@ -33,33 +35,65 @@ def parse_processes(value: str) -> int:
 
 
 class Supervisor:
-    """Keeps ``n`` copies of ``command`` running until told to stop."""
+    """Keeps ``n`` copies of ``command`` running until told to stop.
 
-    def __init__(self, command: Sequence[str], n: int, *, max_backoff: float = 30.0) -> None:
+    ``run()`` blocks and handles SIGTERM/SIGINT (the `pygirder worker` command);
+    ``start()``/``poll()``/``stop()`` let an embedding program (``pygirder.connect()``'s
+    local workers) drive it from a thread of its own.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        n: int,
+        *,
+        max_backoff: float = 30.0,
+        env: dict[str, str] | None = None,
+        output: Callable[[int], IO[bytes] | None] | None = None,
+    ) -> None:
         self.command = list(command)
         self.n = n
         self.max_backoff = max_backoff
+        self.env = env
+        self.output = output
         self.children: list[subprocess.Popen[bytes] | None] = [None] * n
         self.failures = [0] * n
         self.next_start = [0.0] * n
         self.restarts = 0
         self._stopping = False
+        self._lock = threading.Lock()
 
     def _spawn(self, i: int) -> None:
-        self.children[i] = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+        out = self.output(i) if self.output else None
+        try:
+            self.children[i] = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT if out else None, env=self.env,
+            )  # fmt: skip
+        finally:
+            if out is not None:
+                out.close()
 
-    def stop(self, signum: int = signal.SIGTERM) -> None:
-        self._stopping = True
-        for child in self.children:
-            if child is not None and child.poll() is None:
-                child.send_signal(signum)
+    def start(self) -> None:
+        with self._lock:
+            for i in range(self.n):
+                self._spawn(i)
 
-    def run(self, poll: float = 0.2) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda s, _f: self.stop(s))
-        for i in range(self.n):
-            self._spawn(i)
-        while not self._stopping:
+    def add(self, count: int = 1) -> None:
+        """Run ``count`` more processes."""
+        with self._lock:
+            for _ in range(count):
+                self.children.append(None)
+                self.failures.append(0)
+                self.next_start.append(0.0)
+                self.n += 1
+                self._spawn(self.n - 1)
+
+    def poll(self) -> None:
+        """Restart exited processes, with exponential backoff for repeat failures."""
+        with self._lock:
+            if self._stopping:
+                return
             now = time.monotonic()
             for i, child in enumerate(self.children):
                 if child is None:
@@ -75,12 +109,39 @@ class Supervisor:
                 self.next_start[i] = now + delay
                 self.restarts += 1
                 log.warning("worker process %d exited with %s; restarting in %.1fs", i, code, delay)
-            time.sleep(poll)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.pid for c in self.children if c is not None and c.poll() is None]
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float | None = None) -> int:
+        """Signal every child, wait for them (kill after ``timeout``); 0 if all exited cleanly."""
+        with self._lock:
+            self._stopping = True
+            children = [c for c in self.children if c is not None]
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+        if timeout is None:
+            return 0
         codes = []
-        for child in self.children:
-            if child is not None:
+        for child in children:
+            try:
+                codes.append(child.wait(timeout))
+            except subprocess.TimeoutExpired:
+                child.kill()
                 codes.append(child.wait())
-        return 0 if all(c == 0 or c == -signal.SIGTERM for c in codes) else 1
+        return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+
+    def run(self, poll: float = 0.2) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _f: self.stop(s))
+        self.start()
+        while not self._stopping:
+            self.poll()
+            time.sleep(poll)
+        codes = [c.wait() for c in self.children if c is not None]
+        return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
 
 
 def child_command(argv: Sequence[str]) -> list[str]:

@@ -12,6 +12,7 @@ async ones as tasks on the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -32,7 +33,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from .. import calls as calls_mod
-from .. import codec
+from .. import codec, settings
 from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
@@ -79,7 +80,8 @@ class Baton:
             if fut.done() and not fut.cancelled():
                 self.release()  # we were handed the baton just as we were cancelled
             else:
-                (self._high if high else self._low).remove(fut)
+                with contextlib.suppress(ValueError):  # release() may have dropped it
+                    (self._high if high else self._low).remove(fut)
             raise
 
     def release(self) -> None:
@@ -113,8 +115,15 @@ class _Parked:
 
     children: list[str]
     since: float
-    cycle: asyncio.Future[GridCycleError]
+    cycle: asyncio.Future[GridCycleError]  # also carries HandedBack on shutdown
     next_check: float
+
+
+class HandedBack(BaseException):
+    """Raised inside a parked request when its worker shuts down and requeues it.
+
+    A BaseException, so user code's ``except Exception`` does not swallow it.
+    """
 
 
 class _RefusedRequest(Exception):
@@ -157,7 +166,7 @@ class Worker:
         self.take_batch = take_batch
         self.result_ttl = result_ttl
         self.error_ttl = error_ttl
-        self.max_result_bytes = max_result_bytes or codec.DEFAULT_LIMITS["max_result_bytes"]
+        self.max_result_bytes = max_result_bytes or settings.max_result_bytes()
         self.shutdown_grace = shutdown_grace
         # (id, payload, careful): careful for suspects of an earlier worker death
         self.stack: list[tuple[str, bytes, bool]] = []
@@ -400,6 +409,8 @@ class Worker:
                 envelope = encode_error(error)
                 ttl = self.error_ttl
                 summary = f"{error.remote_type}: {error.message}"[:200]
+            except HandedBack:
+                return  # requeued for another worker: this run's outcome must not count
         finally:
             if request_id in self._careful:
                 await self._mark_current(None)
@@ -468,7 +479,8 @@ class Worker:
             await asyncio.wait({waiter, parked.cycle}, return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
                 waiter.cancel()
-                raise parked.cycle.result()
+                exc = parked.cycle.exception() or parked.cycle.result()
+                raise exc
             return waiter.result()
         finally:
             self.parked.pop(ctx.request_id, None)
@@ -632,11 +644,19 @@ class Worker:
         assert redis is not None
         if self._fetch is not None:
             self._fetch.cancel()
-        # Hand back what has not started, then give running requests time to finish.
+        # Hand back what has not started and what waits on sub-calls (it can be re-run
+        # anywhere); give the request that is computing time to finish.
         waiting = [request_id for request_id, _, _ in self.stack]
         self.stack.clear()
-        if waiting:
-            await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *waiting])
+        parked = list(self.parked)
+        if waiting or parked:
+            await self.runtime.script(
+                "requeue", [self.keys.prefix, self.id, 0, 0, *waiting, *parked]
+            )
+        for request_id in parked:
+            entry = self.parked.get(request_id)
+            if entry is not None and not entry.cycle.done():
+                entry.cycle.set_exception(HandedBack())
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=self.shutdown_grace)
         await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0])
