@@ -12,12 +12,12 @@ import threading
 import time
 import uuid
 
-import gridfuncs as gf
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import gridfuncs as gf
 import pygirder
 from pygirder.server import EmbeddedServer
 from pygirder.store.keys import Keys
