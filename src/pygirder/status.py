@@ -37,6 +37,7 @@ __all__ = [
     "collect_status",
     "count_keys",
     "find_calls",
+    "sample_executed",
     "throughput",
 ]
 
@@ -233,8 +234,9 @@ def collect_status(
                 "state": state,
                 "current": current if state != "idle" else None,
                 "current_fn": info.get("current_fn") if state != "idle" else None,
-                "calls_done": info.get("calls_done"),
+                "calls_done": info.get("calls_done", info.get("processed")),
                 "running": info.get("running"),
+                "parked": info.get("parked"),
                 "stack": info.get("stack"),
                 "in_flight": int(in_flight),
                 "owned": int(owned),

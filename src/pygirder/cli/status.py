@@ -157,6 +157,7 @@ def render_status(
             summary,
             title=f"grid [bold]{escape(status['namespace'])}[/] at {stamp}",
             title_align="left",
+            expand=False,
         )
     ]
 
@@ -250,11 +251,9 @@ def status_command(
     console = Console(highlight=False)
     try:
         previous = None
-        if sample > 0 and not watch:
+        if sample > 0 and not watch:  # --watch measures between its own refreshes
             previous = sample_executed(client, namespace)
             time.sleep(sample)
-        elif watch:
-            previous = sample_executed(client, namespace)
         status, failed = _snapshot(client, namespace, previous, scanner)
         if not watch:
             if json_:
