@@ -11,6 +11,7 @@ Endpoints (all behind the token when there is one)::
     GET /static/...          its script and style sheet
     GET /api/status          the latest snapshot: status, history, recent failures
     GET /api/events          server-sent events: "snapshot" once, then "status" per tick
+                             (?limit=N ends the stream after N events, for scripts)
     GET /api/calls/{id}      one call (id or prefix): pygirder.status.call_info
     GET /api/fleet           the fleet's instances by role, or {"configured": false}
 
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote
 
 import redis
 
@@ -236,7 +237,7 @@ class _Gate:
         except Exception:
             return None, False
         morsel = cookie.get(TOKEN_COOKIE)
-        return (morsel.value if morsel else None), False
+        return (unquote(morsel.value) if morsel else None), False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -278,7 +279,7 @@ class _Gate:
                     headers.append(
                         (
                             b"set-cookie",
-                            f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; "
+                            f"{TOKEN_COOKIE}={quote(self.token, safe='')}; Path=/; HttpOnly; "
                             "SameSite=Strict".encode(),
                         )
                     )
