@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Annotated
 
 import typer
+
+from .service import ServiceContext, service
 
 app = typer.Typer(
     name="pygirder",
@@ -29,15 +30,9 @@ NamespaceOpt = Annotated[
 ]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-@app.command()
+@service(app, stop="flag")
 def worker(
+    ctx: ServiceContext,
     redis: RedisOpt = DEFAULT_URL,
     pool: Annotated[str, typer.Option(help="Pool this worker serves.")] = "default",
     processes: Annotated[str, typer.Option(help="Worker processes: a number or 'auto'.")] = "1",
@@ -52,34 +47,40 @@ def worker(
     main_path: Annotated[
         str | None, typer.Option(help="The client's script, loaded as __mp_main__.")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "WARNING",
-) -> None:
+    result_ttl: Annotated[
+        int, typer.Option(help="Seconds results are kept (0: until `pygirder gc`).")
+    ] = 0,
+) -> dict:
     """Serve a pool: run grid calls from its queue (one process per core with 'auto')."""
     from ..grid.supervisor import Supervisor, child_command, parse_processes
 
-    _setup_logging(log_level)
     n = parse_processes(processes)
     imports = tuple(import_ or ())
     if n > 1:
         argv = ["worker", "--redis", redis, "--pool", pool, "--namespace", namespace,
-                "--processes", "1", "--log-level", log_level]  # fmt: skip
+                "--processes", "1", "--log-level", ctx.log_level,
+                "--result-ttl", str(result_ttl)]  # fmt: skip
         for module in imports:
             argv += ["--import", module]
         if auto_import:
             argv.append("--auto-import")
         if main_path:
             argv += ["--main-path", main_path]
-        raise typer.Exit(Supervisor(child_command(argv), n).run())
+        supervisor = Supervisor(child_command(argv), n)
+        code = supervisor.run()
+        return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     from ..grid.worker import run_worker
 
-    run_worker(
+    stats = run_worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
-        main_path=main_path,
+        main_path=main_path, result_ttl=result_ttl,
     )  # fmt: skip
+    return stats
 
 
-@app.command()
+@service(app, stop="flag")
 def server(
+    ctx: ServiceContext,
     port: Annotated[int, typer.Option(help="TCP port.")] = 6379,
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     password_file: Annotated[
@@ -89,11 +90,8 @@ def server(
         str | None, typer.Option(help="Working directory (default: a temp dir).")
     ] = None,
     persist: Annotated[bool, typer.Option(help="Keep RDB snapshots in --dir.")] = False,
-) -> None:
+) -> dict:
     """Run a Valkey server for a multi-machine grid, in the foreground."""
-    import signal
-    import threading
-
     from ..server import EmbeddedServer
 
     password = None
@@ -103,15 +101,43 @@ def server(
     srv = EmbeddedServer(port=port, bind=bind, password=password, dir=dir, persist=persist)
     srv.start()
     shown = srv.url.replace(f":{password}@", ":***@") if password else srv.url
-    typer.echo(f"valkey serving at {shown} (Ctrl-C to stop)")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    ctx.log.warning("valkey serving at %s (Ctrl-C to stop)", shown)
     try:
-        while not stop.is_set() and srv.is_running():
-            stop.wait(0.5)
+        while not ctx.stopping.is_set() and srv.is_running():
+            ctx.stopping.wait(0.5)
     finally:
         srv.stop()
+    return {"url": shown, "stopped": True}
+
+
+@app.command()
+def gc(
+    older_than: Annotated[
+        str, typer.Option(help="Drop what nobody touched for this long: 90s, 30m, 2h, 7d.")
+    ],
+    redis: RedisOpt = DEFAULT_URL,
+    namespace: NamespaceOpt = "default",
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be dropped.")] = False,
+) -> None:
+    """Drop old results, call graph records and abandoned requests from a grid."""
+    import redis as redis_lib
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..grid.maintenance import collect_garbage, parse_age
+
+    client = redis_lib.Redis.from_url(redis)
+    try:
+        report = collect_garbage(client, namespace, parse_age(older_than), dry_run=dry_run)
+    finally:
+        client.close()
+    table = Table(title=f"pygirder gc {'(dry run) ' if dry_run else ''}older than {older_than}")
+    table.add_column("kind")
+    table.add_column("would drop" if dry_run else "dropped", justify="right")
+    for kind, count in report.dropped.items():
+        table.add_row(kind, f"{count:,}")
+    table.add_row("[dim]kept (recent)[/]", f"[dim]{report.kept:,}[/]")
+    Console().print(table)
 
 
 @app.command()
@@ -186,17 +212,25 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-def _mount_optional() -> None:
-    """Sub-command groups that live in their own modules."""
-    try:
-        from ..cloud.cli import app as cloud_app
-    except ImportError:  # pragma: no cover - a partial install
-        return
+def _mount() -> None:
+    """Commands that live in their own modules (each imports its heavy parts lazily)."""
+    from .dashboard import dashboard_command
+    from .logs import logs_command
+    from .status import inspect_command, status_command
+
+    app.command("status")(status_command)
+    app.command("inspect")(inspect_command)
+    app.command("logs")(logs_command)
+    app.command("dashboard")(dashboard_command)
+    from ..cloud.cli import app as cloud_app
+
     app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")
 
 
+_mount()
+
+
 def main() -> None:
-    _mount_optional()
     from ..errors import PygirderError
 
     try:

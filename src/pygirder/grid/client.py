@@ -210,6 +210,18 @@ class Grid:
         raw = self._call(rt.redis.hgetall(rt.keys.stats))  # type: ignore[union-attr]
         return {k.decode(): int(v) for k, v in raw.items()}
 
+    def gc(self, older_than: float, *, dry_run: bool = False) -> Any:
+        """Drop results, call graph and abandoned requests idle for ``older_than`` seconds."""
+        import redis
+
+        from .maintenance import collect_garbage
+
+        client = redis.Redis.from_url(self.url)
+        try:
+            return collect_garbage(client, self.namespace, older_than, dry_run=dry_run)
+        finally:
+            client.close()
+
     def close(self) -> None:
         if self._closed:
             return

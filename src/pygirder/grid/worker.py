@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from .. import calls as calls_mod
 from .. import codec, settings
 from ..calls import Call, GridFunction
-from ..errors import CallLink, CodecError, GridCycleError, RemoteError
+from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
 from .context import RequestContext, current_request
 from .runtime import (
@@ -679,17 +679,21 @@ def run_worker(
     auto_import: bool = False,
     main_path: str | None = None,
     worker_id: str | None = None,
-) -> None:
-    """Run one worker in this process until SIGTERM/SIGINT."""
+    result_ttl: int = 0,
+) -> dict[str, Any]:
+    """Run one worker in this process until SIGTERM/SIGINT; returns what it did."""
+    if result_ttl < 0:
+        raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
+    worker = Worker(
+        url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
+        main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
+    )  # fmt: skip
 
     async def main() -> None:
-        worker = Worker(
-            url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
-            main_path=main_path, worker_id=worker_id,
-        )  # fmt: skip
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
     asyncio.run(main())
+    return {"id": worker.id, "pool": pool, "processed": worker.processed}
