@@ -156,6 +156,7 @@ def test_page_shows_workers_and_updates_while_a_job_runs(grid_factory):
             runner.join(30)
             assert job and job[0] == list(range(80))
             sync_api.expect(page.locator("#c-executed")).to_have_text("87", timeout=10_000)
+            sync_api.expect(page.locator("#c-results")).to_have_text("87")  # results stored
 
             # the call explorer: a failure, then through to its child and back
             page.locator("#failures tbody tr", has_text="explode_via").click()

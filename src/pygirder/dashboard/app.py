@@ -71,8 +71,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_COOKIE = "pygirder_dashboard_token"
 TOKEN_HEADER = "x-pygirder-token"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-# Counting the namespace's keys walks the key space: done at most this often (the
-# counts shown in between are that old; everything else is sampled every tick).
+# Counting the namespace's keys walks the key space.  A walk is repeated once it is
+# 20 times as old as it took (so walking costs the server at most ~5% of the time),
+# and at least every KEY_COUNT_REFRESH_S; a small grid is walked every tick.
 KEY_COUNT_REFRESH_S = 10.0
 # A fleet listing is slow (AWS API calls) and changes slowly: ask this often at most.
 FLEET_REFRESH_S = 30.0
@@ -130,14 +131,18 @@ class Monitor:
         self._lock = threading.Lock()
         self._fleet_cache: tuple[float, dict[str, Any]] | None = None
         self._key_counts: dict[str, Any] | None = None
+        self._walk_s = 0.0  # how long the last walk over the keys took
 
     def sample(self) -> dict[str, Any]:
         """Read the grid now, append to the history, and return the new snapshot."""
         with self._lock:
             try:
                 counts = self._key_counts
-                if counts is None or time.time() - counts["time"] > KEY_COUNT_REFRESH_S:
+                due = min(KEY_COUNT_REFRESH_S, 20 * self._walk_s)
+                if counts is None or time.time() - counts["time"] >= due:
+                    began = time.perf_counter()
                     counts = self._key_counts = count_keys(self.client, self.namespace)
+                    self._walk_s = time.perf_counter() - began
                 status = collect_status(self.client, self.namespace, key_counts=counts)
                 failures = self.failures.step()
             except redis.RedisError as exc:
