@@ -82,21 +82,13 @@ class Sleeps(list):
         self.append(seconds)
 
 
-_LOADER: list[Any] = []
-
-
 def fresh_session(region: str) -> Any:
-    """A new boto3 Session (own events, own credentials) sharing botocore's loader,
-    so the big service models are parsed once per test run, not once per test."""
-    import boto3
-    import botocore.session
+    """A new boto3 Session (own events, own credentials) made the way pygirder makes
+    them, so the big service models are parsed once per test run, not once per test."""
+    from pygirder.cloud.aws import session
+    from pygirder.cloud.config import config_from_dict
 
-    core = botocore.session.get_session()
-    if _LOADER:
-        core.register_component("data_loader", _LOADER[0])
-    else:
-        _LOADER.append(core.get_component("data_loader"))
-    return boto3.Session(botocore_session=core, region_name=region)
+    return session(config_from_dict({"region": region}))
 
 
 def tag_filter(name: str = "t") -> list[dict]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +183,10 @@ def test_partitions() -> None:
     assert _statements(operator_policy(partition_name="aws-cn"))["ArtifactBucket"]["Resource"] == [
         "arn:aws-cn:s3:::pygirder-*"
     ]
+
+
+def test_the_documented_policy_is_the_printed_one() -> None:
+    doc = Path(__file__).parents[2] / "docs" / "aws-setup.md"
+    text = doc.read_text()
+    blocks = re.findall(r"```json\n(.*?)```", text[text.index("## Exact permissions") :], re.S)
+    assert json.loads(blocks[0]) == operator_policy()

@@ -172,13 +172,31 @@ def require_boto3() -> Any:
     return boto3
 
 
+_LOADER: list[Any] = []  # botocore's model loader, shared by every session we make
+
+
 def session(config: CloudConfig) -> Any:
-    """A boto3 Session for ``config``'s profile (or the default chain) and region."""
+    """A boto3 Session for ``config``'s profile (or the default chain) and region.
+
+    Each session has its own credentials and event hooks, but all share botocore's
+    data loader: the service models (EC2's is megabytes of JSON) are read-only once
+    parsed, so a process that makes many sessions parses them once.
+    """
     boto3 = require_boto3()
+    import botocore.session
     from botocore.exceptions import ProfileNotFound
 
+    core = botocore.session.get_session()
+    if _LOADER:
+        core.register_component("data_loader", _LOADER[0])
+    else:
+        _LOADER.append(core.get_component("data_loader"))
     try:
-        return boto3.Session(profile_name=config.profile, region_name=config.region)
+        made = boto3.Session(
+            botocore_session=core, profile_name=config.profile, region_name=config.region
+        )
+        core.get_scoped_config()  # resolve the profile now, not at the first call
+        return made
     except ProfileNotFound:
         raise CredentialsError(
             f"AWS profile {config.profile!r} (from [cloud] profile) is not configured; "
