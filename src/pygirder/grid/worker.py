@@ -185,6 +185,8 @@ class Worker:
         self._idle_marked = False
         self._taking = 0
         self._beats = 0
+        self._holder: str | None = None
+        self._holder_fn: str | None = None
         self.cycle_check_after = 1.0
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -255,12 +257,13 @@ class Worker:
     async def _register(self) -> None:
         """Publish who we are and what we do; runs at every heartbeat."""
         assert self.runtime.redis is not None
-        current = next(iter(self.running), None)
+        current = self._holder
         info = {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool,
             "started": self.started, "beat": time.time(), "processed": self.processed,
             "running": len(self.running), "parked": len(self.parked), "stack": len(self.stack),
-            "current": current, "state": "busy" if self.baton.held or self.stack else "idle",
+            "current": current, "current_fn": self._holder_fn,
+            "state": "busy" if self.baton.held or self.stack else "idle",
         }  # fmt: skip
         await self.runtime.redis.hset(self.keys.workers, self.id, json.dumps(info))
         self._beats += 1
@@ -279,6 +282,10 @@ class Worker:
                 continue
             self.baton.release()
             await self._idle()
+
+    def _hold(self, request_id: str | None, function: str | None = None) -> None:
+        """Remember which request holds the baton (shown by `pygirder status`)."""
+        self._holder, self._holder_fn = request_id, function
 
     async def _mark_current(self, request_id: str | None) -> None:
         """Name the suspect holding the baton, so a repeat death is blamed on it alone."""
@@ -388,6 +395,7 @@ class Worker:
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
                 current_request.set(ctx)  # this task's own context
+                self._hold(request_id, name)
                 if request_id in self._careful:
                     await self._mark_current(request_id)
                 if gf.is_async:
@@ -414,6 +422,7 @@ class Worker:
         finally:
             if request_id in self._careful:
                 await self._mark_current(None)
+            self._hold(None)
             self.baton.release()
             self._wake.set()
         self.processed += 1
@@ -472,6 +481,7 @@ class Worker:
         careful = ctx.request_id in self._careful
         if careful:
             await self._mark_current(None)
+        self._hold(None)
         self.baton.release()
         self._wake.set()
         waiter = asyncio.ensure_future(self.runtime.wait(futures, calls, timeout))
@@ -485,6 +495,7 @@ class Worker:
         finally:
             self.parked.pop(ctx.request_id, None)
             await self.baton.acquire(high=True)
+            self._hold(ctx.request_id, ctx.function)
             if careful:
                 await self._mark_current(ctx.request_id)
 

@@ -90,6 +90,11 @@ class Keys:
         return f"{self.prefix}logs"
 
     @property
+    def failures(self) -> str:
+        """LIST: ids of the most recent failed requests, newest first (capped at 200)."""
+        return f"{self.prefix}failures"
+
+    @property
     def dead_letters(self) -> str:
         """LIST: undecodable payloads taken off a queue, kept for inspection."""
         return f"{self.prefix}dead"

@@ -63,8 +63,10 @@ for i = 6, #ARGV, 6 do
       new = new + 1
       if graph_ttl > 0 then
         local c = p .. 'call:' .. id
+        local state = 'queued'
+        if mode == 'l' then state = 'local' end
         redis.call('HSET', c, 'fn', ARGV[i + 4], 'args', ARGV[i + 5], 'parent', parent,
-                   'pool', pool, 'state', 'queued', 'submitted', t)
+                   'pool', pool, 'state', state, 'submitted', t)
         redis.call('EXPIRE', c, graph_ttl)
       end
     end
@@ -130,7 +132,12 @@ for i = 4, #ARGV, 5 do
   local c = p .. 'call:' .. id
   if redis.call('EXISTS', c) == 1 then
     local state = 'done'
-    if string.sub(result, 1, 1) == 'E' then state = 'failed'; failed = failed + 1 end
+    if string.sub(result, 1, 1) == 'E' then
+      state = 'failed'
+      failed = failed + 1
+      redis.call('LPUSH', p .. 'failures', id)
+      redis.call('LTRIM', p .. 'failures', 0, 199)
+    end
     redis.call('HSET', c, 'state', state, 'worker', worker, 'started', ARGV[i + 3],
                'finished', t, 'summary', ARGV[i + 4])
   end
