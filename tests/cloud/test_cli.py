@@ -91,6 +91,7 @@ def test_a_broken_config_is_explained(run, tmp_path: Path) -> None:
     assert "nat = 'box'" in result.stderr and "'instance' or 'gateway'" in result.stderr
 
 
+@pytest.mark.slow
 def test_setup_status_teardown_from_the_command_line(run, toml: Path, aws, boto) -> None:
     planned = run("plan", "--config", str(toml))
     assert planned.exit_code == 0, planned.output
@@ -139,6 +140,7 @@ def test_teardown_wants_confirmation(run, toml: Path, aws) -> None:
     assert "--yes" in result.stderr
 
 
+@pytest.mark.slow
 def test_teardown_refuses_with_a_live_fleet(run, toml: Path, aws, boto) -> None:
     assert run("setup", "--config", str(toml)).exit_code == 0
     tags = [

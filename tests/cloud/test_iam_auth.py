@@ -108,6 +108,7 @@ def as_operator(monkeypatch: pytest.MonkeyPatch, keys: dict[str, str]) -> None:
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
 
 
+@pytest.mark.slow
 def test_the_operator_policy_is_enough_for_setup_status_and_teardown(
     aws, make_aws, config, boto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +132,7 @@ def test_the_operator_policy_is_enough_for_setup_status_and_teardown(
     assert len(faults.calls) > 100
 
 
+@pytest.mark.slow
 def test_a_missing_permission_is_named(aws, make_aws, config, boto, monkeypatch) -> None:
     policy = operator_policy()
     for statement in policy["Statement"]:

@@ -312,6 +312,7 @@ def test_changed_alarms_budget_and_keys_converge(
     assert plan(changed, aws=aws_).changes == []
 
 
+@pytest.mark.slow
 def test_switching_between_nat_instance_and_gateway(done, make_config, make_aws, boto) -> None:
     gateway = make_config(nat="gateway")
     aws_, _, _ = make_aws(gateway)
@@ -588,6 +589,7 @@ def _leftovers(boto, subnet: str) -> None:
         boto("s3").put_object(Bucket=bucket, Key=f"artifacts/{i}.whl", Body=b"x" * 100)
 
 
+@pytest.mark.slow
 def test_teardown_deletes_everything_and_proves_it(done, make_aws, boto) -> None:
     config = done[0]
     res = account_resources(config, aws=done[1])
@@ -666,6 +668,7 @@ def test_teardown_retries_dependency_violations(done, make_aws, boto) -> None:
     assert counts(inventory(boto)) == dict.fromkeys(EXPECTED_AFTER_SETUP, 0)
 
 
+@pytest.mark.slow
 def test_a_failed_deletion_is_reported_and_the_rest_still_goes(done, make_aws, boto) -> None:
     config = done[0]
     aws_, faults, sleeps = make_aws(config)
@@ -689,6 +692,7 @@ def test_a_failed_deletion_is_reported_and_the_rest_still_goes(done, make_aws, b
 # ------------------------------------------------- the operator's permissions
 
 
+@pytest.mark.slow
 def test_every_call_is_covered_by_the_operator_policy(make_aws, config, boto) -> None:
     """Record every API call of plan/setup/status/teardown; each must be allowed."""
     from pygirder.cloud.policy import allows_action, iam_action, operator_policy

@@ -312,42 +312,50 @@ def _print_warnings(report: Report) -> None:
 
 
 def _counts(items: list, *, done: bool = False) -> str:
-    past = {"create": "created", "update": "updated", "replace": "replaced", "delete": "deleted"}
     counts: dict[str, int] = {}
     for item in items:
         counts[item.action.value] = counts.get(item.action.value, 0) + 1
-    return ", ".join(f"{n} {past.get(a, a) if done else a}" for a, n in counts.items())
+    return ", ".join(f"{n} {_PAST.get(a, a) if done else a}" for a, n in counts.items())
 
 
 def _plan_table(report: Report, *, title: str, done: bool = False) -> Table:
-    table = Table(title=title, title_justify="left", expand=False)
-    table.add_column("Resource", no_wrap=True)
-    table.add_column("Name", overflow="fold")
-    table.add_column("Done" if done else "Action", no_wrap=True)
-    table.add_column("Id", overflow="fold")
-    table.add_column("Details", overflow="fold")
+    rows = []
     for item in report.items:
         action = item.action.value if item.action else ""
         if done and item.action is not None:
-            action = {"create": "created", "update": "updated", "replace": "replaced"}.get(
-                action, "deleted" if action == "delete" else action
-            )
+            action = _PAST.get(action, action)
         style = _ACTION_STYLE.get(item.action.value if item.action else "", "")
-        table.add_row(
-            escape(item.title),
-            escape(item.name),
-            f"[{style}]{escape(action)}[/]" if style else escape(action),
-            escape(_short_id(item)),
-            escape(item.detail),
+        rows.append(
+            (
+                escape(item.title),
+                _name_cell(item),
+                f"[{style}]{escape(action)}[/]" if style else escape(action),
+                escape(item.detail),
+            )
         )
+    headers = ("Resource", "Name / id", "Done" if done else "Action", "Details")
+    return _table(title, headers, rows, keep=3)
+
+
+_PAST = {"create": "created", "update": "updated", "replace": "replaced", "delete": "deleted"}
+
+
+def _table(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]], keep: int) -> Table:
+    """A table without the columns that are empty in every row (beyond the first
+    ``keep``), so what matters gets the width; only the last column wraps."""
+    shown = [i for i in range(len(headers)) if i < keep or any(row[i] for row in rows)]
+    table = Table(title=title, title_justify="left", expand=False)
+    for i in shown:
+        table.add_column(headers[i], no_wrap=i != shown[-1], overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
     return table
 
 
 def _status_table(report: Report, *, title: str) -> Table:
     table = Table(title=title, title_justify="left", expand=False, show_footer=True)
     table.add_column("Resource", no_wrap=True, footer="Idle cost")
-    table.add_column("Name", overflow="fold")
-    table.add_column("Id", overflow="fold")
+    table.add_column("Name / id", no_wrap=True)
     table.add_column("State", no_wrap=True)
     table.add_column(
         "$/month", justify="right", no_wrap=True, footer=f"${report.total_monthly_usd:,.2f}"
@@ -363,18 +371,17 @@ def _status_table(report: Report, *, title: str) -> Table:
             cost = f"{item.monthly_usd:,.2f}"
         style = _STATE_STYLE.get(item.state, "")
         state = f"[{style}]{escape(item.state)}[/]" if style else escape(item.state)
-        table.add_row(
-            escape(item.title),
-            escape(item.name),
-            escape(_short_id(item)),
-            state,
-            cost,
-            escape(item.detail),
-        )
+        table.add_row(escape(item.title), _name_cell(item), state, cost, escape(item.detail))
     table.caption = "Costs: us-east-1 list prices, excluding usage (requests, data transfer)." + (
         " '?': price unknown for that instance type." if unknown else ""
     )
     return table
+
+
+def _name_cell(item) -> str:
+    """The resource's name, and below it (dimmed) its id when the name is not it."""
+    short = _short_id(item)
+    return escape(item.name) + (f"\n[dim]{escape(short)}[/]" if short else "")
 
 
 def _short_id(item) -> str:
@@ -385,8 +392,13 @@ def _short_id(item) -> str:
         return ""
     if rid.startswith("arn:"):
         tail = re.split(r"[:/]", rid)[-1]
+        if _UUID_RE.match(tail):
+            return tail[:8] + "…"
         return "" if tail == item.name else tail
     return rid
+
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 # ---------------------------------------------------------------- init helpers

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aws import AccessDeniedError, Aws, CloudError
+from .aws import AccessDeniedError, Aws, CloudError, CredentialsError
 from .config import CloudConfig, CloudConfigError
 from .policy import instance_role_policy, instance_trust_policy, partition
 from .tags import (
@@ -45,6 +45,7 @@ from .tags import (
     TAG_FLEET,
     TAG_MANAGED,
     TAG_NAME,
+    TAG_ROLE,
     as_tag_list,
     ec2_filters,
     from_tag_list,
@@ -1891,7 +1892,7 @@ class NatInstance(Ec2Kind):
         return instance_monthly_usd(ctx, found.data)
 
     def describe(self, ctx: Ctx, found: Found) -> str:
-        return f"{found.data.get('InstanceType', '')}, {found.state}"
+        return str(found.data.get("InstanceType", ""))
 
 
 class NatAddress(Ec2Kind):
@@ -2077,6 +2078,11 @@ class BillingEmail(Kind):
         )["SubscriptionArn"]
         ctx.say(f"  AWS sent a confirmation e-mail to {ctx.config.alert_email}: click its link")
         return Found(id=arn, name=self.label(ctx), state="pending confirmation")
+
+    def describe(self, ctx: Ctx, found: Found) -> str:
+        if found.state == "pending confirmation":
+            return "pending: click the link in the e-mail from AWS"
+        return ""
 
     def delete(self, ctx: Ctx, found: Found) -> None:
         if found.id.startswith("arn:"):  # a pending subscription cannot be removed
@@ -2328,7 +2334,8 @@ class Budget(Kind):
             ],
             ResourceTags=as_tag_list(ctx.tags(self.key)),
         )
-        return Found(id=name, name=name, arn=self.budget_arn(ctx))
+        limit = {"Amount": f"{ctx.config.budget_usd:.2f}", "Unit": "USD"}
+        return Found(id=name, name=name, arn=self.budget_arn(ctx), data={"BudgetLimit": limit})
 
     def delete(self, ctx: Ctx, found: Found) -> None:
         ctx.delete(
@@ -2388,7 +2395,7 @@ class Instances(Kind):
                 if tags.get(TAG_FLEET):
                     label = f"fleet {tags[TAG_FLEET]}"
                 else:
-                    label = tags.get("pygirder:role", "instance")
+                    label = tags.get(TAG_ROLE, "instance")
                 out.append(
                     Found(id=inst["InstanceId"], name=label, state=inst["State"]["Name"], data=inst)
                 )
@@ -2785,6 +2792,7 @@ def setup(
         ctx.found[kind.key] = [result]
         item.id, item.state = result.id, result.state
         item.name = result.name or item.name
+        item.detail = "; ".join(filter(None, [item.detail, kind.describe(ctx, result)]))
         report.items.append(item)
     for kind, item, found in reversed(deletions):
         ctx.say(f"deleting {kind.title} {item.name} ({found.id}): {item.detail}")
@@ -2883,6 +2891,8 @@ def teardown(
             try:
                 kind.delete(ctx, found)
                 item.state = "deleted"
+            except CredentialsError:
+                raise  # every later call would fail the same way
             except CloudError as exc:
                 ctx.failed = True
                 item.action, item.state, item.detail = Action.FAILED, "failed", str(exc)
@@ -3056,13 +3066,14 @@ def start_nat(config: CloudConfig, *, aws: Aws | None = None, wait: bool = True)
         if config.nat == "gateway":
             return None
         raise NotSetUpError("no NAT instance: run `pygirder cloud setup`", missing=[nat.key])
-    iid = found[0].id
-    if found[0].state != "running":
-        if found[0].state == "stopping":
-            nat._wait_state(ctx, iid, "stopped")
+    iid, state = found[0].id, found[0].state
+    if state == "stopping":
+        nat._wait_state(ctx, iid, "stopped")
+        state = "stopped"
+    if state == "stopped":
         ctx.ec2("start_instances", InstanceIds=[iid])
-        if wait:
-            nat._wait_state(ctx, iid, "running")
+    if wait and state != "running":
+        nat._wait_state(ctx, iid, "running")
     return iid
 
 
