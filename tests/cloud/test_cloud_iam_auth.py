@@ -13,7 +13,7 @@ twin of ``set_initial_no_auth_action_count``).  Its evaluator is basic, though:
 So the user gets :func:`moto_view` of the real policy: for every operation of the
 services pygirder uses whose IAM action the real policy allows, moto's name for that
 operation, on ``"*"``.  That checks the *actions* of the policy are sufficient; the
-resource scoping and conditions are checked by test_policy.py instead.
+resource scoping and conditions are checked by test_cloud_policy.py instead.
 """
 
 from __future__ import annotations
