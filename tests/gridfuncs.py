@@ -202,3 +202,50 @@ def cyc_b(n: int) -> int:
 @pygirder.fn
 def big_bytes(n: int) -> bytes:
     return b"x" * n
+
+
+# --- pools and sharing --------------------------------------------------------------
+def _here() -> tuple[str, str]:
+    from pygirder.grid.context import current_request
+
+    ctx = current_request.get()
+    assert ctx is not None
+    return ctx.worker.pool, ctx.worker.id
+
+
+def burn(ms: float) -> None:
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+
+
+@pygirder.fn
+def pool_of(i: int, ms: float) -> str:
+    burn(ms)
+    return _here()[0]
+
+
+@pygirder.fn(pool="big")
+def on_big(i: int) -> str:
+    return _here()[0]
+
+
+@pygirder.fn
+def spawn(n: int, ms: float) -> list[str]:
+    """Children name no pool: they go to the pool this call runs in."""
+    return pygirder.wait(*(pool_of(i, ms) for i in range(n)))
+
+
+@pygirder.fn
+def worker_of(i: int, ms: float) -> str:
+    burn(ms)
+    return _here()[1]
+
+
+@pygirder.fn
+def skewed(n: int, seed: int) -> list[str]:
+    """One parent, n CPU-bound children with log-normal durations (median 10 ms)."""
+    import random
+
+    rng = random.Random(seed)
+    return pygirder.wait(*(worker_of(i, 10 * rng.lognormvariate(0, 0.8)) for i in range(n)))

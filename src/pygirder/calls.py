@@ -141,7 +141,7 @@ class GridFunction(Generic[P, R]):
             except TypeError as exc:
                 raise GridFunctionError(f"{self.name}{self._plain_signature()}: {exc}") from None
             bound.apply_defaults()
-            return Call(self, dict(bound.arguments), pool=pool or self.pool or "default")
+            return Call(self, dict(bound.arguments), pool=pool or self.pool)
 
         return make
 
@@ -212,7 +212,10 @@ class Call(Generic[R]):
 
     __slots__ = ("_args_bytes", "_id", "arguments", "function", "pool")
 
-    def __init__(self, function: GridFunction[..., R], arguments: dict[str, Any], pool: str):
+    def __init__(
+        self, function: GridFunction[..., R], arguments: dict[str, Any], pool: str | None
+    ) -> None:
+        # pool None: the caller's pool (a worker's own pool, or the grid's default)
         self.function = function
         self.arguments = arguments
         self.pool = pool

@@ -79,6 +79,23 @@ def worker(
 
 
 @service(app, stop="flag")
+def distributor(
+    ctx: ServiceContext,
+    redis: RedisOpt = DEFAULT_URL,
+    pool: Annotated[str, typer.Option(help="The child pool it serves.")] = "default",
+    parent: Annotated[str, typer.Option(help="The parent pool it links the child to.")] = "",
+    namespace: NamespaceOpt = "default",
+) -> dict:
+    """Link a pool to a parent pool: volunteer its idle workers up, pass its overflow up."""
+    from ..errors import ConfigError
+    from ..grid.distributor import run_distributor
+
+    if not parent:
+        raise ConfigError("--parent is required: the pool this distributor links --pool to")
+    return run_distributor(redis, pool=pool, parent=parent, namespace=namespace)
+
+
+@service(app, stop="flag")
 def server(
     ctx: ServiceContext,
     port: Annotated[int, typer.Option(help="TCP port.")] = 6379,

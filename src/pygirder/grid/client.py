@@ -263,7 +263,7 @@ class Grid:
     # -- sync API ---------------------------------------------------------------
     async def _gather(self, calls: list[Call[Any]], timeout: float | None) -> list[Any]:
         rt = self._require()
-        futures, _, _ = await rt.submit(calls)
+        futures, _, _ = await rt.submit(calls, local_pool=self.pool)
         return await rt.wait(futures, calls, timeout)
 
     def run(self, call: Call[R], timeout: float | None = None) -> R:
@@ -288,7 +288,7 @@ class Grid:
         result = GridFuture(call)
 
         async def go() -> None:
-            futures, _, _ = await rt.submit([call])
+            futures, _, _ = await rt.submit([call], local_pool=self.pool)
             try:
                 data = await asyncio.shield(futures[0])
             except asyncio.CancelledError:
@@ -407,7 +407,7 @@ class Grid:
                 index += 1
             for _ in calls:
                 await slots.acquire()
-            submitted, _, _ = await rt.submit(calls)
+            submitted, _, _ = await rt.submit(calls, local_pool=self.pool)
             for f in submitted:
                 f.add_done_callback(release)
             futures.extend(submitted)

@@ -362,7 +362,7 @@ class Runtime:
         calls: Iterable[Call[Any]],
         *,
         owner: str = "",
-        local_pool: str | None = None,
+        local_pool: str = "default",
         parent: str = "",
     ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]], list[str]]:
         """Submit-or-subscribe every call.
@@ -385,11 +385,12 @@ class Runtime:
                     fut.set_result(cached)
                 else:
                     self._waiting[request_id] = fut
-                    mode = "l" if owner and call.pool == local_pool else "q"
+                    pool = call.pool or local_pool
+                    mode = "l" if owner and pool == local_pool else "q"
                     payload = call.payload()
-                    self._resubmit[request_id] = (payload, call.pool, call.function.name)
+                    self._resubmit[request_id] = (payload, pool, call.function.name)
                     summary = summarize(call.arguments) if self.graph_ttl else ""
-                    args += [request_id, payload, call.pool, mode, call.function.name, summary]
+                    args += [request_id, payload, pool, mode, call.function.name, summary]
                     sent.append((request_id, payload, mode))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []

@@ -340,7 +340,7 @@ class Worker:
                 await asyncio.sleep(0.2)
                 return
             if moved is not None:
-                await self._take(moved.decode())
+                await self._take(moved)  # bytes: a junk id need not be valid UTF-8
         else:  # woken by local work while the blocking take is still outstanding
             await self._mark_idle(False)
 
@@ -355,14 +355,14 @@ class Worker:
             await self.runtime.redis.hdel(key, self.id)
         self._idle_marked = idle
 
-    async def _take(self, moved: str | None = None) -> int:
+    async def _take(self, moved: bytes | None = None) -> int:
         self._taking += 1
         try:
             return await self._take_once(moved)
         finally:
             self._taking -= 1
 
-    async def _take_once(self, moved: str | None) -> int:
+    async def _take_once(self, moved: bytes | None) -> int:
         args: list[Any] = [self.keys.prefix, self.pool, self.id, self.take_batch]
         if moved is not None:
             args.append(moved)
@@ -574,8 +574,8 @@ class Worker:
             return
         assert self.runtime.redis is not None
         listed = await self.runtime.redis.lrange(self.keys.inflight(self.id), 0, -1)
-        known = set(self.running) | {rid for rid, _, _ in self.stack}
-        strays = [i.decode() for i in listed if i.decode() not in known]
+        known = {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
+        strays = [i for i in listed if i not in known]
         if strays and not self._taking and self._fetch is None:
             await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *strays])
 
@@ -623,6 +623,8 @@ class Worker:
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.hdel(self.keys.workers, worker_id)
                 pipe.hdel(self.keys.idle(info.get("pool", self.pool)), worker_id)
+                if info.get("parent"):  # a distributor also stood in for its parent pool
+                    pipe.hdel(self.keys.idle(info["parent"]), worker_id)
                 pipe.hincrby(self.keys.stats, "dead_workers", 1)
                 await pipe.execute()
             log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",

@@ -309,6 +309,44 @@ return {}
 """
 
 
+DISTRIBUTE = """
+-- ARGV: prefix, child pool, parent pool, distributor id, max moves per tick
+-- One tick of a distributor linking a child pool to its parent (Girder's hierarchy):
+--  * volunteers down: while the child pool has more idle workers than queued requests,
+--    requests move from the parent queue to the child queue;
+--  * overflow up: while the parent pool has idle takers (sibling distributors that
+--    volunteered) and the child queue holds more than its idle workers can take,
+--    requests move from the child queue to the parent queue;
+--  * the distributor stands in as an idle worker of the parent pool while its child
+--    pool has spare workers, and as an idle worker of the child pool while the parent
+--    has spare takers, so workers' sharing and sibling distributors see the capacity.
+-- Returns {moved down, moved up}.
+local p, child, parent, me, max = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local cq, pq = p .. 'q:' .. child, p .. 'q:' .. parent
+local cidle_key, pidle_key = p .. 'idle:' .. child, p .. 'idle:' .. parent
+local child_idle = redis.call('HLEN', cidle_key) - redis.call('HEXISTS', cidle_key, me)
+local parent_idle = redis.call('HLEN', pidle_key) - redis.call('HEXISTS', pidle_key, me)
+local child_q, parent_q = redis.call('LLEN', cq), redis.call('LLEN', pq)
+local down, up = 0, 0
+while down < max and child_idle > child_q + down and parent_q - down > 0 do
+  redis.call('LMOVE', pq, cq, 'RIGHT', 'LEFT')
+  down = down + 1
+end
+child_q, parent_q = child_q + down, parent_q - down
+while up < max and child_q - up > child_idle and parent_idle > parent_q + up do
+  redis.call('LMOVE', cq, pq, 'LEFT', 'LEFT')
+  up = up + 1
+end
+local now = redis.call('TIME')[1]
+if child_idle > child_q then redis.call('HSET', pidle_key, me, now)
+else redis.call('HDEL', pidle_key, me) end
+if parent_idle > parent_q then redis.call('HSET', cidle_key, me, now)
+else redis.call('HDEL', cidle_key, me) end
+if down + up > 0 then redis.call('HINCRBY', p .. 'stats', 'distributed', down + up) end
+return {down, up}
+"""
+
+
 @dataclass(frozen=True)
 class ScriptSource:
     name: str
@@ -323,4 +361,5 @@ ALL = [
     ScriptSource("requeue", REQUEUE),
     ScriptSource("cancel", CANCEL),
     ScriptSource("reach", REACH),
+    ScriptSource("distribute", DISTRIBUTE),
 ]
