@@ -47,7 +47,7 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help=f"pygirder.toml to use [default: ${CONFIG_ENV}, else ./pygirder.toml].",
+        help=f"pygirder.toml to use (default: ${CONFIG_ENV}, else ./pygirder.toml).",
         dir_okay=False,
     ),
 ]
@@ -96,12 +96,12 @@ def init(
     ] = None,
     name: Annotated[str, typer.Option(help="Setup name (prefix of every resource).")] = "default",
     region: Annotated[str, typer.Option(help="AWS region.")] = "us-east-1",
-    zone: Annotated[str, typer.Option(help="Availability zone [default: <region>a].")] = "",
+    zone: Annotated[str, typer.Option(help="Availability zone (default: <region>a).")] = "",
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing [cloud] table.")
+        bool, typer.Option("--force", help="Replace an existing cloud table.")
     ] = False,
 ) -> None:
-    """Write a commented [cloud] table to pygirder.toml (appended if the file exists)."""
+    """Write a commented cloud table to pygirder.toml (appended if the file exists)."""
     import tomllib
 
     path = config_path(config)
@@ -123,7 +123,7 @@ def init(
         text = existing.rstrip("\n") + "\n\n" + text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    err.print(f"wrote the [cloud] table to [bold]{escape(str(path))}[/]")
+    err.print(f"wrote the \\[cloud] table to [bold]{escape(str(path))}[/]")
     if not ssh_from:
         err.print(
             "[yellow]next:[/] set [bold]ssh_from[/] to your public address "
