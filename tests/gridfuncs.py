@@ -249,3 +249,11 @@ def skewed(n: int, seed: int) -> list[str]:
 
     rng = random.Random(seed)
     return pygirder.wait(*(worker_of(i, 10 * rng.lognormvariate(0, 0.8)) for i in range(n)))
+
+
+@pygirder.fn
+def third(n: int) -> object:
+    """A result msgpack cannot carry (needs the opt-in pickle codec)."""
+    import fractions
+
+    return fractions.Fraction(1, 3) * n

@@ -243,3 +243,21 @@ def test_unreachable_server_fails_fast():
     with pytest.raises(pygirder.GridConnectionError, match="cannot reach"):
         pygirder.connect(f"redis://127.0.0.1:{_free_port()}/0", workers=0)
     assert time.monotonic() - started < 10
+
+
+def test_opt_in_pickle_results_are_signed(grid_factory, monkeypatch):
+    from fractions import Fraction
+
+    # without a shared secret, such a result is a clear error
+    plain = grid_factory(workers=1)
+    with pytest.raises(pygirder.RemoteError, match="Fraction"):
+        plain.run(gf.third(1), timeout=30)
+    monkeypatch.setenv("PYGIRDER_SECRET", "grid-secret")
+    grid = grid_factory(workers=1)  # its workers inherit the secret
+    assert grid.run(gf.third(3), timeout=30) == Fraction(1)
+    monkeypatch.setenv("PYGIRDER_SECRET", "another-secret")
+    with pytest.raises(pygirder.CodecError, match="HMAC does not verify"):
+        grid.run(gf.third(6), timeout=30)
+    monkeypatch.delenv("PYGIRDER_SECRET")
+    with pytest.raises(pygirder.CodecError, match="no PYGIRDER_SECRET"):
+        grid.run(gf.third(9), timeout=30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -57,3 +58,19 @@ def max_result_bytes() -> int:
 
     return int(_env_float("PYGIRDER_MAX_RESULT_BYTES", DEFAULT_LIMITS["max_result_bytes"],
                           minimum=1))  # fmt: skip
+
+
+def pickle_codec() -> Any:
+    """The opt-in pickle codec for results, when ``PYGIRDER_SECRET`` is set (else None).
+
+    Every member of the grid must share the secret: results msgpack cannot carry are
+    then pickled and HMAC-signed, and a result whose signature does not verify is
+    refused before it is unpickled.  Request ids still come from msgpack, so arguments
+    must stay plain data.
+    """
+    secret = os.environ.get("PYGIRDER_SECRET")
+    if not secret:
+        return None
+    from .codec import PickleCodec
+
+    return PickleCodec(secret)

@@ -25,7 +25,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from .. import codec, settings
-from ..errors import CallLink, GridConnectionError, GridTimeout, RemoteError
+from ..errors import (
+    CallLink,
+    CodecError,
+    GridConnectionError,
+    GridTimeout,
+    PayloadTooLarge,
+    RemoteError,
+)
 from ..store import scripts
 from ..store.keys import CALL_GRAPH_TTL_S, Keys
 
@@ -36,8 +43,9 @@ log = logging.getLogger("pygirder.grid")
 
 ID_LEN = 40
 # A result envelope is one status byte followed by the codec's encoding of the value
-# (OK) or of the error's fields (ERR).
-OK, ERR = b"O", b"E"
+# (OK), of a value msgpack cannot carry, pickled and signed (PICKLED, only on grids
+# that share PYGIRDER_SECRET), or of the error's fields (ERR).
+OK, PICKLED, ERR = b"O", b"P", b"E"
 
 
 def new_process_id(kind: str) -> str:
@@ -45,7 +53,15 @@ def new_process_id(kind: str) -> str:
 
 
 def encode_ok(value: Any, *, name: str, limit: int | None) -> bytes:
-    return OK + codec.encode(value, path=f"result of {name}", limit=limit)
+    try:
+        return OK + codec.encode(value, path=f"result of {name}", limit=limit)
+    except PayloadTooLarge:
+        raise
+    except CodecError:
+        pickler = settings.pickle_codec()
+        if pickler is None:
+            raise
+        return PICKLED + pickler.encode(value, path=f"result of {name}", limit=limit)
 
 
 def encode_error(error: RemoteError) -> bytes:
@@ -55,10 +71,19 @@ def encode_error(error: RemoteError) -> bytes:
 def decode_envelope(data: bytes) -> Any:
     """The value of a result envelope, or raise the RemoteError it holds."""
     body = memoryview(data)[1:]
-    if data[:1] == OK:
+    kind = data[:1]
+    if kind == OK:
         return codec.decode(body, path="result")
-    if data[:1] == ERR:
+    if kind == ERR:
         raise RemoteError.from_dict(codec.decode(body, path="error"))
+    if kind == PICKLED:
+        pickler = settings.pickle_codec()
+        if pickler is None:
+            raise CodecError(
+                "the result is a signed pickle, but this process has no PYGIRDER_SECRET: "
+                "set the grid's shared secret to read it"
+            )
+        return pickler.decode(body, path="result")
     raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
 
 
