@@ -118,6 +118,13 @@ class GridFunction(Generic[P, R]):
         self.name = f"{_module_name(func.__module__)}:{func.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(func)
         self.signature = inspect.signature(func)
+        params = list(self.signature.parameters.values())
+        self._simple: tuple[tuple[str, ...], dict[str, Any]] | None = None
+        if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            self._simple = (
+                tuple(p.name for p in params),
+                {p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
+            )
         self.version = version
         self.fingerprint = f"v:{version}" if version is not None else fingerprint(func)
         self.pool = pool
@@ -136,14 +143,28 @@ class GridFunction(Generic[P, R]):
         """Per-call overrides: ``price.options(pool="big")(1, 2)``."""
 
         def make(*args: P.args, **kwargs: P.kwargs) -> Call[R]:
-            try:
-                bound = self.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise GridFunctionError(f"{self.name}{self._plain_signature()}: {exc}") from None
-            bound.apply_defaults()
-            return Call(self, dict(bound.arguments), pool=pool or self.pool)
+            return Call(self, self._bind(args, kwargs), pool=pool or self.pool)
 
         return make
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Bound arguments with defaults applied, by name in signature order."""
+        simple = self._simple
+        if simple is not None and not kwargs and len(args) <= len(simple):
+            # fast path: positional arguments of a plain signature (the common case)
+            names, defaults = simple
+            arguments = dict(zip(names, args, strict=False))
+            missing = names[len(args) :]
+            if all(n in defaults for n in missing):
+                for name in missing:
+                    arguments[name] = defaults[name]
+                return arguments
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise GridFunctionError(f"{self.name}{self._plain_signature()}: {exc}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     def _plain_signature(self) -> str:
         empty = inspect.Parameter.empty

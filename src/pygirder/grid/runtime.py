@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -100,6 +101,15 @@ def summarize(value: Any, limit: int = 200) -> str:
     except Exception:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def call_summary(call: Call[Any]) -> str:
+    """The call graph's argument summary: plain repr when the arguments are small."""
+    if len(call.args_bytes) <= 160:
+        text = repr(call.arguments)
+        if len(text) <= 200:
+            return text
+    return summarize(call.arguments)
 
 
 def describe_exception(exc: BaseException, request_id: str, function: str) -> RemoteError:
@@ -273,14 +283,19 @@ class Runtime:
         ids = [i for i in self._waiting if i in self._resubmit]
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
-            args: list[Any] = [self.keys.prefix, self.inbox, "", "", self.graph_ttl]
+            items: list[Any] = []
             for request_id in batch:
                 payload, pool, name = self._resubmit[request_id]
-                args += [request_id, payload, pool, "q", name, ""]
-            replies = await self.script("submit", args)
+                items += [request_id, payload, pool, "q", name, ""]
+            replies = await self.script("submit", self._submit_args("", "", items))
             for request_id, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, bytes):
                     self.resolve(request_id, reply)
+
+    def _submit_args(self, owner: str, parent: str, items: list[Any]) -> list[Any]:
+        # msgpack "raw" (no bin type): the server's Lua cmsgpack reads it as strings
+        blob = msgpack.packb(items, use_bin_type=False)
+        return [self.keys.prefix, self.inbox, owner, parent, self.graph_ttl, blob]
 
     async def cancel(self, request_ids: Sequence[str]) -> list[str]:
         """Stop waiting for these requests; those nobody else waits for and that have not
@@ -399,7 +414,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
-        args: list[Any] = [self.keys.prefix, self.inbox, owner, parent, self.graph_ttl]
+        items: list[Any] = []
         for call in calls:
             request_id = call.id
             fut = self._waiting.get(request_id)
@@ -414,8 +429,8 @@ class Runtime:
                     mode = "l" if owner and pool == local_pool else "q"
                     payload = call.payload()
                     self._resubmit[request_id] = (payload, pool, call.function.name)
-                    summary = summarize(call.arguments) if self.graph_ttl else ""
-                    args += [request_id, payload, pool, mode, call.function.name, summary]
+                    summary = call_summary(call) if self.graph_ttl else ""
+                    items += [request_id, payload, pool, mode, call.function.name, summary]
                     sent.append((request_id, payload, mode))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []
@@ -423,7 +438,7 @@ class Runtime:
         if not sent:
             return futures, new_local, shared
         try:
-            replies = await self.script("submit", args)
+            replies = await self.script("submit", self._submit_args(owner, parent, items))
         except BaseException as exc:
             for request_id, _, _ in sent:
                 self._resubmit.pop(request_id, None)

@@ -22,17 +22,20 @@ INLINE_RESULT_LIMIT = 16 * 1024
 
 SUBMIT = """
 -- ARGV: prefix, inbox key ('' for none), owner (worker id or ''), parent request id
---       ('' for top-level calls), call-graph TTL (0: no call graph), then groups of 6:
---       id, payload, pool, mode ('l' local stack of owner, 'q' pool queue), function, args
+--       ('' for top-level calls), call-graph TTL (0: no call graph), then one msgpack
+--       array (packed by the client: cheaper than thousands of ARGV entries) of groups
+--       of 6: id, payload, pool, mode ('l' local stack of owner, 'q' pool queue),
+--       function, args summary
 -- Returns per request: the stored result (bulk) if done, 0 if already pending, 1 if new.
 local p, inbox, owner, parent = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local graph_ttl = tonumber(ARGV[5])
+local items = cmsgpack.unpack(ARGV[6])
 local now = redis.call('TIME')
 local t = now[1] + now[2] / 1e6
 local out = {}
 local new, cached, shared = 0, 0, 0
-for i = 6, #ARGV, 6 do
-  local id, payload, pool, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 1, #items, 6 do
+  local id, payload, pool, mode = items[i], items[i + 1], items[i + 2], items[i + 3]
   if graph_ttl > 0 and parent ~= '' then
     local kids = p .. 'kids:' .. parent
     redis.call('SADD', kids, id)
@@ -65,7 +68,7 @@ for i = 6, #ARGV, 6 do
         local c = p .. 'call:' .. id
         local state = 'queued'
         if mode == 'l' then state = 'local' end
-        redis.call('HSET', c, 'fn', ARGV[i + 4], 'args', ARGV[i + 5], 'parent', parent,
+        redis.call('HSET', c, 'fn', items[i + 4], 'args', items[i + 5], 'parent', parent,
                    'pool', pool, 'state', state, 'submitted', t)
         redis.call('EXPIRE', c, graph_ttl)
       end
