@@ -257,3 +257,12 @@ def third(n: int) -> object:
     import fractions
 
     return fractions.Fraction(1, 3) * n
+
+
+@pygirder.fn
+def noisy(i: int) -> int:
+    import logging
+
+    logging.getLogger("gridfuncs").warning("hello from call %d", i)
+    time.sleep(0.05)
+    return i

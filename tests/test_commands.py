@@ -88,3 +88,29 @@ def test_demo_runs_and_checks_itself():
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok") >= 3 and "FAILED" not in out.stdout
     assert "45 unique calls" in out.stdout  # (8+1)(8+2)/2
+
+
+def test_logs_of_worker_processes_reach_the_grid_stream(grid_factory):
+    from pygirder.logs import read_logs
+
+    grid = grid_factory(workers=2)
+    calls = [gf.noisy(i) for i in range(12)]
+    assert grid.wait(calls, timeout=30) == list(range(12))
+    client = redis.Redis.from_url(grid.url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            entries = [e for e in read_logs(client, grid.namespace, count=500)
+                       if "hello from call" in e.message]  # fmt: skip
+            if len(entries) >= 12 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        client.close()
+    assert len(entries) == 12
+    assert len({e.process for e in entries}) == 2  # both worker processes
+    assert {e.request for e in entries} == {c.id for c in calls}
+    out = pygirder_cmd("logs", "--redis", grid.url, "--namespace", grid.namespace,
+                       "--level", "WARNING", "-n", "50")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("hello from call") == 12

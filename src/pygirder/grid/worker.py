@@ -549,15 +549,22 @@ class Worker:
 
     # -- sharing ----------------------------------------------------------------
     async def _share_loop(self) -> None:
+        """Offer surplus work to the pool: keep what this worker gets through in one
+        period, offer half the rest.  The period backs off (up to 8x) while nobody takes
+        anything, and snaps back when an offer is taken."""
         last = self.processed
+        period = self.share_period
         while True:
-            await asyncio.sleep(self.share_period)
+            await asyncio.sleep(period)
             recent, last = self.processed - last, self.processed
             excess = len(self.stack) - max(1, recent)
-            if excess > 0:
-                await self._share((excess + 1) // 2)
+            if excess <= 0:
+                period = self.share_period
+                continue
+            moved = await self._share((excess + 1) // 2)
+            period = self.share_period if moved else min(2 * period, 8 * self.share_period)
 
-    async def _share(self, count: int, *, force: bool = False) -> None:
+    async def _share(self, count: int, *, force: bool = False) -> int:
         """Offer the ``count`` oldest stack entries to the pool (all of them if ``force``)."""
         candidates = self.stack[:count]
         del self.stack[:count]
@@ -574,6 +581,7 @@ class Worker:
         finally:
             kept = [item for item in candidates if item[0].encode() not in moved]
             self.stack[0:0] = kept
+        return len(moved)
 
     # -- liveness -------------------------------------------------------------------
     async def _reconcile_inflight(self) -> None:
@@ -703,8 +711,14 @@ def run_worker(
     main_path: str | None = None,
     worker_id: str | None = None,
     result_ttl: int = 0,
+    log_level: str | None = "INFO",
 ) -> dict[str, Any]:
-    """Run one worker in this process until SIGTERM/SIGINT; returns what it did."""
+    """Run one worker in this process until SIGTERM/SIGINT; returns what it did.
+
+    With a ``log_level``, the process's log records at that level and above (the user
+    code's included, tagged with the request they ran for) also go to the grid's log
+    stream, where `pygirder logs` reads them.
+    """
     if result_ttl < 0:
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
     worker = Worker(
@@ -712,11 +726,21 @@ def run_worker(
         main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
     )  # fmt: skip
 
+    handler = None
+    if log_level:
+        from ..logs import install_grid_logging
+
+        handler = install_grid_logging(url, namespace, log_level, process_id=worker.id)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if handler is not None:
+            handler.close()
     return {"id": worker.id, "pool": pool, "processed": worker.processed}
