@@ -238,6 +238,7 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self.load_code()
         self.runtime.beat_hooks.append(self._register)
+        self.runtime.on_server_restart.append(self._after_server_restart)
         await self.runtime.start()
         self._blocking = await connect_redis(self.runtime.url, max_connections=1)
         background = [
@@ -255,6 +256,10 @@ class Worker:
         """Stop taking work; hand back what is queued here; finish what is running."""
         self._stopping.set()
         self._wake.set()
+
+    async def _after_server_restart(self) -> None:
+        """A fresh server has forgotten our idle mark: set it again when next idle."""
+        self._idle_marked = False
 
     async def _register(self) -> None:
         """Publish who we are and what we do; runs at every heartbeat."""
