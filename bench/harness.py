@@ -139,8 +139,10 @@ class System:
     def blobs(self, salt: str, n: int, size: int, timeout: float) -> list[bytes]:
         raise CannotExpress("not implemented")
 
-    def release_blobs(self, salt: str, n: int, size: int) -> None:
-        """B8: drop stored results of a finished run so runs do not pile up in memory."""
+    def release_blobs(self, salt: str, n: int, size: int) -> dict[str, Any]:
+        """B8: drop stored results of a finished run so runs do not pile up in memory;
+        returns figures about what was retained before that."""
+        return {}
 
     def extras(self) -> dict[str, Any]:
         """System-specific figures measured once (idle memory, per-queued-call memory)."""

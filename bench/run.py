@@ -132,8 +132,6 @@ def run_child(
         "HOME": home, "TMPDIR": home, "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
     })  # fmt: skip
-    if sizes.quick:  # a smoke test: let dead workers be noticed in seconds, not ten
-        env.setdefault("PYGIRDER_HEARTBEAT_TTL", "2")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
            "--items", ",".join(items), "--out", out_path]  # fmt: skip
     if sizes.quick:
@@ -271,7 +269,7 @@ def cell(key: str, o: dict[str, Any] | None) -> str:
     if o is None:
         return "-"
     if o["status"] != "ok":
-        reason = o.get("reason", "").splitlines()[0][:90] if o.get("reason") else ""
+        reason = o.get("reason", "").splitlines()[0][:200] if o.get("reason") else ""
         mem = f", peak {o['peak_rss_mb']:,.0f} MB" if o.get("peak_rss_mb") else ""
         return f"**{o['status']}** ({reason}{mem})"
     m = o["median"]
@@ -373,6 +371,8 @@ def table(report: dict[str, Any]) -> str:
     pyg = extras.get("pygirder", {})
     cel = extras.get("celery", {})
     lines.append("")
+    if cel and not pyg:
+        lines.append(f"- Celery: {cel.get('bytes_per_queued_call')} bytes per queued message")
     if pyg:
         celery_note = ""
         if cel:
@@ -417,6 +417,8 @@ def main(argv: list[str]) -> int:
         with open(args.table) as fh:
             print(table(json.load(fh)))
         return 0
+    if sizes.quick:  # a smoke test: let dead workers be noticed in seconds, not ten
+        os.environ.setdefault("PYGIRDER_HEARTBEAT_TTL", "2")
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(names) - set(systems.NAMES)
     wanted = [w.strip().upper() for w in (args.only or ",".join(ALL_ITEMS)).split(",")]

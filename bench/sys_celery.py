@@ -97,10 +97,11 @@ class CelerySystem(harness.System):
 
     # -- workloads ------------------------------------------------------------------
     def _get(self, result: Any, timeout: float, **kwargs: Any) -> Any:
+        """``result.get``; a group's join polls every 10 ms (Celery's default: 500 ms)."""
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         try:
-            return result.get(timeout=timeout, **kwargs)
+            return result.get(timeout=timeout, interval=0.01, **kwargs)
         except CeleryTimeout:
             raise DidNotComplete(f"no result within {timeout:.0f}s") from None
 
@@ -164,12 +165,32 @@ class CelerySystem(harness.System):
 
         ct = _tasks()
         self._last_blobs = group(ct.blob.s(salt, i, size) for i in range(n)).apply_async()
-        return self._get(self._last_blobs, timeout)
+        try:
+            return self._get(self._last_blobs, timeout)
+        except DidNotComplete as exc:
+            raise DidNotComplete(f"{exc}; {self._why_missing(self._last_blobs)}") from None
 
-    def release_blobs(self, salt: str, n: int, size: int) -> None:
+    def _why_missing(self, result: Any) -> str:
+        """Were the results stored (and only the client's wake-ups lost)?"""
+        import redis
+
+        ready = sum(1 for r in result.results if r.ready())
+        client = redis.Redis.from_url(self.valkey_url or "")
+        try:
+            dropped = client.info("stats").get("client_output_buffer_limit_disconnections", 0)
+        finally:
+            client.close()
+        return (
+            f"{ready}/{len(result.results)} results were stored in the backend; Valkey "
+            f"disconnected {dropped} client(s) over client-output-buffer-limit (the result "
+            "subscriber gets every result through pub/sub; default limit pubsub 32mb)"
+        )
+
+    def release_blobs(self, salt: str, n: int, size: int) -> dict[str, Any]:
         if self._last_blobs is not None:
             self._last_blobs.forget()  # results live in the backend for result_expires
             self._last_blobs = None
+        return {}
 
     def extras(self) -> dict[str, Any]:
         """Valkey memory per queued message (10,000 sent to a queue nobody consumes)."""

@@ -149,17 +149,25 @@ class PygirderSystem(harness.System):
         except pygirder.GridTimeout as exc:
             raise DidNotComplete(str(exc)) from None
 
-    def release_blobs(self, salt: str, n: int, size: int) -> None:
-        """Delete the stored results and empty the client's result cache.
+    def release_blobs(self, salt: str, n: int, size: int) -> dict[str, Any]:
+        """Measure what the run left behind, then free it.
 
-        Results have no TTL by default (they are the memo), and every process keeps
-        the last 4096 results it saw, whatever their size: without this, 6 runs of
-        200 x 10 MB would keep 12 GB in Valkey and in this process.
+        Results have no TTL by default (they are the memo), and every process -- the
+        client and each worker -- keeps the last 4096 results it saw whatever their size
+        (``Runtime._cache``).  Left alone, six runs of 200 x 10 MB would hold 12 GB in
+        Valkey, 12 GB in this client and 6 GB in each worker, so after recording how much
+        was retained this deletes the results, empties the client cache and restarts the
+        workers (outside the measured time).
         """
         import redis
 
         from pygirder.store.keys import Keys
 
+        retained = {
+            "retained_client_rss_mb": round(psutil.Process().memory_info().rss / harness.MB),
+            "retained_worker_rss_mb": round(sum(self.worker_rss()) / harness.MB),
+            "retained_valkey_mb": round(harness.used_memory(self.url) / harness.MB),
+        }
         keys = Keys(NAMESPACE)
         client = redis.Redis.from_url(self.url)
         try:
@@ -171,6 +179,8 @@ class PygirderSystem(harness.System):
         runtime = self.g.runtime
         assert runtime is not None
         runtime._cache.clear()  # private: the harness, not users, needs to do this
+        self.restart_workers()
+        return retained
 
     def worker_rss(self) -> list[int]:
         out = []

@@ -399,11 +399,12 @@ def b8(ctx: Context) -> dict[str, Outcome]:
             wall = time.perf_counter() - started
             good = all(common.check_payload(i, size, v) for i, v in enumerate(values))
             del values
-            sys_.release_blobs(salt, n, size)
+            retained = sys_.release_blobs(salt, n, size)
             return {
                 "mb_per_s": round(n * size / wall / harness.MB, 1),
                 "wall_s": round(wall, 4),
                 "correct": good,
+                **retained,
             }
 
         def body(size: int = size, key: str = key) -> dict[str, Outcome]:
