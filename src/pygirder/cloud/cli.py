@@ -1,4 +1,5 @@
-"""``pygirder cloud init | plan | setup | status | teardown | policy``.
+"""``pygirder cloud init | plan | setup | status | teardown | policy``, and the groups
+``artifact``, ``image`` and ``simulate``.
 
 A Typer app (``app``) that the main CLI mounts as ``pygirder cloud``.  It imports
 without boto3: AWS code is imported inside the commands.  Tables go to stdout,
@@ -19,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, PygirderError
+from . import artifact_cli, simulate_cli
 from .config import (
     CONFIG_ENV,
     CloudConfig,
@@ -38,6 +40,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(artifact_cli.app, name="artifact")
+app.add_typer(simulate_cli.app, name="simulate")
 
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
