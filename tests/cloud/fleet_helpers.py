@@ -1,0 +1,184 @@
+"""Helpers of the fleet tests: an artifact, spot capacity shaped by the test, and
+instances that announce themselves without booting anything.
+
+``Capacity`` reshapes real CreateFleet calls to the moto server through botocore's
+``before-parameter-build``/``before-call``/``after-call`` events (the hooks botocore's
+own Stubber uses): pools the test declares empty are taken out of the request and
+reported in the response's ``Errors`` list, as EC2 reports them; a "short" answer asks
+moto for fewer instances than requested and reports the rest as missing capacity.
+Every instance that is launched is really launched by moto.
+
+``StandInAgents`` publishes the announcements an instance's agent would publish (with
+the agent's own ``publish_announcement``, through SNS to the status queue), for tests
+of the launch logic that do not need a process per instance.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pygirder.cloud.agent import Announcement, InstanceMetadata, publish_announcement
+from pygirder.cloud.fleet import TAG_LAUNCH
+from pygirder.cloud.tags import TAG_FLEET, TAG_ROLE, from_tag_list
+
+JOBS = '''\
+"""Grid functions of the fleet tests: a re-entrant sum over a tree."""
+
+import time
+
+import pygirder
+
+
+@pygirder.fn
+def tree_sum(depth: int, k: int = 0, leaf_s: float = 0.0) -> int:
+    """Sum of the leaf numbers below node k: every level waits on four sub-calls."""
+    if depth == 0:
+        time.sleep(leaf_s)
+        return k
+    parts = pygirder.wait(*(tree_sum(depth - 1, 4 * k + i, leaf_s) for i in range(4)))
+    return sum(parts)
+'''
+
+
+def write_project(root: Path) -> Path:
+    project = root / "fleetjobs"
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "fleetjobs.py").write_text(JOBS)
+    return project
+
+
+class Capacity:
+    """Spot capacity of the moto server as a test wants it (see the module docstring)."""
+
+    def __init__(self, ec2: Any, *, empty_types: set[str] = frozenset(), short: int = 0):
+        self.empty_types = set(empty_types)
+        self.short = short
+        self.requests: list[dict[str, Any]] = []
+        events = ec2.meta.events  # a client copies its session's hooks when it is made
+        events.register("before-parameter-build.ec2.CreateFleet", self._shape)
+        events.register("before-call.ec2.CreateFleet", self._short_circuit)
+        events.register("after-call.ec2.CreateFleet", self._report)
+
+    def _shape(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        config = params["LaunchTemplateConfigs"][0]
+        overrides = config["Overrides"]
+        self.requests.append(
+            {
+                "pools": [(o["InstanceType"], o["SubnetId"]) for o in overrides],
+                "capacity": params["TargetCapacitySpecification"]["TotalTargetCapacity"],
+            }
+        )
+        empty = [o for o in overrides if o["InstanceType"] in self.empty_types]
+        config["Overrides"] = [o for o in overrides if o not in empty]
+        errors = [_error(config, o) for o in empty]
+        wanted = params["TargetCapacitySpecification"]["TotalTargetCapacity"]
+        if self.short and config["Overrides"] and wanted > 1:
+            cut = min(self.short, wanted - 1)
+            self.short = 0
+            params["TargetCapacitySpecification"]["TotalTargetCapacity"] = wanted - cut
+            errors.append(_error(config, config["Overrides"][0]))
+        context["capacity_errors"] = errors
+        context["capacity_none_left"] = not config["Overrides"]
+
+    def _short_circuit(self, model: Any, context: dict[str, Any], **_: Any) -> Any:
+        if not context.get("capacity_none_left"):
+            return None
+        from botocore.awsrequest import AWSResponse
+
+        parsed = {
+            "FleetId": "fleet-00000000-0000-0000-0000-000000000000",
+            "Instances": [],
+            "Errors": context["capacity_errors"],
+            "ResponseMetadata": {"HTTPStatusCode": 200},
+        }
+        return AWSResponse("https://injected.invalid", 200, {}, None), parsed
+
+    def _report(self, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        if not context.get("capacity_none_left"):
+            parsed.setdefault("Errors", []).extend(context.get("capacity_errors", []))
+
+
+def _error(config: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "LaunchTemplateAndOverrides": {
+            "LaunchTemplateSpecification": config["LaunchTemplateSpecification"],
+            "Overrides": dict(override),
+        },
+        "Lifecycle": "spot",
+        "ErrorCode": "InsufficientInstanceCapacity",
+        "ErrorMessage": "There is no Spot capacity available that matches your request.",
+    }
+
+
+class StandInAgents(threading.Thread):
+    """Announces ``up`` and ``ready`` for every running fleet instance, except for
+    ``silent`` ones (a count per role): they never say anything, like a boot that hangs."""
+
+    def __init__(self, ec2: Any, topic_arn: str, *, silent: dict[str, int] | None = None):
+        super().__init__(name="stand-in-agents", daemon=True)
+        self.ec2 = ec2
+        self.topic_arn = topic_arn
+        self.silent = dict(silent or {})
+        self.announced: set[str] = set()
+        self.ignored: set[str] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.2):
+            reservations = self.ec2.describe_instances(
+                Filters=[
+                    {"Name": "tag-key", "Values": [TAG_FLEET]},
+                    {"Name": "instance-state-name", "Values": ["running"]},
+                ]
+            )["Reservations"]
+            for inst in [i for r in reservations for i in r["Instances"]]:
+                iid = inst["InstanceId"]
+                if iid in self.announced or iid in self.ignored:
+                    continue
+                tags = from_tag_list(inst.get("Tags"))
+                role = tags.get(TAG_ROLE, "")
+                if TAG_LAUNCH not in tags:  # not launched by `up`
+                    continue
+                if self.silent.get(role, 0) > 0:
+                    self.silent[role] -= 1
+                    self.ignored.add(iid)
+                    continue
+                meta = InstanceMetadata(
+                    instance_id=iid,
+                    private_ip=inst["PrivateIpAddress"],
+                    public_hostname=None,
+                    zone=inst["Placement"]["AvailabilityZone"],
+                    region="us-east-1",
+                    instance_type=inst["InstanceType"],
+                    lifecycle="spot",
+                    ami_id=inst["ImageId"],
+                )
+                for event in ("up", "ready"):
+                    publish_announcement(
+                        self.topic_arn,
+                        Announcement.make(
+                            event,
+                            launch_id=tags[TAG_LAUNCH],
+                            role=role,
+                            meta=meta,
+                            fleet=tags[TAG_FLEET],
+                        ),
+                    )
+                self.announced.add(iid)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def wait_until(check: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")

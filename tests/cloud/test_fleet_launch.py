@@ -1,0 +1,270 @@
+"""``up``'s launch loop, ``down`` and ``sweep`` against moto in server mode.
+
+No process runs per instance here: ``StandInAgents`` announces what an agent would,
+through SNS and the status queue.  Spot capacity is shaped with botocore's event
+hooks (``Capacity``).  What is left is checked with independent boto3 queries.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fleet_helpers import Capacity, StandInAgents, write_project
+
+from pygirder.cloud.artifacts import build_artifact, push_artifact
+from pygirder.cloud.fleet import (
+    TAG_ADDRESS,
+    FleetNotReadyError,
+    UpOptions,
+    down,
+    find_orphans,
+    fleet_status,
+    sweep,
+    up,
+)
+from pygirder.cloud.setup import account_resources, setup
+from pygirder.cloud.tags import TAG_EXPIRES, TAG_FLEET, TAG_MANAGED, TAG_NAME, TAG_ROLE
+
+TYPES = ("c7a.large", "m7a.large", "m6i.large")
+
+
+@pytest.fixture(scope="session")
+def built_artifact(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("fleet-artifact")
+    return build_artifact(write_project(root), root / "out")
+
+
+@pytest.fixture
+def account(make_aws, config, built_artifact, boto) -> dict[str, Any]:
+    """A set-up account with the artifact pushed: config, aws, faults, resources, image."""
+    aws_, faults, _ = make_aws(config)
+    setup(config, aws=aws_)
+    res = account_resources(config, aws=aws_)
+    push_artifact(built_artifact, res["bucket"], res["artifact_prefix"])
+    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return {"config": config, "aws": aws_, "faults": faults, "res": res, "image": image}
+
+
+@pytest.fixture
+def agents(boto, account):
+    started: list[StandInAgents] = []
+
+    def start(**silent: int) -> StandInAgents:
+        thread = StandInAgents(boto("ec2"), account["res"]["topic_arn"], silent=silent)
+        thread.start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.stop()
+
+
+def options(account: dict[str, Any], **kw: Any) -> UpOptions:
+    base = {
+        "instance_types": TYPES,
+        "image_id": account["image"],
+        "deadline_s": 20,
+        "backoff_s": (0.2, 1.0),
+        "processes": "1",
+    }
+    return UpOptions(**{**base, **kw})
+
+
+def fleet_instances(boto, fleet: str, states=("pending", "running")) -> list[dict]:
+    filters = [{"Name": f"tag:{TAG_FLEET}", "Values": [fleet]}]
+    if states:
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+    reservations = boto("ec2").describe_instances(Filters=filters)["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def leftovers(boto, fleet: str) -> dict[str, list]:
+    """What of a fleet is left, asked without pygirder's code."""
+    ec2, ssm = boto("ec2"), boto("ssm")
+    f = [{"Name": f"tag:{TAG_FLEET}", "Values": [fleet]}]
+    return {
+        "instances": [
+            i["InstanceId"]
+            for i in fleet_instances(boto, fleet, states=None)
+            if i["State"]["Name"] != "terminated"
+        ],
+        "fleets": [
+            x["FleetId"]
+            for x in ec2.describe_fleets(Filters=f)["Fleets"]
+            if not x["FleetState"].startswith("deleted")
+        ],
+        "spot_requests": [
+            r["SpotInstanceRequestId"]
+            for r in ec2.describe_spot_instance_requests(Filters=f)["SpotInstanceRequests"]
+            if r["State"] in ("open", "active")
+        ],
+        "volumes": [
+            v["VolumeId"]
+            for v in ec2.describe_volumes(Filters=f)["Volumes"]
+            if v["State"] == "available"
+        ],
+        "templates": [
+            t["LaunchTemplateId"]
+            for t in ec2.describe_launch_templates(Filters=f)["LaunchTemplates"]
+        ],
+        "parameters": [
+            p["Name"]
+            for p in ssm.get_parameters_by_path(Path="/pygirder/t", Recursive=True)["Parameters"]
+            if fleet in p["Name"]
+        ],
+    }
+
+
+def nat_state(boto) -> str:
+    reservations = boto("ec2").describe_instances(
+        Filters=[{"Name": "tag:pygirder:component", "Values": ["nat-instance"]}]
+    )["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]
+
+
+def test_capacity_errors_and_a_short_answer_are_made_up_from_other_pools(
+    account, agents, boto
+) -> None:
+    capacity = Capacity(account["aws"].client("ec2"), empty_types={"c7a.large"}, short=1)
+    agents()
+    said: list[str] = []
+    summary = up(
+        account["config"], options(account, workers=3), aws=account["aws"], say=said.append
+    )
+
+    assert summary.ready("redis") == 1 and summary.ready("worker") == 3
+    workers = [i for i in fleet_instances(boto, summary.fleet) if _tag(i, TAG_ROLE) == "worker"]
+    assert len(workers) == 3
+    assert all(i["InstanceType"] != "c7a.large" for i in workers)  # the empty pool
+    assert all(i["SubnetId"] == account["res"]["private_subnet_id"] for i in workers)
+    # The worker launch asked again for what was missing, without the pools that failed.
+    worker_requests = capacity.requests[1:]
+    assert len(worker_requests) >= 2
+    first, second = worker_requests[0], worker_requests[1]
+    assert first["capacity"] == 3 and second["capacity"] == 1
+    failed = {p for p in first["pools"] if p[0] == "c7a.large"} | {first["pools"][1]}
+    assert not failed & set(second["pools"])
+    assert any("InsufficientInstanceCapacity" in line for line in said)
+    # Launch templates say how instances must boot; the fleet tags say whose they are.
+    templates = boto("ec2").describe_launch_templates(
+        Filters=[{"Name": f"tag:{TAG_FLEET}", "Values": [summary.fleet]}]
+    )["LaunchTemplates"]
+    version = boto("ec2").describe_launch_template_versions(
+        LaunchTemplateId=templates[0]["LaunchTemplateId"]
+    )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    assert version["MetadataOptions"]["HttpTokens"] == "required"
+    assert version["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert version["IamInstanceProfile"]["Arn"] == account["res"]["instance_profile_arn"]
+    for inst in workers:
+        assert _tag(inst, TAG_MANAGED) == "true" and _tag(inst, TAG_NAME) == "t"
+        assert _tag(inst, TAG_EXPIRES).endswith("Z") and _tag(inst, TAG_ADDRESS)
+    param = boto("ssm").get_parameter(Name=f"/pygirder/t/{summary.fleet}/redis-password")
+    assert param["Parameter"]["Type"] == "SecureString"
+    assert nat_state(boto) == "running"  # private workers need it
+
+    report = down(account["config"], aws=account["aws"])
+    assert report.clean, report
+    assert not any(leftovers(boto, summary.fleet).values())
+    assert nat_state(boto) in ("stopping", "stopped")
+
+
+def test_an_instance_that_never_announces_is_terminated_at_the_deadline(
+    account, agents, boto
+) -> None:
+    agents(worker=1)
+    summary = up(
+        account["config"], options(account, workers=3, min_workers=2, deadline_s=8),
+        aws=account["aws"],
+    )  # fmt: skip
+    assert summary.ready("worker") == 2
+    assert [m.detail for m in summary.removed] == ["not ready by the deadline (still launched)"]
+    silent = summary.removed[0].instance_id
+    states = {
+        i["InstanceId"]: i["State"]["Name"] for i in fleet_instances(boto, summary.fleet, None)
+    }
+    assert states[silent] == "terminated"
+    assert sum(1 for s in states.values() if s == "running") == 3
+    status = fleet_status(account["config"], aws=account["aws"])
+    assert sorted(r.role for r in status.rows) == ["redis", "worker", "worker"]
+    down(account["config"], summary.fleet, aws=account["aws"])
+
+
+def test_fewer_than_min_ready_fails_clearly_and_leaves_nothing(account, agents, boto) -> None:
+    agents(worker=1)
+    with pytest.raises(FleetNotReadyError) as info:
+        up(
+            account["config"], options(account, workers=2, min_workers=2, deadline_s=6),
+            aws=account["aws"],
+        )  # fmt: skip
+    err = info.value
+    assert err.ready == {"redis": 1, "worker": 1} and err.requested["worker"] == 2
+    assert "1 of 2 worker ready (at least 2 needed)" in str(err)
+    assert "nothing of it is left running" in str(err)
+    assert not any(leftovers(boto, err.fleet).values())
+    assert nat_state(boto) in ("stopping", "stopped")
+
+
+def test_down_removes_only_what_is_tagged_and_sweep_finds_orphans(account, agents, boto) -> None:
+    agents()
+    config, aws_ = account["config"], account["aws"]
+    summary = up(config, options(account, workers=1, public_workers=True), aws=aws_)
+    ec2 = boto("ec2")
+    zone = account["res"]["zone"]
+    tags = [
+        {"Key": TAG_MANAGED, "Value": "true"},
+        {"Key": TAG_NAME, "Value": "t"},
+        {"Key": TAG_FLEET, "Value": summary.fleet},
+    ]
+    ours = ec2.create_volume(
+        AvailabilityZone=zone, Size=8,
+        TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
+    )["VolumeId"]  # fmt: skip
+    theirs = ec2.create_volume(AvailabilityZone=zone, Size=8)["VolumeId"]
+    assert nat_state(boto) in ("stopped", "stopping")  # public workers need no NAT
+
+    report = down(config, aws=aws_)
+    assert report.clean and ours in report.removed["volumes"]
+    volumes = {v["VolumeId"]: v["State"] for v in ec2.describe_volumes()["Volumes"]}
+    assert ours not in volumes and volumes[theirs] == "available"
+    assert not any(leftovers(boto, summary.fleet).values())
+
+    # Orphans of an older fleet of another setup: an instance whose time-to-live ran
+    # out, and a launch template and a volume of a fleet with no instance left.
+    old = (datetime.now(UTC) - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    orphan_tags = [
+        {"Key": TAG_MANAGED, "Value": "true"},
+        {"Key": TAG_NAME, "Value": "other"},
+        {"Key": TAG_FLEET, "Value": "fl-20200101-0000-abcd"},
+        {"Key": TAG_EXPIRES, "Value": old},
+    ]
+    inst = ec2.run_instances(
+        ImageId=account["image"], MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": orphan_tags}],
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+    template = ec2.create_launch_template(
+        LaunchTemplateName="pygirder-other-old", LaunchTemplateData={"ImageId": account["image"]},
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": orphan_tags}],
+    )["LaunchTemplate"]["LaunchTemplateId"]  # fmt: skip
+    young = ec2.create_volume(
+        AvailabilityZone=zone, Size=8,
+        TagSpecifications=[{"ResourceType": "volume", "Tags": orphan_tags[:3]}],
+    )["VolumeId"]  # fmt: skip
+
+    found = {o.id: o for o in find_orphans(config, 7200, aws=aws_)}
+    assert set(found) == {inst, template}  # the volume is young and has no expiry
+    assert "time-to-live ran out" in found[inst].reason
+    dry = sweep(config, 7200, aws=aws_)
+    assert dry.dry_run and not dry.deleted
+    assert ec2.describe_launch_templates(LaunchTemplateIds=[template])["LaunchTemplates"]
+    done = sweep(config, 0, yes=True, aws=aws_, wait_interval=0.1)
+    assert set(done.deleted) == {inst, template, young} and not done.failures
+    state = ec2.describe_instances(InstanceIds=[inst])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "terminated"
+    assert theirs in {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+
+
+def _tag(inst: dict, key: str) -> str:
+    return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == key), "")
