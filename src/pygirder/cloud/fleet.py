@@ -1011,21 +1011,31 @@ def _terminate(aws: Aws, ids: list[str]) -> None:
 
 
 def find_image(config: CloudConfig, *, aws: Aws) -> str:
-    """The newest available pygirder image of this setup (``pygirder cloud image build``)."""
-    got = aws.call(
-        "ec2",
-        "describe_images",
-        Owners=["self"],
-        Filters=[*ec2_filters(config.name), {"Name": "state", "Values": ["available"]}],
-    )
-    images = sorted(got.get("Images", []), key=lambda i: i.get("CreationDate", ""), reverse=True)
-    if not images:
+    """The newest available template image of this setup (``pygirder cloud image build``)."""
+    try:
+        from .image import latest_image
+    except ImportError:  # the image command is not installed: look by tag
+        got = aws.call(
+            "ec2",
+            "describe_images",
+            Owners=["self"],
+            Filters=[
+                *ec2_filters(config.name, "image"),
+                {"Name": "state", "Values": ["available"]},
+            ],
+        )
+        images = sorted(got.get("Images", []), key=lambda i: i.get("CreationDate", ""))
+        found = images[-1]["ImageId"] if images else None
+    else:
+        row = latest_image(config, aws=aws)
+        found = row["image_id"] if row else None
+    if not found:
         raise FleetError(
             f"no pygirder image of {config.name!r} in {config.region}: build one with "
             "`pygirder cloud image build`, or pass --image AMI_ID",
             code="NoImage",
         )
-    return images[0]["ImageId"]
+    return found
 
 
 def resolve_artifact(bucket: str, prefix: str, wanted: str | None) -> tuple[str, str, list[str]]:
