@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, PygirderError
-from . import artifact_cli, simulate_cli
+from . import artifact_cli, fleet_cli, image_cli, simulate_cli
 from .config import (
     CONFIG_ENV,
     CloudConfig,
@@ -41,6 +41,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(artifact_cli.app, name="artifact")
+app.add_typer(image_cli.app, name="image")
 app.add_typer(simulate_cli.app, name="simulate")
 
 out = Console(highlight=False, soft_wrap=False)
@@ -434,3 +435,6 @@ def _without_cloud_table(text: str) -> str:
         if not inside:
             keep.append(line)
     return "\n".join(keep).strip("\n") + ("\n" if keep else "")
+
+
+fleet_cli.register(app)  # up, fleet, cost, tunnel, run, exec, ssh, logs, down, sweep, rehearse
