@@ -82,6 +82,7 @@ __all__ = [
     "SimState",
     "Simulator",
     "SimulatorError",
+    "SimulatorTimeout",
     "request_interrupt",
 ]
 
@@ -108,9 +109,14 @@ class SimulatorError(PygirderError):
     """The data plane cannot do what was asked (endpoint unreachable, unknown instance, ...)."""
 
 
+class SimulatorTimeout(SimulatorError, TimeoutError):
+    """:meth:`Simulator.wait_for` ran out of time; the message holds the instance's logs."""
+
+
 class SimState(enum.StrEnum):
     """What a simulated instance is doing, as the simulator sees it."""
 
+    PENDING = "pending"  # seen running on EC2, about to boot
     RUNNING = "running"  # its process tree (boot robot, user-data, services) is alive
     EXITED = "exited"  # its user-data finished and no process is left; EC2 still says running
     STOPPING = "stopping"  # EC2 stopped or terminated it; its processes are being signalled
@@ -165,7 +171,7 @@ class _Machine:
     lifecycle: str
     tags: dict[str, str]
     ec2_state: str
-    state: SimState = SimState.STOPPED
+    state: SimState = SimState.PENDING
     emulator: ImdsEmulator | None = None
     proc: subprocess.Popen[bytes] | None = None
     exit_status: int | None = None
@@ -361,12 +367,12 @@ class Simulator:
                     break
                 self._cond.wait(min(remaining, 1.0))
         if machine is None:
-            raise SimulatorError(
+            raise SimulatorTimeout(
                 f"instance {instance_id} was never seen running within {timeout:g}s "
                 f"(last poll error: {self.last_error or 'none'})"
             )
         seen = machine.snapshot()
-        raise SimulatorError(
+        raise SimulatorTimeout(
             f"instance {instance_id} is {seen.state} (EC2: {seen.ec2_state}), not {wanted}, "
             f"after {timeout:g}s\n{seen.log_tail()}"
         )
@@ -497,13 +503,14 @@ class Simulator:
     def _converge(self, machine: _Machine, inst: dict[str, Any] | None) -> None:
         """Make the local processes match the instance's EC2 state."""
         ec2_state = machine.ec2_state
-        if ec2_state == "running" and machine.state in (SimState.STOPPED,) and inst is not None:
+        booting = machine.state in (SimState.PENDING, SimState.STOPPED)
+        if ec2_state == "running" and booting and inst is not None:
             self._boot(machine, inst)
         elif ec2_state in ("stopping", "stopped", "shutting-down", "terminated"):
             final = SimState.TERMINATED if ec2_state in ("shutting-down", "terminated") else None
             if machine.state in (SimState.RUNNING, SimState.EXITED):
                 self._halt_async(machine, final or SimState.STOPPED)
-            elif machine.state is SimState.STOPPED and final is SimState.TERMINATED:
+            elif booting and final is SimState.TERMINATED:
                 self._set_state(machine, SimState.TERMINATED, "terminated")
 
     def _boot(self, machine: _Machine, inst: dict[str, Any]) -> None:
@@ -628,6 +635,7 @@ class Simulator:
         """Notice finished user-data and sample each tree's memory."""
         with self._cond:
             machines = list(self._machines.values())
+        children = _children_map() if any(m.proc for m in machines) else {}
         for machine in machines:
             proc = machine.proc
             if proc is None or machine.state is not SimState.RUNNING:
@@ -639,7 +647,7 @@ class Simulator:
                     machine.proc = None
                 self._set_state(machine, SimState.EXITED, f"user-data exited with status {status}")
                 continue
-            rss = _tree_rss(proc.pid)
+            rss = _tree_rss(proc.pid, children)
             if rss is not None:
                 with self._cond:
                     machine.peak_rss = max(machine.peak_rss or 0, rss)
@@ -730,8 +738,8 @@ class Simulator:
 
 
 def request_interrupt(
+    instance_id: str,
     state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
-    instance_id: str = "",
     *,
     action: str = "terminate",
     in_seconds: float = 120.0,
@@ -837,8 +845,8 @@ def _children_map() -> dict[int, list[int]]:
     return tree
 
 
-def _descendants(pid: int) -> list[int]:
-    tree = _children_map()
+def _descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+    tree = _children_map() if tree is None else tree
     out: list[int] = []
     todo = list(tree.get(pid, []))
     while todo:
@@ -863,20 +871,16 @@ def _kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _tree_rss(pid: int) -> int | None:
+def _tree_rss(pid: int, tree: dict[int, list[int]]) -> int | None:
     """Resident memory of ``pid``'s descendants (not the init itself), or None without psutil."""
     try:
         import psutil
     except ImportError:
         return None
     total = 0
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return None
-    for child in children:
+    for child in _descendants(pid, tree):
         with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
+            total += psutil.Process(child).memory_info().rss
     return total
 
 

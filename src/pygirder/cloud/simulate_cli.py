@@ -138,7 +138,7 @@ def interrupt(
 
     try:
         stamp = request_interrupt(
-            state_dir, instance_id, action=action, in_seconds=in_seconds, reclaim=reclaim
+            instance_id, state_dir, action=action, in_seconds=in_seconds, reclaim=reclaim
         )
     except PygirderError as exc:
         raise _fail(exc) from None
