@@ -182,3 +182,55 @@ def wait_until(check: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
             return result
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def fleet_instances(boto, fleet: str, states=("pending", "running")) -> list[dict]:
+    filters = [{"Name": f"tag:{TAG_FLEET}", "Values": [fleet]}]
+    if states:
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+    reservations = boto("ec2").describe_instances(Filters=filters)["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def leftovers(boto, fleet: str) -> dict[str, list]:
+    """What of a fleet is left, asked without pygirder's code."""
+    ec2, ssm = boto("ec2"), boto("ssm")
+    f = [{"Name": f"tag:{TAG_FLEET}", "Values": [fleet]}]
+    return {
+        "instances": [
+            i["InstanceId"]
+            for i in fleet_instances(boto, fleet, states=None)
+            if i["State"]["Name"] != "terminated"
+        ],
+        "fleets": [
+            x["FleetId"]
+            for x in ec2.describe_fleets(Filters=f)["Fleets"]
+            if not x["FleetState"].startswith("deleted")
+        ],
+        "spot_requests": [
+            r["SpotInstanceRequestId"]
+            for r in ec2.describe_spot_instance_requests(Filters=f)["SpotInstanceRequests"]
+            if r["State"] in ("open", "active")
+        ],
+        "volumes": [
+            v["VolumeId"]
+            for v in ec2.describe_volumes(Filters=f)["Volumes"]
+            if v["State"] == "available"
+        ],
+        "templates": [
+            t["LaunchTemplateId"]
+            for t in ec2.describe_launch_templates(Filters=f)["LaunchTemplates"]
+        ],
+        "parameters": [
+            p["Name"]
+            for p in ssm.get_parameters_by_path(Path="/pygirder/t", Recursive=True)["Parameters"]
+            if fleet in p["Name"]
+        ],
+    }
+
+
+def nat_state(boto) -> str:
+    reservations = boto("ec2").describe_instances(
+        Filters=[{"Name": "tag:pygirder:component", "Values": ["nat-instance"]}]
+    )["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]

@@ -40,7 +40,6 @@ import math
 import random
 import re
 import secrets
-import shlex
 import shutil
 import socket
 import subprocess
@@ -1510,15 +1509,18 @@ def ssh_command(
         host = target.private_ip or target.address
     cmd.append(f"{SSH_USER}@{host}")
     if argv:
-        cmd += ["--", shlex.join(argv)]
+        cmd += ["--", " ".join(argv)]  # the remote shell reads it, as ssh does
     return cmd
 
 
 def ssh_runner(config: CloudConfig, jump: InstanceRow | None) -> Runner:
     def run(row: InstanceRow, argv: Sequence[str], timeout: float) -> ExecResult:
-        command = ssh_command(config, row, jump, argv)
-        command[1:1] = ["-o", "BatchMode=yes"]
         started = time.monotonic()
+        try:
+            command = ssh_command(config, row, jump, argv)
+        except FleetError as exc:
+            return ExecResult(row.instance_id, row.role, row.address, 255, "", str(exc), 0.0)
+        command[1:1] = ["-o", "BatchMode=yes"]
         try:
             proc = subprocess.run(
                 command, capture_output=True, text=True, timeout=timeout, check=False,

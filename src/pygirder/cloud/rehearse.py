@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -291,7 +290,7 @@ def simulated_runner(source: Any) -> Callable[..., Any]:
             return ExecResult(row.instance_id, row.role, row.address, 255, "", str(exc), 0.0)
         try:
             proc = subprocess.run(
-                ["/bin/bash", "-c", shlex.join(argv)], cwd=home, env=env, capture_output=True,
+                ["/bin/bash", "-c", " ".join(argv)], cwd=home, env=env, capture_output=True,
                 text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL,
             )  # fmt: skip
             code, out, err = proc.returncode, proc.stdout, proc.stderr

@@ -1,0 +1,44 @@
+"""``pygirder cloud rehearse``: the whole flow on its own moto server and data plane.
+
+Run as the command a user runs, in a subprocess: it starts its own moto server (moto's
+backends are per process, so it cannot share the test session's) and prints its
+timeline as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPS = [
+    "local AWS", "setup", "data plane", "image", "artifact push", "up", "job", "exec",
+    "down", "proof", "data plane stop", "teardown",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(170)
+def test_rehearse_with_four_workers(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYGIRDER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pygirder", "cloud", "rehearse", "--workers", "4",
+         "--state-dir", str(tmp_path / "state"), "--json"],
+        capture_output=True, text=True, timeout=160, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert [s["name"] for s in report["steps"]] == STEPS
+    assert all(s["ok"] for s in report["steps"]), report["steps"]
+    assert report["result"] == report["expected"] == 256 * 255 // 2
+    steps = {s["name"]: s for s in report["steps"]}
+    assert "1 redis, 1 distributor, 4 worker ready" in steps["up"]["detail"]
+    assert "spot notice to worker" in steps["job"]["detail"]
+    assert "while the job ran" in steps["job"]["detail"]
+    assert report["leftovers"] and not any(report["leftovers"].values())
+    assert len(report["peak_rss_bytes"]["worker"]) == 4
+    assert report["seconds"] < 150
