@@ -40,7 +40,8 @@ class CannotExpress(Exception):
 
 @dataclass(frozen=True)
 class Sizes:
-    """Workload sizes and limits.  ``full()`` is the specification; ``quick()`` about 1/10."""
+    """Workload sizes and limits.  ``full()`` is the specification; ``quick_sizes()`` is a
+    smoke test of about 1/20 that finishes in about three minutes."""
 
     quick: bool
     runs: int  # measured runs per figure (the median is reported)
@@ -74,10 +75,10 @@ class Sizes:
     @classmethod
     def quick_sizes(cls) -> Sizes:
         return cls(
-            quick=True, runs=3, run_limit_s=60.0, b1_calls=2_000, b2_calls=200,
-            b3_depth=10, b3_limit_s=15.0, b4_n=12, b4_copies=20, b4_seconds=0.2,
-            b6_children=40, b6_total_s=2.0, b7_calls=100, b7_seconds=0.05,
-            b7_extra_limit_s=20.0, b8_calls=20, b8_sizes=(1 << 20, 10 << 20),
+            quick=True, runs=3, run_limit_s=20.0, b1_calls=1_000, b2_calls=100,
+            b3_depth=9, b3_limit_s=10.0, b4_n=12, b4_copies=10, b4_seconds=0.2,
+            b6_children=40, b6_total_s=2.0, b7_calls=60, b7_seconds=0.05,
+            b7_extra_limit_s=15.0, b8_calls=10, b8_sizes=(1 << 20, 10 << 20),
             rss_limit_bytes=8 << 30,
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 import harness
@@ -95,13 +96,17 @@ class RaySystem(harness.System):
             return out
 
     def victim(self) -> int:
-        for proc in harness.process_tree(os.getpid()):
-            try:
-                cmd = proc.cmdline()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            if cmd and cmd[0].startswith("ray::nap"):
-                return proc.pid
+        """A worker process whose title says it runs a nap task (``ray::nap``)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for proc in harness.process_tree(os.getpid()):
+                try:
+                    cmd = proc.cmdline()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if cmd and cmd[0].startswith("ray::nap"):
+                    return proc.pid
+            time.sleep(0.01)
         raise DidNotComplete("no Ray worker process was running a nap task to kill")
 
     def blobs(self, salt: str, n: int, size: int, timeout: float) -> list[bytes]:
