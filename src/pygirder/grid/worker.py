@@ -554,19 +554,22 @@ class Worker:
 
     # -- sharing ----------------------------------------------------------------
     async def _share_loop(self) -> None:
-        """Offer surplus work to the pool: keep what this worker gets through in one
-        period, offer half the rest.  The period backs off (up to 8x) while nobody takes
-        anything, and snaps back when an offer is taken."""
+        """Offer surplus work to the pool: half of what this worker would not get
+        through in one period, and at least the oldest entry.  The period backs off (up
+        to 8x) while nobody takes anything, and snaps back when an offer is taken."""
         last = self.processed
         period = self.share_period
         while True:
             await asyncio.sleep(period)
             recent, last = self.processed - last, self.processed
-            excess = len(self.stack) - max(1, recent)
-            if excess <= 0:
+            if len(self.stack) < 2:
                 period = self.share_period
                 continue
-            moved = await self._share((excess + 1) // 2)
+            # Offer at least the oldest entry: in a depth-first stack it is the biggest
+            # piece of work (nearest the root), so one entry can feed an idle worker for
+            # long; the server moves offers only while some worker of the pool is idle.
+            offer = max(1, (len(self.stack) - recent) // 2)
+            moved = await self._share(min(offer, len(self.stack) - 1))
             period = self.share_period if moved else min(2 * period, 8 * self.share_period)
 
     async def _share(self, count: int, *, force: bool = False) -> int:
