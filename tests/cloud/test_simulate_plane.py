@@ -308,6 +308,7 @@ def test_refusals(aws, sim: Simulator, tmp_path: Path) -> None:
         Simulator("http://127.0.0.1:9", tmp_path / "closed").start()
 
 
+@pytest.mark.slow
 def test_the_cli_runs_interrupts_and_lists_instances(aws, ec2, tmp_path: Path) -> None:
     import signal
     import subprocess

@@ -41,8 +41,15 @@ from typing import Any
 
 from .aws import Aws, CloudError
 from .config import CloudConfig, CloudConfigError
-from .tags import TAG_EXPIRES, TAG_ROLE, as_tag_list, ec2_filters, from_tag_list, is_owned
-from .tags import ownership_tags as _ownership_tags
+from .tags import (
+    TAG_EXPIRES,
+    TAG_ROLE,
+    as_tag_list,
+    ec2_filters,
+    from_tag_list,
+    is_owned,
+    ownership_tags,
+)
 
 __all__ = [
     "BuildResult",
@@ -421,7 +428,7 @@ def _wait_instance(aws: Aws, instance_id: str, state: str) -> None:
 
 
 def _tags(config: CloudConfig, component: str, name: str) -> dict[str, str]:
-    return {**config.tags, **_ownership_tags(config.name, component), "Name": name}
+    return {**config.tags, **ownership_tags(config.name, component), "Name": name}
 
 
 def _create_image(

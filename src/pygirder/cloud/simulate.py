@@ -12,10 +12,10 @@ tagged ``pygirder:managed=true`` and gives each one what a real instance has:
   DescribeInstanceAttribute, which moto fills for RunInstances and for launch-template
   launches such as EC2 Fleet ``instant``);
 - **a boot**: the image's very boot robot (``pygirder-boot.sh``) runs under a small
-  init process, in the instance's own HOME under the state directory, fetches the
-  user-data through IMDSv2 and runs it.  The init is a child subreaper, so every
-  process the user-data starts (even one that starts its own session) stays in the
-  instance's tree.
+  init process (:mod:`pygirder.cloud.siminit`), in the instance's own HOME under the
+  state directory, fetches the user-data through IMDSv2 and runs it.  The init is a
+  child subreaper, so every process the user-data starts (even one that starts its
+  own session) stays in the instance's tree.
 
 The instance's environment is minimal and holds the documented seams of a simulated
 instance: ``PYGIRDER_IMDS_ENDPOINT`` / ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` (its
@@ -29,7 +29,8 @@ Processes run as the current user.
 
 When EC2 stops or terminates an instance, its process tree gets SIGTERM (all of it at
 once, as systemd's ``KillMode=control-group`` does) and SIGKILL after a grace period.
-A stopped instance boots again when it is started.  :meth:`Simulator.interrupt`
+A stopped instance boots again when it is started, and when the simulator dies
+its instances end too.  :meth:`Simulator.interrupt`
 posts a spot interruption notice and, when it falls due, reclaims the instance
 through the API; ``pygirder cloud simulate interrupt ID`` asks a running simulator
 to do the same through a control file in its state directory.
@@ -101,8 +102,6 @@ DUMMY_CREDENTIALS = {
     "AWS_SESSION_TOKEN": "testing",
 }
 BOOT_ROBOT = "pygirder-boot.sh"
-# PR_SET_CHILD_SUBREAPER from <linux/prctl.h>.
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class SimulatorError(PygirderError):
@@ -538,7 +537,7 @@ class Simulator:
         env = self._instance_env(machine)
         assert self._robot is not None
         command = [
-            sys.executable, "-m", "pygirder.cloud.simulate", "init",
+            sys.executable, "-I", "-S", str(Path(__file__).with_name("siminit.py")),
             "--grace", f"{self.stop_grace:g}", "--", "/bin/bash", str(self._robot),
         ]  # fmt: skip
         (machine.home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -885,60 +884,6 @@ def _tree_rss(pid: int, tree: dict[int, list[int]]) -> int | None:
 
 
 # -- inside a simulated instance ---------------------------------------------------------------
-def _become_subreaper() -> None:
-    """Orphans of the instance's processes come back to the init instead of pid 1."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def run_init(command: Sequence[str], grace: float) -> int:
-    """The init of a simulated instance: run ``command``, reap, and end the tree on SIGTERM.
-
-    It exits when no process of the instance is left, with the status of
-    ``command`` (128 + the signal number if a signal ended it).  On SIGTERM or
-    SIGINT every descendant gets SIGTERM at once, and SIGKILL after ``grace`` s;
-    the same happens when the simulator that started it dies, so a killed
-    simulator leaves no instance running.
-    """
-    _become_subreaper()
-    parent = os.getppid()
-    child = subprocess.Popen(list(command))
-    status: int | None = None
-    deadline: list[float] = []
-
-    def on_term(signum: int, frame: object) -> None:
-        if not deadline:
-            deadline.append(time.monotonic() + grace)
-            _signal_all(_descendants(os.getpid()), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    while True:
-        try:
-            pid, wait_status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
-            if pid == child.pid:
-                code = os.waitstatus_to_exitcode(wait_status)
-                status = 128 - code if code < 0 else code
-                child.returncode = status
-            continue
-        if not deadline and os.getppid() != parent:  # the simulator died: end the instance
-            on_term(signal.SIGTERM, None)
-        if deadline and time.monotonic() >= deadline[0]:
-            _signal_all(_descendants(os.getpid()), signal.SIGKILL)
-            deadline[0] = time.monotonic() + 1.0
-        time.sleep(0.05)
-    return 0 if status is None else status
-
-
 def shut_down_instance(instance_id: str, region: str) -> str:
     """What ``shutdown -h now`` does on EC2: stop or terminate, as the instance was launched.
 
@@ -959,21 +904,13 @@ def shut_down_instance(instance_id: str, region: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pygirder.cloud.simulate init|shutdown``: what runs inside an instance."""
+    """``python -m pygirder.cloud.simulate shutdown ID``: the shutdown of a simulated instance."""
     parser = argparse.ArgumentParser(prog="python -m pygirder.cloud.simulate")
     commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init", help="run a simulated instance's process tree")
-    init.add_argument("--grace", type=float, default=STOP_GRACE_S)
-    init.add_argument("argv", nargs=argparse.REMAINDER)
     down = commands.add_parser("shutdown", help="shut this simulated instance down via EC2")
     down.add_argument("instance_id")
     down.add_argument("--region", default="us-east-1")
     args = parser.parse_args(argv)
-    if args.command == "init":
-        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        if not command:
-            parser.error("init needs a command after --")
-        return run_init(command, args.grace)
     behaviour = shut_down_instance(args.instance_id, args.region)
     print(f"shutdown: {args.instance_id} ({behaviour} on shutdown)", flush=True)
     return 0
