@@ -293,6 +293,8 @@ class Simulator:
             self._ec2 = self._client()
             self._tick(first=True)
         except BaseException:
+            for machine in list(self._machines.values()):
+                self._halt_async(machine, None)
             self._release()
             raise
         self._stop.clear()
@@ -600,19 +602,18 @@ class Simulator:
             if machine.halting is not None and machine.halting.is_alive():
                 return
             proc = machine.proc
-            if proc is None or proc.poll() is not None:
-                machine.proc = None
-                if final is not None:
-                    machine.state = final
-                    self._cond.notify_all()
+            if proc is not None and proc.poll() is None:
+                machine.state = SimState.STOPPING
+                self._cond.notify_all()
+                machine.halting = threading.Thread(
+                    target=self._halt, args=(machine, proc, final),
+                    name=f"halt-{machine.instance_id}",
+                )  # fmt: skip
+                machine.halting.start()
                 return
-            machine.state = SimState.STOPPING
-            self._cond.notify_all()
-        thread = threading.Thread(
-            target=self._halt, args=(machine, proc, final), name=f"halt-{machine.instance_id}"
-        )
-        machine.halting = thread
-        thread.start()
+            machine.proc = None
+        if final is not None and machine.state is not final:
+            self._set_state(machine, final, str(final))
 
     def _halt(
         self, machine: _Machine, proc: subprocess.Popen[bytes], final: SimState | None
@@ -667,6 +668,8 @@ class Simulator:
             machine.state = state
             snapshot = machine.snapshot()
             self._cond.notify_all()
+        if state is SimState.TERMINATED and machine.emulator is not None:
+            machine.emulator.stop()  # nobody will ask it again
         self._event(snapshot, message)
 
     def _event(self, instance: SimInstance, message: str) -> None:
