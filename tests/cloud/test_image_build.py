@@ -169,24 +169,32 @@ def test_build_makes_a_tagged_imdsv2_image_and_leaves_no_builder(
 
 
 @pytest.mark.slow
-def test_keep_builder_leaves_it_stopped_and_protected(account, sim: Simulator, boto) -> None:
+def test_the_cli_keeps_the_builder_stopped_and_protected(account, sim: Simulator, boto) -> None:
     config, aws_ = account
-    result = build_image(config, aws=aws_, keep_builder=True, bake_timeout=60)
+    toml = _toml(config)
+    runner = CliRunner()
+    built = runner.invoke(
+        app, ["image", "build", "--config", toml, "--keep-builder", "--timeout", "1", "--json"]
+    )
+    assert built.exit_code == 0, built.output
+    result = json.loads(built.stdout)
+    assert result["builder_kept"] and result["image_id"].startswith("ami-")
     ec2 = boto("ec2")
-    [builder] = [
-        i
-        for r in ec2.describe_instances(InstanceIds=[result.builder_id])["Reservations"]
-        for i in r["Instances"]
-    ]
-    assert builder["State"]["Name"] == "stopped"
+    assert ec2_state(ec2, result["builder_id"]) == "stopped"
     protection = ec2.describe_instance_attribute(
-        InstanceId=result.builder_id, Attribute="disableApiTermination"
+        InstanceId=result["builder_id"], Attribute="disableApiTermination"
     )
     assert protection["DisableApiTermination"]["Value"] is True
-    assert sim.wait_for(result.builder_id, SimState.STOPPED, timeout=10).pid is None
+    assert sim.wait_for(result["builder_id"], SimState.STOPPED, timeout=10).pid is None
 
-    delete_images(config, [result.builder_id, result.image_id], aws=aws_)
-    assert ec2_state(ec2, result.builder_id) == "terminated"
+    listed = runner.invoke(app, ["image", "list", "--config", toml])
+    assert listed.exit_code == 0, listed.output
+    assert f"builder {result['builder_id']} is stopped" in " ".join(listed.stderr.split())
+    refused = runner.invoke(app, ["image", "delete", "--all", "--config", toml])
+    assert refused.exit_code == 2 and "--yes" in refused.stderr
+    deleted = runner.invoke(app, ["image", "delete", "--all", "--config", toml, "--yes"])
+    assert deleted.exit_code == 0, deleted.output
+    assert ec2_state(ec2, result["builder_id"]) == "terminated"
     assert list_images(config, aws=aws_) == []
 
 
