@@ -192,7 +192,6 @@ def build_image(
     )
     say(f"launched builder {builder}; waiting for it to bake (up to {bake_timeout / 60:.0f} min)")
     image_id: str | None = None
-    finished = False
     try:
         detail = _await_bake(aws, resources_["queue_url"], build_id, builder, bake_timeout, say)
         say(f"baked ({detail}); stopping builder {builder}")
@@ -204,10 +203,9 @@ def build_image(
         aws.call("ec2", "modify_image_attribute", ImageId=image_id, ImdsSupport={"Value": "v2.0"})
         snapshots = _tag_snapshots(aws, config, image, name)
         image = _describe_image(aws, image_id) or image
-        finished = True
-    finally:
-        if not finished:
-            _clean_up_failed_build(aws, builder, image_id, keep_builder, say)
+    except BaseException:
+        _clean_up_failed_build(aws, builder, image_id, keep_builder, say)
+        raise
     if keep_builder:
         aws.call(
             "ec2", "modify_instance_attribute", InstanceId=builder,
@@ -535,18 +533,28 @@ def _tag_snapshots(aws: Aws, config: CloudConfig, image: dict[str, Any], name: s
 def _clean_up_failed_build(
     aws: Aws, builder: str, image_id: str | None, keep_builder: bool, say: Progress
 ) -> None:
-    """After a failure: no half-made image, and no builder unless asked to keep it."""
-    if image_id is not None:
-        image = _describe_image(aws, image_id)
-        aws.call("ec2", "deregister_image", ImageId=image_id, ignore=_NOT_FOUND)
-        for snapshot in _snapshot_ids(image or {}):
-            aws.call("ec2", "delete_snapshot", SnapshotId=snapshot, ignore=_NOT_FOUND)
-        say(f"deregistered the unfinished image {image_id}")
-    if keep_builder:
-        say(f"kept builder {builder} for inspection: `pygirder cloud image delete {builder}`")
-    else:
-        aws.call("ec2", "terminate_instances", InstanceIds=[builder], ignore=_NOT_FOUND)
-        say(f"terminated builder {builder}")
+    """After a failure: no half-made image, and no builder unless asked to keep it.
+
+    A failure here is reported, not raised: the error that got us here matters more.
+    """
+    try:
+        if image_id is not None:
+            image = _describe_image(aws, image_id)
+            aws.call("ec2", "deregister_image", ImageId=image_id, ignore=_NOT_FOUND)
+            for snapshot in _snapshot_ids(image or {}):
+                aws.call("ec2", "delete_snapshot", SnapshotId=snapshot, ignore=_NOT_FOUND)
+            say(f"deregistered the unfinished image {image_id}")
+        if keep_builder:
+            say(f"kept builder {builder} for inspection: `pygirder cloud image delete {builder}`")
+        else:
+            aws.call("ec2", "terminate_instances", InstanceIds=[builder], ignore=_NOT_FOUND)
+            say(f"terminated builder {builder}")
+    except CloudError as exc:
+        say(
+            f"cleaning up failed ({exc}): remove builder {builder}"
+            + (f" and image {image_id}" if image_id else "")
+            + " with `pygirder cloud image delete`"
+        )
 
 
 _NOT_FOUND = (
