@@ -22,7 +22,14 @@ from pygirder.cloud.artifacts import build_artifact, push_artifact
 from pygirder.cloud.aws import Aws
 from pygirder.cloud.cli import app
 from pygirder.cloud.config import load_config
-from pygirder.cloud.fleet import UpOptions, grid_url, up
+from pygirder.cloud.fleet import (
+    FleetError,
+    UpOptions,
+    dashboard_instances,
+    direct_route,
+    grid_url,
+    up,
+)
 from pygirder.cloud.rehearse import kill_service
 from pygirder.cloud.setup import account_resources, setup
 from pygirder.cloud.simulate import Simulator
@@ -30,7 +37,9 @@ from pygirder.cloud.simulate import Simulator
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(aws, boto, tmp_path: Path) -> None:
+def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
+    aws, boto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "id_ed25519.pub").write_text(PUBLIC_KEY + "\n")
     toml = tmp_path / "pygirder.toml"
     toml.write_text(
@@ -74,6 +83,19 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(aws, boto, tmp_p
         status = json.loads(cloud("fleet", "--json"))
         assert sorted(i["role"] for i in status["instances"]) == ["redis"] + ["worker"] * 3
         assert {i["address"] for i in status["instances"] if i["role"] == "redis"} == {redis_ip}
+        monkeypatch.chdir(tmp_path)  # the dashboard reads ./pygirder.toml
+        seen = {i["id"]: i for i in dashboard_instances() or []}
+        assert sorted(i["role"] for i in seen.values()) == ["redis"] + ["worker"] * 3
+        assert all(i["state"] == "running" and i["private_ip"] for i in seen.values())
+        # Routes to the grid are pluggable; moto gives fleet instances no public
+        # address, so there is nothing to tunnel through.
+        with (
+            pytest.raises(FleetError, match="cannot reach the redis node"),
+            grid_url(config, aws=aws_, via="ssh"),
+        ):
+            pass
+        with grid_url(config, aws=aws_, routes=[lambda node, cfg, port: None, direct_route]) as url:
+            assert url.endswith(f"@{redis_ip}:6379/0")
         shown = cloud(
             "exec", "worker", "--data-plane", str(tmp_path / "sim"), "--", "echo", "$HOME"
         )
@@ -97,5 +119,7 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(aws, boto, tmp_p
 
         report = json.loads(cloud("down", "--json"))
         assert report["clean"] and report["nat"].startswith("stopped")
+        again = json.loads(cloud("down", "--json"))  # nothing left to remove: fine
+        assert again["clean"] and again["fleets"] == []
     assert not any(leftovers(boto, summary.fleet).values())
     assert nat_state(boto) in ("stopping", "stopped")

@@ -27,10 +27,12 @@ from pygirder.cloud.fleet import (
     UpOptions,
     down,
     find_orphans,
+    fleet_cost,
     fleet_status,
     sweep,
     up,
 )
+from pygirder.cloud.policy import allows_action, iam_action, operator_policy
 from pygirder.cloud.setup import account_resources, setup
 from pygirder.cloud.tags import TAG_EXPIRES, TAG_FLEET, TAG_MANAGED, TAG_NAME, TAG_ROLE
 
@@ -120,10 +122,16 @@ def test_capacity_errors_and_a_short_answer_are_made_up_from_other_pools(
     assert param["Parameter"]["Type"] == "SecureString"
     assert nat_state(boto) == "running"  # private workers need it
 
+    cost = fleet_cost(account["config"], aws=account["aws"])
+    assert cost["roles"]["worker"]["instances"] == 3 and cost["nat"]["state"] == "running"
     report = down(account["config"], aws=account["aws"])
     assert report.clean, report
     assert not any(leftovers(boto, summary.fleet).values())
     assert nat_state(boto) in ("stopping", "stopped")
+    # Every call up, cost and down made is allowed by `pygirder cloud policy`.
+    used = {iam_action(*call.split(".")) for call in account["faults"].calls}
+    assert {"ec2:CreateFleet", "ec2:DeleteLaunchTemplate", "ssm:PutParameter"} <= used
+    assert [a for a in sorted(used) if not allows_action(operator_policy(), a)] == []
 
 
 def test_an_instance_that_never_announces_is_terminated_at_the_deadline(

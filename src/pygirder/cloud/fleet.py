@@ -1757,6 +1757,10 @@ def down(
 ) -> DownReport:
     """Remove a fleet (or every fleet of this setup) by tag, then prove it is gone.
 
+    Without ``fleet``: the only fleet of this setup (``all_fleets``: every one); with
+    none left it only makes sure the NAT instance is stopped, so ``down`` can always
+    be run again.
+
     Order: EC2 fleets (with their instances), every instance so tagged, open spot
     requests; wait until terminated; stop the NAT instance unless another fleet still
     runs; then detached volumes, launch templates and SSM parameters of the fleet.
@@ -1764,13 +1768,19 @@ def down(
     """
     aws = aws or Aws(config)
     say = say or (lambda text: None)
-    if all_fleets:
+    if fleet:
+        fleets = [check_fleet_id(fleet)]
+    else:
         fleets = list(live_fleets(config, aws=aws))
         for param in _find_kind(aws, "parameters", config.name, None):
             if param["fleet"] not in fleets:
                 fleets.append(param["fleet"])
-    else:
-        fleets = [resolve_fleet(config, fleet, aws=aws)]
+        if len(fleets) > 1 and not all_fleets:
+            raise NoFleetError(
+                f"{len(fleets)} fleets of {config.name!r} are up ({', '.join(fleets)}): "
+                "choose one with --fleet, or bring them all down with --all",
+                code="AmbiguousFleet",
+            )
     report = DownReport(fleets=fleets)
     for fl in fleets:
         ids: dict[str, list[str]] = {}

@@ -526,6 +526,8 @@ def down(
             mark = "[green]0[/]" if not ids else f"[bold red]{len(ids)}[/]"
             table.add_row(title, mark, escape(", ".join(ids)))
         out.print(table)
+    if not report.fleets:
+        err.print(f"no fleet of {cfg.name!r} is up: nothing to remove.")
     if report.nat:
         err.print(f"NAT instance: {escape(report.nat)}")
     for failure in report.failures:
@@ -533,7 +535,8 @@ def down(
     if not report.clean:
         err.print("Run [bold]pygirder cloud down[/] again in a minute; AWS may be slow.")
         raise typer.Exit(1)
-    err.print(f"[green]verified:[/] nothing billable of {', '.join(report.fleets)} is left.")
+    if report.fleets:
+        err.print(f"[green]verified:[/] nothing billable of {', '.join(report.fleets)} is left.")
 
 
 def sweep(

@@ -437,7 +437,7 @@ def _rehearse(
                 step.detail = f"`tail -n 1 pygirder/boot.log` on {len(results)} workers: {ok} ok"
         finally:
             for inst in simulator.instances():
-                role = inst.tags.get("pygirder:role", "other")
+                role = inst.tags.get("pygirder:role") or inst.tags.get("pygirder:component", "?")
                 if inst.peak_rss_bytes:
                     report.peak_rss.setdefault(role, []).append(inst.peak_rss_bytes)
             with timeline.step("down") as step:
