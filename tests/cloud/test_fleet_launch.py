@@ -7,6 +7,7 @@ hooks (``Capacity``).  What is left is checked with independent boto3 queries.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -137,12 +138,24 @@ def test_capacity_errors_and_a_short_answer_are_made_up_from_other_pools(
 def test_an_instance_that_never_announces_is_terminated_at_the_deadline(
     account, agents, boto
 ) -> None:
+    # A going-away message of a fleet that is long gone: nobody will ever read it.
+    stale = {"kind": "pygirder.instance-event", "event": "going-away", "launch_id": "x",
+             "role": "worker", "instance_id": "i-0", "private_ip": "10.0.0.1",
+             "public_hostname": None, "zone": "us-east-1a", "instance_type": "t3.micro",
+             "lifecycle": "spot", "pygirder_version": "0", "time": "2020-01-01T00:00:00Z",
+             "fleet": "fl-20200101-0000-dead"}  # fmt: skip
+    boto("sns").publish(TopicArn=account["res"]["topic_arn"], Message=json.dumps(stale))
     agents(worker=1)
     summary = up(
         account["config"], options(account, workers=3, min_workers=2, deadline_s=8),
         aws=account["aws"],
     )  # fmt: skip
     assert summary.ready("worker") == 2
+    counts = boto("sqs").get_queue_attributes(
+        QueueUrl=account["res"]["queue_url"],
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    assert set(counts.values()) == {"0"}  # ours read, the stale one dropped
     assert [m.detail for m in summary.removed] == ["not ready by the deadline (still launched)"]
     silent = summary.removed[0].instance_id
     states = {

@@ -504,6 +504,7 @@ class _Up:
         self.removed: list[Member] = []
         self.details: list[str] = []
         self.last_refresh = 0.0
+        self.other_fleets: dict[str, bool] = {}
 
     # -- preparation --------------------------------------------------------------
     def prepare(self) -> tuple[str, str, str, tuple[str, ...]]:
@@ -755,8 +756,10 @@ class _Up:
     def receive(self, wait_s: int) -> list[Announcement]:
         """Announcements of this fleet from the status queue (deleted once read).
 
-        Other fleets' messages are left for their own ``up``; unreadable ones are
-        dropped so they cannot clog the queue.
+        Messages of another live fleet are left for its own ``up``; those of fleets
+        with no live instance left (the going-away messages of an earlier ``down``,
+        which nobody else reads) and unreadable ones are deleted, so they cannot
+        pile up in front of ours.
         """
         got = self.aws.call(
             "sqs",
@@ -777,6 +780,8 @@ class _Up:
             if announcement.fleet == self.fleet:
                 out.append(announcement)
                 done.append(message)
+            elif announcement.fleet and self._gone(announcement.fleet):
+                done.append(message)
         for message in done:
             self.aws.call(
                 "sqs",
@@ -786,6 +791,12 @@ class _Up:
                 ignore=("ReceiptHandleIsInvalid",),
             )
         return out
+
+    def _gone(self, fleet: str) -> bool:
+        """True when ``fleet`` (not ours) has no live instance; asked once per fleet."""
+        if fleet not in self.other_fleets:
+            self.other_fleets[fleet] = not instances_of(self.aws, self.config.name, fleet)
+        return self.other_fleets[fleet]
 
     def on_announcement(self, a: Announcement, to_terminate: list[str]) -> None:
         launch = next((lc for lc in self.launches if lc.launch_id == a.launch_id), None)
