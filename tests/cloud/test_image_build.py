@@ -227,11 +227,6 @@ def test_a_failed_bake_is_reported_and_cleaned_up(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the operator policy (policy.py, docs/aws-setup.md) lacks ec2:ModifyImageAttribute, "
-    "which makes the image require IMDSv2; remove this mark when it is added",
-)
 def test_every_image_call_is_covered_by_the_operator_policy(account, sim: Simulator) -> None:
     from pygirder.cloud.policy import allows_action, iam_action, operator_policy
 

@@ -153,6 +153,7 @@ EC2_OWN_ONLY = [
     "ec2:CancelSpotInstanceRequests",
     "ec2:DeleteLaunchTemplate",
     "ec2:DeregisterImage",
+    "ec2:ModifyImageAttribute",
     "ec2:DeleteSnapshot",
     "ec2:DeleteVolume",
     "ec2:DeleteKeyPair",
