@@ -840,9 +840,13 @@ class _Up:
                     self.launch(launch)
             if now - self.last_refresh >= REFRESH_INTERVAL_S:
                 self.refresh(launches)
-            wait = min(QUEUE_WAIT_S, max(0, math.floor(deadline - self.clock())))
+            left = deadline - self.clock()
+            wait = min(QUEUE_WAIT_S, max(0, math.floor(left)))
             to_terminate: list[str] = []
-            for announcement in self.receive(wait):
+            got = self.receive(wait)
+            if not got and wait == 0:  # the last second: do not spin on the queue
+                time.sleep(max(0.0, min(0.2, left)))
+            for announcement in got:
                 self.on_announcement(announcement, to_terminate)
             if to_terminate:
                 _terminate(self.aws, to_terminate)

@@ -331,13 +331,15 @@ def rehearse(
     state_dir: str | os.PathLike[str] | None = None,
     distributors: int = 1,
     job_seconds: float = 8.0,
-    deadline_s: float = 300.0,
+    deadline_s: float | None = None,
     say: Callable[[str], None] | None = None,
     on_ready: Callable[[RehearsalReport, Any], None] | None = None,
 ) -> RehearsalReport:
     """Run the whole flow once (see the module docstring) and return its timeline.
 
-    ``job_seconds`` sizes the job: about that long on the ready workers.  A failing
+    ``job_seconds`` sizes the job: about that long on the ready workers.  ``up`` may
+    take ``deadline_s`` (default: 5 minutes, plus 8 s per worker beyond 30: booting
+    is CPU-bound on a small machine).  A failing
     step raises :class:`RehearsalError` after the fleet and the account were removed.
     """
     say = say or (lambda text: None)
@@ -349,6 +351,8 @@ def rehearse(
         state_dir = owned_tmp.name
     state = Path(state_dir).expanduser().absolute()
     state.mkdir(parents=True, exist_ok=True)
+    if deadline_s is None:
+        deadline_s = 300.0 + 8.0 * max(0, workers - 30)
     try:
         with contextlib.ExitStack() as stack:
             with timeline.step("local AWS") as step:
