@@ -145,6 +145,10 @@ class System:
         returns figures about what was retained before that."""
         return {}
 
+    def counters(self) -> dict[str, int]:
+        """The system's own counters (pygirder: executed, shared, requeued, ...)."""
+        return {}
+
     def extras(self) -> dict[str, Any]:
         """System-specific figures measured once (idle memory, per-queued-call memory)."""
         return {}
@@ -244,7 +248,7 @@ def percentile(values: list[float], q: float) -> float:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric figure over the runs; booleans must hold in every run."""
     out: dict[str, Any] = {}
-    for key in runs[0]:
+    for key in dict.fromkeys(k for r in runs for k in r):
         values = [r[key] for r in runs if key in r]
         if all(isinstance(v, bool) for v in values):
             out[key] = all(values)
@@ -365,6 +369,19 @@ def used_memory(url: str) -> int:
         return int(client.info("memory")["used_memory"])
     finally:
         client.close()
+
+
+def log_dir(system: str) -> str:
+    """Where a system's worker processes log: under ``BENCH_LOG_DIR`` (set by run.py for
+    its children, so the logs outlive them), else a new temporary directory."""
+    import tempfile
+
+    base = os.environ.get("BENCH_LOG_DIR")
+    if not base:
+        return tempfile.mkdtemp(prefix=f"{system}-bench-")
+    path = os.path.join(base, f"{system}-workers-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:

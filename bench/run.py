@@ -134,6 +134,7 @@ def run_child(
     env = harness.bench_env({
         "HOME": home, "TMPDIR": home, "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
+        "BENCH_LOG_DIR": log_dir,
     })  # fmt: skip
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
            "--items", ",".join(items), "--out", out_path]  # fmt: skip
@@ -285,7 +286,9 @@ def cell(key: str, o: dict[str, Any] | None) -> str:
     if key == "B4":
         return f"{m['wall_s']:.2f} s, {m['executions']:,} exec"
     if key == "B5":
-        return f"{m['time_s']:.3f} s ({m['speedup_vs_cold']:,.0f}x vs cold)"
+        speedup = m["speedup_vs_cold"]
+        shown = f"{speedup:,.0f}x" if speedup >= 10 else f"{speedup:.1f}x"
+        return f"{m['time_s']:.3f} s ({shown} vs cold)"
     if key == "B6":
         return f"{m['over_ideal']:.2f}x ({m['makespan_s']:.1f} s)"
     if key == "B7":

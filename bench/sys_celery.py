@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any
@@ -39,7 +38,7 @@ class CelerySystem(harness.System):
         self.server: EmbeddedServer | None = None
         self.base_url = ""
         self.worker: subprocess.Popen[bytes] | None = None
-        self.log_dir = tempfile.mkdtemp(prefix="celery-bench-")
+        self.log_dir = harness.log_dir("celery")
         self._last_blobs: Any = None
 
     def start(self) -> None:
@@ -103,7 +102,11 @@ class CelerySystem(harness.System):
         try:
             return result.get(timeout=timeout, interval=0.01, **kwargs)
         except CeleryTimeout:
-            raise DidNotComplete(f"no result within {timeout:.0f}s") from None
+            state = ""
+            if hasattr(result, "backend") and not hasattr(result, "results"):
+                meta = result.backend.get_task_meta(result.id, cache=False)
+                state = f" (the backend says the task is {meta.get('status')})"
+            raise DidNotComplete(f"no result within {timeout:.0f}s{state}") from None
 
     def fan_out(self, salt: str, n: int, timeout: float) -> list[int]:
         from celery import group

@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ class PygirderSystem(harness.System):
         self.url = ""
         self.grid: pygirder.Grid | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.log_dir = tempfile.mkdtemp(prefix="pygirder-bench-workers-")
+        self.log_dir = harness.log_dir("pygirder")
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -203,6 +202,9 @@ class PygirderSystem(harness.System):
         deadline = time.monotonic() + 60
         while len(self.g.workers()) < WORKERS and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def counters(self) -> dict[str, int]:
+        return self.g.stats()
 
     # -- once-only figures ------------------------------------------------------------
     def extras(self) -> dict[str, Any]:

@@ -40,6 +40,11 @@ class Context:
         url = self.system.valkey_url
         return harness.valkey_commands(url) if url else None
 
+    def counter_deltas(self, before: dict[str, int]) -> dict[str, int]:
+        """What the system's own counters say happened since ``before`` (``grid_*``)."""
+        after = self.system.counters()
+        return {f"grid_{k}": v - before.get(k, 0) for k, v in after.items() if v != before.get(k)}
+
     def round_trips(self, before: dict[str, int] | None, calls: int) -> dict[str, float]:
         if before is None:
             return {}
@@ -81,7 +86,7 @@ def b1(ctx: Context) -> dict[str, Outcome]:
 
     def run(_i: int) -> dict[str, Any]:
         salt = new_salt()
-        before = ctx.commands()
+        before, counted = ctx.commands(), sys_.counters()
         started = time.perf_counter()
         values = sys_.fan_out(salt, n, sz.run_limit_s)
         wall = time.perf_counter() - started
@@ -90,6 +95,7 @@ def b1(ctx: Context) -> dict[str, Outcome]:
             "wall_s": round(wall, 4),
             "correct": values == list(range(n)),
             **ctx.round_trips(before, n),
+            **ctx.counter_deltas(counted),
         }
 
     def body() -> dict[str, Outcome]:
@@ -146,6 +152,7 @@ def b3(ctx: Context) -> dict[str, Outcome]:
 
     def run(_i: int) -> dict[str, Any]:
         salt = new_salt()
+        counted = sys_.counters()
         started = time.perf_counter()
         value = sys_.tree(salt, depth, sz.b3_limit_s)
         wall = time.perf_counter() - started
@@ -154,6 +161,7 @@ def b3(ctx: Context) -> dict[str, Outcome]:
             "calls": expected,
             "correct": value == expected,
             "processes": ctx.sampler.processes,
+            **ctx.counter_deltas(counted),
         }
 
     def body() -> dict[str, Outcome]:
@@ -192,11 +200,16 @@ def b4(ctx: Context) -> dict[str, Outcome]:
     def run(i: int) -> dict[str, Any]:
         salt = new_salt()
         log = os.path.join(ctx.scratch, f"b4-{salt}.log")
+        counted = sys_.counters()
         started = time.perf_counter()
         out = sys_.shared(salt, n, copies, seconds, log, sz.run_limit_s)
         wall = time.perf_counter() - started
         ctx.shared_runs.append({"salt": salt, "log": log, "wall_s": wall})
-        return {"wall_s": round(wall, 4), **_shared_figures(log, n, copies, out)}
+        return {
+            "wall_s": round(wall, 4),
+            **_shared_figures(log, n, copies, out),
+            **ctx.counter_deltas(counted),
+        }
 
     def warmup() -> None:
         salt = new_salt()
@@ -276,6 +289,7 @@ def b6(ctx: Context) -> dict[str, Outcome]:
 
     def run(_i: int) -> dict[str, Any]:
         salt = new_salt()
+        counted = sys_.counters()
         started = time.perf_counter()
         value = sys_.skew(salt, durations, sz.run_limit_s)
         wall = time.perf_counter() - started
@@ -285,6 +299,7 @@ def b6(ctx: Context) -> dict[str, Outcome]:
             "ideal_s": round(ideal, 4),
             "longest_child_s": max(durations),
             "correct": value == sum(range(len(durations))),
+            **ctx.counter_deltas(counted),
         }
 
     def body() -> dict[str, Outcome]:
@@ -340,6 +355,7 @@ def b7(ctx: Context) -> dict[str, Outcome]:
                     box["error"] = exc
 
             worker = threading.Thread(target=go, daemon=True)
+            counted = sys_.counters()
             started = time.perf_counter()
             worker.start()
             time.sleep(uncrashed / 2)
@@ -365,6 +381,7 @@ def b7(ctx: Context) -> dict[str, Outcome]:
                 "wrong": bad,
                 "correct": bad == 0,
                 "errors": ",".join(errors),
+                **ctx.counter_deltas(counted),
             }
 
         hit = harness.repeat(crashed, sizes=sz, sampler=ctx.sampler)
