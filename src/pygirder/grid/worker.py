@@ -189,7 +189,7 @@ class Worker:
         self._completions: list[Any] = []  # flattened (id, envelope, ttl, started, summary)
         self._flusher: asyncio.Task[None] | None = None
         self._holder_fn: str | None = None
-        self.cycle_check_after = 1.0
+        self.cycle_check_after = 2.0  # seconds a request waits before cycle checks
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ------------------------------------------------------------------
@@ -521,12 +521,23 @@ class Worker:
         ).result()
 
     async def _cycle_loop(self) -> None:
-        """Look for cycles among requests that have waited a while (rarely: backoff)."""
+        """Look for cycles among requests that have waited a while.
+
+        A search walks the pending part of the call graph on the server, so it is
+        rationed: only requests waiting on calls that were already pending elsewhere,
+        each re-checked after twice the time it has waited, at most a few per round,
+        longest-waiting first.  A real cycle never resolves, so it is found in the end.
+        """
         while True:
             await asyncio.sleep(self.cycle_check_after / 2)
             now = time.monotonic()
-            for request_id, parked in list(self.parked.items()):
-                if not parked.children or parked.cycle.done() or now < parked.next_check:
+            due = sorted(
+                (p.since, rid) for rid, p in self.parked.items()
+                if p.children and not p.cycle.done() and now >= p.next_check
+            )  # fmt: skip
+            for _, request_id in due[:4]:
+                parked = self.parked.get(request_id)
+                if parked is None:
                     continue
                 parked.next_check = now + 2 * (now - parked.since)
                 try:
