@@ -9,10 +9,13 @@ checked with independent boto3 queries.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import redis
 from cloud_helpers import PUBLIC_KEY, SSH_FROM
 from fleet_helpers import leftovers, nat_state, write_project
 from typer.testing import CliRunner
@@ -96,6 +99,20 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
             pass
         with grid_url(config, aws=aws_, routes=[lambda node, cfg, port: None, direct_route]) as url:
             assert url.endswith(f"@{redis_ip}:6379/0")
+        with subprocess.Popen(
+            [sys.executable, "-m", "pygirder", "cloud", "tunnel", "--config", str(toml),
+             "--via", "direct", "--show-password"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        ) as tunnel:  # fmt: skip
+            try:
+                line = tunnel.stdout.readline() if tunnel.stdout else ""
+            finally:
+                tunnel.terminate()
+            assert tunnel.wait(20) == 0  # SIGTERM closes the tunnel cleanly
+        printed = line.strip().removeprefix("PYGIRDER_REDIS=")
+        assert printed.endswith(f"@{redis_ip}:6379/0")
+        with redis.Redis.from_url(printed) as client:
+            assert client.ping()
         shown = cloud(
             "exec", "worker", "--data-plane", str(tmp_path / "sim"), "--", "echo", "$HOME"
         )

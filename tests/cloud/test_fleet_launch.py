@@ -24,12 +24,15 @@ from fleet_helpers import (
 from pygirder.cloud.artifacts import build_artifact, push_artifact
 from pygirder.cloud.fleet import (
     TAG_ADDRESS,
+    FleetError,
     FleetNotReadyError,
+    InstanceRow,
     UpOptions,
     down,
     find_orphans,
     fleet_cost,
     fleet_status,
+    ssh_command,
     sweep,
     up,
 )
@@ -244,3 +247,18 @@ def test_down_removes_only_what_is_tagged_and_sweep_finds_orphans(account, agent
 
 def _tag(inst: dict, key: str) -> str:
     return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == key), "")
+
+
+def test_ssh_goes_through_the_redis_node_to_private_instances(config) -> None:
+    def row(iid: str, role: str, private: str, public: str = "") -> InstanceRow:
+        return InstanceRow(iid, "fl-20260101-0000-abcd", role, "running", "m7a.large",
+                           "us-east-1a", private, private, public, None, None, "spot")  # fmt: skip
+
+    jump = row("i-1", "redis", "10.42.0.5", "198.51.100.9")
+    worker = row("i-2", "worker", "10.42.130.7")
+    assert ssh_command(config, jump, jump)[-1] == "ec2-user@198.51.100.9"
+    cmd = ssh_command(config, worker, jump, ["tail", "-n", "5", "pygirder/boot.log"])
+    assert cmd[cmd.index("-J") + 1] == "ec2-user@198.51.100.9"
+    assert cmd[-3:] == ["ec2-user@10.42.130.7", "--", "tail -n 5 pygirder/boot.log"]
+    with pytest.raises(FleetError, match="no public node to jump through"):
+        ssh_command(config, worker, None)

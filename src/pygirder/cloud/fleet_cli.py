@@ -324,11 +324,11 @@ def tunnel(
 
     cfg = _load(config)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with grid_url(cfg, fleet, via=via, local_port=local_port) as url:
             shown = url if show_password else mask_url(url)
-            out.print(f"PYGIRDER_REDIS={shown}")
+            print(f"PYGIRDER_REDIS={shown}", flush=True)
             err.print("the grid is reachable at that URL; Ctrl-C closes the tunnel")
             try:
                 while not stop.wait(1.0):
@@ -337,6 +337,8 @@ def tunnel(
                 pass
     except PygirderError as exc:
         raise _fail(exc) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(

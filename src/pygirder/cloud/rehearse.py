@@ -175,6 +175,9 @@ def local_aws(region: str = "us-east-1") -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)  # moto logs every 4xx and 501
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    wsgi = getattr(server, "_server", None)
+    if wsgi is not None:  # a client that gave up (a timeout under load) is not news
+        wsgi.handle_error = _quiet_handle_error
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = {key: os.environ.get(key) for key in _ENV_KEYS}
@@ -195,6 +198,17 @@ def local_aws(region: str = "us-east-1") -> Iterator[str]:
             else:
                 os.environ[key] = value
         server.stop()
+
+
+def _quiet_handle_error(request: Any, client_address: Any) -> None:
+    """socketserver prints a traceback for every dropped connection; log it instead."""
+    import logging
+
+    exc = sys.exc_info()[1]
+    if not isinstance(exc, ConnectionError):
+        logging.getLogger("pygirder.rehearse").warning(
+            "local AWS: request from %s failed: %r", client_address, exc
+        )
 
 
 def _config(state: Path) -> Any:
