@@ -60,6 +60,7 @@ class Sizes:
     b7_extra_limit_s: float  # how much longer than uncrashed a crashed run may take
     b8_calls: int
     b8_sizes: tuple[int, ...]
+    b8_limit_s: float  # deadline of one B8 run (a stuck transfer should not cost 5 min)
     rss_limit_bytes: int  # a system whose processes exceed this is stopped
 
     @classmethod
@@ -68,7 +69,7 @@ class Sizes:
             quick=False, runs=5, run_limit_s=300.0, b1_calls=20_000, b2_calls=2_000,
             b3_depth=13, b3_limit_s=120.0, b4_n=16, b4_copies=200, b4_seconds=0.5,
             b6_children=400, b6_total_s=20.0, b7_calls=1_000, b7_seconds=0.05,
-            b7_extra_limit_s=90.0, b8_calls=200, b8_sizes=(1 << 20, 10 << 20),
+            b7_extra_limit_s=90.0, b8_calls=200, b8_sizes=(1 << 20, 10 << 20), b8_limit_s=120.0,
             rss_limit_bytes=12 << 30,
         )  # fmt: skip
 
@@ -78,7 +79,7 @@ class Sizes:
             quick=True, runs=3, run_limit_s=20.0, b1_calls=1_000, b2_calls=100,
             b3_depth=9, b3_limit_s=10.0, b4_n=12, b4_copies=10, b4_seconds=0.2,
             b6_children=40, b6_total_s=2.0, b7_calls=60, b7_seconds=0.05,
-            b7_extra_limit_s=15.0, b8_calls=10, b8_sizes=(1 << 20, 10 << 20),
+            b7_extra_limit_s=15.0, b8_calls=10, b8_sizes=(1 << 20, 10 << 20), b8_limit_s=20.0,
             rss_limit_bytes=8 << 30,
         )  # fmt: skip
 

@@ -412,7 +412,7 @@ def b8(ctx: Context) -> dict[str, Outcome]:
         def run(_i: int, size: int = size) -> dict[str, Any]:
             salt = new_salt()
             started = time.perf_counter()
-            values = sys_.blobs(salt, n, size, sz.run_limit_s)
+            values = sys_.blobs(salt, n, size, sz.b8_limit_s)
             wall = time.perf_counter() - started
             good = all(common.check_payload(i, size, v) for i, v in enumerate(values))
             del values
@@ -427,7 +427,7 @@ def b8(ctx: Context) -> dict[str, Outcome]:
         def body(size: int = size, key: str = key) -> dict[str, Outcome]:
             def warmup() -> None:
                 salt = new_salt()
-                sys_.blobs(salt, 4, size, sz.run_limit_s)
+                sys_.blobs(salt, 4, size, sz.b8_limit_s)
                 sys_.release_blobs(salt, 4, size)
 
             result = harness.repeat(run, sizes=sz, sampler=ctx.sampler, warmup=warmup)
