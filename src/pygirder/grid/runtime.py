@@ -322,14 +322,19 @@ class Runtime:
             if not fut.done():
                 fut.cancel()
         self._waiting.clear()
-        if self.redis is not None:
-            try:
-                await self.redis.delete(self.inbox, self.keys.heartbeat(self.process_id))
-            except Exception:  # the server may be gone already; the inbox has a TTL
-                pass
-        for client in (self._listener_client, self.redis):
-            if client is not None:
-                await client.aclose()
+        try:
+            if self.redis is not None:
+                # bounded: with the server gone, the client would retry for the whole
+                # reconnect window; the inbox and heartbeat expire by themselves anyway
+                await asyncio.wait_for(
+                    self.redis.delete(self.inbox, self.keys.heartbeat(self.process_id)), 2.0
+                )
+        except Exception:
+            pass
+        finally:
+            for client in (self._listener_client, self.redis):
+                if client is not None:
+                    await client.aclose()
 
     async def script(self, name: str, args: Sequence[Any]) -> Any:
         self.round_trips += 1

@@ -688,6 +688,19 @@ class Worker:
 
     # -- shutdown -----------------------------------------------------------------
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        try:
+            await asyncio.wait_for(self._hand_back(), self.shutdown_grace + 10)
+        except Exception as exc:  # server gone: the reaper requeues our work instead
+            log.warning("could not hand back work on shutdown: %s", exc)
+        finally:
+            for task in background:
+                task.cancel()
+            if self._blocking is not None:
+                await self._blocking.aclose()
+            await self.runtime.close()
+            self.threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _hand_back(self) -> None:
         redis = self.runtime.redis
         assert redis is not None
         if self._fetch is not None:
@@ -710,14 +723,10 @@ class Worker:
         if self._flusher is not None:
             await self._flusher
         await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0])
-        for task in background:
-            task.cancel()
-        await redis.hdel(self.keys.idle(self.pool), self.id)
-        await redis.hdel(self.keys.workers, self.id)
-        if self._blocking is not None:
-            await self._blocking.aclose()
-        await self.runtime.close()
-        self.threads.shutdown(wait=False, cancel_futures=True)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.keys.idle(self.pool), self.id)
+            pipe.hdel(self.keys.workers, self.id)
+            await pipe.execute()
 
 
 def run_worker(

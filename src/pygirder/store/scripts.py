@@ -110,6 +110,12 @@ local function claim(id)
   end
 end
 if ARGV[5] then claim(ARGV[5]) end
+-- Take a fair share only: with a short queue and idle peers, one worker must not
+-- swallow everything (each idle peer and this worker get an equal part).
+local idle = p .. 'idle:' .. pool
+local peers = redis.call('HLEN', idle) - redis.call('HEXISTS', idle, worker)
+local share = math.floor(redis.call('LLEN', q) / (peers + 1))
+if share < max then max = math.max(1, share) end
 local tries = 0
 while #out < 3 * max and tries < 4 * max do
   tries = tries + 1
