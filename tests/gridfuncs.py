@@ -264,5 +264,5 @@ def noisy(i: int) -> int:
     import logging
 
     logging.getLogger("gridfuncs").warning("hello from call %d", i)
-    time.sleep(0.05)
+    time.sleep(0.1)
     return i

@@ -94,6 +94,11 @@ def test_logs_of_worker_processes_reach_the_grid_stream(grid_factory):
     from pygirder.logs import read_logs
 
     grid = grid_factory(workers=2)
+    probe = redis.Redis.from_url(grid.url)
+    deadline = time.monotonic() + 30
+    while probe.hlen(Keys(grid.namespace).idle("default")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # both workers are waiting for work, so both will take some
+    probe.close()
     calls = [gf.noisy(i) for i in range(12)]
     assert grid.wait(calls, timeout=30) == list(range(12))
     client = redis.Redis.from_url(grid.url)
