@@ -600,6 +600,9 @@ class Worker:
         finally:
             kept = [item for item in candidates if item[0].encode() not in moved]
             self.stack[0:0] = kept
+            if kept:
+                # the scheduler may have gone idle while these were out on offer
+                self._wake.set()
         return len(moved)
 
     # -- liveness -------------------------------------------------------------------
