@@ -408,6 +408,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(systems.NAMES))
     parser.add_argument("--table", metavar="FILE", help="print the table of a results file")
     parser.add_argument("--logs", help="directory for the children's logs (default: a temp dir)")
+    parser.add_argument(
+        "--merge",
+        metavar="FILE",
+        help="start from this results file and replace only what this run measures",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--items", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -472,6 +477,8 @@ def main(argv: list[str]) -> int:
                 })  # fmt: skip
                 slot["systems"][name] = outcome
                 print(f"   {key}: {cell(key, outcome)}", file=sys.stderr, flush=True)
+    if args.merge and os.path.exists(args.merge):
+        report = merge(args.merge, report)
     order = {k: i for i, k in enumerate(TITLES)}
     report["workloads"] = dict(sorted(report["workloads"].items(), key=lambda kv: order[kv[0]]))
     add_floors(report, sizes)
@@ -481,6 +488,26 @@ def main(argv: list[str]) -> int:
             json.dump(report, fh, indent=1, default=str)
     print(table(report))
     return 0
+
+
+def merge(path: str, new: dict[str, Any]) -> dict[str, Any]:
+    """The results in ``path`` with everything ``new`` measured replaced by ``new``'s."""
+    with open(path) as fh:
+        old = json.load(fh)
+    if old["meta"]["quick"] != new["meta"]["quick"]:
+        raise SystemExit(f"--merge: {path} and this run differ in --quick; not merging")
+    for key, slot in new["workloads"].items():
+        old["workloads"].setdefault(key, {**slot, "systems": {}})["systems"].update(slot["systems"])
+    old["extras"].update(new["extras"])
+    for name, infos in new["children"].items():
+        old["children"].setdefault(name, []).extend(infos)
+    old["floors"].update({k: v for k, v in new["floors"].items() if k not in old["floors"]})
+    systems_seen = list(dict.fromkeys([*old["meta"]["systems"], *new["meta"]["systems"]]))
+    runs = old["meta"].setdefault("merged_runs", [])
+    runs.append({k: new["meta"][k] for k in ("started", "systems", "logs")})
+    runs[-1]["workloads"] = sorted(new["workloads"]) + (["MEM"] if new["extras"] else [])
+    old["meta"]["systems"] = systems_seen
+    return old
 
 
 def versions(names: list[str]) -> dict[str, str]:
