@@ -55,11 +55,15 @@ def test_gc_drops_idle_results_and_keeps_recent_ones(grid_factory):
         client.get(keys.result(gf.add(0, 1).id))  # a read keeps a result alive
         dry = grid.gc(1, dry_run=True)
         assert dry.dropped["results"] == 19 and results() == 20
+        # The command starts a new interpreter, which can take longer than the age on a
+        # loaded machine; the one result read just now is then old too.  What the
+        # command must get right is that it drops what it reports and nothing else.
         out = pygirder_cmd("gc", "--older-than", "1s", "--redis", grid.url,
                            "--namespace", grid.namespace)  # fmt: skip
         assert out.returncode == 0, out.stderr
-        assert "results" in out.stdout and "19" in out.stdout
-        assert results() == 1
+        row = next(line for line in out.stdout.splitlines() if " results " in line)
+        dropped = int(row.split("│")[2].strip().replace(",", ""))
+        assert dropped in (19, 20) and results() == 20 - dropped
     finally:
         client.close()
 
