@@ -87,6 +87,8 @@ def test_the_policy_allows_named_packages_and_the_script_folder_only(tmp_path, m
         ImportPolicy((named,)).import_for_request(f"{named}x")  # a prefix of the name is not
     with pytest.raises(ModuleNotFoundError):
         ImportPolicy((named,)).import_for_request(f"{named}.missing")
+    with pytest.raises(ImportRefused, match="entry point"):
+        ImportPolicy(("pygirder",)).import_for_request("pygirder.__main__")  # would run the CLI
     assert marker.read_text().split() == ["__init__", "jobs", "__init__", nearby]
     for name in list(sys.modules):
         if tag in name or name == "pkg":
@@ -126,7 +128,7 @@ def double(x):
 """
 
 
-def _run(tmp_path, script: str, *args: str, modules: dict[str, str] | None = None):
+def _run(tmp_path, script: str, *args: str, modules: dict[str, str] | None = None, **env: str):
     """Run ``script`` as `python job.py` from another folder; return the finished process."""
     proj, work = tmp_path / "proj", tmp_path / "work"
     proj.mkdir()
@@ -136,7 +138,7 @@ def _run(tmp_path, script: str, *args: str, modules: dict[str, str] | None = Non
     (proj / "job.py").write_text(textwrap.dedent(script))
     return subprocess.run(
         [sys.executable, str(proj / "job.py"), *args],
-        capture_output=True, text=True, timeout=120, cwd=work,
+        capture_output=True, text=True, timeout=120, cwd=work, env=dict(os.environ, **env),
     )  # fmt: skip
 
 
@@ -288,3 +290,49 @@ def test_a_script_whose_top_level_exits_in_the_worker_gets_a_clear_error(tmp_pat
     assert "raised SystemExit: usage: job.py N" in error
     assert 'if __name__ == "__main__":' in error
     assert cube == "8"  # the worker that ran the script's sys.exit() lives on
+
+
+def test_pygirder_worker_imports_allowed_modules_on_first_use_and_refuses_others(
+    grid_factory, tmp_path
+):
+    marker = tmp_path / "marker"
+    (tmp_path / "planted.py").write_text(PLANTED.format(marker=str(marker)))
+    grid = grid_factory(workers=0)
+    tests = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), tests]))
+    cmd = [sys.executable, "-m", "pygirder", "worker", "--redis", grid.url, "--namespace",
+           grid.namespace, "--processes", "2", "--allow-module", "gridfuncs"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    try:
+        grid.wait_for_workers(2, timeout=30)
+        assert grid.map(gf.add, [(i, 1) for i in range(8)], timeout=30) == list(range(1, 9))
+        with pytest.raises(pygirder.RemoteError, match="--allow-module planted"):
+            grid.run(_forged("planted:f")(1), timeout=30)
+        assert not marker.exists()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+SLOW_TOP_LEVEL = """
+import time
+import pygirder
+
+@pygirder.fn
+def sq(x):
+    return x * x
+
+if __name__ != "__main__":
+    time.sleep(4)  # a slow top level in the workers (a heavy import, say)
+
+if __name__ == "__main__":
+    with pygirder.connect(workers=2) as grid:
+        print(grid.run(sq(3)), grid.stats().get("dead_workers", 0))
+"""
+
+
+@pytest.mark.slow
+def test_a_slow_script_load_keeps_the_worker_alive(tmp_path):
+    out = _run(tmp_path, SLOW_TOP_LEVEL, PYGIRDER_HEARTBEAT_TTL="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["9", "0"]  # no worker was taken for dead while loading

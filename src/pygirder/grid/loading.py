@@ -167,10 +167,12 @@ class ImportPolicy:
         if self.auto_import:
             importlib.import_module(module)
             return
+        parts = module.split(".")
+        if "__main__" in parts:  # a package's command-line entry point, not grid code
+            raise ImportRefused(f"{module!r} is a program's entry point, not a module of grid code")
         by_name = self.allows_name(module)
         if not by_name and self.script_dir is None:
             raise ImportRefused(self._not_allowed(module))
-        parts = module.split(".")
         for i in range(1, len(parts) + 1):
             name = ".".join(parts[:i])
             if name in sys.modules:

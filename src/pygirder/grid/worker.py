@@ -212,6 +212,14 @@ class Worker:
             )
         return gf
 
+    async def _function_loaded(self, name: str, fingerprint: str) -> GridFunction[..., Any]:
+        """``_function``, importing in a thread when it must: a slow import (a script's
+        top level, a heavy package) holds the baton but must not stop the heartbeat."""
+        if calls_mod.lookup(name) is not None:
+            return self._function(name, fingerprint)
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self.threads, self._function, name, fingerprint)
+
     def _import_for(self, name: str, module: str) -> None:
         """Import the module a request names, if this worker may (see ``loading``)."""
         try:
@@ -416,7 +424,7 @@ class Worker:
                     raise _RefusedRequest(
                         "undecodable request", f"request {request_id}: {exc}"
                     ) from None
-                gf = self._function(name, fingerprint)
+                gf = await self._function_loaded(name, fingerprint)
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
