@@ -117,6 +117,10 @@ import pygirder
 @pygirder.fn
 def cube(x):
     return x ** 3
+
+@pygirder.fn
+def norm1(point):
+    return point.x + point.y
 """
 
 LATER = """
@@ -143,8 +147,16 @@ def _run(tmp_path, script: str, *args: str, modules: dict[str, str] | None = Non
 
 
 GUARDED = """
+from dataclasses import dataclass
+
 import pygirder
-from jobs import cube
+from jobs import cube, norm1
+
+@pygirder.register
+@dataclass
+class Point:
+    x: int
+    y: int
 
 @pygirder.fn
 def sq(x):
@@ -152,7 +164,8 @@ def sq(x):
 
 if __name__ == "__main__":
     with pygirder.connect(workers=1) as grid:
-        print(grid.run(sq(3)), grid.run(cube(2)))
+        # a class of the script as the argument of a module's function
+        print(grid.run(norm1(Point(1, 2))), grid.run(sq(3)), grid.run(cube(2)))
 """
 
 
@@ -160,7 +173,7 @@ if __name__ == "__main__":
 def test_a_guarded_script_runs_its_own_and_imported_functions(tmp_path):
     out = _run(tmp_path, GUARDED, modules={"jobs": JOBS})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["9", "8"]
+    assert out.stdout.split() == ["3", "9", "8"]
 
 
 UNGUARDED_MODULE_ONLY = """

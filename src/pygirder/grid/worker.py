@@ -35,7 +35,7 @@ from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
 from .context import RequestContext, current_request
-from .loading import ImportPolicy, ImportRefused, load_main_script
+from .loading import ImportPolicy, ImportRefused, load_main_script, script_loaded
 from .runtime import (
     Runtime,
     connect_redis,
@@ -187,7 +187,11 @@ class Worker:
         for module in self.imports:
             importlib.import_module(module)
 
-    def _function(self, name: str, fingerprint: str) -> GridFunction[..., Any]:
+    def _function(
+        self, name: str, fingerprint: str, load_script: bool = False
+    ) -> GridFunction[..., Any]:
+        if load_script and self.main_path:
+            load_main_script(self.main_path)
         gf = calls_mod.lookup(name)
         module = name.partition(":")[0]
         if gf is None and module == "__main__":
@@ -212,13 +216,26 @@ class Worker:
             )
         return gf
 
-    async def _function_loaded(self, name: str, fingerprint: str) -> GridFunction[..., Any]:
+    async def _function_loaded(
+        self, name: str, fingerprint: str, args_bytes: bytes = b""
+    ) -> GridFunction[..., Any]:
         """``_function``, importing in a thread when it must: a slow import (a script's
-        top level, a heavy package) holds the baton but must not stop the heartbeat."""
-        if calls_mod.lookup(name) is not None:
+        top level, a heavy package) holds the baton but must not stop the heartbeat.
+
+        Arguments naming a class of the client's script (``__main__:Point``) need the
+        script loaded to decode, whichever module the function comes from.
+        """
+        script = (
+            self.main_path is not None
+            and b"__main__:" in args_bytes
+            and not script_loaded(self.main_path)
+        )
+        if calls_mod.lookup(name) is not None and not script:
             return self._function(name, fingerprint)
         assert self.loop is not None
-        return await self.loop.run_in_executor(self.threads, self._function, name, fingerprint)
+        return await self.loop.run_in_executor(
+            self.threads, self._function, name, fingerprint, script
+        )
 
     def _import_for(self, name: str, module: str) -> None:
         """Import the module a request names, if this worker may (see ``loading``)."""
@@ -424,7 +441,7 @@ class Worker:
                     raise _RefusedRequest(
                         "undecodable request", f"request {request_id}: {exc}"
                     ) from None
-                gf = await self._function_loaded(name, fingerprint)
+                gf = await self._function_loaded(name, fingerprint, args_bytes)
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
