@@ -87,9 +87,10 @@ def test_the_policy_allows_named_packages_and_the_script_folder_only(tmp_path, m
         ImportPolicy((named,)).import_for_request(f"{named}x")  # a prefix of the name is not
     with pytest.raises(ModuleNotFoundError):
         ImportPolicy((named,)).import_for_request(f"{named}.missing")
+    ImportPolicy(auto_import=True).import_for_request(outside)  # trusted grids: anything
     with pytest.raises(ImportRefused, match="entry point"):
         ImportPolicy(("pygirder",)).import_for_request("pygirder.__main__")  # would run the CLI
-    assert marker.read_text().split() == ["__init__", "jobs", "__init__", nearby]
+    assert marker.read_text().split() == ["__init__", "jobs", "__init__", nearby, outside]
     for name in list(sys.modules):
         if tag in name or name == "pkg":
             monkeypatch.delitem(sys.modules, name)
@@ -310,18 +311,26 @@ def test_pygirder_worker_imports_allowed_modules_on_first_use_and_refuses_others
 ):
     marker = tmp_path / "marker"
     (tmp_path / "planted.py").write_text(PLANTED.format(marker=str(marker)))
+    (tmp_path / "exits.py").write_text("import sys\n\nsys.exit(3)\n")
     grid = grid_factory(workers=0)
     tests = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), tests]))
     cmd = [sys.executable, "-m", "pygirder", "worker", "--redis", grid.url, "--namespace",
-           grid.namespace, "--processes", "2", "--allow-module", "gridfuncs"]  # fmt: skip
+           grid.namespace, "--processes", "2", "--allow-module", "gridfuncs",
+           "--allow-module", "exits"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
     try:
         grid.wait_for_workers(2, timeout=30)
+        pids = {w["pid"] for w in grid.workers().values()}
         assert grid.map(gf.add, [(i, 1) for i in range(8)], timeout=30) == list(range(1, 9))
         with pytest.raises(pygirder.RemoteError, match="--allow-module planted"):
             grid.run(_forged("planted:f")(1), timeout=30)
         assert not marker.exists()
+        with pytest.raises(pygirder.RemoteError, match="raised SystemExit: 3") as info:
+            grid.run(_forged("exits:f")(1), timeout=30)  # allowed, but its top level exits
+        assert info.value.remote_type == "import failed"
+        assert grid.run(gf.add(5, 5), timeout=30) == 10
+        assert {w["pid"] for w in grid.workers().values()} == pids  # no process died
     finally:
         proc.terminate()
         proc.wait(30)

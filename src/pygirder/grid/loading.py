@@ -5,10 +5,10 @@ server can put any name in a request.  So a worker imports a module for a reques
 only when it was allowed to: the modules and packages it was told to ``--import`` or
 ``--allow-module`` (the local workers of ``pygirder.connect()`` are allowed the
 packages of the grid functions their client had registered), modules whose file lies
-in the client script's folder, and the script itself for ``__main__``.  Every file
-such an import runs must belong to the worker's user (or root), so a module another
-local user dropped into a shared folder never runs.  ``--auto-import`` lifts the rule
-for trusted grids.
+in the client script's folder, and the script itself for ``__main__``.  The files of
+the named module and of its packages must belong to the worker's user (or root), so a
+module another local user dropped into a shared folder never runs, whatever its name.
+``--auto-import`` lifts the rule for trusted grids.
 
 The client's script is loaded as ``__mp_main__`` when a request first names one of its
 functions, as multiprocessing's spawn does; its ``if __name__ == "__main__":`` block
