@@ -164,9 +164,9 @@ class ImportPolicy:
     def import_for_request(self, module: str) -> None:
         """Import ``module`` if the policy allows it; else raise :class:`ImportRefused`.
 
-        Each not yet imported package on the way is located first (finding runs no
-        code) and checked: allowed by name or lying in the script's folder, and owned
-        by this user or root.  Then the ordinary import runs.
+        Each part of the dotted name not imported yet is located first (finding runs
+        no code) and checked: allowed by name or lying in the script's folder, and its
+        file owned by this user or root.  Then the ordinary import runs.
         """
         if self.auto_import:
             importlib.import_module(module)
