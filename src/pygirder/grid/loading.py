@@ -102,10 +102,6 @@ class ScriptLoad:
 _scripts: dict[str, ScriptLoad] = {}
 
 
-def script_loaded(path: str) -> bool:
-    return path in _scripts
-
-
 def load_main_script(path: str) -> ScriptLoad:
     """Import the client's script as ``__mp_main__`` once; say how far its top level ran.
 

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +35,8 @@ from .. import codec, settings
 from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
+from . import loading
 from .context import RequestContext, current_request
-from .loading import ImportPolicy, ImportRefused, load_main_script, script_loaded
 from .runtime import (
     Runtime,
     connect_redis,
@@ -146,7 +147,7 @@ class Worker:
         self.imports = imports
         self.auto_import = auto_import
         self.main_path = main_path
-        self.policy = ImportPolicy(
+        self.policy = loading.ImportPolicy(
             (*imports, *allow_modules),
             script_dir=os.path.dirname(os.path.abspath(main_path)) if main_path else None,
             auto_import=auto_import,
@@ -191,7 +192,7 @@ class Worker:
         self, name: str, fingerprint: str, load_script: bool = False
     ) -> GridFunction[..., Any]:
         if load_script and self.main_path:
-            load_main_script(self.main_path)
+            loading.load_main_script(self.main_path)
         gf = calls_mod.lookup(name)
         module = name.partition(":")[0]
         if gf is None and module == "__main__":
@@ -228,7 +229,7 @@ class Worker:
         script = (
             self.main_path is not None
             and b"__main__:" in args_bytes
-            and not script_loaded(self.main_path)
+            and "__mp_main__" not in sys.modules
         )
         if calls_mod.lookup(name) is not None and not script:
             return self._function(name, fingerprint)
@@ -241,7 +242,7 @@ class Worker:
         """Import the module a request names, if this worker may (see ``loading``)."""
         try:
             self.policy.import_for_request(module)
-        except ImportRefused as exc:
+        except loading.ImportRefused as exc:
             log.warning("refused to import %r for %s: %s", module, name, exc)
             raise _RefusedRequest(
                 "import refused",
@@ -271,7 +272,7 @@ class Worker:
                 "given the caller's script (--main-path). Move the function into a module "
                 "and start the worker with `--import MODULE`",
             )
-        state = load_main_script(self.main_path)
+        state = loading.load_main_script(self.main_path)
         gf = calls_mod.lookup(name)
         if gf is None:
             raise _RefusedRequest("unknown function", state.explain_missing(name))
@@ -799,8 +800,8 @@ def run_worker(
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
     worker = Worker(
         url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
-        main_path=main_path, allow_modules=allow_modules, worker_id=worker_id,
-        result_ttl=result_ttl,
+        allow_modules=allow_modules,
+        main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
     )  # fmt: skip
 
     handler = None
