@@ -91,8 +91,8 @@ def worker(
 
     stats = run_worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
-        main_path=main_path, allow_modules=allowed, result_ttl=result_ttl,
-        log_level=ctx.log_level,
+        allow_modules=allowed,
+        main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
     )  # fmt: skip
     return stats
 
