@@ -23,11 +23,9 @@ import signal
 import socket
 import sys
 import time
-import types
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,6 +35,7 @@ from .. import codec, settings
 from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
+from . import loading
 from .context import RequestContext, current_request
 from .runtime import (
     Runtime,
@@ -94,21 +93,6 @@ class Baton:
         self._held = False
 
 
-def load_main_script(path: str) -> None:
-    """Import the client's script as ``__mp_main__``, as multiprocessing's spawn does.
-
-    Its grid functions register under ``__main__:name``; its ``if __name__ ==
-    "__main__":`` block does not run.
-    """
-    if "__mp_main__" in sys.modules:
-        return
-    module = types.ModuleType("__mp_main__")
-    module.__file__ = path
-    sys.modules["__mp_main__"] = module
-    code = compile(Path(path).read_bytes(), path, "exec", dont_inherit=True)
-    exec(code, module.__dict__)
-
-
 @dataclass
 class _Parked:
     """A request waiting on sub-calls, watched for cycles."""
@@ -147,6 +131,7 @@ class Worker:
         imports: tuple[str, ...] = (),
         auto_import: bool = False,
         main_path: str | None = None,
+        allow_modules: tuple[str, ...] = (),
         share_period: float = 0.02,
         take_batch: int = 16,
         result_ttl: int = 0,
@@ -162,6 +147,11 @@ class Worker:
         self.imports = imports
         self.auto_import = auto_import
         self.main_path = main_path
+        self.policy = loading.ImportPolicy(
+            (*imports, *allow_modules),
+            script_dir=os.path.dirname(os.path.abspath(main_path)) if main_path else None,
+            auto_import=auto_import,
+        )
         self.share_period = share_period
         self.take_batch = take_batch
         self.result_ttl = result_ttl
@@ -194,33 +184,27 @@ class Worker:
 
     # -- setup ------------------------------------------------------------------
     def load_code(self) -> None:
-        if self.main_path:
-            load_main_script(self.main_path)
+        """Import the ``--import`` modules.  The client's script waits for a request."""
         for module in self.imports:
             importlib.import_module(module)
 
-    def _function(self, name: str, fingerprint: str) -> GridFunction[..., Any]:
+    def _function(
+        self, name: str, fingerprint: str, load_script: bool = False
+    ) -> GridFunction[..., Any]:
+        if load_script and self.main_path:
+            loading.load_main_script(self.main_path)
         gf = calls_mod.lookup(name)
-        if gf is None and self.auto_import:
-            module = name.partition(":")[0]
-            if module == "__main__":
-                if self.main_path:
-                    load_main_script(self.main_path)
-            else:
-                try:
-                    importlib.import_module(module)
-                except ImportError as exc:
-                    raise _RefusedRequest(
-                        "unknown function",
-                        f"worker {self.id} cannot import module {module!r} for {name}: {exc}. "
-                        "Make the module importable on the workers (same code, same sys.path)",
-                    ) from None
+        module = name.partition(":")[0]
+        if gf is None and module == "__main__":
+            gf = self._script_function(name)
+        elif gf is None:
+            self._import_for(name, module)
             gf = calls_mod.lookup(name)
         if gf is None:
             raise _RefusedRequest(
                 "unknown function",
                 f"{name} is not a registered grid function on worker {self.id} (pool "
-                f"{self.pool!r}); start the worker with `--import {name.partition(':')[0]}` "
+                f"{self.pool!r}); start the worker with `--import {module}` "
                 "so the module defining it is imported",
             )
         if gf.fingerprint != fingerprint:
@@ -231,6 +215,67 @@ class Worker:
                 "callers and workers (restart the workers after changing it), or pin "
                 "@pygirder.fn(version=...)",
             )
+        return gf
+
+    async def _function_loaded(
+        self, name: str, fingerprint: str, args_bytes: bytes = b""
+    ) -> GridFunction[..., Any]:
+        """``_function``, importing in a thread when it must: a slow import (a script's
+        top level, a heavy package) holds the baton but must not stop the heartbeat.
+
+        Arguments naming a class of the client's script (``__main__:Point``) need the
+        script loaded to decode, whichever module the function comes from.
+        """
+        script = (
+            self.main_path is not None
+            and b"__main__:" in args_bytes
+            and "__mp_main__" not in sys.modules
+        )
+        if calls_mod.lookup(name) is not None and not script:
+            return self._function(name, fingerprint)
+        assert self.loop is not None
+        return await self.loop.run_in_executor(
+            self.threads, self._function, name, fingerprint, script
+        )
+
+    def _import_for(self, name: str, module: str) -> None:
+        """Import the module a request names, if this worker may (see ``loading``)."""
+        try:
+            self.policy.import_for_request(module)
+        except loading.ImportRefused as exc:
+            log.warning("refused to import %r for %s: %s", module, name, exc)
+            raise _RefusedRequest(
+                "import refused",
+                f"worker {self.id} cannot import module {module!r} for {name}: {exc}",
+            ) from None
+        except ImportError as exc:
+            raise _RefusedRequest(
+                "unknown function",
+                f"worker {self.id} cannot import module {module!r} for {name}: {exc}. "
+                "Make the module importable on the workers (same code, same sys.path)",
+            ) from None
+        except Exception:
+            raise  # the module's own error: the caller gets its type and traceback
+        except BaseException as exc:  # SystemExit and the like from the module's top level
+            raise _RefusedRequest(
+                "import failed",
+                f"importing {module!r} for {name} on worker {self.id} raised "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
+
+    def _script_function(self, name: str) -> GridFunction[..., Any]:
+        """A function of the client's script: load the script on first use."""
+        if not self.main_path:
+            raise _RefusedRequest(
+                "unknown function",
+                f"{name} is defined in the caller's __main__, and worker {self.id} was not "
+                "given the caller's script (--main-path). Move the function into a module "
+                "and start the worker with `--import MODULE`",
+            )
+        state = loading.load_main_script(self.main_path)
+        gf = calls_mod.lookup(name)
+        if gf is None:
+            raise _RefusedRequest("unknown function", state.explain_missing(name))
         return gf
 
     # -- main loop ------------------------------------------------------------
@@ -397,7 +442,7 @@ class Worker:
                     raise _RefusedRequest(
                         "undecodable request", f"request {request_id}: {exc}"
                     ) from None
-                gf = self._function(name, fingerprint)
+                gf = await self._function_loaded(name, fingerprint, args_bytes)
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
@@ -740,6 +785,7 @@ def run_worker(
     imports: tuple[str, ...] = (),
     auto_import: bool = False,
     main_path: str | None = None,
+    allow_modules: tuple[str, ...] = (),
     worker_id: str | None = None,
     result_ttl: int = 0,
     log_level: str | None = "INFO",
@@ -754,6 +800,7 @@ def run_worker(
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
     worker = Worker(
         url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
+        allow_modules=allow_modules,
         main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
     )  # fmt: skip
 
