@@ -140,7 +140,8 @@ def render_status(
         "pending", _count(keys["pending"], keys["complete"]),
     )  # fmt: skip
     summary.add_row(
-        "queued", f"{totals['queued']:,}",
+        "queued", f"{totals['queued']:,}"
+        + (f" ({totals['stale']:,} cancelled)" if totals.get("stale") else ""),
         "failed", f"[red]{stats['failed']:,}[/]" if stats["failed"] else "0",
         "moved", f"{stats['moved_to_pool']:,}",
         "call records", _count(keys["calls"], keys["complete"]),
