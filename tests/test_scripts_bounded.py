@@ -148,9 +148,13 @@ async def rounds_to_find(worker: Worker, request_id: str, parked: _Parked, round
 def test_cycle_through_a_node_with_many_children_is_found_in_bounded_steps(redis_url, client):
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
     request, child = new_id(), new_id()
-    kids = [new_id() for _ in range(50_000)]  # all unfinished: each one is expanded
+    kids = [new_id() for _ in range(50_000)]
     back = kids[31_337]
     fill_children(client, keys, child, kids)
+    pipe = client.pipeline(transaction=False)
+    for kid in kids[2000:5000]:  # unfinished calls with children: expanded in turn
+        pipe.sadd(keys.children(kid), new_id())
+    pipe.execute()
     client.sadd(keys.children(back), request)  # back waits on the request: a cycle
     done = kids[:1000]  # finished children are not expanded
     client.mset({keys.result(k): b"r" for k in done})
@@ -158,7 +162,7 @@ def test_cycle_through_a_node_with_many_children_is_found_in_bounded_steps(redis
 
     async def main() -> tuple[int, GridCycleError]:
         worker = Worker(redis_url, namespace=keys.namespace)
-        worker.cycle_step_budget, worker.cycle_steps = 5000, 3
+        worker.cycle_step_budget, worker.cycle_steps, worker.cycle_step_target = 5000, 3, None
         await worker.runtime.start()
         try:
             loop = asyncio.get_running_loop()
@@ -210,7 +214,12 @@ def test_cycle_search_without_a_cycle_ends_and_looks_at_bounded_steps(client):
 def test_cycle_search_gives_up_on_a_graph_larger_than_its_limit(client):
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
     request, child = new_id(), new_id()
-    fill_children(client, keys, child, [new_id() for _ in range(5000)])
+    kids = [new_id() for _ in range(5000)]
+    fill_children(client, keys, child, kids)
+    pipe = client.pipeline(transaction=False)
+    for kid in kids:  # each with a child of its own: all to be expanded
+        pipe.sadd(keys.children(kid), new_id())
+    pipe.execute()
     reach = client.register_script(scripts.REACH)
 
     async def script(name, args):
@@ -240,3 +249,26 @@ def test_failures_finished_at_the_same_time_follow_the_servers_order(client):
     client.rpush(keys.failures, *listed)
     failures = FailureScanner(client, keys.namespace).scan_all()
     assert [f["id"] for f in failures] == [*listed, oldest]
+
+
+def test_cycle_search_step_budget_follows_the_time_a_step_takes(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    request, child = new_id(), new_id()
+    fill_children(client, keys, child, [new_id() for _ in range(20_000)])
+    reach = client.register_script(scripts.REACH)
+    delay = [0.05]
+
+    async def script(name, args):
+        await asyncio.sleep(delay[0])  # a loaded server
+        return reach(keys=[], args=list(args))
+
+    async def main() -> list[int]:
+        search = CycleSearch(request, [child], step_budget=1600, target_s=0.01)
+        budgets = []
+        for slow in (True, True, False, False):
+            delay[0] = 0.05 if slow else 0.0
+            await search.step(script, keys.prefix)
+            budgets.append(search.step_budget)
+        return budgets
+
+    assert asyncio.run(main()) == [800, 400, 500, 625]

@@ -11,12 +11,16 @@ in the waiting worker, from one step to the next.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-# Nodes and set members one step looks at: a few milliseconds of server time.
-STEP_BUDGET = 10_000
+# Nodes and set members one step looks at (about a microsecond of server time each).
+STEP_BUDGET = 2_000
+# With a target time per step, the budget adapts between these bounds: a loaded server
+# gets smaller steps.
+MIN_STEP_BUDGET, MAX_STEP_BUDGET = 100, 20_000
 # Nodes sent to one step (each costs one SSCAN at least, and counts against the budget).
 STEP_NODES = 2_000
 # Unfinished calls one search remembers; a larger pending graph ends the search
@@ -33,6 +37,10 @@ class CycleSearch:
     returns the cycle (``[request, child, ..., request]``) once found; ``done`` turns
     true when the search is over without finding one (every unfinished call reachable
     was expanded, or the graph was larger than ``max_nodes``: ``gave_up``).
+
+    With ``target_s``, the budget of the next step follows the time the last one took
+    (a round trip, so an upper bound of the script's time): halved when it took over
+    twice the target, grown by a quarter when it took under the target.
     """
 
     def __init__(
@@ -43,11 +51,13 @@ class CycleSearch:
         step_budget: int = STEP_BUDGET,
         step_nodes: int = STEP_NODES,
         max_nodes: int = MAX_NODES,
+        target_s: float | None = None,
     ) -> None:
         self.target = target
         self.step_budget = step_budget
         self.step_nodes = step_nodes
         self.max_nodes = max_nodes
+        self.target_s = target_s
         self.parent: dict[str, str | None] = {}
         self.frontier: deque[str] = deque()
         for start in starts:
@@ -66,11 +76,20 @@ class CycleSearch:
         """One bounded step; the cycle if it is found now, else None."""
         if self.done:
             return None
-        nodes = [self.frontier[i] for i in range(min(self.step_nodes, len(self.frontier)))]
+        # a node cut short has more children to come: it alone may use up the budget
+        count = 1 if self.cursor != "0" else min(self.step_nodes, len(self.frontier))
+        nodes = [self.frontier[i] for i in range(count)]
+        started = time.perf_counter()
         found, expanded, cursor, pending = await script(
             "reach", [prefix, self.target, self.step_budget, self.cursor, *nodes]
         )
         self.steps += 1
+        if self.target_s is not None:
+            took = time.perf_counter() - started
+            if took > 2 * self.target_s:
+                self.step_budget = max(MIN_STEP_BUDGET, self.step_budget // 2)
+            elif took < self.target_s:
+                self.step_budget = min(MAX_STEP_BUDGET, self.step_budget * 5 // 4)
         if found:
             path = [self.target]
             node: str | None = nodes[int(found) - 1]

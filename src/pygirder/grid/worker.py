@@ -192,8 +192,9 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._holder_fn: str | None = None
         self.cycle_check_after = 2.0  # seconds a request waits before cycle checks
-        self.cycle_steps = 32  # bounded steps of one cycle search per round
+        self.cycle_steps = 16  # bounded steps of one cycle search per round
         self.cycle_step_budget = STEP_BUDGET  # call-graph nodes and members one step reads
+        self.cycle_step_target: float | None = 0.005  # seconds per step the budget aims at
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ------------------------------------------------------------------
@@ -559,8 +560,9 @@ class Worker:
         assert self.runtime.redis is not None
         if parked.search is None:
             parked.search = CycleSearch(
-                request_id, parked.children, step_budget=self.cycle_step_budget
-            )
+                request_id, parked.children, step_budget=self.cycle_step_budget,
+                target_s=self.cycle_step_target,
+            )  # fmt: skip
         search = parked.search
         ids: list[str] | None = None
         for _ in range(self.cycle_steps):

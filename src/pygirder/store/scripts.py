@@ -324,9 +324,10 @@ REACH = """
 -- node has.
 -- Returns {found, expanded, cursor, pending}: found is the index (1-based) of the node
 -- whose children include target (0: not found); expanded the number of nodes finished;
--- cursor the SSCAN cursor of the next one ('0': start it afresh); pending the unfinished
--- children seen, as pairs (child id, index of its parent node).  Finished children (a
--- result is stored) are left out: they wait on nothing, so no cycle runs through them.
+-- cursor the SSCAN cursor of the next one ('0': start it afresh); pending the children
+-- to expand next, as pairs (child id, index of its parent node).  Children that are
+-- finished (a result is stored) or have no children are left out: no cycle runs
+-- through them now (a search that ends without a cycle is run again later).
 local p, target, budget, cursor = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local looked, expanded = 0, 0
 local pending, seen = {}, {}
@@ -343,7 +344,8 @@ for i = 5, #ARGV do
       if kid == target then return {node, expanded, cursor, {}} end
       if not seen[kid] then
         seen[kid] = true
-        if redis.call('EXISTS', p .. 'res:' .. kid) == 0 then
+        if redis.call('EXISTS', p .. 'kids:' .. kid) == 1
+            and redis.call('EXISTS', p .. 'res:' .. kid) == 0 then
           pending[#pending + 1] = kid
           pending[#pending + 1] = node
         end
