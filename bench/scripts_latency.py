@@ -88,7 +88,7 @@ class SlowlogReader(threading.Thread):
             if cmd in ("PING", "SLOWLOG", "MULTI", "EXEC", "LATENCY"):
                 continue
             if cmd in ("EVALSHA", "EVAL") and len(words) > 1:
-                cmd = "script " + self.names.get(words[1].decode(), "?")
+                cmd = "script " + self.names.get(words[1].decode(), "empty")
             self.durations.setdefault(cmd, []).append(int(entry["duration"]))
 
     def run(self) -> None:
@@ -172,6 +172,14 @@ def fill_children(client: redis.Redis, keys: Keys, parent: str, kids: list[str])
 async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[dict[str, Any]]:
     keys = Keys(NAMESPACE)
     rows = []
+    # the floor: how long a script that does nothing can take on this machine now (a
+    # busy machine deschedules the server in the middle of a script now and then)
+    noop = client.register_script("return 1")
+    with Phase(client, url, "control: an empty script, 5,000 calls") as ph:
+        for _ in range(5000):
+            noop(keys=[], args=[])
+    ph.row["note"] = "the machine's floor"
+    rows.append(ph.row)
     runtime = Runtime(url, namespace=NAMESPACE, process_id="bench-client")
     await runtime.start()
     try:
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, f in r["scripts"].items():
             print(f"  {r['phase']}: {name} x{f['calls']:,}: median {f['median_ms']} ms, "
                   f"p99 {f['p99_ms']} ms, max {f['max_ms']} ms")  # fmt: skip
-    ok = all(r["worst_ms"] < TARGET_MS for r in rows)
+    ok = all(r["worst_ms"] < TARGET_MS for r in rows[1:])
     print(f"every script under {TARGET_MS:.0f} ms: {'yes' if ok else 'NO'}")
     if args.json:
         with open(args.json, "w") as fh:
