@@ -52,12 +52,17 @@ PAYLOAD = b"\x93\xb0tasks:work\xa8f00dfeed\xc4\x40" + bytes(64)  # a request's s
 def ping_loop(url: str, ready: Any, stop: Any, longest: Any) -> None:
     """Another client, in its own process: PINGs every few milliseconds and keeps the
     longest round trip (in ms) in ``longest``."""
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=600)
     client.ping()
     ready.set()
     while not stop.is_set():
         t0 = time.perf_counter()
-        client.ping()
+        while True:  # a BUSY reply (a script over busy-reply-threshold) is waiting too
+            try:
+                client.ping()
+                break
+            except redis.ResponseError:
+                time.sleep(0.01)
         longest.value = max(longest.value, (time.perf_counter() - t0) * 1000)
         time.sleep(0.005)
     client.close()
@@ -71,17 +76,22 @@ class SlowlogReader(threading.Thread):
 
     def __init__(self, url: str, period: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.client = redis.Redis.from_url(url)
+        self.client = redis.Redis.from_url(url, socket_timeout=600)
         self.period = period
         self.stop = threading.Event()
         self.names = {hashlib.sha1(s.source.encode()).hexdigest(): s.name for s in scripts.ALL}
         self.durations: dict[str, list[int]] = {}  # microseconds, per command or script
 
     def drain(self) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.slowlog_get(-1)
-        pipe.slowlog_reset()
-        entries, _ = pipe.execute()
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.slowlog_get(-1)
+                pipe.slowlog_reset()
+                entries, _ = pipe.execute()
+                break
+            except redis.ResponseError:  # BUSY: a long script is running
+                time.sleep(0.05)
         for entry in entries:
             words = entry["command"].split()
             cmd = words[0].decode().upper() if words else "?"
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--slowlog-log-slower-than", str(args.slowlog_threshold),
              "--slowlog-max-len", "1000000", "--latency-monitor-threshold", "1"]  # fmt: skip
     with EmbeddedServer(extra_args=extra) as server:
-        client = redis.Redis.from_url(server.url)
+        client = redis.Redis.from_url(server.url, socket_timeout=600)
         try:
             rows = asyncio.run(run(args, server.url, client))
         finally:

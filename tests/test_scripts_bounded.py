@@ -15,8 +15,10 @@ import uuid
 
 import pytest
 import redis
+from typer.testing import CliRunner
 
 import gridfuncs as gf
+from pygirder.cli.status import app
 from pygirder.errors import GridCycleError
 from pygirder.grid.cycles import CycleSearch
 from pygirder.grid.worker import Worker, _Parked
@@ -65,6 +67,11 @@ def test_cancel_of_many_calls_is_chunked_and_a_resubmit_runs_once(grid_factory, 
         assert status["totals"]["queued"] == len(calls)
         assert status["totals"]["stale"] == len(calls)
         assert status["stats"]["cancelled"] == len(calls)
+        shown = CliRunner().invoke(
+            app, ["status", "--redis", grid.url, "--namespace", grid.namespace, "--sample", "0"]
+        )
+        assert shown.exit_code == 0, shown.output
+        assert f"{len(calls):,} of the queued are cancelled calls" in shown.output
 
         again = [grid.submit(c) for c in calls[:5]]  # a second queue entry each
         grid.add_workers(1)

@@ -140,8 +140,7 @@ def render_status(
         "pending", _count(keys["pending"], keys["complete"]),
     )  # fmt: skip
     summary.add_row(
-        "queued", f"{totals['queued']:,}"
-        + (f" ({totals['stale']:,} cancelled)" if totals.get("stale") else ""),
+        "queued", f"{totals['queued']:,}",
         "failed", f"[red]{stats['failed']:,}[/]" if stats["failed"] else "0",
         "moved", f"{stats['moved_to_pool']:,}",
         "call records", _count(keys["calls"], keys["complete"]),
@@ -161,6 +160,10 @@ def render_status(
             expand=False,
         )
     ]
+    if totals.get("stale"):
+        parts.append(Text(
+            f"{totals['stale']:,} of the queued are cancelled calls, dropped unrun when taken"
+        ))  # fmt: skip
 
     pools = Table(title="Pools", title_justify="left", expand=False)
     for name, justify in [

@@ -132,8 +132,9 @@ while #out < 3 * max and tries < 4 * max + DROP_BUDGET do
 end
 if #out > 0 then redis.call('HDEL', p .. 'idle:' .. pool, worker) end
 if dropped > 0 then
-  -- stale: entries CANCEL left in queues that no take has dropped yet (never below 0:
-  -- entries of requests that finished while queued are dropped without being counted)
+  -- stale: entries CANCEL left in queues that no take has dropped yet.  Every dropped
+  -- entry counts against it, down to 0 (an entry left behind otherwise, e.g. by a
+  -- request that finished while queued, makes it undercount, never go negative).
   local stats = p .. 'stats'
   local stale = tonumber(redis.call('HGET', stats, 'stale') or '0')
   if stale > 0 then redis.call('HINCRBY', stats, 'stale', -math.min(stale, dropped)) end
