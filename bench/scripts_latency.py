@@ -225,13 +225,18 @@ async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[d
                          cycle=loop.create_future(), next_check=0.0)  # fmt: skip
         name = f"cycle check through a call with {args.children:,} children"
         with Phase(client, url, name) as ph:
-            rounds = 0
+            rounds, errors = 0, 0
             deadline = time.monotonic() + args.time_limit
             while not parked.cycle.done() and time.monotonic() < deadline:
-                await worker._check_cycle(request, parked)
+                try:
+                    await worker._check_cycle(request, parked)
+                except Exception:  # the worker's cycle loop logs it and carries on
+                    errors += 1
                 rounds += 1
         found = parked.cycle.done()
         ph.row["note"] = f"{'found' if found else 'NOT found'} in {rounds} round(s)"
+        if errors:
+            ph.row["note"] += f", {errors} failed (BUSY, time-out)"
         rows.append(ph.row)
     finally:
         await worker.runtime.close()
