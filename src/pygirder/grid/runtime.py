@@ -305,10 +305,13 @@ class Runtime:
             self._resubmit.pop(request_id, None)
             if fut is not None and not fut.done():
                 fut.cancel()
-        if not request_ids:
-            return []
-        dropped = await self.script("cancel", [self.keys.prefix, self.inbox, *request_ids])
-        return [d.decode() for d in dropped]
+        dropped: list[str] = []
+        # in chunks: one script call per chunk keeps the server free for everyone else
+        for start in range(0, len(request_ids), scripts.CANCEL_CHUNK):
+            chunk = request_ids[start : start + scripts.CANCEL_CHUNK]
+            reply = await self.script("cancel", [self.keys.prefix, self.inbox, *chunk])
+            dropped += [d.decode() for d in reply]
+        return dropped
 
     async def close(self) -> None:
         for task in (self._beat, self._listener):

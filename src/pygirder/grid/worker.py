@@ -37,6 +37,7 @@ from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteEr
 from ..store.scripts import INLINE_RESULT_LIMIT
 from . import loading
 from .context import RequestContext, current_request
+from .cycles import STEP_BUDGET, CycleSearch
 from .runtime import (
     Runtime,
     connect_redis,
@@ -101,6 +102,7 @@ class _Parked:
     since: float
     cycle: asyncio.Future[GridCycleError]  # also carries HandedBack on shutdown
     next_check: float
+    search: CycleSearch | None = None  # the cycle search under way, between steps
 
 
 class HandedBack(BaseException):
@@ -180,6 +182,9 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._holder_fn: str | None = None
         self.cycle_check_after = 2.0  # seconds a request waits before cycle checks
+        self.cycle_steps = 16  # bounded steps of one cycle search per round
+        self.cycle_step_budget = STEP_BUDGET  # call-graph nodes and members one step reads
+        self.cycle_step_target: float | None = 0.005  # seconds per step the budget aims at
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ------------------------------------------------------------------
@@ -570,43 +575,66 @@ class Worker:
 
         A search walks the pending part of the call graph on the server, so it is
         rationed: only requests waiting on calls that were already pending elsewhere,
-        each re-checked after twice the time it has waited, at most a few per round,
-        longest-waiting first.  A real cycle never resolves, so it is found in the end.
+        at most a few per round, longest-waiting first, each round a few bounded steps
+        of each search (a large graph takes several rounds, and no step holds the
+        server for long).  A search that ends without a cycle is run again after twice
+        the time the request has waited.  A real cycle never resolves, so it is found
+        in the end.
         """
         while True:
             await asyncio.sleep(self.cycle_check_after / 2)
             now = time.monotonic()
             due = sorted(
                 (p.since, rid) for rid, p in self.parked.items()
-                if p.children and not p.cycle.done() and now >= p.next_check
+                if p.children and not p.cycle.done()
+                and (p.search is not None or now >= p.next_check)
             )  # fmt: skip
             for _, request_id in due[:4]:
                 parked = self.parked.get(request_id)
                 if parked is None:
                     continue
-                parked.next_check = now + 2 * (now - parked.since)
                 try:
                     await self._check_cycle(request_id, parked)
                 except Exception as exc:
+                    parked.search = None
+                    parked.next_check = now + 2 * (now - parked.since)
                     log.warning("cycle check of %s failed: %s", request_id, exc)
 
     async def _check_cycle(self, request_id: str, parked: _Parked) -> None:
+        """Advance the request's cycle search by up to ``cycle_steps`` bounded steps."""
         assert self.runtime.redis is not None
-        for child in parked.children:
-            path = await self.runtime.script("reach", [self.keys.prefix, child, request_id, 10_000])
-            if not path:
-                continue
-            ids = [request_id, *(p.decode() for p in path)]
-            names = []
-            for i in ids:
-                fn = await self.runtime.redis.hget(self.keys.call(i), "fn")
-                names.append(f"{fn.decode() if fn else '?'}[{i[:12]}]")
-            if not parked.cycle.done():
-                parked.cycle.set_result(GridCycleError(
-                    "cycle: " + " -> ".join(names) + " (each waits on the next)",
-                    cycle=tuple(ids),
-                ))  # fmt: skip
+        if parked.search is None:
+            parked.search = CycleSearch(
+                request_id, parked.children, step_budget=self.cycle_step_budget,
+                target_s=self.cycle_step_target,
+            )  # fmt: skip
+        search = parked.search
+        ids: list[str] | None = None
+        for _ in range(self.cycle_steps):
+            ids = await search.step(self.runtime.script, self.keys.prefix)
+            if ids or search.done:
+                break
+        if ids is None and not search.done:
+            return  # out of steps for this round: no answer yet, continued next round
+        parked.search = None
+        if ids is None:
+            if search.gave_up:
+                log.warning(
+                    "cycle search of %s stopped after %d pending calls; trying again later",
+                    request_id, len(search.parent),
+                )  # fmt: skip
+            now = time.monotonic()
+            parked.next_check = now + 2 * (now - parked.since)
             return
+        names = []
+        for i in ids:
+            fn = await self.runtime.redis.hget(self.keys.call(i), "fn")
+            names.append(f"{fn.decode() if fn else '?'}[{i[:12]}]")
+        if not parked.cycle.done():
+            parked.cycle.set_result(GridCycleError(
+                "cycle: " + " -> ".join(names) + " (each waits on the next)",
+                cycle=tuple(ids),
+            ))  # fmt: skip
 
     # -- sharing ----------------------------------------------------------------
     async def _share_loop(self) -> None:
