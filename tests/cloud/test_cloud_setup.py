@@ -24,6 +24,7 @@ from cloud_helpers import (
 
 from pygirder.cloud.aws import AccessDeniedError, CloudTimeoutError
 from pygirder.cloud.config import CloudConfigError
+from pygirder.cloud.policy import boundary_arn, boundary_policy
 from pygirder.cloud.setup import (
     Action,
     FleetAliveError,
@@ -224,7 +225,7 @@ def test_plan_changes_nothing(make_aws, config, boto) -> None:
     aws_, faults, _ = make_aws(config)
     report = plan(config, aws=aws_)
     assert set(actions(report).values()) == {"create"}
-    assert len(report.items) == 24
+    assert len(report.items) == 25  # with the account's permissions boundary
     assert all(
         c.split(".")[1].startswith(("Get", "Describe", "List", "Head")) for c in faults.calls
     )
@@ -279,6 +280,70 @@ def test_drift_is_planned_and_fixed(done, make_config, make_aws, boto) -> None:
         boto("s3").get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values()
     )
     assert plan(moved, aws=aws2).changes == []
+
+
+def test_the_instance_role_carries_the_permissions_boundary(done, boto) -> None:
+    iam = boto("iam")
+    arn = boundary_arn("aws", ACCOUNT)
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == arn
+    policy = iam.get_policy(PolicyArn=arn)["Policy"]
+    assert policy["Path"] == "/pygirder/"
+    version = iam.get_policy_version(PolicyArn=arn, VersionId=policy["DefaultVersionId"])
+    assert version["PolicyVersion"]["Document"] == boundary_policy()
+
+
+def test_a_role_without_the_boundary_gets_it_and_trust_drift_recreates_the_role(
+    done, make_aws, boto
+) -> None:
+    config, _, _, _, _ = done
+    iam = boto("iam")
+    iam.delete_role_permissions_boundary(RoleName="pygirder-t-instance")
+    aws2, faults, _ = make_aws(config)
+    assert "permissions boundary missing" in actions_detail(plan(config, aws=aws2))["role"]
+    setup(config, aws=aws2)
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == boundary_arn("aws", ACCOUNT)
+
+    lax = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+    }
+    iam.update_assume_role_policy(RoleName="pygirder-t-instance", PolicyDocument=json.dumps(lax))
+    aws3, faults, _ = make_aws(config)
+    setup(config, aws=aws3)
+    assert not [c for c in faults.calls if "UpdateAssumeRolePolicy" in c]
+    assert "iam.DeleteRole" in faults.calls and "iam.CreateRole" in faults.calls
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    principal = role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"]
+    assert principal == {"Service": "ec2.amazonaws.com"}
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == boundary_arn("aws", ACCOUNT)
+    profile = iam.get_instance_profile(InstanceProfileName="pygirder-t-instance")
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["pygirder-t-instance"]
+    assert plan(config, aws=aws3).changes == []
+
+
+def test_a_changed_boundary_stops_setup_and_teardown_keeps_it(done, make_aws, boto) -> None:
+    config, _, _, _, _ = done
+    iam = boto("iam")
+    arn = boundary_arn("aws", ACCOUNT)
+    wider = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    iam.create_policy_version(PolicyArn=arn, PolicyDocument=json.dumps(wider), SetAsDefault=True)
+    aws2, faults, _ = make_aws(config)
+    with pytest.raises(ResourceConflictError) as info:
+        setup(config, aws=aws2)
+    assert "create-policy-version" in str(info.value) and arn in str(info.value)
+    assert not [c for c in faults.calls if "PolicyVersion" in c and "Get" not in c]
+
+    assert teardown(config, aws=aws2).ok
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "pygirder-boundary"
+
+
+def actions_detail(report) -> dict[str, str]:
+    return {item.key: item.detail for item in report.items}
 
 
 def test_changed_alarms_budget_and_keys_converge(
@@ -364,7 +429,8 @@ def test_names_held_by_others_stop_setup_before_anything_changes(make_aws, confi
     teardown(config, aws=aws_)  # never deletes what pygirder did not create
     assert boto("iam").get_role(RoleName="pygirder-t-instance")["Role"]
     assert boto("sqs").get_queue_url(QueueName="pygirder-t-status")["QueueUrl"]
-    assert status(config, aws=aws_).items[0].state == "not ours"
+    role = next(i for i in status(config, aws=aws_).items if i.key == "role")
+    assert role.state == "not ours"
 
 
 def test_a_bucket_name_taken_by_another_account(make_aws, config) -> None:

@@ -39,8 +39,18 @@ from typing import Any
 
 from .aws import AccessDeniedError, Aws, CloudError, CredentialsError
 from .config import CloudConfig, CloudConfigError
-from .policy import instance_role_policy, instance_trust_policy, partition
+from .policy import (
+    BOUNDARY_NAME,
+    BOUNDARY_PATH,
+    ROLE_PATH,
+    boundary_arn,
+    boundary_policy,
+    instance_role_policy,
+    instance_trust_policy,
+    partition,
+)
 from .tags import (
+    MANAGED_VALUE,
     TAG_COMPONENT,
     TAG_FLEET,
     TAG_MANAGED,
@@ -60,7 +70,6 @@ Progress = Callable[[str], None]
 BILLING_REGION = "us-east-1"
 INLINE_POLICY_NAME = "pygirder-instance"
 LIFECYCLE_RULE_ID = "pygirder-expire-old-artifacts"
-ROLE_PATH = "/pygirder/"
 
 # Bounded waits: (timeout in seconds, poll interval in seconds).
 WAIT_PROFILE = (90.0, 3.0)
@@ -398,6 +407,7 @@ class Kind:
     key = ""
     title = ""
     region: str | None = None  # None: the config's region
+    shared = False  # one per account for every setup: teardown leaves it
 
     def wanted(self, config: CloudConfig) -> bool:
         """Does setup want this resource with this config?"""
@@ -465,6 +475,69 @@ class Ec2Kind(Kind):
 # ------------------------------------------------------------------------ IAM
 
 
+class PermissionsBoundary(Kind):
+    """The permissions boundary of every role pygirder creates: one per account.
+
+    Setup creates it when it is missing and otherwise only checks it: the operator
+    policy allows creating it but never changing or deleting it, so that nobody holding
+    that policy can widen what an instance role may do.  Teardown leaves it (it costs
+    nothing and other setups of the account use it).
+    """
+
+    key = "boundary"
+    title = "Permissions boundary"
+    shared = True
+
+    def label(self, ctx: Ctx) -> str:
+        return BOUNDARY_NAME
+
+    def find(self, ctx: Ctx) -> list[Found]:
+        arn = boundary_arn(ctx.partition, ctx.account_id)
+        got = ctx.call("iam", "get_policy", PolicyArn=arn, ignore=("NoSuchEntity",))
+        if got is None:
+            return []
+        policy = got["Policy"]
+        return [Found(id=policy["PolicyName"], name=BOUNDARY_NAME, arn=arn, data=policy)]
+
+    def check(self, ctx: Ctx, found: Found) -> list[Drift]:
+        version = ctx.call(
+            "iam",
+            "get_policy_version",
+            PolicyArn=found.arn,
+            VersionId=found.data.get("DefaultVersionId", "v1"),
+        )["PolicyVersion"]
+        if _same_json(_as_json(version.get("Document")), boundary_policy(ctx.partition)):
+            return []
+        return [
+            Drift(
+                Action.CONFLICT,
+                f"{found.arn} differs from the boundary this pygirder sets, and the "
+                "operator policy may not change it: an administrator must update it "
+                "(`pygirder cloud policy --boundary > boundary.json; aws iam "
+                f"create-policy-version --policy-arn {found.arn} --set-as-default "
+                "--policy-document file://boundary.json`)",
+            )
+        ]
+
+    def create(self, ctx: Ctx) -> Found:
+        policy = ctx.call(
+            "iam",
+            "create_policy",
+            PolicyName=BOUNDARY_NAME,
+            Path=BOUNDARY_PATH,
+            PolicyDocument=json.dumps(boundary_policy(ctx.partition)),
+            Description="pygirder: the most any role pygirder creates may do",
+            Tags=as_tag_list({TAG_MANAGED: MANAGED_VALUE}),
+        )["Policy"]
+        return Found(id=policy["PolicyName"], name=BOUNDARY_NAME, arn=policy["Arn"], data=policy)
+
+    def delete(self, ctx: Ctx, found: Found) -> None:
+        """Never: the boundary outlives every setup (see the class)."""
+
+    def describe(self, ctx: Ctx, found: Found) -> str:
+        return "shared by every setup of the account; teardown keeps it"
+
+
 class InstanceRole(Kind):
     key = "role"
     title = "Instance role"
@@ -498,7 +571,12 @@ class InstanceRole(Kind):
         drift = []
         trust = _as_json(found.data.get("AssumeRolePolicyDocument"))
         if not _same_json(trust, instance_trust_policy()):
-            drift.append(Drift(Action.UPDATE, "trust policy differs"))
+            # The operator may not edit trust policies: the role is made again.
+            drift.append(Drift(Action.UPDATE, "trust policy differs (the role is re-created)"))
+            return drift
+        boundary = (found.data.get("PermissionsBoundary") or {}).get("PermissionsBoundaryArn")
+        if boundary != boundary_arn(ctx.partition, ctx.account_id):
+            drift.append(Drift(Action.UPDATE, "permissions boundary missing"))
         got = ctx.call(
             "iam",
             "get_role_policy",
@@ -521,18 +599,44 @@ class InstanceRole(Kind):
             RoleName=name,
             AssumeRolePolicyDocument=json.dumps(instance_trust_policy()),
             Description=f"pygirder instances of {ctx.name!r}: read artifacts, publish status",
+            PermissionsBoundary=boundary_arn(ctx.partition, ctx.account_id),
             Tags=as_tag_list(ctx.tags(self.key)),
         )["Role"]
         self._put_policy(ctx, name)
         return Found(id=name, name=name, arn=role["Arn"], data=role)
 
     def update(self, ctx: Ctx, found: Found, drift: list[Drift]) -> Found:
-        ctx.call(
-            "iam",
-            "update_assume_role_policy",
-            RoleName=found.id,
-            PolicyDocument=json.dumps(instance_trust_policy()),
-        )
+        texts = {d.text for d in drift}
+        if any(t.startswith("trust policy") for t in texts):
+            profiles = [
+                profile["InstanceProfileName"]
+                for page in ctx.aws.pages(
+                    "iam", "list_instance_profiles_for_role", token="Marker", RoleName=found.id
+                )
+                for profile in page.get("InstanceProfiles", [])
+            ]
+            self.delete(ctx, found)
+            result = self.create(ctx)
+            for profile in profiles:
+                ctx.retry_codes(
+                    lambda profile=profile: ctx.call(
+                        "iam",
+                        "add_role_to_instance_profile",
+                        InstanceProfileName=profile,
+                        RoleName=result.id,
+                    ),
+                    codes=("NoSuchEntity",),
+                    what=f"IAM role {result.id} to become visible",
+                    wait=WAIT_PROFILE,
+                )
+            return result
+        if "permissions boundary missing" in texts:
+            ctx.call(
+                "iam",
+                "put_role_permissions_boundary",
+                RoleName=found.id,
+                PermissionsBoundary=boundary_arn(ctx.partition, ctx.account_id),
+            )
         self._put_policy(ctx, found.id)
         return found
 
@@ -2612,6 +2716,7 @@ def account_kinds(config: CloudConfig) -> list[Kind]:
     list: setup deletes them if they exist, teardown deletes everything.
     """
     return [
+        PermissionsBoundary(),
         InstanceRole(),
         InstanceProfile(),
         Bucket(),
@@ -2880,7 +2985,7 @@ def teardown(
             "first (`pygirder cloud down`), or pass --force to terminate them too.",
             instance_ids=ids,
         )
-    kinds = leftover_kinds() + list(reversed(account_kinds(config)))
+    kinds = leftover_kinds() + [k for k in reversed(account_kinds(config)) if not k.shared]
     # Discover in creation order (the subscription needs the topic), delete backwards.
     for kind in reversed(kinds):
         ctx.found[kind.key] = kind.find(ctx)
@@ -2909,6 +3014,8 @@ def verify_clean(config: CloudConfig, *, aws: Aws | None = None) -> list[str]:
     left: list[str] = []
     known: set[str] = set()
     for kind in account_kinds(config) + leftover_kinds():
+        if kind.shared:
+            continue
         for found in kind.find(ctx):
             ctx.found.setdefault(kind.key, []).append(found)
             left.append(f"{kind.title} {found.name} ({found.id}, {found.state})")
