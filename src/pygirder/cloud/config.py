@@ -34,6 +34,9 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9!_.*'()-]+(?:/[A-Za-z0-9!_.*'()-]+)*/$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 EXAMPLE_SSH_FROM = "203.0.113.7/32"
+# ssh_from may be at most this wide (a /16: 65,536 addresses) unless
+# allow_ssh_from_anywhere is set.
+WIDEST_SSH_PREFIX = 16
 
 
 class CloudConfigError(ConfigError):
@@ -64,7 +67,8 @@ class CloudConfig(BaseModel):
     public_subnet_cidr: str = "10.42.0.0/20"
     private_subnet_cidr: str = "10.42.128.0/17"
     allow_ssh_from_anywhere: bool = False
-    """Must be true for ``ssh_from = "0.0.0.0/0"`` (and then pygirder warns)."""
+    """Must be true for an ``ssh_from`` wider than a /16, such as ``"0.0.0.0/0"`` (and
+    then pygirder warns)."""
     ssh_from: str = ""
     """CIDR allowed to SSH into the cluster; empty until the user fills it in."""
 
@@ -151,11 +155,17 @@ class CloudConfig(BaseModel):
         if "/" not in value:
             value += "/32"  # a bare address means exactly that address
         net = _ipv4_network(value)
-        if net.prefixlen == 0 and not info.data.get("allow_ssh_from_anywhere"):
+        if net.prefixlen < WIDEST_SSH_PREFIX and not info.data.get("allow_ssh_from_anywhere"):
+            reach = (
+                "the whole internet"
+                if net.prefixlen == 0
+                else f"{net.num_addresses:,} addresses (wider than a /{WIDEST_SSH_PREFIX})"
+            )
             raise ValueError(
-                "opens SSH to the whole internet; set it to your own address "
-                f"(e.g. '{EXAMPLE_SSH_FROM}'), or also set allow_ssh_from_anywhere = true "
-                "if you really mean it"
+                f"opens SSH to {reach}; set it to your own address "
+                f"(e.g. '{EXAMPLE_SSH_FROM}') or your network (at most a "
+                f"/{WIDEST_SSH_PREFIX}), or also set allow_ssh_from_anywhere = true if you "
+                "really mean it"
             )
         return str(net)
 
@@ -257,6 +267,13 @@ class CloudConfig(BaseModel):
                 "SSH is open to the whole internet (ssh_from = '0.0.0.0/0', "
                 "allow_ssh_from_anywhere = true); anyone can try to log in."
             )
+        elif self.ssh_from:
+            net = ipaddress.IPv4Network(self.ssh_from)
+            if net.prefixlen < WIDEST_SSH_PREFIX:
+                out.append(
+                    f"SSH is open to {net.num_addresses:,} addresses (ssh_from = "
+                    f"'{self.ssh_from}', allow_ssh_from_anywhere = true)."
+                )
         return out
 
     def require_ssh_source(self) -> str:
@@ -387,8 +404,8 @@ region = "{region}"
 zone = "{zone}"                # both subnets live in this availability zone
 # profile = "my-profile"        # an AWS CLI profile; omit to use the default chain
 
-# Network.  SSH is opened only to ssh_from; "0.0.0.0/0" is refused unless
-# allow_ssh_from_anywhere = true.
+# Network.  SSH is opened only to ssh_from; anything wider than a /16 (such as
+# "0.0.0.0/0") is refused unless allow_ssh_from_anywhere = true.
 vpc_cidr = "10.42.0.0/16"
 public_subnet_cidr = "10.42.0.0/20"
 private_subnet_cidr = "10.42.128.0/17"
