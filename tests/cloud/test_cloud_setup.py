@@ -23,7 +23,8 @@ from cloud_helpers import (
 )
 
 from pygirder.cloud.aws import AccessDeniedError, CloudTimeoutError
-from pygirder.cloud.config import CloudConfigError
+from pygirder.cloud.config import CloudConfigError, config_from_dict
+from pygirder.cloud.fleet import _ssh_base
 from pygirder.cloud.policy import boundary_arn, boundary_policy
 from pygirder.cloud.setup import (
     Action,
@@ -491,6 +492,56 @@ def test_a_bad_public_key_file_is_explained(
     with pytest.raises(CloudConfigError, match=expected):
         setup(config, aws=aws_)
     assert any(expected in w for w in plan(config, aws=aws_).warnings)
+
+
+def test_without_an_ssh_key_setup_creates_a_pygirder_key_pair(
+    make_aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boto
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = config_from_dict(
+        {"name": "t", "ssh_from": SSH_FROM, "cluster_key_file": str(tmp_path / "c.pem")}
+    )
+    assert config.uses_pygirder_key  # no ~/.ssh/id_ed25519.pub
+    aws_, _, _ = make_aws(config)
+    planned = plan(config, aws=aws_)  # plan only says what setup will do
+    assert any("will create a pygirder key pair" in w for w in planned.warnings)
+    assert not (home / ".pygirder").exists()
+
+    report = setup(config, aws=aws_)
+    private = home / ".pygirder" / "keys" / "pygirder-ed25519"
+    public = private.with_name("pygirder-ed25519.pub")
+    assert any(f"created an SSH key pair for pygirder: {private}" in w for w in report.warnings)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(private.parent.stat().st_mode) == 0o700
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    line = public.read_text().strip()
+    assert line.startswith("ssh-ed25519 ")
+    imported = boto("ec2").describe_key_pairs(KeyNames=["pygirder-t-user"], IncludePublicKey=True)
+    assert imported["KeyPairs"][0]["PublicKey"].split()[:2] == line.split()[:2]
+    # Fleet SSH uses the private half.
+    assert f"-i {private}" in " ".join(_ssh_base(config, "fl-20260101-0000-0123456789abcdef"))
+
+    again = setup(config, aws=aws_)  # the key is kept, nothing changes
+    assert public.read_text().strip() == line
+    assert not any("created an SSH key pair" in w for w in again.warnings)
+    assert again.changes == []
+
+
+def test_a_public_key_file_that_points_elsewhere_is_used_and_never_created(
+    make_aws, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = make_config(public_key_file=str(tmp_path / "keys" / "team.pub"))
+    assert not config.uses_pygirder_key
+    aws_, _, _ = make_aws(config)
+    with pytest.raises(CloudConfigError, match=r"team\.pub does not exist"):
+        setup(config, aws=aws_)
+    assert not (tmp_path / "home" / ".pygirder").exists()
+    (tmp_path / "keys" / "team.pub").parent.mkdir(exist_ok=True)
+    (tmp_path / "keys" / "team.pub").write_text(PUBLIC_KEY + "\n")
+    assert not any("created an SSH key pair" in w for w in setup(config, aws=aws_).warnings)
 
 
 def test_setup_refuses_without_an_ssh_source(make_aws, make_config) -> None:

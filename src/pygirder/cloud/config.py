@@ -34,6 +34,10 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9!_.*'()-]+(?:/[A-Za-z0-9!_.*'()-]+)*/$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 EXAMPLE_SSH_FROM = "203.0.113.7/32"
+# The public key imported for SSH unless public_key_file says otherwise; when it does
+# not exist, setup creates pygirder's own key pair (as Ray and SkyPilot do).
+DEFAULT_PUBLIC_KEY = Path("~/.ssh/id_ed25519.pub")
+PYGIRDER_KEY = Path("~/.pygirder/keys/pygirder-ed25519")
 # ssh_from may be at most this wide (a /16: 65,536 addresses) unless
 # allow_ssh_from_anywhere is set.
 WIDEST_SSH_PREFIX = 16
@@ -75,7 +79,10 @@ class CloudConfig(BaseModel):
     nat: Literal["instance", "gateway"] = "instance"
     nat_instance_type: str = "t4g.nano"
 
-    public_key_file: Path = Path("~/.ssh/id_ed25519.pub")
+    public_key_file: Path = DEFAULT_PUBLIC_KEY
+    """Imported as the key pair instances accept; when this default does not exist,
+    pygirder's own key (``~/.pygirder/keys/pygirder-ed25519.pub``) is used, and setup
+    creates it."""
     cluster_key_file: Path | None = None
     """Private intra-cluster key written with mode 0600; ``None`` means
     ``~/.pygirder/keys/pygirder-<name>-cluster.pem``."""
@@ -251,7 +258,24 @@ class CloudConfig(BaseModel):
 
     @property
     def public_key_path(self) -> Path:
-        return self.public_key_file.expanduser()
+        """The public key the instances accept: ``public_key_file``, or pygirder's own
+        key pair when that is the default and you have no such key."""
+        path = self.public_key_file.expanduser()
+        if self.uses_pygirder_key:
+            return self.pygirder_key_path.with_name(self.pygirder_key_path.name + ".pub")
+        return path
+
+    @property
+    def uses_pygirder_key(self) -> bool:
+        """True when SSH uses pygirder's own key pair: ``public_key_file`` is the default
+        ``~/.ssh/id_ed25519.pub`` and that file does not exist."""
+        path = self.public_key_file.expanduser()
+        return path == DEFAULT_PUBLIC_KEY.expanduser() and not path.exists()
+
+    @property
+    def pygirder_key_path(self) -> Path:
+        """The private half of pygirder's own key pair (mode 0600)."""
+        return PYGIRDER_KEY.expanduser()
 
     @property
     def cluster_key_path(self) -> Path:
@@ -415,8 +439,9 @@ nat = "instance"                # "instance": a small NAT instance kept stopped 
                                 # "gateway": a managed NAT gateway (about $33/month idle)
 nat_instance_type = "t4g.nano"
 
-# Keys.  Your public key is imported; the intra-cluster key is created by AWS and its
-# private half saved locally with mode 0600.
+# Keys.  Your public key is imported; without ~/.ssh/id_ed25519.pub, setup creates a
+# pygirder key pair in ~/.pygirder/keys/ (private half mode 0600).  The intra-cluster
+# key is created by AWS and its private half saved locally with mode 0600.
 public_key_file = "~/.ssh/id_ed25519.pub"
 # cluster_key_file = "~/.pygirder/keys/pygirder-{name}-cluster.pem"
 

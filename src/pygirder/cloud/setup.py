@@ -30,6 +30,8 @@ import enum
 import json
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -1374,6 +1376,68 @@ def write_private_key(path: Path, material: str) -> None:
 _PUBLIC_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp", "sk-ssh-ed25519", "sk-ecdsa")
 
 
+def ensure_key_pair(config: CloudConfig) -> Path | None:
+    """Create pygirder's own SSH key pair when the config relies on it and it is missing.
+
+    Returns the private key's path when it was created now, else None.  The key is
+    ed25519, made with the ``cryptography`` package (``ssh-keygen`` when that is not
+    installed); the private half is written with mode 0600 in a 0700 folder, and
+    never overwritten.
+    """
+    if not config.uses_pygirder_key:
+        return None
+    private = config.pygirder_key_path
+    public = config.public_key_path
+    if public.exists():
+        return None
+    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if private.exists():
+        raise CloudConfigError(
+            f"{private} exists but its public half {public} does not: recreate it with "
+            f"`ssh-keygen -y -f {private} > {public}`, or set [cloud] public_key_file",
+            problems=[("public_key_file", str(config.public_key_file), "a public key file")],
+        )
+    comment = f"pygirder@{os.uname().nodename}"
+    try:
+        private_text, public_text = _new_ed25519_key(comment)
+    except ImportError:
+        if not shutil.which("ssh-keygen"):
+            raise CloudConfigError(
+                "no SSH key: ~/.ssh/id_ed25519.pub does not exist and pygirder cannot "
+                "create one (install the `cryptography` package, or ssh-keygen); or set "
+                "[cloud] public_key_file to your .pub file",
+                problems=[("public_key_file", str(config.public_key_file), "a public key")],
+            ) from None
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(private)],
+            check=True, stdin=subprocess.DEVNULL, capture_output=True,
+        )  # fmt: skip
+        os.chmod(private, 0o600)
+        return private
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(private_text)
+    public.write_text(public_text)
+    return private
+
+
+def _new_ed25519_key(comment: str) -> tuple[str, str]:
+    """(OpenSSH private key, public key line) of a new ed25519 key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, f"{public.decode()} {comment}\n"
+
+
 def read_public_key(config: CloudConfig) -> str:
     """The user's OpenSSH public key, or an error that says how to make one."""
     path = config.public_key_path
@@ -1381,6 +1445,13 @@ def read_public_key(config: CloudConfig) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
+        if config.uses_pygirder_key:
+            raise CloudConfigError(
+                f"no SSH key yet: {config.public_key_file} does not exist, so `pygirder "
+                f"cloud setup` will create a pygirder key pair at {config.pygirder_key_path} "
+                "(or set [cloud] public_key_file to your own .pub file)",
+                problems=problem,
+            ) from None
         raise CloudConfigError(
             f"[cloud] public_key_file {path} does not exist; create a key with "
             f"`ssh-keygen -t ed25519` or point public_key_file at your .pub file",
@@ -2772,6 +2843,13 @@ def _preflight(ctx: Ctx, *, for_setup: bool) -> list[str]:
     warnings = list(config.warnings)
     if for_setup:
         config.require_ssh_source()
+        created = ensure_key_pair(config)
+        if created is not None:
+            warnings.append(
+                f"created an SSH key pair for pygirder: {created} (private, mode 0600) and "
+                f"{config.public_key_path}, because {config.public_key_file} does not "
+                "exist; set [cloud] public_key_file to use your own key instead"
+            )
         ctx.public_key = read_public_key(config)
     else:
         if not config.ssh_from:
