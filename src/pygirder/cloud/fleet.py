@@ -2,10 +2,11 @@
 
 A fleet is one ``redis`` node, optional ``distributor`` nodes and ``worker`` nodes,
 each an EC2 spot instance that boots with the user-data of ``userdata.py`` and runs
-the on-instance agent.  Nothing about a fleet is remembered locally: every command
-finds it again by its tags (``pygirder:managed``, ``pygirder:name``,
-``pygirder:fleet``, ``pygirder:role``, ``pygirder:expires``, plus ``pygirder:launch``
-and ``pygirder:address`` below).
+the on-instance agent.  Nothing about a fleet is remembered locally but its pinned SSH
+host keys (``~/.pygirder/known_hosts/<fleet>``): every command finds it again by its
+tags (``pygirder:managed``, ``pygirder:name``, ``pygirder:fleet``, ``pygirder:role``,
+``pygirder:expires``, plus ``pygirder:launch`` below), and its addresses with
+DescribeInstances.  Announcements count only for instances the fleet launched.
 
 ``up`` launches with EC2 Fleet of type ``instant`` from one launch template per role,
 diversified over instance types and subnets (capacity-optimized).  Capacity errors and
@@ -21,7 +22,7 @@ fleet before it is raised, so a failed ``up`` leaves nothing billable behind.
 what of the fleet is left (:func:`fleet_leftovers`): that answer, not the absence of
 errors, is the proof that nothing billable remains.
 
-Reaching the grid is pluggable (:data:`ROUTES`): the redis node's announced address
+Reaching the grid is pluggable (:data:`ROUTES`): the redis node's private address
 directly when it answers (a rehearsal on 127.0.0.x, or a laptop inside the VPC), else
 an SSH tunnel through the redis node's public address, else an SSM port forward.
 Commands on instances (``exec``) go through a pluggable :data:`Runner`: SSH on AWS;
@@ -1398,7 +1399,7 @@ Route = Callable[
 
 
 def direct_route(node: GridNode, config: CloudConfig, local_port: int):
-    """The node's announced address, when this machine can open it (same network)."""
+    """The node's private address, when this machine can open it (same network)."""
     if not node.address or not reachable(node.address, node.port):
         return None
     return contextlib.nullcontext((node.address, node.port))
@@ -1608,7 +1609,8 @@ def ssh_command(
                 f"{target.instance_id} has no public address and the fleet has no public "
                 "node to jump through"
             )
-        proxy = [*base, "-W", "%h:%p", f"{SSH_USER}@{jump.public_ip}"]
+        # The jump never prompts: its stdin and stdout carry the connection.
+        proxy = [*base, "-o", "BatchMode=yes", "-W", "%h:%p", f"{SSH_USER}@{jump.public_ip}"]
         cmd += ["-o", f"ProxyCommand={shlex.join(proxy)}"]
         host = target.private_ip or target.address
     cmd.append(f"{SSH_USER}@{host}")
