@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from .. import calls as calls_mod
 from .. import codec, settings
@@ -183,6 +184,13 @@ async def _guarded_async(coro: Any) -> Any:
         raise _UserExit(exc) from None
     except BaseException as exc:
         raise _UserExit(exc) from None
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """An error that says "later", not "never" (the server unreachable, busy, loading)."""
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+        return True
+    return str(exc).startswith(("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"))
 
 
 class _Threads(Executor):
@@ -670,6 +678,11 @@ class Worker:
             return
         except Exception as exc:
             error = exc
+        if _transient(error):  # the server is busy or away: keep the results, try later
+            log.error("could not store %d results (%s); retrying", len(batch) // 5, error)
+            self._completions[0:0] = batch
+            await asyncio.sleep(1.0)
+            return
         if len(batch) > 5:
             half = (len(batch) // 10) * 5
             for part in (batch[:half], batch[half:]):
@@ -689,6 +702,9 @@ class Worker:
                     continue
                 except Exception as exc:
                     error = exc
+            if _transient(error):
+                self._completions.extend(batch[i : i + 5])
+                continue
             name = self._names.get(request_id, "?")
             log.error("could not store the result of %s (%s, %d bytes): %s",
                       request_id, name, len(envelope), error)  # fmt: skip
@@ -1057,7 +1073,9 @@ class Worker:
             period = 0.1 if watch is None else min(0.1, watch.limit / 10)
             time.sleep(max(0.01, period))
             watch = self._watch
-            if watch is None or self.loop is None or self.loop.is_closed():
+            if self.loop is not None and self.loop.is_closed():
+                return
+            if watch is None or self.loop is None:
                 continue
             ran = watch.used + (time.monotonic() - watch.since)
             if ran > watch.limit and self._watch is watch:
@@ -1096,16 +1114,23 @@ class Worker:
             client.close()
         # The registration stays: anything taken between the hand-back and the restart
         # is requeued by the reaper once this id's heartbeat lapses.
+        if self._stopping.is_set():  # told to stop: it was only finishing that call
+            _flush_logs()
+            os._exit(0)
         self._restart()
+
+
+def _flush_logs() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def reexec() -> None:
     """Replace this process by a fresh copy of itself (same pid, same command line), so
     `pygirder worker` comes back with or without a supervisor."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _flush_logs()
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     finally:
