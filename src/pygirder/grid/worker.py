@@ -34,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -210,7 +211,8 @@ class _Threads(Executor):
         self.idle_s = idle_s
         self.prefix = prefix
         self._lock = threading.Lock()
-        self._idle: list[list[Any]] = []  # per idle thread: [event, job or None]
+        self._jobs: SimpleQueue[Any] = SimpleQueue()
+        self._idle = 0  # threads waiting on _jobs and not yet promised a job
         self._started = 0
         self.alive = 0
         self._closed = False
@@ -222,9 +224,8 @@ class _Threads(Executor):
             if self._closed:
                 raise RuntimeError("cannot run a call after the worker shut down")
             if self._idle:
-                slot = self._idle.pop()
-                slot[1] = job
-                slot[0].set()
+                self._idle -= 1  # promised to one waiting thread
+                self._jobs.put(job)
                 return fut
             self._started += 1
             self.alive += 1
@@ -233,7 +234,6 @@ class _Threads(Executor):
         return fut
 
     def _serve(self, job: Any) -> None:
-        slot: list[Any] = [threading.Event(), None]
         while job is not None:
             fut, fn, args, kwargs = job
             job = None
@@ -244,29 +244,29 @@ class _Threads(Executor):
                     fut.set_exception(exc)
             del fut, fn, args, kwargs
             with self._lock:
-                if self._closed or len(self._idle) >= self.keep:
+                if self._closed or self._idle >= self.keep:
                     self.alive -= 1
                     return
-                slot[0].clear()
-                slot[1] = None
-                self._idle.append(slot)
-            woken = slot[0].wait(self.idle_s)
-            with self._lock:
-                if not woken and slot[1] is None:  # expired, and no job raced in
-                    with contextlib.suppress(ValueError):
-                        self._idle.remove(slot)
-                    self.alive -= 1
-                    return
-                job = slot[1]
-        with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=self.idle_s)
+            except Empty:
+                with self._lock:  # a job promised to us may have been put just now
+                    try:
+                        job = self._jobs.get_nowait()
+                    except Empty:
+                        self._idle -= 1
+                        self.alive -= 1
+                        return
+        with self._lock:  # woken by shutdown
             self.alive -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for slot in idle:
-            slot[0].set()
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self._idle = 0
 
 
 @dataclass(frozen=True)
