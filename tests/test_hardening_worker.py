@@ -153,6 +153,27 @@ def test_storing_results_is_retried_after_transient_errors(valkey_server):
     assert failures["left"] == 0
 
 
+def test_a_batch_of_results_the_server_refuses_is_split(valkey_server):
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    batches = []
+    with InProcessWorker(valkey_server.url, namespace) as worker:
+        original = worker.runtime.script
+
+        async def refuses_batches(name, args):
+            if name == "complete":
+                batches.append((len(args) - 3) // 5)
+                if batches[-1] > 1:  # a server limit no retry can pass
+                    raise redis.exceptions.ResponseError("ERR batch over the server's limits")
+            return await original(name, args)
+
+        worker.runtime.script = refuses_batches
+        with pygirder.connect(valkey_server.url, workers=0, namespace=namespace) as grid:
+            grid.wait_for_workers(1, timeout=30)
+            values = list(grid.map(hf.inc, [(i,) for i in range(200)], timeout=60))
+    assert values == [i + 1 for i in range(200)]
+    assert max(batches) > 1  # batches were refused, and their results still arrived
+
+
 def test_a_result_the_server_cannot_store_is_a_clear_error():
     server = EmbeddedServer(
         extra_args=["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]
