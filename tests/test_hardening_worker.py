@@ -46,24 +46,17 @@ def test_base_exceptions_from_user_code_are_errors_and_the_worker_lives(grid_fac
     assert grid._supervisor.restarts == 0
 
 
-def test_a_call_that_kills_its_process_is_poison_after_max_attempts(grid_factory):
+# dies: os._exit, no cleanup at all (the reaper finds it).  tears_down_loop: an exit in
+# the event loop itself, outside the call's frames; the worker's own shutdown then hands
+# the work back, and must count the strike too or the call would run for ever.
+@pytest.mark.parametrize("func", [hf.dies, hf.tears_down_loop], ids=["os_exit", "loop_exit"])
+def test_a_call_that_ends_its_process_is_poison_after_max_attempts(grid_factory, func):
     grid = grid_factory(workers=1)
     with pytest.raises(pygirder.RemoteError) as info:
-        grid.run(hf.dies(1), timeout=60)
+        grid.run(func(1), timeout=60)
     assert info.value.remote_type == "pygirder.PoisonRequest"
-    assert "hostilefuncs:dies was started 2 times" in info.value.message
+    assert f"{func.name} was started 2 times" in info.value.message
     assert grid.run(hf.inc(1), timeout=30) == 2
-
-
-def test_a_torn_down_event_loop_blames_the_call_holding_the_baton(grid_factory):
-    # The worker's own shutdown path hands work back: it must count the strike too, or
-    # the call would be run again for ever.
-    grid = grid_factory(workers=1)
-    with pytest.raises(pygirder.RemoteError) as info:
-        grid.run(hf.tears_down_loop(1), timeout=60)
-    assert info.value.remote_type == "pygirder.PoisonRequest"
-    assert "started 2 times" in info.value.message
-    assert grid.run(hf.inc(2), timeout=30) == 3
 
 
 def test_an_id_that_is_not_text_is_dead_lettered(grid_factory):
