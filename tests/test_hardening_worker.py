@@ -178,6 +178,20 @@ def test_a_result_the_server_cannot_store_is_a_clear_error():
             err = info.value
             assert err.remote_type == "pygirder.ResultNotStored", err
             assert "maxmemory" in err.message and "hostilefuncs:big_result" in err.message
+            # the server frees the refused command's buffers in its own time (its
+            # client cron): until then every write is refused, to callers too
+            probe = redis.Redis.from_url(server.url)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    probe.set(b"probe", b"1")
+                    break
+                except redis.exceptions.OutOfMemoryError:
+                    time.sleep(0.2)
+            used = probe.info("memory")["used_memory"]
+            buffers = [(c["cmd"], c["qbuf"], c["tot-mem"]) for c in probe.client_list()]
+            probe.close()
+            assert used < 16 * 1024 * 1024, buffers  # nothing big was kept
             assert grid.run(hf.inc(1), timeout=30) == 2
     finally:
         server.stop()
