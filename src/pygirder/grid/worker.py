@@ -338,6 +338,7 @@ class Worker:
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._abnormal = False  # the loop ended by an error, not by stop()
         self.store_retries = settings.store_retries()
+        self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self.processed = 0
         self.running: dict[str, asyncio.Task[None]] = {}
         self.started = time.time()
@@ -675,14 +676,19 @@ class Worker:
         """
         try:
             await self._complete(batch, retries=self.store_retries)
+            self._transient_rounds = 0
             return
         except Exception as exc:
             error = exc
-        if _transient(error):  # the server is busy or away: keep the results, try later
+        # The server busy or away: keep the results and try later, for a while (a
+        # timeout can also come from the batch itself, such as a huge result).
+        if _transient(error) and self._transient_rounds < 10:
+            self._transient_rounds += 1
             log.error("could not store %d results (%s); retrying", len(batch) // 5, error)
             self._completions[0:0] = batch
             await asyncio.sleep(1.0)
             return
+        self._transient_rounds = 0
         if len(batch) > 5:
             half = (len(batch) // 10) * 5
             for part in (batch[:half], batch[half:]):
@@ -702,7 +708,8 @@ class Worker:
                     continue
                 except Exception as exc:
                     error = exc
-            if _transient(error):
+            if _transient(error) and self._transient_rounds < 10:
+                self._transient_rounds += 1
                 self._completions.extend(batch[i : i + 5])
                 continue
             name = self._names.get(request_id, "?")

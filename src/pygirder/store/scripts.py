@@ -242,11 +242,14 @@ for _, id in ipairs(ids) do
         and redis.call('EXISTS', p .. 'res:' .. id) == 0
         and redis.call('HGET', st, 's') ~= 'queued' then
       local strike = dead and id == current
-      local strikes = tonumber(redis.call('HGET', st, 'strikes') or '0')
-      local deaths = tonumber(redis.call('HGET', st, 'd') or '0')
-      if strike then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
-      if dead then deaths = redis.call('HINCRBY', st, 'd', 1) end
-      if strike and strikes + math.min(1, deaths - strikes) >= max_attempts then
+      local killed = 0
+      if dead then
+        local deaths = redis.call('HINCRBY', st, 'd', 1)
+        local strikes = tonumber(redis.call('HGET', st, 'strikes') or '0')
+        if strike then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
+        killed = strikes + math.min(1, deaths - strikes)
+      end
+      if strike and killed >= max_attempts then
         out[#out + 1] = id
       else
         redis.call('HSET', st, 's', 'queued')
