@@ -329,7 +329,7 @@ class Worker:
         # overrides it per function
         self.max_runtime = settings.max_runtime() if max_runtime is None else max_runtime
         if self.max_runtime < 0:
-            raise ConfigError(f"max_runtime {max_runtime}: give seconds > 0, or 0 for no limit")
+            raise ConfigError(f"max_runtime {self.max_runtime}: give seconds > 0, or 0 for none")
         self._restart = restart or reexec
         self._limits: dict[str, float] = {}  # running request -> its limit (if any)
         self._used: dict[str, float] = {}  # running request -> seconds it held the baton
