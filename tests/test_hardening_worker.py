@@ -112,7 +112,8 @@ class InProcessWorker:
     """A worker on a thread of this process, so a test can wrap its server calls."""
 
     def __init__(self, url: str, namespace: str) -> None:
-        self.worker = Worker(url, namespace=namespace, imports=("hostilefuncs",))
+        # no execution limit: a call over one would re-execute this (the test) process
+        self.worker = Worker(url, namespace=namespace, imports=("hostilefuncs",), max_runtime=0)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.worker.run()), daemon=True)
 
     def __enter__(self) -> Worker:
