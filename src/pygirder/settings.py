@@ -74,3 +74,32 @@ def pickle_codec() -> Any:
     from .codec import PickleCodec
 
     return PickleCodec(secret)
+
+
+def max_runtime() -> float:
+    """Worker-wide default limit on the time one call computes (``PYGIRDER_MAX_RUNTIME``).
+
+    Seconds the call holds its worker's baton, summed over its run (waiting on sub-calls
+    does not count); 0 means no limit.  ``@pygirder.fn(max_runtime=...)`` overrides it.
+    """
+    return _env_float("PYGIRDER_MAX_RUNTIME", 0.0, minimum=0.0)
+
+
+def idle_threads() -> int:
+    """How many idle threads a worker keeps for sync calls (``PYGIRDER_IDLE_THREADS``).
+
+    Not a limit on threads: a sync call waiting on sub-calls keeps its thread, so a
+    worker starts one more whenever none is free (a cap would stop the worker once
+    waiting calls held every thread).  Idle threads beyond this number exit at once,
+    the others after ``PYGIRDER_THREAD_IDLE_S`` seconds without work.
+    """
+    return int(_env_float("PYGIRDER_IDLE_THREADS", 16, minimum=0))
+
+
+def thread_idle_s() -> float:
+    return _env_float("PYGIRDER_THREAD_IDLE_S", 60.0, minimum=0.01)
+
+
+def store_retries() -> int:
+    """Attempts to store a batch of results before it is split (``PYGIRDER_STORE_RETRIES``)."""
+    return int(_env_float("PYGIRDER_STORE_RETRIES", 4, minimum=1))

@@ -65,6 +65,14 @@ def worker(
     result_ttl: Annotated[
         int, typer.Option(help="Seconds results are kept (0: until `pygirder gc`).")
     ] = 0,
+    max_runtime: Annotated[
+        float,
+        typer.Option(
+            envvar="PYGIRDER_MAX_RUNTIME",
+            help="Default limit in seconds on a call's computing time (0: none); "
+            "@fn(max_runtime=...) overrides it.",
+        ),
+    ] = 0.0,
 ) -> dict:
     """Serve a pool: run grid calls from its queue (one process per core with 'auto')."""
     from ..grid.supervisor import Supervisor, child_command, parse_processes
@@ -84,6 +92,8 @@ def worker(
             argv.append("--auto-import")
         if main_path:
             argv += ["--main-path", main_path]
+        if max_runtime:
+            argv += ["--max-runtime", str(max_runtime)]
         supervisor = Supervisor(child_command(argv), n)
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
@@ -93,6 +103,7 @@ def worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allowed,
         main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
+        max_runtime=max_runtime,
     )  # fmt: skip
     return stats
 

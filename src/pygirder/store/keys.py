@@ -67,7 +67,8 @@ class Keys:
 
     def current(self, worker_id: str) -> str:
         """STRING: the request holding the worker's baton, written only for requests that
-        were already on a worker that died (so a repeat death can be blamed precisely)."""
+        were already on a worker that died, and by a worker whose event loop is torn down
+        (so a death can be blamed precisely)."""
         return f"{self.prefix}cur:{worker_id}"
 
     def heartbeat(self, process_id: str) -> str:

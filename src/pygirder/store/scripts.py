@@ -225,11 +225,13 @@ REQUEUE = """
 --       max attempts, then ids (none: all of the worker's owned and in-flight requests)
 -- Hands requests back to their pool queues.  Used on graceful shutdown and by the
 -- reaper.  Finished requests are only dropped from the lists.
--- When the worker died, every request it held becomes a suspect (field d).  A suspect
--- runs "carefully": its worker records it in cur:<worker> while it holds the baton.
--- If the worker dies again while cur names it, that is a strike; a request with
--- max-attempts - 1 strikes (it also caused the first, unattributed death) is not
--- requeued: its id is returned and the caller fails it as a poison request.
+-- When the worker died, every request it held becomes a suspect (field d counts those
+-- deaths).  A suspect runs "carefully": its worker records it in cur:<worker> while it
+-- holds the baton (so does a worker whose event loop is torn down, for the request
+-- holding the baton then).  A death while cur names the request is a strike.  Deaths
+-- it caused are its strikes plus at most one unattributed death (the one that made it
+-- a suspect); at a strike that brings them to max attempts it is not requeued: its id
+-- is returned and the caller fails it as a poison request.
 -- Returns {number requeued, poisoned id, ...}.
 local p, worker, dead, max_attempts = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
 local current = false
@@ -255,10 +257,15 @@ for _, id in ipairs(ids) do
     if pool and (owner == worker or owner == false)
         and redis.call('EXISTS', p .. 'res:' .. id) == 0
         and redis.call('HGET', st, 's') ~= 'queued' then
-      local strikes = 0
-      if dead and id == current then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
-      if dead then redis.call('HINCRBY', st, 'd', 1) end
-      if strikes > 0 and strikes >= math.max(1, max_attempts - 1) then
+      local strike = dead and id == current
+      local killed = 0
+      if dead then
+        local deaths = redis.call('HINCRBY', st, 'd', 1)
+        local strikes = tonumber(redis.call('HGET', st, 'strikes') or '0')
+        if strike then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
+        killed = strikes + math.min(1, deaths - strikes)
+      end
+      if strike and killed >= max_attempts then
         out[#out + 1] = id
       else
         redis.call('HSET', st, 's', 'queued')
