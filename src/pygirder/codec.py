@@ -30,6 +30,7 @@ import hmac
 import math
 import operator
 import pickle
+import re
 import struct
 import sys
 import threading
@@ -44,6 +45,9 @@ from .errors import CodecError, ConfigError, GridFunctionError, PayloadTooLarge
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_DEPTH",
+    "MAX_EMPTY_ITEMS",
+    "MAX_HASH_COLLISIONS",
+    "MAX_NDIM",
     "Codec",
     "MsgpackCodec",
     "PickleCodec",
@@ -73,6 +77,7 @@ _EXT_NDARRAY = 6  # payload: msgpack array [dtype.str, shape, C-order bytes]
 
 _INT64_MIN = -(2**63)
 _UINT64_END = 2**64
+_INT64_END = 2**63
 
 # One bit pattern for every NaN: msgpack stores a float's 64 bits as they are, and
 # NaNs computed in different ways differ in sign and payload bits.
@@ -494,70 +499,261 @@ def _check_limit(data: bytes, path: str, limit: int | None) -> bytes:
 
 # --------------------------------------------------------------------------- decoding
 
+# Decoding is bounded for any input: a message of N bytes decodes, or fails with a
+# CodecError, in time and memory roughly linear in N.  Each limit below stops one
+# way a small message could cost far more than its size.
 
-# How many extension levels are unpacked with ``msgpack.unpackb``.  It keeps its
-# parser state (about 40 KiB) on the C stack, so a crafted message nesting a few
-# hundred extensions would overflow the stack and crash the process; deeper levels
-# use an ``Unpacker``, whose state lives on the heap (slower by about half a
-# microsecond per extension, and real values rarely nest tuples this deep).
+#: Most dimensions of a decoded numpy array (numpy's own limit).
+MAX_NDIM = 64
+
+#: Most items of a decoded numpy array whose items take no bytes (dtype ``V0``).
+#: Such arrays arrive with no data at all, yet copying or iterating them takes time
+#: in proportion to their item count.
+MAX_EMPTY_ITEMS = 1 << 20
+
+#: Most members of one set (or keys of one dict) that may share a hash with another
+#: member.  Python's int, float and tuple hashes are not randomized, so a crafted
+#: message can hold thousands of distinct keys with one hash; building a set or dict
+#: of them takes time quadratic in their number.
+MAX_HASH_COLLISIONS = 256
+
+# dtype strings as ``numpy.dtype.str`` writes them for the arrays the encoder takes
+# (byte order, kind, item size, datetime unit); anything else is refused before
+# numpy parses it.
+_DTYPE_STR = re.compile(r"[<>|=][?a-zA-Z][0-9]{1,10}(?:\[[0-9]{0,10}[a-zA-Z]{1,2}\])?")
+
+# How many extension levels are unpacked recursively, with ``msgpack.unpackb``
+# called from the extension hook.  It keeps its parser state (about 40 KiB) on the C
+# stack, and every level adds interpreter frames, so a crafted message nesting a few
+# hundred extensions would overflow a thread's stack and crash the process.  Deeper
+# levels are unpacked one after the other (see ``_decode_deep``), in constant stack.
 _STACK_UNPACK_LEVELS = 3
 
+# A dict built by msgpack itself is not checked for colliding keys.  Only hashable
+# extension values (big ints, tuples, frozensets, dataclasses) can collide in bulk,
+# so once a message has produced this many of them, it is decoded again with every
+# map checked (``_checked_map``).  Below it, the worst case is a few milliseconds.
+_CHECK_MAPS_AFTER = 1024
 
-class _DecodeDepth(threading.local):
-    """Extension nesting depth of the decode running in this thread."""
+# Sets and maps this small are not checked: their worst case is a few comparisons.
+_SMALL = 8
 
-    depth = 0
-
-
-_decode_depth = _DecodeDepth()
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _EXT_BIGINT:
-        if not data:
-            raise ValueError("empty big int")
-        return int.from_bytes(data, "big", signed=True)
-    if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
-        raise ValueError(f"unknown msgpack extension type {code}")
-    state = _decode_depth
-    depth = state.depth
-    if depth >= MAX_DEPTH:
-        raise ValueError(f"extensions nested more than {MAX_DEPTH} levels deep")
-    state.depth = depth + 1
-    try:
-        if depth < _STACK_UNPACK_LEVELS:
-            item = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
-        else:
-            unpacker = msgpack.Unpacker(
-                None,
-                raw=False,
-                strict_map_key=False,
-                ext_hook=_ext_hook,
-                max_buffer_size=max(len(data), 1),
-            )
-            unpacker.feed(data)
-            item = unpacker.unpack()
-            if unpacker.tell() != len(data):
-                raise ValueError("extra data after an extension payload")
-    finally:
-        state.depth = depth
-    if code == _EXT_TUPLE:
-        return tuple(item)
-    if code == _EXT_SET:
-        return set(item)
-    if code == _EXT_FROZENSET:
-        return frozenset(item)
-    if code == _EXT_DATACLASS:
-        return _decode_dataclass(item)
-    return _decode_ndarray(item)
+# Member types whose hashes collide only a few at a time (str and bytes hashes are
+# randomized; ints and floats in msgpack's range share a hash with at most a few
+# dozen others).  Big ints are ints too, so int members are checked by range.
+_FEW_COLLISIONS = frozenset({str, bytes, float, bool, type(None)})
+_INT_RANGE = range(_INT64_MIN, _UINT64_END)
 
 
-def _unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+class _CheckMaps(Exception):
+    """Unwinds a decode that must start again with every map checked for collisions."""
+
+
+class _DecodeState(threading.local):
+    """The decode running in this thread (the hooks below have no other context)."""
+
+    depth = 0  # extension nesting
+    hashables = 0  # hashable extension values produced so far
+    check_maps = False  # maps are built by _checked_map
+    deferred: list[_Deferred] | None = None  # where _defer_hook puts what it defers
+
+
+_state = _DecodeState()
 
 
 class _Refused(Exception):
     """A well-formed message this process cannot turn into a value (a clear CodecError)."""
+
+
+def _check_hashes(items: list[Any], what: str) -> None:
+    """Refuse ``items`` (to become a set or dict keys) if many of them share a hash."""
+    kinds = set(map(type, items))
+    if kinds <= _FEW_COLLISIONS:
+        return
+    if kinds == {int} and min(items) in _INT_RANGE and max(items) in _INT_RANGE:
+        return
+    try:
+        distinct = len(set(map(hash, items)))
+    except TypeError as exc:
+        raise _Refused(f"a {what} is unhashable ({exc})") from None
+    collisions = len(items) - distinct
+    if collisions > MAX_HASH_COLLISIONS:
+        raise _Refused(
+            f"{collisions} of the {len(items)} {what}s share their hash with another one "
+            f"(more than {MAX_HASH_COLLISIONS}); a canonical message never holds such a "
+            "set or dict: the message was crafted to make decoding slow"
+        )
+
+
+def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    if len(pairs) > _SMALL:
+        _check_hashes([key for key, _ in pairs], "dict key")
+    return dict(pairs)
+
+
+def _decode_bigint(data: bytes) -> int:
+    # int.from_bytes is linear in the size; printing a huge int is bounded by
+    # Python's own limit on int-to-str conversions (sys.set_int_max_str_digits).
+    if not data:
+        raise ValueError("empty big int")
+    return int.from_bytes(data, "big", signed=True)
+
+
+def _unpack_payload(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    # msgpack bounds every declared length by the size of ``data`` itself.
+    if _state.check_maps:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=ext_hook,
+            object_pairs_hook=_checked_map,
+        )
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    state = _state
+    if code == _EXT_BIGINT:
+        value = _decode_bigint(data)
+        state.hashables += 1
+        if state.hashables > _CHECK_MAPS_AFTER and not state.check_maps:
+            raise _CheckMaps
+        return value
+    if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    depth = state.depth
+    if depth >= _STACK_UNPACK_LEVELS:
+        return _decode_deep(code, data, depth)
+    state.depth = depth + 1
+    try:
+        item = _unpack_payload(data, _ext_hook)
+    finally:
+        state.depth = depth
+    return _build(code, item)
+
+
+def _build(code: int, item: Any) -> Any:
+    """The value of extension ``code`` from its unpacked payload ``item``."""
+    if code == _EXT_NDARRAY:
+        return _decode_ndarray(item)
+    if code == _EXT_DATACLASS:
+        value = _decode_dataclass(item)
+    elif type(item) is not list:
+        raise ValueError("malformed tuple or set extension")
+    elif code == _EXT_TUPLE:
+        value = tuple(item)
+    else:
+        if len(item) > _SMALL:
+            _check_hashes(item, "set member")
+        try:
+            if code == _EXT_SET:
+                return set(item)
+            value = frozenset(item)
+        except TypeError as exc:
+            raise _Refused(f"a set member is unhashable ({exc})") from None
+    state = _state
+    state.hashables += 1
+    if state.hashables > _CHECK_MAPS_AFTER and not state.check_maps:
+        raise _CheckMaps
+    return value
+
+
+class _Deferred:
+    """An extension value nested too deep to unpack recursively, until it is built."""
+
+    __slots__ = ("code", "data", "depth", "item", "nested", "value")
+
+    def __init__(self, code: int, data: bytes | None) -> None:
+        self.code = code
+        self.data = data
+        self.depth = 0
+        self.item: Any = None
+        self.nested = False
+        self.value: Any = None
+
+
+def _defer_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_BIGINT:
+        return _ext_hook(code, data)
+    if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    node = _Deferred(code, data)
+    _state.deferred.append(node)  # type: ignore[union-attr]
+    return node
+
+
+def _decode_deep(code: int, data: bytes, depth: int) -> Any:
+    """Decode a deeply nested extension without recursion.
+
+    Each payload is unpacked with a hook that leaves nested extensions as
+    placeholders; then placeholders are built innermost first and put in place.
+    The stack stays flat at any depth, and each payload is still parsed by msgpack.
+    """
+    state = _state
+    root = _Deferred(code, data)
+    root.depth = depth
+    order = [root]
+    saved = state.deferred
+    try:
+        for node in order:  # grows while it is walked: breadth first
+            found: list[_Deferred] = []
+            state.deferred = found
+            node.item = _unpack_payload(node.data, _defer_hook)  # type: ignore[arg-type]
+            node.data = None
+            if found:
+                if node.depth + 1 >= MAX_DEPTH:
+                    raise ValueError(f"extensions nested more than {MAX_DEPTH} levels deep")
+                for child in found:
+                    child.depth = node.depth + 1
+                node.nested = True
+                order.extend(found)
+    finally:
+        state.deferred = saved
+    for node in reversed(order):
+        item = node.item
+        node.item = None
+        if node.nested:
+            item = _fill(item)
+        node.value = _build(node.code, item)
+    return root.value
+
+
+def _fill(root: Any) -> Any:
+    """Replace every placeholder inside ``root`` (lists and dicts) by its value."""
+    if type(root) is _Deferred:
+        return root.value
+    todo = [root]
+    while todo:
+        container = todo.pop()
+        if type(container) is list:
+            if len(container) > _SMALL and set(map(type, container)).isdisjoint(_NESTING):
+                continue
+            for i, item in enumerate(container):
+                kind = type(item)
+                if kind is _Deferred:
+                    container[i] = item.value
+                elif kind is list or kind is dict:
+                    todo.append(item)
+        else:
+            if any(type(key) is _Deferred for key in container):
+                pairs = [
+                    (key.value if type(key) is _Deferred else key, item)
+                    for key, item in container.items()
+                ]
+                _check_hashes([key for key, _ in pairs], "dict key")
+                container.clear()
+                container.update(pairs)
+            for key, item in container.items():
+                kind = type(item)
+                if kind is _Deferred:
+                    container[key] = item.value
+                elif kind is list or kind is dict:
+                    todo.append(item)
+    return root
+
+
+_NESTING = frozenset({_Deferred, list, dict})
 
 
 def _decode_dataclass(item: Any) -> Any:
@@ -569,21 +765,44 @@ def _decode_dataclass(item: Any) -> Any:
     cls = _BY_NAME.get(name)
     if cls is None:
         raise _Refused(
-            f"dataclass {name!r} is not registered in this process; import the module that "
-            f"defines and registers it (module {name.partition(':')[0]!r}, with "
-            "@pygirder.register) before decoding"
+            f"dataclass {_short_repr(name, 200)} is not registered in this process; import the "
+            f"module that defines and registers it (module "
+            f"{_short_repr(name.partition(':')[0], 200)}, with @pygirder.register) before decoding"
+        )
+    known = _INIT_FIELDS[cls]
+    unknown = [key for key in fields if key not in known]
+    if unknown:
+        shown = ", ".join(_short_repr(key, 40) for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise _Refused(
+            f"cannot rebuild dataclass {name!r}: the message has fields it does not have "
+            f"({shown}{more}; its init fields are {list(known)}); do the sender and this "
+            "process run the same version of the class?"
         )
     try:
         return cls(**fields)
     except Exception as exc:
         raise _Refused(
-            f"cannot rebuild dataclass {name!r} from fields {sorted(map(str, fields))}: "
-            f"{type(exc).__name__}: {exc}; do the sender and this process run the same "
-            "version of the class?"
+            f"cannot rebuild dataclass {name!r} from fields {sorted(fields)}: "
+            f"{type(exc).__name__}: {_short_repr(str(exc), 200)}; do the sender and this "
+            "process run the same version of the class?"
         ) from exc
 
 
 def _decode_ndarray(item: Any) -> Any:
+    if not (type(item) is list and len(item) == 3):
+        raise ValueError("malformed ndarray extension")
+    dtype_str, shape, data = item
+    if type(dtype_str) is not str or type(shape) is not list or type(data) is not bytes:
+        raise ValueError("malformed ndarray extension")
+    # Everything is checked before numpy sees it: numpy's own checks can be slow
+    # (a product of thousands of huge dimensions) or allocate first.
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"ndarray of {len(shape)} dimensions; numpy has at most {MAX_NDIM}")
+    if not all(type(n) is int and 0 <= n < _INT64_END for n in shape):
+        raise ValueError("malformed ndarray shape")
+    if _DTYPE_STR.fullmatch(dtype_str) is None:
+        raise ValueError(f"malformed ndarray dtype {_short_repr(dtype_str)}")
     np = sys.modules.get("numpy")
     if np is None:
         try:
@@ -592,22 +811,40 @@ def _decode_ndarray(item: Any) -> Any:
             raise _Refused(
                 "the value holds a numpy array but numpy is not installed here; install numpy"
             ) from None
-    if not (type(item) is list and len(item) == 3):
-        raise ValueError("malformed ndarray extension")
-    dtype_str, shape, data = item
-    if type(dtype_str) is not str or type(shape) is not list or type(data) is not bytes:
-        raise ValueError("malformed ndarray extension")
-    if not all(type(n) is int and n >= 0 for n in shape):
-        raise ValueError("malformed ndarray shape")
     dtype = np.dtype(dtype_str)
-    if dtype.hasobject or dtype.fields is not None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"refusing numpy dtype {dtype_str!r}")
     count = math.prod(shape)
     if count * dtype.itemsize != len(data):
         raise ValueError("ndarray data does not match its dtype and shape")
+    if dtype.itemsize == 0 and count:
+        # numpy makes S0 and U0 arrays with one-byte items: only V0 is really empty.
+        if dtype.kind != "V":
+            raise ValueError(f"ndarray of dtype {dtype_str!r} has items of no size")
+        if count > MAX_EMPTY_ITEMS:
+            raise _Refused(
+                f"numpy array of {count} items of dtype {dtype_str!r} (no bytes each), over the "
+                f"limit of {MAX_EMPTY_ITEMS}"
+            )
     if count == 0 or dtype.itemsize == 0:
         return np.zeros(shape, dtype=dtype)
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def _decode(data: bytes | bytearray | memoryview) -> Any:
+    state = _state
+    saved = (state.depth, state.hashables, state.check_maps, state.deferred)
+    state.depth = state.hashables = 0
+    state.check_maps = False
+    try:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        except _CheckMaps:
+            state.depth = state.hashables = 0
+            state.check_maps = True
+            return _unpack_payload(data, _ext_hook)  # type: ignore[arg-type]
+    finally:
+        state.depth, state.hashables, state.check_maps, state.deferred = saved
 
 
 # --------------------------------------------------------------------------- codecs
@@ -657,7 +894,7 @@ class MsgpackCodec(Codec):
                 f"cannot decode {path}: expected bytes, got {_type_name(data)}", path=path
             )
         try:
-            return _unpackb(data)
+            return _decode(data)
         except _Refused as exc:
             raise CodecError(f"cannot decode {path}: {exc}", path=path) from None
         except RecursionError:
