@@ -511,10 +511,13 @@ MAX_NDIM = 64
 #: in proportion to their item count.
 MAX_EMPTY_ITEMS = 1 << 20
 
-#: Most members of one set (or keys of one dict) that may share a hash with another
-#: member.  Python's int, float and tuple hashes are not randomized, so a crafted
-#: message can hold thousands of distinct keys with one hash; building a set or dict
-#: of them takes time quadratic in their number.
+#: Most decoded values (big ints, tuples, frozensets, dataclasses) that may share
+#: their hash with an unequal one.  Python's int and tuple hashes are not randomized,
+#: so a crafted message can hold thousands of distinct set members or dict keys with
+#: one hash, and building the set or dict would take time quadratic in their number.
+#: Canonical values essentially never have such collisions.  (str and bytes hashes
+#: are randomized; ints and floats in msgpack's range share one hash only a few
+#: dozen at a time.)
 MAX_HASH_COLLISIONS = 256
 
 # dtype strings as ``numpy.dtype.str`` writes them for the arrays the encoder takes
@@ -529,178 +532,162 @@ _DTYPE_STR = re.compile(r"[<>|=][?a-zA-Z][0-9]{1,10}(?:\[[0-9]{0,10}[a-zA-Z]{1,2
 # levels are unpacked one after the other (see ``_decode_deep``), in constant stack.
 _STACK_UNPACK_LEVELS = 3
 
-# A dict built by msgpack itself is not checked for colliding keys.  Only hashable
-# extension values (big ints, tuples, frozensets, dataclasses) can collide in bulk,
-# so once a message has produced this many of them, it is decoded again with every
-# map checked (``_checked_map``).  Below it, the worst case is a few milliseconds.
-_CHECK_MAPS_AFTER = 1024
+# Values with a bigger payload are not tracked for collisions: a message of N bytes
+# holds at most N / _TRACKED_PAYLOAD of them, too few to matter, and hashing them at
+# every level of a deep nesting would cost more than the payload's size.
+_TRACKED_PAYLOAD = 4096
 
-# Sets and maps this small are not checked: their worst case is a few comparisons.
-_SMALL = 8
-
-# Member types whose hashes collide only a few at a time (str and bytes hashes are
-# randomized; ints and floats in msgpack's range share a hash with at most a few
-# dozen others).  Big ints are ints too, so int members are checked by range.
-_FEW_COLLISIONS = frozenset({str, bytes, float, bool, type(None)})
-_INT_RANGE = range(_INT64_MIN, _UINT64_END)
-
-
-class _CheckMaps(Exception):
-    """Unwinds a decode that must start again with every map checked for collisions."""
-
-
-class _DecodeState(threading.local):
-    """The decode running in this thread (the hooks below have no other context)."""
-
-    depth = 0  # extension nesting
-    hashables = 0  # hashable extension values produced so far
-    check_maps = False  # maps are built by _checked_map
-    deferred: list[_Deferred] | None = None  # where _defer_hook puts what it defers
-
-
-_state = _DecodeState()
+# Marks a hash shared by unequal values in ``_DecodeState.hashes``.
+_COLLIDED = object()
 
 
 class _Refused(Exception):
     """A well-formed message this process cannot turn into a value (a clear CodecError)."""
 
 
-def _check_hashes(items: list[Any], what: str) -> None:
-    """Refuse ``items`` (to become a set or dict keys) if many of them share a hash."""
-    kinds = set(map(type, items))
-    if kinds <= _FEW_COLLISIONS:
-        return
-    if kinds == {int} and min(items) in _INT_RANGE and max(items) in _INT_RANGE:
-        return
-    try:
-        distinct = len(set(map(hash, items)))
-    except TypeError as exc:
-        raise _Refused(f"a {what} is unhashable ({exc})") from None
-    collisions = len(items) - distinct
-    if collisions > MAX_HASH_COLLISIONS:
-        raise _Refused(
-            f"{collisions} of the {len(items)} {what}s share their hash with another one "
-            f"(more than {MAX_HASH_COLLISIONS}); a canonical message never holds such a "
-            "set or dict: the message was crafted to make decoding slow"
-        )
-
-
-def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    if len(pairs) > _SMALL:
-        _check_hashes([key for key, _ in pairs], "dict key")
-    return dict(pairs)
-
-
-def _decode_bigint(data: bytes) -> int:
-    # int.from_bytes is linear in the size; printing a huge int is bounded by
-    # Python's own limit on int-to-str conversions (sys.set_int_max_str_digits).
-    if not data:
-        raise ValueError("empty big int")
-    return int.from_bytes(data, "big", signed=True)
-
-
-def _unpack_payload(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
-    # msgpack bounds every declared length by the size of ``data`` itself.
-    if _state.check_maps:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=False,
-            ext_hook=ext_hook,
-            object_pairs_hook=_checked_map,
-        )
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook)
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    state = _state
-    if code == _EXT_BIGINT:
-        value = _decode_bigint(data)
-        state.hashables += 1
-        if state.hashables > _CHECK_MAPS_AFTER and not state.check_maps:
-            raise _CheckMaps
-        return value
-    if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
-        raise ValueError(f"unknown msgpack extension type {code}")
-    depth = state.depth
-    if depth >= _STACK_UNPACK_LEVELS:
-        return _decode_deep(code, data, depth)
-    state.depth = depth + 1
-    try:
-        item = _unpack_payload(data, _ext_hook)
-    finally:
-        state.depth = depth
-    return _build(code, item)
-
-
-def _build(code: int, item: Any) -> Any:
-    """The value of extension ``code`` from its unpacked payload ``item``."""
-    if code == _EXT_NDARRAY:
-        return _decode_ndarray(item)
-    if code == _EXT_DATACLASS:
-        value = _decode_dataclass(item)
-    elif type(item) is not list:
-        raise ValueError("malformed tuple or set extension")
-    elif code == _EXT_TUPLE:
-        value = tuple(item)
-    else:
-        if len(item) > _SMALL:
-            _check_hashes(item, "set member")
-        try:
-            if code == _EXT_SET:
-                return set(item)
-            value = frozenset(item)
-        except TypeError as exc:
-            raise _Refused(f"a set member is unhashable ({exc})") from None
-    state = _state
-    state.hashables += 1
-    if state.hashables > _CHECK_MAPS_AFTER and not state.check_maps:
-        raise _CheckMaps
-    return value
+def _too_many_collisions() -> _Refused:
+    return _Refused(
+        f"more than {MAX_HASH_COLLISIONS} of its values share their hash with unequal ones; "
+        "canonical messages never do: the message was crafted to make building its sets "
+        "and dicts slow"
+    )
 
 
 class _Deferred:
     """An extension value nested too deep to unpack recursively, until it is built."""
 
-    __slots__ = ("code", "data", "depth", "item", "nested", "value")
+    __slots__ = ("code", "data", "depth", "item", "nested", "size", "value")
 
-    def __init__(self, code: int, data: bytes | None) -> None:
+    def __init__(self, code: int, data: bytes | None, depth: int) -> None:
         self.code = code
         self.data = data
-        self.depth = 0
+        self.size = len(data) if data is not None else 0
+        self.depth = depth
         self.item: Any = None
         self.nested = False
         self.value: Any = None
 
 
-def _defer_hook(code: int, data: bytes) -> Any:
-    if code == _EXT_BIGINT:
-        return _ext_hook(code, data)
-    if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
-        raise ValueError(f"unknown msgpack extension type {code}")
-    node = _Deferred(code, data)
-    _state.deferred.append(node)  # type: ignore[union-attr]
-    return node
+class _Decoder:
+    """The state of one decode, which msgpack's hooks have no other way to reach."""
 
+    __slots__ = ("collisions", "deferred", "depth", "ext_hook", "hashes")
 
-def _decode_deep(code: int, data: bytes, depth: int) -> Any:
-    """Decode a deeply nested extension without recursion.
+    def __init__(self) -> None:
+        self.depth = 0  # extension nesting of the payload being unpacked
+        self.hashes: dict[int, Any] = {}  # hash -> first value with it, or _COLLIDED
+        self.collisions = 0  # values whose hash an unequal value had already
+        self.deferred: list[_Deferred] = []  # what defer_hook put off
+        self.ext_hook = self.hook  # one bound method for every unpackb
 
-    Each payload is unpacked with a hook that leaves nested extensions as
-    placeholders; then placeholders are built innermost first and put in place.
-    The stack stays flat at any depth, and each payload is still parsed by msgpack.
-    """
-    state = _state
-    root = _Deferred(code, data)
-    root.depth = depth
-    order = [root]
-    saved = state.deferred
-    try:
+    def hook(self, code: int, data: bytes) -> Any:
+        if code == _EXT_TUPLE:  # the common case, inlined
+            depth = self.depth
+            if depth >= _STACK_UNPACK_LEVELS:
+                return self.decode_deep(code, data)
+            self.depth = depth + 1
+            try:
+                # msgpack bounds every declared length by the size of ``data`` itself.
+                item = msgpack.unpackb(
+                    data, raw=False, strict_map_key=False, ext_hook=self.ext_hook
+                )
+            finally:
+                self.depth = depth
+            if type(item) is not list:
+                raise ValueError("malformed tuple extension")
+            value = tuple(item)
+            if len(data) <= _TRACKED_PAYLOAD:
+                try:
+                    first = self.hashes.setdefault(hash(value), value)
+                except TypeError:  # unhashable: neither a set member nor a dict key
+                    return value
+                if first is not value and (first is _COLLIDED or first != value):
+                    self.collide(value)
+            return value
+        if code == _EXT_BIGINT:
+            # int.from_bytes is linear in the size; printing a huge int is bounded by
+            # Python's own limit on int-to-str conversions (sys.set_int_max_str_digits).
+            if not data:
+                raise ValueError("empty big int")
+            value = int.from_bytes(data, "big", signed=True)
+            if len(data) <= _TRACKED_PAYLOAD:
+                first = self.hashes.setdefault(hash(value), value)
+                if first is not value and (first is _COLLIDED or first != value):
+                    self.collide(value)
+            return value
+        if not _EXT_TUPLE < code <= _EXT_NDARRAY:
+            raise ValueError(f"unknown msgpack extension type {code}")
+        depth = self.depth
+        if depth >= _STACK_UNPACK_LEVELS:
+            return self.decode_deep(code, data)
+        self.depth = depth + 1
+        try:
+            item = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self.ext_hook)
+        finally:
+            self.depth = depth
+        return self.build(code, item, len(data))
+
+    def collide(self, value: Any) -> None:
+        """Count ``value``, whose hash an unequal value had: a crafted message has many.
+
+        A value landing on a hash shared by unequal values counts even when it equals
+        one of them: looking it up in a set or dict still walks past all of them.
+        """
+        self.hashes[hash(value)] = _COLLIDED
+        self.collisions += 1
+        if self.collisions > MAX_HASH_COLLISIONS:
+            raise _too_many_collisions()
+
+    def build(self, code: int, item: Any, size: int) -> Any:
+        """The value of extension ``code`` from its unpacked payload ``item`` of ``size`` bytes."""
+        if code == _EXT_NDARRAY:
+            return _decode_ndarray(item)
+        if code == _EXT_DATACLASS:
+            value = _decode_dataclass(item)
+        elif type(item) is not list:
+            raise ValueError("malformed tuple or set extension")
+        elif code == _EXT_TUPLE:
+            value = tuple(item)
+        else:
+            try:
+                if code == _EXT_SET:
+                    return set(item)
+                value = frozenset(item)
+            except TypeError as exc:
+                raise _Refused(f"a set member is unhashable ({exc})") from None
+        if size <= _TRACKED_PAYLOAD:
+            try:
+                first = self.hashes.setdefault(hash(value), value)
+            except TypeError:
+                return value
+            if first is not value and (first is _COLLIDED or first != value):
+                self.collide(value)
+        return value
+
+    def defer_hook(self, code: int, data: bytes) -> Any:
+        if code == _EXT_BIGINT:
+            return self.hook(code, data)
+        if not _EXT_TUPLE <= code <= _EXT_NDARRAY:
+            raise ValueError(f"unknown msgpack extension type {code}")
+        node = _Deferred(code, data, 0)
+        self.deferred.append(node)
+        return node
+
+    def decode_deep(self, code: int, data: bytes) -> Any:
+        """Decode a deeply nested extension without recursion.
+
+        Each payload is unpacked with a hook that leaves nested extensions as
+        placeholders; then placeholders are built innermost first and put in place.
+        The stack stays flat at any depth, and each payload is still parsed by msgpack.
+        """
+        root = _Deferred(code, data, self.depth)
+        order = [root]
         for node in order:  # grows while it is walked: breadth first
-            found: list[_Deferred] = []
-            state.deferred = found
-            node.item = _unpack_payload(node.data, _defer_hook)  # type: ignore[arg-type]
-            node.data = None
+            self.deferred = found = []
+            node.item = msgpack.unpackb(
+                node.data, raw=False, strict_map_key=False, ext_hook=self.defer_hook
+            )
+            node.data = None  # each level's payload is a copy of the rest: keep one
             if found:
                 if node.depth + 1 >= MAX_DEPTH:
                     raise ValueError(f"extensions nested more than {MAX_DEPTH} levels deep")
@@ -708,15 +695,14 @@ def _decode_deep(code: int, data: bytes, depth: int) -> Any:
                     child.depth = node.depth + 1
                 node.nested = True
                 order.extend(found)
-    finally:
-        state.deferred = saved
-    for node in reversed(order):
-        item = node.item
-        node.item = None
-        if node.nested:
-            item = _fill(item)
-        node.value = _build(node.code, item)
-    return root.value
+        self.deferred = []
+        for node in reversed(order):
+            item = node.item
+            node.item = None
+            if node.nested:
+                item = _fill(item)
+            node.value = self.build(node.code, item, node.size)
+        return root.value
 
 
 def _fill(root: Any) -> Any:
@@ -727,7 +713,7 @@ def _fill(root: Any) -> Any:
     while todo:
         container = todo.pop()
         if type(container) is list:
-            if len(container) > _SMALL and set(map(type, container)).isdisjoint(_NESTING):
+            if len(container) > 8 and set(map(type, container)).isdisjoint(_NESTING):
                 continue
             for i, item in enumerate(container):
                 kind = type(item)
@@ -741,7 +727,6 @@ def _fill(root: Any) -> Any:
                     (key.value if type(key) is _Deferred else key, item)
                     for key, item in container.items()
                 ]
-                _check_hashes([key for key, _ in pairs], "dict key")
                 container.clear()
                 container.update(pairs)
             for key, item in container.items():
@@ -832,19 +817,8 @@ def _decode_ndarray(item: Any) -> Any:
 
 
 def _decode(data: bytes | bytearray | memoryview) -> Any:
-    state = _state
-    saved = (state.depth, state.hashables, state.check_maps, state.deferred)
-    state.depth = state.hashables = 0
-    state.check_maps = False
-    try:
-        try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
-        except _CheckMaps:
-            state.depth = state.hashables = 0
-            state.check_maps = True
-            return _unpack_payload(data, _ext_hook)  # type: ignore[arg-type]
-    finally:
-        state.depth, state.hashables, state.check_maps, state.deferred = saved
+    decoder = _Decoder()
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=decoder.ext_hook)
 
 
 # --------------------------------------------------------------------------- codecs
