@@ -148,6 +148,22 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
         "deep-dict-of-colliding-tuple-keys": lambda: _wrap_tuples(
             map_of([(tuple_bytes(p), b"\x00") for p in colliding_pairs(10_000)]), 5
         ),
+        "set-of-256-colliding-tuples-and-40000-copies": lambda: ext(
+            codec._EXT_SET,
+            array_of(
+                [tuple_bytes(p) for p in colliding_pairs(MAX_HASH_COLLISIONS)]
+                + [tuple_bytes(colliding_pairs(MAX_HASH_COLLISIONS)[-1])] * 40_000
+            ),
+        ),
+        # Many small extensions: each costs a call of the extension hook.
+        "list-of-163840-distinct-3-tuples": lambda: array_of(
+            [
+                ext(codec._EXT_TUPLE, bytes((0x93, a, b, c)))
+                for a in range(10)
+                for b in range(128)
+                for c in range(128)
+            ]
+        ),
         # Declared lengths, plain nesting, unhashable members.
         "array-header-of-4-billion": lambda: b"\xdd\xff\xff\xff\xff" + b"\x00" * 100,
         "map-header-of-500000": lambda: b"\xdf\x00\x07\xa1\x20" + b"\x00" * 999_000,
@@ -221,7 +237,7 @@ def assert_bounded(data: bytes) -> str:
 
 def test_crafted_inputs_are_small() -> None:
     for name, build in HOSTILE.items():
-        assert len(build()) <= 1_100_000, name
+        assert len(build()) <= 1 << 20, name
 
 
 def test_colliding_values_really_collide() -> None:
@@ -244,6 +260,7 @@ def test_set_of_colliding_big_ints_is_refused() -> None:
         "frozenset-of-10000-colliding-tuples",
         "dict-of-15000-colliding-bigint-keys",
         "deep-dict-of-colliding-tuple-keys",
+        "set-of-256-colliding-tuples-and-40000-copies",
     ],
 )
 def test_colliding_keys_and_members_are_refused(name: str) -> None:
@@ -339,6 +356,7 @@ def test_declared_lengths_are_bounded_by_the_message() -> None:
 
 
 def test_big_payloads_nested_deep_and_big_ints_decode() -> None:
+    assert assert_bounded(HOSTILE["list-of-163840-distinct-3-tuples"]()) == "value"
     assert assert_bounded(HOSTILE["1mb-bytes-in-500-nested-tuples"]()) == "value"
     assert assert_bounded(HOSTILE["1mb-bigint"]()) == "value"
     assert decode(HOSTILE["1mb-bigint"]()) == 2 ** (8 * 1_000_000 - 9)
@@ -454,7 +472,7 @@ def _valid_messages() -> list[bytes]:
 _VALID = _valid_messages()
 
 _FUZZ = settings(
-    max_examples=1500,
+    max_examples=4000,
     deadline=None,  # the time bound is asserted per example, with a budget for noise
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,
@@ -492,6 +510,24 @@ def mutated(draw: st.DrawFn) -> bytes:
 @given(st.one_of(st.binary(max_size=2000), mutated()))
 def test_fuzz_decode_is_bounded(data: bytes) -> None:
     assert_bounded(data)
+
+
+@pytest.mark.slow
+def test_atheris_harness_runs_clean(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    harness = Path(__file__).parent / "fuzz" / "fuzz_decode.py"
+    found = tmp_path / "found"
+    found.mkdir()
+    limits = ["-runs=3000", "-timeout=5", "-rss_limit_mb=2048", "-max_len=65536"]
+    done = subprocess.run(
+        [sys.executable, str(harness), str(found), str(CORPUS), *limits],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # where libFuzzer writes crash-* files
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Done 3000 runs" in done.stderr
 
 
 # --------------------------------------------------------------------------- corpus writer

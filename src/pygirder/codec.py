@@ -12,6 +12,10 @@ code other than a registered dataclass's ``__init__``) and canonical:
   arrays are msgpack extension types (tagged, so ``(1,)``, ``[1]`` and ``{1}`` never
   collide); set members are sorted by their encoded bytes.
 
+Decoding is bounded for any bytes: a message decodes, or fails with a CodecError, in
+time and memory about linear in its size, at any nesting and on a small thread stack
+(see the limits under "decoding" below).
+
 Anything else (functions, lambdas, arbitrary objects, generators, subclasses of
 the built-in types) is refused with a :class:`~pygirder.errors.CodecError` naming
 where in the value it sits (``args.x[2]['k']``) and what to pass instead.
