@@ -4,7 +4,8 @@ A call's request id is a hash of its encoded arguments, so the encoding must be
 *canonical*: two equal values (of the same types) must always produce the same
 bytes, whatever the dict insertion order, set iteration order, hash seed or NaN
 bit pattern.  The default :class:`MsgpackCodec` is safe (decoding never runs user
-code other than a registered dataclass's ``__init__``) and canonical:
+code other than a registered dataclass's ``__init__``, ``__hash__`` and ``__eq__``)
+and canonical:
 
 - ``None``, ``bool``, ``int``, ``float`` (always float64, one NaN), ``str``, ``bytes``
   and ``list`` are plain msgpack; ``dict`` is a msgpack map whose entries are sorted;
@@ -533,15 +534,17 @@ _DTYPE_STR = re.compile(r"[<>|=][?a-zA-Z][0-9]{1,10}(?:\[[0-9]{0,10}[a-zA-Z]{1,2
 # called from the extension hook.  It keeps its parser state (about 40 KiB) on the C
 # stack, and every level adds interpreter frames, so a crafted message nesting a few
 # hundred extensions would overflow a thread's stack and crash the process.  Deeper
-# levels are unpacked one after the other (see ``_decode_deep``), in constant stack.
-_STACK_UNPACK_LEVELS = 3
+# levels are unpacked one after the other (``_Decoder.decode_deep``), in constant
+# stack but at about twice the cost per extension.  With 2, any value decodes in a
+# thread with a 192 KiB stack (with 3 it took 256 KiB, with 1 160 KiB).
+_STACK_UNPACK_LEVELS = 2
 
 # Values with a bigger payload are not tracked for collisions: a message of N bytes
 # holds at most N / _TRACKED_PAYLOAD of them, too few to matter, and hashing them at
 # every level of a deep nesting would cost more than the payload's size.
 _TRACKED_PAYLOAD = 4096
 
-# Marks a hash shared by unequal values in ``_DecodeState.hashes``.
+# Marks a hash shared by unequal values in ``_Decoder.hashes``.
 _COLLIDED = object()
 
 
