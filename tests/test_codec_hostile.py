@@ -10,6 +10,7 @@ a generous budget (noisy machines); ``bench/codec_decode.py`` prints the real fi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import subprocess
 import sys
 import textwrap
@@ -370,6 +371,19 @@ def test_big_payloads_nested_deep_and_big_ints_decode() -> None:
     assert assert_bounded(HOSTILE["1mb-bytes-in-500-nested-tuples"]()) == "value"
     assert assert_bounded(HOSTILE["1mb-bigint"]()) == "value"
     assert decode(HOSTILE["1mb-bigint"]()) == 2 ** (8 * 1_000_000 - 9)
+
+
+def test_decoding_leaves_no_garbage_cycles() -> None:
+    # The decoder's state would otherwise live until the next collection, with a
+    # reference to every value it made.
+    message = encode([(1, 2), {(3,): frozenset({4})}, ((((5,),),),), 2**70])
+    gc.collect()
+    gc.disable()
+    try:
+        decode(message)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 # --------------------------------------------------------------------------- the C stack

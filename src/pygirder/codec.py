@@ -825,7 +825,10 @@ def _decode_ndarray(item: Any) -> Any:
 
 def _decode(data: bytes | bytearray | memoryview) -> Any:
     decoder = _Decoder()
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=decoder.ext_hook)
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=decoder.ext_hook)
+    finally:
+        del decoder.ext_hook  # a cycle: left to the garbage collector, it costs more
 
 
 # --------------------------------------------------------------------------- codecs
