@@ -356,6 +356,12 @@ def test_dataclass_with_unknown_fields_gives_a_short_error() -> None:
     assert len(str(info.value)) < 1000
 
 
+def test_deep_plain_nesting_says_so() -> None:
+    with pytest.raises(CodecError, match="nested more than msgpack's 1024 levels"):
+        decode(HOSTILE["lists-nested-100000-deep"]())
+    assert decode(b"\x91" * 1000 + b"\x00") is not None  # msgpack's own limit, not ours
+
+
 def test_declared_lengths_are_bounded_by_the_message() -> None:
     for name in [
         "array-header-of-4-billion",

@@ -885,6 +885,12 @@ class MsgpackCodec(Codec):
             raise CodecError(
                 f"cannot decode {path}: nested too deeply for the remaining stack", path=path
             ) from None
+        except msgpack.StackError:
+            raise CodecError(
+                f"cannot decode {path}: lists or dicts nested more than msgpack's 1024 levels "
+                f"(values are at most {MAX_DEPTH} deep)",
+                path=path,
+            ) from None
         except Exception as exc:  # garbage may fail in any way msgpack or a hook can
             raise CodecError(
                 f"cannot decode {path}: not a valid pygirder message "
