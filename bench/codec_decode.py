@@ -4,14 +4,14 @@
     python bench/codec_decode.py --normal        # ordinary values only
     python bench/codec_decode.py --hostile [--stack-kb 256] [--timeout 60] [FILE ...]
 
-Ordinary values: best of several ``timeit`` runs per decode, in CPU time.  Hostile inputs (by
-default every file in ``tests/fuzz/corpus/``): each decoded once in a fresh process
-(so a crash or a hang costs only that row), in a thread with a stack of
+Ordinary values: best of several ``timeit`` runs per decode, in CPU time.  Hostile
+inputs (by default every file in ``tests/fuzz/corpus/``): each decoded in a fresh
+process (so a crash or a hang costs only that row), in a thread with a stack of
 ``--stack-kb`` KiB; the row shows the outcome, the time of the decode (the best of
-the first decode's wall time and three more decodes' CPU time), the peak of
-memory traced by ``tracemalloc`` during a second decode, and the process's peak RSS.  The goal:
-any input of at most 1 MB decodes or fails with a CodecError within 100 ms and
-64 MB.  Run it against another checkout with ``PYTHONPATH=<checkout>/src``.
+the first decode's wall time and three more decodes' CPU time), the peak of memory
+traced by ``tracemalloc`` during another decode, and the process's peak RSS.  The
+goal: any input of at most 1 MB decodes or fails with a CodecError within 100 ms
+and 64 MB.  Run it against another checkout with ``PYTHONPATH=<checkout>/src``.
 """
 
 from __future__ import annotations
