@@ -57,7 +57,9 @@ def worker(
     n = parse_processes(processes)
     imports = tuple(import_ or ())
     if n > 1:
-        argv = ["worker", "--redis", redis, "--pool", pool, "--namespace", namespace,
+        # the URL (it may hold a password) goes through the environment, not argv: any
+        # local user can read a command line in `ps`
+        argv = ["worker", "--pool", pool, "--namespace", namespace,
                 "--processes", "1", "--log-level", ctx.log_level,
                 "--result-ttl", str(result_ttl)]  # fmt: skip
         for module in imports:
@@ -66,7 +68,7 @@ def worker(
             argv.append("--auto-import")
         if main_path:
             argv += ["--main-path", main_path]
-        supervisor = Supervisor(child_command(argv), n)
+        supervisor = Supervisor(child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis})
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     from ..grid.worker import run_worker

@@ -39,6 +39,12 @@ class GcReport:
         return sum(self.dropped.values())
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis SCAN/KEYS pattern: a namespace such as
+    ``p*`` must not match the keys of namespace ``prod``."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 # kind of key -> SCAN pattern suffix
 _KINDS = {"results": "res:*", "call graph": "call:*", "children": "kids:*", "inboxes": "inbox:*"}
 
@@ -57,7 +63,7 @@ def collect_garbage(
     report = GcReport(dry_run=dry_run)
     for kind, suffix in _KINDS.items():
         report.dropped[kind] = _drop_idle(
-            client, keys.prefix + suffix, older_than, dry_run, batch, report
+            client, glob_escape(keys.prefix) + suffix, older_than, dry_run, batch, report
         )
     report.dropped["abandoned requests"] = _drop_abandoned(client, keys, older_than, dry_run)
     if (
@@ -102,7 +108,7 @@ def _drop_chunk(
 def _drop_abandoned(client: Any, keys: Keys, older_than: float, dry_run: bool) -> int:
     """Pending requests idle for the age with no waiter left and no live owner."""
     dropped = 0
-    for key in client.scan_iter(match=keys.prefix + "st:*", count=500):
+    for key in client.scan_iter(match=glob_escape(keys.prefix) + "st:*", count=500):
         idle = client.object("idletime", key) or 0
         if idle <= older_than:
             continue

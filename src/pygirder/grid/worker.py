@@ -483,7 +483,7 @@ class Worker:
             if len(self.stack) > self.max_stack:
                 await self._share(len(self.stack) - self.max_stack, force=True)
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
-            return [decode_envelope(f.result()) for f in futures]
+            return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         parked = _Parked(
