@@ -9,7 +9,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -217,11 +219,11 @@ def test_gc_of_a_glob_namespace_spares_the_others(redis_url):
 
 # -- secrets ---------------------------------------------------------------------------
 def test_local_workers_get_the_url_from_the_environment_not_argv():
-    with EmbeddedServer(password="pw-" + uuid.uuid4().hex) as server:
-        with pygirder.connect(server.url, workers=1, namespace="argv") as grid:
-            [pid] = grid.worker_pids()
-            assert server.password not in cmdline(pid)
-            assert grid.run(gf.add(2, 3), timeout=30) == 5
+    server = EmbeddedServer(password="pw-" + uuid.uuid4().hex)
+    with server, pygirder.connect(server.url, workers=1, namespace="argv") as grid:
+        [pid] = grid.worker_pids()
+        assert server.password not in cmdline(pid)
+        assert grid.run(gf.add(2, 3), timeout=30) == 5
 
 
 @pytest.mark.slow
@@ -235,6 +237,9 @@ def test_worker_processes_children_get_the_url_from_the_environment():
             with pygirder.connect(server.url, workers=0, namespace="argv2") as grid:
                 grid.wait_for_workers(2, timeout=30)
                 assert grid.run(gf.add(2, 3), timeout=30) == 5
+            sup.kill()  # its children die with it
+            sup.wait()
+            poll(lambda: not any(alive(p) for p in kids), what=f"workers {kids} exited")
         finally:
             stop(sup)
 
@@ -278,3 +283,138 @@ def test_a_signed_result_cannot_be_replayed_under_another_request(grid_factory, 
         client.close()
     with pytest.raises(pygirder.CodecError, match="HMAC does not verify"):
         grid.run(b, timeout=30)
+
+
+# -- private servers: a password, a memory cap that never evicts ------------------------
+def test_the_private_grid_has_a_password(monkeypatch):
+    monkeypatch.setenv("PYGIRDER_MAXMEMORY", "256mb")
+    with pygirder.connect(workers=1, namespace="private") as grid:
+        parts = urlsplit(grid.url)
+        assert parts.password and len(parts.password) >= 24
+        stranger = redis.Redis(host=parts.hostname, port=parts.port)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                stranger.ping()
+        finally:
+            stranger.close()
+        client = redis.Redis.from_url(grid.url)
+        try:
+            config = client.config_get("maxmemory*")
+        finally:
+            client.close()
+        assert config["maxmemory"] == str(256 * 1024**2)
+        assert config["maxmemory-policy"] == "noeviction"
+        assert grid.run(gf.add(1, 2), timeout=30) == 3
+
+
+def test_out_of_memory_is_a_clear_error_at_the_caller():
+    server = EmbeddedServer(password="pw-" + uuid.uuid4().hex, maxmemory="4mb")
+    with server, pygirder.connect(server.url, workers=0, namespace="oom") as grid:
+        big = "x" * 256 * 1024
+        with pytest.raises(pygirder.GridOutOfMemory) as info:
+            grid.wait([gf.add(big, str(i)) for i in range(40)], timeout=5)
+    message = str(info.value)
+    assert "out of memory" in message and "maxmemory" in message
+    assert "pygirder gc" in message and "--result-ttl" in message
+    assert server.password not in message
+
+
+def test_maxmemory_sizes_are_parsed_or_refused():
+    from pygirder.server import parse_memory, physical_memory
+
+    assert parse_memory("4gb") == 4 * 1024**3
+    assert parse_memory("512MB") == 512 * 1024**2
+    assert parse_memory(1000) == 1000
+    assert parse_memory("0") == 0
+    assert parse_memory("50%") == physical_memory() // 2
+    for bad in ("lots", "-1gb", "150%", "4 parsecs"):
+        with pytest.raises(ConfigError, match="maxmemory"):
+            parse_memory(bad)
+
+
+def start_cli_server(tmp_path: Any, *more: str) -> tuple[subprocess.Popen[str], str]:
+    """`pygirder server` on a free port, in its own process group; returns it and its
+    log line (after it serves)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pygirder", "server", "--port", "0", *more],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=shell_env(),
+        cwd=tmp_path, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "valkey serving at" in line:
+            return proc, line
+    pytest.fail("pygirder server did not start:\n" + "".join(lines))
+
+
+def test_pygirder_server_makes_a_password_and_says_where(tmp_path):
+    pw_file = tmp_path / "pw"
+    proc, line = start_cli_server(tmp_path, "--password-file", str(pw_file), "--maxmemory", "64mb")
+    try:
+        password = pw_file.read_text().strip()
+        assert len(password) >= 24
+        assert pw_file.stat().st_mode & 0o777 == 0o600
+        assert password not in line and ":***@" in line
+        assert str(pw_file) in line
+        url_file = line.rsplit("$(cat ", 1)[1].split(")")[0]
+        url = Path(url_file).read_text().strip()
+        assert os.stat(url_file).st_mode & 0o777 == 0o600
+        assert urlsplit(url).password == password
+        client = redis.Redis.from_url(url)
+        try:
+            assert client.ping()
+            assert client.config_get("maxmemory")["maxmemory"] == str(64 * 1024**2)
+            assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        finally:
+            client.close()
+        parts = urlsplit(url)
+        stranger = redis.Redis(host=parts.hostname, port=parts.port)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                stranger.ping()
+        finally:
+            stranger.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+        proc.stdout.close()
+
+
+# -- children die with their owner ------------------------------------------------------
+def test_a_killed_script_takes_its_server_and_workers_along(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import json, time, pygirder\n"
+        "if __name__ == '__main__':\n"
+        "    with pygirder.connect(workers=1, namespace='owner') as grid:\n"
+        "        pids = {'server': grid._server.process.pid, 'workers': grid.worker_pids()}\n"
+        "        print(json.dumps(pids), flush=True)\n"
+        "        time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=shell_env()
+    )
+    try:
+        assert proc.stdout is not None
+        import json
+
+        pids = json.loads(proc.stdout.readline())
+        everyone = [pids["server"], *pids["workers"]]
+        assert len(everyone) == 2 and all(alive(p) for p in everyone)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    poll(lambda: not any(alive(p) for p in everyone), what=f"{everyone} exited")
+
+
+def test_killing_the_server_commands_group_takes_valkey_along(tmp_path):
+    proc, _ = start_cli_server(tmp_path, "--password-file", str(tmp_path / "pw"))
+    [valkey] = children_of(proc.pid)
+    assert "valkey" in cmdline(valkey) or "redis" in cmdline(valkey)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    poll(lambda: not alive(valkey), what="valkey-server exited")

@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 from ..calls import Call, GridFunction
 from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTimeout
-from ..server import EmbeddedServer
+from ..server import EmbeddedServer, random_password
 from . import context
 from .runtime import Runtime, decode_envelope, new_process_id
 from .supervisor import Supervisor
@@ -115,7 +116,8 @@ class Grid:
     def start(self) -> Grid:
         try:
             if self._url is None:
-                self._server = EmbeddedServer().start()
+                # a random password: other local users cannot reach the loopback port
+                self._server = EmbeddedServer(password=random_password()).start()
                 self._url = self._server.url
             self._loop = _LoopThread()
             self.runtime = Runtime(
@@ -154,6 +156,8 @@ class Grid:
             n,
             env=env,
             output=lambda i: open(log_dir / f"worker-{i}.log", "ab"),  # noqa: SIM115 (closed by Supervisor)
+            # with a private server gone there is nothing to hand work back to
+            death_signal=signal.SIGKILL if self._server is not None else signal.SIGTERM,
         )
         self._supervisor.start()
         self._monitor = threading.Thread(target=self._watch_workers, daemon=True,

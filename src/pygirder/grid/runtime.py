@@ -30,6 +30,7 @@ from ..errors import (
     CallLink,
     CodecError,
     GridConnectionError,
+    GridOutOfMemory,
     GridTimeout,
     PayloadTooLarge,
     RemoteError,
@@ -215,6 +216,18 @@ async def connect_redis(
     )
 
 
+def out_of_memory(url: str, action: str) -> GridOutOfMemory:
+    """The error for a write the server refused because it reached its maxmemory."""
+    return GridOutOfMemory(
+        f"the grid's server at {redact(url)} is out of memory (it reached its maxmemory and "
+        f"never evicts grid state), so {action!r} was refused. Raise its limit "
+        "(`pygirder server --maxmemory 8gb`, PYGIRDER_MAXMEMORY for the private server of "
+        "connect(), or CONFIG SET maxmemory), drop results nobody needs "
+        "(`pygirder gc --older-than 1h`, grid.gc(3600)), or keep results for a while "
+        "only (`pygirder worker --result-ttl SECONDS`)"
+    )
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
@@ -391,7 +404,12 @@ class Runtime:
 
     async def script(self, name: str, args: Sequence[Any]) -> Any:
         self.round_trips += 1
-        return await self._scripts[name](keys=[], args=list(args))
+        try:
+            return await self._scripts[name](keys=[], args=list(args))
+        except redis_errors.ResponseError as exc:
+            if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise out_of_memory(self.url, name) from None
+            raise
 
     # -- results -------------------------------------------------------------
     def _remember(self, request_id: str, data: bytes) -> None:
