@@ -411,6 +411,7 @@ def test_a_killed_script_takes_its_server_and_workers_along(tmp_path):
 
 
 def test_killing_the_server_commands_group_takes_valkey_along(tmp_path):
+    (tmp_path / "pw").write_text("pw-" + uuid.uuid4().hex)
     proc, _ = start_cli_server(tmp_path, "--password-file", str(tmp_path / "pw"))
     [valkey] = children_of(proc.pid)
     assert "valkey" in cmdline(valkey) or "redis" in cmdline(valkey)
@@ -418,3 +419,61 @@ def test_killing_the_server_commands_group_takes_valkey_along(tmp_path):
     proc.wait()
     proc.stdout.close()
     poll(lambda: not alive(valkey), what="valkey-server exited")
+
+
+# -- a client that dies while waiting ---------------------------------------------------
+def test_a_dead_clients_waits_are_withdrawn_and_counted_abandoned(
+    grid_factory, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", "1.0")
+    grid = grid_factory(workers=1)
+    log = str(tmp_path / "log")
+    busy = grid.submit(gf.slow(0, 3.0, log))
+    poll(lambda: "slow:0" in gf.count(log), what="the worker is busy")
+    code = (
+        "import sys, time, pygirder, gridfuncs as gf\n"
+        f"g = pygirder.connect({grid.url!r}, workers=0, namespace={grid.namespace!r})\n"
+        f"futures = [g.submit(gf.slow(i, 0.0, {log!r})) for i in range(1, 6)]\n"
+        "print(g.runtime.process_id, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=shell_env()
+    )
+    keys = Keys(grid.namespace)
+    server = redis.Redis.from_url(grid.url)
+    try:
+        assert client.stdout is not None
+        dead = client.stdout.readline().strip()
+        poll(lambda: server.llen(keys.queue("default")) == 5, what="5 calls queued")
+        shared = grid.submit(gf.slow(1, 0.0, log))  # someone else still waits for this one
+        poll(lambda: server.scard(keys.waiters(shared.call.id)) == 2, what="two waiters")
+        client.kill()
+        client.wait()
+        poll(lambda: grid.stats().get("abandoned") == 4, what="4 calls abandoned")
+        inbox = keys.inbox(dead).encode()
+        assert inbox not in server.smembers(keys.waiters(shared.call.id))
+        assert not server.exists(keys.waits(dead), inbox)
+        assert dead.encode() not in server.smembers(keys.waiting_processes)
+        assert busy.result(timeout=20) == 0
+        assert shared.result(timeout=20) == 10
+        assert server.llen(keys.queue("default")) == 0
+        assert set(gf.count(log)) == {"slow:0", "slow:1"}  # the abandoned ones never ran
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        client.stdout.close()
+        server.close()
+
+
+def test_a_live_process_trims_what_it_no_longer_waits_for(grid_factory, monkeypatch):
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", "1.0")
+    grid = grid_factory(workers=1)
+    assert grid.map(gf.add, [(i, 100) for i in range(50)]) == [i + 100 for i in range(50)]
+    keys = Keys(grid.namespace)
+    server = redis.Redis.from_url(grid.url)
+    try:
+        poll(lambda: not server.scard(keys.waits(grid.runtime.process_id)), what="trimmed")
+    finally:
+        server.close()

@@ -289,6 +289,8 @@ class Runtime:
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
         self._inbox_block = settings.inbox_block()
         self._closing = False
+        self._beaten = False
+        self._finished: list[str] = []  # waited-for ids to trim from the server's record
         self.listener_restarts = 0
 
     async def start(self) -> None:
@@ -311,21 +313,71 @@ class Runtime:
         run_id = info.get("run_id")
         return str(run_id) if run_id is not None else None
 
-    async def beat(self) -> None:
-        """Refresh this process's heartbeat (subclasses add their registration)."""
+    async def beat(self) -> bool:
+        """Refresh this process's heartbeat, run the beat hooks (a worker's registration)
+        and trim the server's record of what this process waits for.
+
+        Returns True when the heartbeat had lapsed since the last beat: the reaper may
+        then have withdrawn this process from what it waits for.
+        """
         assert self.redis is not None
-        await self.redis.set(
-            self.keys.heartbeat(self.process_id), b"1", px=int(self.liveness.heartbeat_ttl * 1000)
-        )
+        previous = await self.redis.set(
+            self.keys.heartbeat(self.process_id), b"1",
+            px=int(self.liveness.heartbeat_ttl * 1000), get=True,
+        )  # fmt: skip
+        lapsed, self._beaten = previous is None and self._beaten, True
         for hook in self.beat_hooks:
             await hook()
+        await self._trim_waits()
+        return lapsed
+
+    async def _trim_waits(self) -> None:
+        """Drop what no longer needs waiting for from this process's ``waits`` set."""
+        assert self.redis is not None
+        done, self._finished = self._finished, []
+        key = self.keys.waits(self.process_id)
+        try:
+            for start in range(0, len(done), 1024):
+                await self.redis.srem(key, *done[start : start + 1024])
+        except BaseException:
+            self._finished[:0] = done  # try again at the next beat
+            raise
+
+    async def reap_waiters(self, budget: int = 4096) -> int:
+        """Withdraw dead processes from what they waited for (up to ``budget`` requests
+        per call; the rest at the next one).  Returns how many requests nobody waited for
+        any more and were dropped before they started."""
+        assert self.redis is not None
+        procs = [p.decode() for p in await self.redis.smembers(self.keys.waiting_processes)]
+        if not procs:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pid in procs:
+                pipe.exists(self.keys.heartbeat(pid))
+            alive = await pipe.execute()
+        abandoned = 0
+        for pid in (p for p, a in zip(procs, alive, strict=True) if not a):
+            withdrawn = dropped = 0
+            while budget > 0:
+                handled, gone, left = await self.script(
+                    "withdraw", [self.keys.prefix, pid, min(budget, 64)]
+                )
+                budget -= max(1, handled)
+                withdrawn, dropped = withdrawn + handled, dropped + gone
+                if not left or not handled:
+                    break
+            if withdrawn:
+                log.warning("process %s died waiting: withdrew it from %d requests, %d of "
+                            "them abandoned", pid, withdrawn, dropped)  # fmt: skip
+            abandoned += dropped
+        return abandoned
 
     async def _heartbeat(self) -> None:
         """Beat, and notice a server restart: then submit again what we wait for."""
         while True:
             await asyncio.sleep(self.liveness.heartbeat_every)
             try:
-                await self.beat()
+                lapsed = await self.beat()
                 run_id = await self._run_id()
                 if run_id != self._server_run_id:
                     log.warning("the server restarted; submitting %d waited-for calls again",
@@ -334,6 +386,10 @@ class Runtime:
                     await self.resubmit_waiting()
                     for callback in self.on_server_restart:
                         await callback()
+                elif lapsed and self._waiting:
+                    log.warning("this process's heartbeat lapsed; registering again as the "
+                                "waiter of %d calls", len(self._waiting))  # fmt: skip
+                    await self.resubmit_waiting()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep beating; the reaper decides what a gap means
@@ -368,8 +424,10 @@ class Runtime:
         for request_id in request_ids:
             fut = self._waiting.pop(request_id, None)
             self._resubmit.pop(request_id, None)
-            if fut is not None and not fut.done():
-                fut.cancel()
+            if fut is not None:
+                self._finished.append(request_id)
+                if not fut.done():
+                    fut.cancel()
         if not request_ids:
             return []
         dropped = await self.script("cancel", [self.keys.prefix, self.inbox, *request_ids])
@@ -424,8 +482,10 @@ class Runtime:
         self._remember(request_id, data)
         self._resubmit.pop(request_id, None)
         fut = self._waiting.pop(request_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(data)
+        if fut is not None:
+            self._finished.append(request_id)
+            if not fut.done():
+                fut.set_result(data)
 
     def _start_listener(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
@@ -512,6 +572,7 @@ class Runtime:
             else:  # expired between completion and fetch: ask for a re-run
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
+                self._finished.append(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         GridTimeout(
@@ -568,6 +629,7 @@ class Runtime:
             for request_id, _, _ in sent:
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
+                self._finished.append(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         exc if isinstance(exc, Exception) else GridTimeout("cancelled")

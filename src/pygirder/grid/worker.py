@@ -638,7 +638,14 @@ class Worker:
                 log.warning("reaping failed: %s", exc)
 
     async def reap(self) -> list[str]:
-        """Requeue the requests of every registered worker whose heartbeat has expired."""
+        """Requeue the requests of every registered worker whose heartbeat has expired,
+        then withdraw every dead process (a client, too) from what it waited for."""
+        assert self.runtime.redis is not None
+        dead = await self._reap_workers()
+        await self.runtime.reap_waiters()
+        return dead
+
+    async def _reap_workers(self) -> list[str]:
         assert self.runtime.redis is not None
         redis = self.runtime.redis
         workers = await redis.hgetall(self.keys.workers)

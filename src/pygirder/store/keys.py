@@ -70,6 +70,16 @@ class Keys:
         were already on a worker that died (so a repeat death can be blamed precisely)."""
         return f"{self.prefix}cur:{worker_id}"
 
+    def waits(self, process_id: str) -> str:
+        """SET: ids of requests a process waits for (added by submit, trimmed by the
+        process as results arrive), so the reaper can withdraw a process that died."""
+        return f"{self.prefix}waits:{process_id}"
+
+    @property
+    def waiting_processes(self) -> str:
+        """SET: ids of the processes that have a ``waits`` set."""
+        return f"{self.prefix}wprocs"
+
     def heartbeat(self, process_id: str) -> str:
         """STRING with TTL: present while the process is alive."""
         return f"{self.prefix}hb:{process_id}"
