@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..store.keys import Keys
+from ..store.keys import Keys, glob_escape
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -37,12 +37,6 @@ class GcReport:
     @property
     def total(self) -> int:
         return sum(self.dropped.values())
-
-
-def glob_escape(text: str) -> str:
-    """``text`` matched literally by a Redis SCAN/KEYS pattern: a namespace such as
-    ``p*`` must not match the keys of namespace ``prod``."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 # kind of key -> SCAN pattern suffix

@@ -21,6 +21,12 @@ CALL_GRAPH_TTL_S = 3600
 LOG_STREAM_MAXLEN = 100_000
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern (namespaces may hold * ? [ ]): the
+    keys of namespace ``p*`` must not match those of ``prod``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names for one namespace.  Methods, not constants, so typos fail loudly."""
