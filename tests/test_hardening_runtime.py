@@ -286,17 +286,23 @@ def test_a_signed_result_cannot_be_replayed_under_another_request(grid_factory, 
 
 
 # -- private servers: a password, a memory cap that never evicts ------------------------
+def refuses_strangers(url: str) -> None:
+    """A client that knows the address but not the password is refused."""
+    parts = urlsplit(url)
+    stranger = redis.Redis(host=parts.hostname, port=parts.port)
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            stranger.ping()
+    finally:
+        stranger.close()
+
+
 def test_the_private_grid_has_a_password(monkeypatch):
     monkeypatch.setenv("PYGIRDER_MAXMEMORY", "256mb")
     with pygirder.connect(workers=1, namespace="private") as grid:
-        parts = urlsplit(grid.url)
-        assert parts.password and len(parts.password) >= 24
-        stranger = redis.Redis(host=parts.hostname, port=parts.port)
-        try:
-            with pytest.raises(redis.AuthenticationError):
-                stranger.ping()
-        finally:
-            stranger.close()
+        password = urlsplit(grid.url).password
+        assert password and len(password) >= 24
+        refuses_strangers(grid.url)
         client = redis.Redis.from_url(grid.url)
         try:
             config = client.config_get("maxmemory*")
@@ -369,13 +375,7 @@ def test_pygirder_server_makes_a_password_and_says_where(tmp_path):
             assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         finally:
             client.close()
-        parts = urlsplit(url)
-        stranger = redis.Redis(host=parts.hostname, port=parts.port)
-        try:
-            with pytest.raises(redis.AuthenticationError):
-                stranger.ping()
-        finally:
-            stranger.close()
+        refuses_strangers(url)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
