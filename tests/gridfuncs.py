@@ -49,6 +49,17 @@ def slow(x: int, seconds: float, log: str) -> int:
 
 
 @pygirder.fn
+def gated(x: int, gate: str, log: str) -> int:
+    """Holds its worker until the file ``gate`` exists (at most a minute): a test opens
+    the gate when it has done what must happen while the worker is busy."""
+    record(log, f"gated:{x}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x * 10
+
+
+@pygirder.fn
 def wait_slow(i: int, x: int, seconds: float, log: str) -> int:
     record(log, f"wait_slow:{i}")
     return slow(x, seconds, log).result() + i

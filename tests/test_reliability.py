@@ -103,13 +103,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_server_restart_mid_run_completes():
+def test_server_restart_mid_run_completes(tmp_path):
     port = _free_port()
     server = EmbeddedServer(port=port).start()
     grid = pygirder.connect(server.url, workers=2, namespace="restart")
+    log = str(tmp_path / "exec.log")
     try:
-        thread, box = run_in_thread(lambda: grid.run(gf.chaos_tree(5, 3, 0, 0.01), timeout=90))
-        time.sleep(1.0)
+        tree = gf.chaos_tree(5, 3, 0, 0.01, log)
+        thread, box = run_in_thread(lambda: grid.run(tree, timeout=90))
+        deadline = time.monotonic() + 30
+        while len(gf.count(log)) < 40:  # well under way, and far from done (364 calls)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert thread.is_alive()
         server.stop()  # empty restart: no persistence
         time.sleep(0.5)
@@ -175,20 +180,28 @@ def test_poison_request_fails_after_bounded_attempts(grid_factory):
 
 def test_cancel_and_timeout_drop_calls_that_have_not_started(one_worker_grid, tmp_path):
     grid = one_worker_grid
-    log = str(tmp_path / "exec.log")
-    busy = grid.submit(gf.slow(1, 1.5, log))
+    log, gate = str(tmp_path / "exec.log"), str(tmp_path / "gate")
+    busy = grid.submit(gf.gated(1, gate, log))  # holds the only worker until the gate opens
     deadline = time.monotonic() + 10
-    while "slow:1" not in gf.count(log) and time.monotonic() < deadline:
+    while "gated:1" not in gf.count(log) and time.monotonic() < deadline:
         time.sleep(0.01)
-    queued = grid.submit(gf.slow(2, 0.0, log))
-    time.sleep(0.1)
+    client = redis.Redis.from_url(grid.url)
+    try:
+        call = gf.slow(2, 0.0, log)
+        queued = grid.submit(call)
+        state = Keys(grid.namespace).state(call.id)
+        while client.hget(state, "s") != b"queued":  # on the server before it is cancelled
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        client.close()
     assert queued.cancel()
     with pytest.raises(pygirder.GridTimeout, match="not yet started were cancelled"):
         grid.run(gf.slow(3, 0.0, log), timeout=0.2)
+    open(gate, "w").close()
     assert busy.result(timeout=10) == 10
-    assert grid.run(gf.add(5), timeout=10) == 5  # the worker moved on
-    time.sleep(0.2)
-    assert gf.count(log) == {"slow:1": 1}
+    assert grid.run(gf.add(5), timeout=10) == 5  # the worker moved on, past both entries
+    assert gf.count(log) == {"gated:1": 1}
     assert grid.stats().get("cancelled") == 2
 
 
@@ -200,8 +213,12 @@ def test_sigterm_hands_back_work_and_exits_zero(grid_factory, tmp_path):
            "--namespace", grid.namespace, "--import", "gridfuncs"]  # fmt: skip
     first = subprocess.Popen(cmd, env=env)
     grid.wait_for_workers(1, timeout=30)
-    thread, box = run_in_thread(lambda: grid.run(gf.chaos_tree(4, 3, 0, 0.02), timeout=60))
-    time.sleep(0.7)
+    log = str(tmp_path / "exec.log")
+    thread, box = run_in_thread(lambda: grid.run(gf.chaos_tree(4, 3, 0, 0.02, log), timeout=60))
+    deadline = time.monotonic() + 30
+    while len(gf.count(log)) < 20:  # well under way, and far from done (121 calls)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 0
     assert thread.is_alive()  # handed back, not finished

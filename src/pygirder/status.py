@@ -166,7 +166,9 @@ def collect_status(
     its pool queue), ``busy`` or ``dead`` (registered but its heartbeat expired), and
     what it reports of its work (``current``, ``calls_done``; None when the worker
     does not publish them).  ``pools``: per pool, how many workers are alive, busy,
-    idle and dead and how many requests wait in its queue.  ``keys``: stored results,
+    idle and dead and how many entries its queue holds (``totals["stale"]``: how many
+    entries of all queues belong to cancelled calls, dropped unrun when a worker
+    reaches them).  ``keys``: stored results,
     pending requests and call records, counted by a SCAN of at most ``scan_budget``
     keys (``complete`` says whether it saw them all), or taken from ``key_counts`` (an
     earlier :func:`count_keys`).  ``stats``: the grid-wide
@@ -275,6 +277,10 @@ def collect_status(
         field: sum(p[field] for p in pool_rows)
         for field in ("workers", "alive", "busy", "idle", "dead", "queued")
     }
+    # A cancelled call's queue entry stays until a worker's take reaches it and drops it
+    # unrun: "queued" counts queue entries, "stale" how many of those are such leftovers
+    # (a grid-wide count, so per pool only the entries are shown).
+    totals["stale"] = min(max(0, stats.get("stale", 0)), totals["queued"])
     return {
         "namespace": namespace,
         "time": now,
@@ -357,10 +363,16 @@ def _duration(start: float | None, end: float | None) -> float | None:
 class FailureScanner:
     """Keeps the most recent failed calls, walking ``call:*`` a bounded step at a time.
 
-    There is no index of failures on the server, so they are found by SCAN.  Each
-    :meth:`step` looks at about ``step_keys`` keys and resumes where the last one
-    stopped; a failure found in the previous full walk stays listed until the current
-    walk is complete (so the list does not flicker as the cursor wraps around).
+    The server keeps only the ids of the last 200 failures (``failures``), so they are
+    found by SCAN.  Each :meth:`step` looks at about ``step_keys`` keys and resumes
+    where the last one stopped; a failure found in the previous full walk stays listed
+    until the current walk is complete (so the list does not flicker as the cursor
+    wraps around).
+
+    They are ordered by that list, which the server fills in the order the failures
+    were stored: calls finishing in one batch share one ``finished`` time, but a
+    parent still comes before the child it failed because of.  Failures too old for
+    the list follow, by ``finished``.
     """
 
     def __init__(
@@ -373,6 +385,7 @@ class FailureScanner:
         self._cursor = 0
         self._current: dict[str, dict[str, Any]] = {}
         self._previous: dict[str, dict[str, Any]] = {}
+        self._rank: dict[str, int] = {}  # position in the failures list, newest 0
         self.walks = 0  # complete walks over the call graph so far
 
     def step(self) -> list[dict[str, Any]]:
@@ -385,7 +398,12 @@ class FailureScanner:
         pipe = self.client.pipeline(transaction=False)
         for request_id in ids:
             pipe.hget(self.keys.call(request_id), "state")
-        failed = [i for i, s in zip(ids, pipe.execute(), strict=True) if _s(s) == "failed"]
+        pipe.lrange(self.keys.failures, 0, -1)
+        *states, recent = pipe.execute()
+        self._rank = {}
+        for rank, request_id in enumerate(_s(r) or "" for r in recent):
+            self._rank.setdefault(request_id, rank)
+        failed = [i for i, s in zip(ids, states, strict=True) if _s(s) == "failed"]
         for row in _call_rows(self.client, self.keys, failed):
             if not row.get("missing"):
                 self._current[row["id"]] = row
@@ -409,7 +427,13 @@ class FailureScanner:
         return list(self._newest({**self._previous, **self._current}).values())
 
     def _newest(self, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        ordered = sorted(rows.values(), key=lambda r: r.get("finished") or 0.0, reverse=True)
+        def order(row: dict[str, Any]) -> tuple[int, float]:
+            rank = self._rank.get(row["id"])
+            if rank is not None:
+                return (0, rank)
+            return (1, -(row.get("finished") or 0.0))
+
+        ordered = sorted(rows.values(), key=order)
         return {r["id"]: r for r in ordered[: self.keep]}
 
 

@@ -41,11 +41,26 @@ def worker(
         typer.Option("--import", help="Module defining grid functions (repeatable)."),
     ] = None,
     namespace: NamespaceOpt = "default",
+    allow_module: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-module",
+            help="Module or package a request may name, imported on first use (repeatable).",
+        ),
+    ] = None,
     auto_import: Annotated[
-        bool, typer.Option(help="Import a function's module on first use (trusted grids only).")
+        bool,
+        typer.Option(
+            help="Import any module a request names: whoever reaches the server runs code "
+            "(trusted grids only)."
+        ),
     ] = False,
     main_path: Annotated[
-        str | None, typer.Option(help="The client's script, loaded as __mp_main__.")
+        str | None,
+        typer.Option(
+            help="The client's script: loaded as __mp_main__ when a request names __main__; "
+            "modules in its folder may be imported on first use."
+        ),
     ] = None,
     result_ttl: Annotated[
         int, typer.Option(help="Seconds results are kept (0: until `pygirder gc`).")
@@ -56,6 +71,7 @@ def worker(
 
     n = parse_processes(processes)
     imports = tuple(import_ or ())
+    allowed = tuple(allow_module or ())
     if n > 1:
         # the URL (it may hold a password) goes through the environment, not argv: any
         # local user can read a command line in `ps`
@@ -64,6 +80,8 @@ def worker(
                 "--result-ttl", str(result_ttl)]  # fmt: skip
         for module in imports:
             argv += ["--import", module]
+        for module in allowed:
+            argv += ["--allow-module", module]
         if auto_import:
             argv.append("--auto-import")
         if main_path:
@@ -80,6 +98,7 @@ def worker(
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     stats = run_worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
+        allow_modules=allowed,
         main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
     )  # fmt: skip
     return stats

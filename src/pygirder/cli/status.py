@@ -161,6 +161,10 @@ def render_status(
             expand=False,
         )
     ]
+    if totals.get("stale"):
+        parts.append(Text(
+            f"{totals['stale']:,} of the queued are cancelled calls, dropped unrun when taken"
+        ))  # fmt: skip
 
     pools = Table(title="Pools", title_justify="left", expand=False)
     for name, justify in [

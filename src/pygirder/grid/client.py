@@ -26,6 +26,7 @@ from ..calls import Call, GridFunction
 from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTimeout
 from ..server import EmbeddedServer, random_password
 from . import context
+from .loading import stop_if_loading_script
 from .runtime import Runtime, decode_envelope, new_process_id
 from .supervisor import Supervisor
 
@@ -79,6 +80,17 @@ def _main_script() -> str | None:
     return path if path.endswith(".py") and os.path.exists(path) else None
 
 
+def _allowed_packages() -> list[str]:
+    """Top-level packages of the grid functions registered so far (``__main__`` aside).
+
+    Local workers may import these for a request, besides modules in the script's
+    folder: a request naming any other module is refused, whoever sent it.
+    """
+    from ..calls import registered_names
+
+    return sorted({n.partition(":")[0].split(".")[0] for n in registered_names()} - {"__main__"})
+
+
 class Grid:
     """A connection to a grid, plus the private server and workers it started, if any."""
 
@@ -114,6 +126,7 @@ class Grid:
         return self._url
 
     def start(self) -> Grid:
+        stop_if_loading_script()
         try:
             if self._url is None:
                 # a random password: other local users cannot reach the loopback port
@@ -141,11 +154,12 @@ class Grid:
         cmd = [
             sys.executable, "-m", "pygirder", "worker",
             "--namespace", self.namespace, "--pool", self.pool, "--processes", "1",
-            "--auto-import",
         ]  # fmt: skip
         main = _main_script()
         if main:
             cmd += ["--main-path", main]
+        for package in _allowed_packages():
+            cmd += ["--allow-module", package]
         env = dict(os.environ)
         env["PYGIRDER_REDIS"] = self.url  # not in argv, where `ps` shows the password
         paths = [p for p in sys.path if p and os.path.isdir(p)]

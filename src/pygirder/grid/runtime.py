@@ -360,7 +360,7 @@ class Runtime:
             withdrawn = dropped = 0
             while budget > 0:
                 handled, gone, left = await self.script(
-                    "withdraw", [self.keys.prefix, pid, min(budget, 64)]
+                    "withdraw", [self.keys.prefix, pid, min(budget, 256)]
                 )
                 budget -= max(1, handled)
                 withdrawn, dropped = withdrawn + handled, dropped + gone
@@ -428,10 +428,13 @@ class Runtime:
                 self._finished.append(request_id)
                 if not fut.done():
                     fut.cancel()
-        if not request_ids:
-            return []
-        dropped = await self.script("cancel", [self.keys.prefix, self.inbox, *request_ids])
-        return [d.decode() for d in dropped]
+        dropped: list[str] = []
+        # in chunks: one script call per chunk keeps the server free for everyone else
+        for start in range(0, len(request_ids), scripts.CANCEL_CHUNK):
+            chunk = request_ids[start : start + scripts.CANCEL_CHUNK]
+            reply = await self.script("cancel", [self.keys.prefix, self.inbox, *chunk])
+            dropped += [d.decode() for d in reply]
+        return dropped
 
     async def close(self) -> None:
         self._closing = True

@@ -23,11 +23,9 @@ import signal
 import socket
 import sys
 import time
-import types
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,7 +35,9 @@ from .. import codec, settings
 from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store.scripts import INLINE_RESULT_LIMIT
+from . import loading
 from .context import RequestContext, current_request
+from .cycles import STEP_BUDGET, CycleSearch
 from .runtime import (
     Runtime,
     connect_redis,
@@ -94,21 +94,6 @@ class Baton:
         self._held = False
 
 
-def load_main_script(path: str) -> None:
-    """Import the client's script as ``__mp_main__``, as multiprocessing's spawn does.
-
-    Its grid functions register under ``__main__:name``; its ``if __name__ ==
-    "__main__":`` block does not run.
-    """
-    if "__mp_main__" in sys.modules:
-        return
-    module = types.ModuleType("__mp_main__")
-    module.__file__ = path
-    sys.modules["__mp_main__"] = module
-    code = compile(Path(path).read_bytes(), path, "exec", dont_inherit=True)
-    exec(code, module.__dict__)
-
-
 @dataclass
 class _Parked:
     """A request waiting on sub-calls, watched for cycles."""
@@ -117,6 +102,7 @@ class _Parked:
     since: float
     cycle: asyncio.Future[GridCycleError]  # also carries HandedBack on shutdown
     next_check: float
+    search: CycleSearch | None = None  # the cycle search under way, between steps
 
 
 class HandedBack(BaseException):
@@ -147,6 +133,7 @@ class Worker:
         imports: tuple[str, ...] = (),
         auto_import: bool = False,
         main_path: str | None = None,
+        allow_modules: tuple[str, ...] = (),
         share_period: float = 0.02,
         take_batch: int = 16,
         result_ttl: int = 0,
@@ -162,6 +149,11 @@ class Worker:
         self.imports = imports
         self.auto_import = auto_import
         self.main_path = main_path
+        self.policy = loading.ImportPolicy(
+            (*imports, *allow_modules),
+            script_dir=os.path.dirname(os.path.abspath(main_path)) if main_path else None,
+            auto_import=auto_import,
+        )
         self.share_period = share_period
         self.take_batch = take_batch
         self.result_ttl = result_ttl
@@ -190,37 +182,34 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._holder_fn: str | None = None
         self.cycle_check_after = 2.0  # seconds a request waits before cycle checks
+        self.cycle_steps = 16  # bounded steps of one cycle search per round
+        self.cycle_step_budget = STEP_BUDGET  # call-graph nodes and members one step reads
+        self.cycle_step_target: float | None = 0.005  # seconds per step the budget aims at
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ------------------------------------------------------------------
     def load_code(self) -> None:
-        if self.main_path:
-            load_main_script(self.main_path)
+        """Import the ``--import`` modules.  The client's script waits for a request."""
         for module in self.imports:
             importlib.import_module(module)
 
-    def _function(self, name: str, fingerprint: str) -> GridFunction[..., Any]:
+    def _function(
+        self, name: str, fingerprint: str, load_script: bool = False
+    ) -> GridFunction[..., Any]:
+        if load_script and self.main_path:
+            loading.load_main_script(self.main_path)
         gf = calls_mod.lookup(name)
-        if gf is None and self.auto_import:
-            module = name.partition(":")[0]
-            if module == "__main__":
-                if self.main_path:
-                    load_main_script(self.main_path)
-            else:
-                try:
-                    importlib.import_module(module)
-                except ImportError as exc:
-                    raise _RefusedRequest(
-                        "unknown function",
-                        f"worker {self.id} cannot import module {module!r} for {name}: {exc}. "
-                        "Make the module importable on the workers (same code, same sys.path)",
-                    ) from None
+        module = name.partition(":")[0]
+        if gf is None and module == "__main__":
+            gf = self._script_function(name)
+        elif gf is None:
+            self._import_for(name, module)
             gf = calls_mod.lookup(name)
         if gf is None:
             raise _RefusedRequest(
                 "unknown function",
                 f"{name} is not a registered grid function on worker {self.id} (pool "
-                f"{self.pool!r}); start the worker with `--import {name.partition(':')[0]}` "
+                f"{self.pool!r}); start the worker with `--import {module}` "
                 "so the module defining it is imported",
             )
         if gf.fingerprint != fingerprint:
@@ -231,6 +220,67 @@ class Worker:
                 "callers and workers (restart the workers after changing it), or pin "
                 "@pygirder.fn(version=...)",
             )
+        return gf
+
+    async def _function_loaded(
+        self, name: str, fingerprint: str, args_bytes: bytes = b""
+    ) -> GridFunction[..., Any]:
+        """``_function``, importing in a thread when it must: a slow import (a script's
+        top level, a heavy package) holds the baton but must not stop the heartbeat.
+
+        Arguments naming a class of the client's script (``__main__:Point``) need the
+        script loaded to decode, whichever module the function comes from.
+        """
+        script = (
+            self.main_path is not None
+            and b"__main__:" in args_bytes
+            and "__mp_main__" not in sys.modules
+        )
+        if calls_mod.lookup(name) is not None and not script:
+            return self._function(name, fingerprint)
+        assert self.loop is not None
+        return await self.loop.run_in_executor(
+            self.threads, self._function, name, fingerprint, script
+        )
+
+    def _import_for(self, name: str, module: str) -> None:
+        """Import the module a request names, if this worker may (see ``loading``)."""
+        try:
+            self.policy.import_for_request(module)
+        except loading.ImportRefused as exc:
+            log.warning("refused to import %r for %s: %s", module, name, exc)
+            raise _RefusedRequest(
+                "import refused",
+                f"worker {self.id} cannot import module {module!r} for {name}: {exc}",
+            ) from None
+        except ImportError as exc:
+            raise _RefusedRequest(
+                "unknown function",
+                f"worker {self.id} cannot import module {module!r} for {name}: {exc}. "
+                "Make the module importable on the workers (same code, same sys.path)",
+            ) from None
+        except Exception:
+            raise  # the module's own error: the caller gets its type and traceback
+        except BaseException as exc:  # SystemExit and the like from the module's top level
+            raise _RefusedRequest(
+                "import failed",
+                f"importing {module!r} for {name} on worker {self.id} raised "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
+
+    def _script_function(self, name: str) -> GridFunction[..., Any]:
+        """A function of the client's script: load the script on first use."""
+        if not self.main_path:
+            raise _RefusedRequest(
+                "unknown function",
+                f"{name} is defined in the caller's __main__, and worker {self.id} was not "
+                "given the caller's script (--main-path). Move the function into a module "
+                "and start the worker with `--import MODULE`",
+            )
+        state = loading.load_main_script(self.main_path)
+        gf = calls_mod.lookup(name)
+        if gf is None:
+            raise _RefusedRequest("unknown function", state.explain_missing(name))
         return gf
 
     # -- main loop ------------------------------------------------------------
@@ -397,7 +447,7 @@ class Worker:
                     raise _RefusedRequest(
                         "undecodable request", f"request {request_id}: {exc}"
                     ) from None
-                gf = self._function(name, fingerprint)
+                gf = await self._function_loaded(name, fingerprint, args_bytes)
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
@@ -525,43 +575,66 @@ class Worker:
 
         A search walks the pending part of the call graph on the server, so it is
         rationed: only requests waiting on calls that were already pending elsewhere,
-        each re-checked after twice the time it has waited, at most a few per round,
-        longest-waiting first.  A real cycle never resolves, so it is found in the end.
+        at most a few per round, longest-waiting first, each round a few bounded steps
+        of each search (a large graph takes several rounds, and no step holds the
+        server for long).  A search that ends without a cycle is run again after twice
+        the time the request has waited.  A real cycle never resolves, so it is found
+        in the end.
         """
         while True:
             await asyncio.sleep(self.cycle_check_after / 2)
             now = time.monotonic()
             due = sorted(
                 (p.since, rid) for rid, p in self.parked.items()
-                if p.children and not p.cycle.done() and now >= p.next_check
+                if p.children and not p.cycle.done()
+                and (p.search is not None or now >= p.next_check)
             )  # fmt: skip
             for _, request_id in due[:4]:
                 parked = self.parked.get(request_id)
                 if parked is None:
                     continue
-                parked.next_check = now + 2 * (now - parked.since)
                 try:
                     await self._check_cycle(request_id, parked)
                 except Exception as exc:
+                    parked.search = None
+                    parked.next_check = now + 2 * (now - parked.since)
                     log.warning("cycle check of %s failed: %s", request_id, exc)
 
     async def _check_cycle(self, request_id: str, parked: _Parked) -> None:
+        """Advance the request's cycle search by up to ``cycle_steps`` bounded steps."""
         assert self.runtime.redis is not None
-        for child in parked.children:
-            path = await self.runtime.script("reach", [self.keys.prefix, child, request_id, 10_000])
-            if not path:
-                continue
-            ids = [request_id, *(p.decode() for p in path)]
-            names = []
-            for i in ids:
-                fn = await self.runtime.redis.hget(self.keys.call(i), "fn")
-                names.append(f"{fn.decode() if fn else '?'}[{i[:12]}]")
-            if not parked.cycle.done():
-                parked.cycle.set_result(GridCycleError(
-                    "cycle: " + " -> ".join(names) + " (each waits on the next)",
-                    cycle=tuple(ids),
-                ))  # fmt: skip
+        if parked.search is None:
+            parked.search = CycleSearch(
+                request_id, parked.children, step_budget=self.cycle_step_budget,
+                target_s=self.cycle_step_target,
+            )  # fmt: skip
+        search = parked.search
+        ids: list[str] | None = None
+        for _ in range(self.cycle_steps):
+            ids = await search.step(self.runtime.script, self.keys.prefix)
+            if ids or search.done:
+                break
+        if ids is None and not search.done:
+            return  # out of steps for this round: no answer yet, continued next round
+        parked.search = None
+        if ids is None:
+            if search.gave_up:
+                log.warning(
+                    "cycle search of %s stopped after %d pending calls; trying again later",
+                    request_id, len(search.parent),
+                )  # fmt: skip
+            now = time.monotonic()
+            parked.next_check = now + 2 * (now - parked.since)
             return
+        names = []
+        for i in ids:
+            fn = await self.runtime.redis.hget(self.keys.call(i), "fn")
+            names.append(f"{fn.decode() if fn else '?'}[{i[:12]}]")
+        if not parked.cycle.done():
+            parked.cycle.set_result(GridCycleError(
+                "cycle: " + " -> ".join(names) + " (each waits on the next)",
+                cycle=tuple(ids),
+            ))  # fmt: skip
 
     # -- sharing ----------------------------------------------------------------
     async def _share_loop(self) -> None:
@@ -747,6 +820,7 @@ def run_worker(
     imports: tuple[str, ...] = (),
     auto_import: bool = False,
     main_path: str | None = None,
+    allow_modules: tuple[str, ...] = (),
     worker_id: str | None = None,
     result_ttl: int = 0,
     log_level: str | None = "INFO",
@@ -761,6 +835,7 @@ def run_worker(
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
     worker = Worker(
         url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
+        allow_modules=allow_modules,
         main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
     )  # fmt: skip
 

@@ -102,15 +102,21 @@ TAKE = """
 -- ARGV: prefix, pool, worker, max, [id already moved into inflight by BLMOVE]
 -- Claims up to max requests of the pool queue for the worker (moving them to its
 -- in-flight list) and returns {id1, payload1, deaths1, id2, ...}; deaths counts the
--- workers that died while holding the request.  Stale entries
--- (finished or unknown requests) are dropped on the way.
+-- workers that died while holding the request.  Only a request in state 'queued' is
+-- claimed; any other entry is stale and dropped on the way: the request finished, is
+-- unknown, was cancelled (CANCEL leaves its entry here), or another entry of it was
+-- claimed already (a request submitted again after a cancel has two entries).  At most
+-- 4 * max + DROP_BUDGET entries are looked at per call, so a queue full of stale
+-- entries is drained a bounded step at a time.
 local p, pool, worker, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local q, inflight = p .. 'q:' .. pool, p .. 'inflight:' .. worker
 local out = {}
+local dropped = 0
 local function claim(id)
   local st = p .. 'st:' .. id
-  local payload = redis.call('HGET', st, 'p')
-  if payload and redis.call('EXISTS', p .. 'res:' .. id) == 0 then
+  local fields = redis.call('HMGET', st, 's', 'p')
+  local payload = fields[2]
+  if fields[1] == 'queued' and payload and redis.call('EXISTS', p .. 'res:' .. id) == 0 then
     redis.call('HSET', st, 's', 'running', 'o', worker)
     redis.call('HINCRBY', st, 'n', 1)
     local suspect = redis.call('HGET', st, 'd')
@@ -123,6 +129,7 @@ local function claim(id)
     out[#out + 1] = suspect or '0'
   else
     redis.call('LREM', inflight, 1, id)
+    dropped = dropped + 1
   end
 end
 if ARGV[5] then claim(ARGV[5]) end
@@ -133,15 +140,24 @@ local peers = redis.call('HLEN', idle) - redis.call('HEXISTS', idle, worker)
 local share = math.floor(redis.call('LLEN', q) / (peers + 1))
 if share < max then max = math.max(1, share) end
 local tries = 0
-while #out < 3 * max and tries < 4 * max do
+while #out < 3 * max and tries < 4 * max + DROP_BUDGET do
   tries = tries + 1
   local id = redis.call('LMOVE', q, inflight, 'RIGHT', 'LEFT')
   if not id then break end
   claim(id)
 end
 if #out > 0 then redis.call('HDEL', p .. 'idle:' .. pool, worker) end
+if dropped > 0 then
+  -- stale: entries CANCEL left in queues that no take has dropped yet.  Every dropped
+  -- entry counts against it, down to 0 (an entry left behind otherwise, e.g. by a
+  -- request that finished while queued, makes it undercount, never go negative).
+  local stats = p .. 'stats'
+  local stale = tonumber(redis.call('HGET', stats, 'stale') or '0')
+  if stale > 0 then redis.call('HINCRBY', stats, 'stale', -math.min(stale, dropped)) end
+  redis.call('HINCRBY', stats, 'dropped', dropped)
+end
 return out
-"""
+""".replace("DROP_BUDGET", "256")
 
 COMPLETE = """
 -- ARGV: prefix, worker, inline limit, then groups of 5: id, encoded result, ttl seconds
@@ -277,12 +293,23 @@ if moved > 0 then redis.call('HINCRBY', p .. 'stats', 'requeued', moved) end
 return out
 """
 
+# Ids per CANCEL call: the client sends longer lists in chunks of this size, so one
+# call stays a few milliseconds of server time.
+CANCEL_CHUNK = 500
+
 CANCEL = """
--- ARGV: prefix, inbox, ids...
+-- ARGV: prefix, inbox, ids... (at most CANCEL_CHUNK of them)
 -- The process behind inbox no longer waits for these requests.  A request nobody
--- waits for any more and that has not started is dropped from its queue.
--- Returns the ids that were dropped.
+-- waits for any more and that has not started is cancelled: its state goes (so it can
+-- be submitted again) and its call record says 'cancelled'.  Its queue entry stays:
+-- removing it here would scan the whole queue once per id; TAKE drops it when it gets
+-- there.  The stats field 'stale' counts such entries not yet dropped.
+-- Returns the ids that were cancelled.
 local p, inbox = ARGV[1], ARGV[2]
+if #ARGV - 2 > CANCEL_CHUNK then
+  return redis.error_reply('ERR pygirder cancel: at most CANCEL_CHUNK ids per call, got '
+                           .. (#ARGV - 2) .. '; send them in chunks')
+end
 local out = {}
 for i = 3, #ARGV do
   local id = ARGV[i]
@@ -290,47 +317,61 @@ for i = 3, #ARGV do
   redis.call('SREM', wt, inbox)
   local st = p .. 'st:' .. id
   if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued' then
-    redis.call('LREM', p .. 'q:' .. redis.call('HGET', st, 'pool'), 0, id)
     redis.call('DEL', st)
     local c = p .. 'call:' .. id
     if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'cancelled') end
     out[#out + 1] = id
   end
 end
-if #out > 0 then redis.call('HINCRBY', p .. 'stats', 'cancelled', #out) end
+if #out > 0 then
+  redis.call('HINCRBY', p .. 'stats', 'cancelled', #out)
+  redis.call('HINCRBY', p .. 'stats', 'stale', #out)
+end
 return out
-"""
+""".replace("CANCEL_CHUNK", str(CANCEL_CHUNK))
 
 REACH = """
--- ARGV: prefix, from id, target id, max nodes
--- Breadth-first search of the call graph (kids:<id> sets) from one call for another:
--- a request waiting on a call from which it is reachable waits on itself.  Returns the
--- path from -> ... -> target, or an empty list.
-local p, from, target, max_nodes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local parent = {[from] = false}
-local queue = {from}
-local head, seen = 1, 1
-while head <= #queue and seen < max_nodes do
-  local id = queue[head]
-  head = head + 1
-  for _, kid in ipairs(redis.call('SMEMBERS', p .. 'kids:' .. id)) do
-    if parent[kid] == nil then
-      parent[kid] = id
-      seen = seen + 1
-      if kid == target then
-        local path = {}
-        local cur = kid
-        while cur do
-          table.insert(path, 1, cur)
-          cur = parent[cur]
+-- ARGV: prefix, target id, budget (nodes and set members to look at), cursor, then the
+--       nodes to expand, in breadth-first order (the first one from cursor: it was cut
+--       short)
+-- One bounded step of a breadth-first search of the call graph (kids:<id> sets) for
+-- target: a request waiting on a call from which it is reachable waits on itself.
+-- The client keeps the search (visited nodes, frontier, parents) between steps, so no
+-- step looks at much more than budget nodes and members, however many children a
+-- node has.
+-- Returns {found, expanded, cursor, pending}: found is the index (1-based) of the node
+-- whose children include target (0: not found); expanded the number of nodes finished;
+-- cursor the SSCAN cursor of the next one ('0': start it afresh); pending the children
+-- to expand next, as pairs (child id, index of its parent node).  Children that are
+-- finished (a result is stored) or have no children are left out: no cycle runs
+-- through them now (a search that ends without a cycle is run again later).
+local p, target, budget, cursor = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local looked, expanded = 0, 0
+local pending, seen = {}, {}
+for i = 5, #ARGV do
+  if looked >= budget then break end
+  local node = i - 4
+  looked = looked + 1  -- a node costs a lookup even when it has no children
+  repeat
+    local page = redis.call('SSCAN', p .. 'kids:' .. ARGV[i], cursor, 'COUNT',
+                            math.max(10, math.min(1000, budget - looked)))
+    cursor = page[1]
+    for _, kid in ipairs(page[2]) do
+      looked = looked + 1
+      if kid == target then return {node, expanded, cursor, {}} end
+      if not seen[kid] then
+        seen[kid] = true
+        if redis.call('EXISTS', p .. 'kids:' .. kid) == 1
+            and redis.call('EXISTS', p .. 'res:' .. kid) == 0 then
+          pending[#pending + 1] = kid
+          pending[#pending + 1] = node
         end
-        return path
       end
-      if redis.call('EXISTS', p .. 'res:' .. kid) == 0 then queue[#queue + 1] = kid end
     end
-  end
+  until cursor == '0' or looked >= budget
+  if cursor == '0' then expanded = expanded + 1 end
 end
-return {}
+return {0, expanded, cursor, pending}
 """
 
 
@@ -375,8 +416,9 @@ WITHDRAW = """
 -- ARGV: prefix, process id, max ids
 -- The process has no heartbeat any more (it died): withdraw its inbox from the waiter
 -- sets of up to max of the requests it waited for (waits:<process>).  A request that
--- nobody waits for any more and that has not started is dropped from its queue and
--- counted as abandoned.  Once nothing is left, the process and its inbox are forgotten.
+-- nobody waits for any more and that has not started is cancelled as CANCEL does (its
+-- state goes, its queue entry is left for TAKE to drop) and counted as abandoned.  Once
+-- nothing is left, the process and its inbox are forgotten.
 -- Returns {ids withdrawn, abandoned, ids left}.
 local p, pid, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', p .. 'hb:' .. pid) == 1 then return {0, 0, 0} end  -- alive again
@@ -388,10 +430,9 @@ for _, id in ipairs(ids) do
   redis.call('SREM', wt, inbox)
   local st = p .. 'st:' .. id
   if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued' then
-    redis.call('LREM', p .. 'q:' .. redis.call('HGET', st, 'pool'), 0, id)
     redis.call('DEL', st)
     local c = p .. 'call:' .. id
-    if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'abandoned') end
+    if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'cancelled') end
     abandoned = abandoned + 1
   end
 end
@@ -400,7 +441,10 @@ if left == 0 then
   redis.call('SREM', p .. 'wprocs', pid)
   redis.call('DEL', inbox)
 end
-if abandoned > 0 then redis.call('HINCRBY', p .. 'stats', 'abandoned', abandoned) end
+if abandoned > 0 then
+  redis.call('HINCRBY', p .. 'stats', 'abandoned', abandoned)
+  redis.call('HINCRBY', p .. 'stats', 'stale', abandoned)
+end
 return {#ids, abandoned, left}
 """
 

@@ -1,0 +1,283 @@
+"""Server scripts do bounded work per call: long lists are chunked, cancelled queue
+entries are dropped lazily by the take, and cycle searches advance a step at a time.
+
+The server runs one script at a time, so a long one stalls every client of the grid
+(heartbeats included).  These tests check the behaviour that keeps them short; the
+times themselves are measured by ``bench/scripts_latency.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+import gridfuncs as gf
+from pygirder.cli.status import app
+from pygirder.errors import GridCycleError
+from pygirder.grid.cycles import CycleSearch
+from pygirder.grid.worker import Worker, _Parked
+from pygirder.status import FailureScanner, collect_status
+from pygirder.store import scripts
+from pygirder.store.keys import Keys
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+# -- cancel ----------------------------------------------------------------------------
+def test_cancel_of_many_calls_is_chunked_and_a_resubmit_runs_once(grid_factory, tmp_path):
+    grid = grid_factory(workers=0)
+    rt = grid.runtime
+    log = str(tmp_path / "exec.log")
+    calls = [gf.slow(i, 0.0, log) for i in range(2 * scripts.CANCEL_CHUNK + 100)]
+    ids = [c.id for c in calls]
+    grid._call(rt.submit(calls))
+    client = redis.Redis.from_url(grid.url)
+    keys = Keys(grid.namespace)
+    try:
+        assert client.llen(keys.queue("default")) == len(calls)
+        before = rt.round_trips
+        dropped = grid._call(rt.cancel(ids))
+        assert sorted(dropped) == sorted(ids)
+        assert rt.round_trips - before == math.ceil(len(ids) / scripts.CANCEL_CHUNK)
+        # lazily: the entries stay until a take reaches them, and status says so
+        status = collect_status(client, grid.namespace)
+        assert status["totals"]["queued"] == len(calls)
+        assert status["totals"]["stale"] == len(calls)
+        assert status["stats"]["cancelled"] == len(calls)
+        shown = CliRunner().invoke(
+            app, ["status", "--redis", grid.url, "--namespace", grid.namespace, "--sample", "0"]
+        )
+        assert shown.exit_code == 0, shown.output
+        assert f"{len(calls):,} of the queued are cancelled calls" in shown.output
+
+        again = [grid.submit(c) for c in calls[:5]]  # a second queue entry each
+        grid.add_workers(1)
+        assert [f.result(timeout=30) for f in again] == [10 * i for i in range(5)]
+        wait_until(lambda: client.llen(keys.queue("default")) == 0, what="an empty queue")
+        wait_until(lambda: client.hget(keys.stats, "dropped") == str(len(calls)).encode(),
+                   what="every stale entry dropped")  # fmt: skip
+        assert gf.count(log) == {f"slow:{i}": 1 for i in range(5)}
+        status = collect_status(client, grid.namespace)
+        assert status["totals"]["stale"] == 0 and status["stats"]["executed"] == 5
+    finally:
+        client.close()
+
+
+def test_cancel_script_refuses_more_ids_than_a_chunk(client):
+    cancel = client.register_script(scripts.CANCEL)
+    ids = [new_id() for _ in range(scripts.CANCEL_CHUNK + 1)]
+    with pytest.raises(redis.ResponseError, match="in chunks"):
+        cancel(keys=[], args=[Keys("t").prefix, "inbox", *ids])
+    assert cancel(keys=[], args=[Keys("t").prefix, "inbox", *ids[:-1]]) == []
+
+
+# -- take ------------------------------------------------------------------------------
+def test_take_claims_a_request_with_two_queue_entries_once(client):
+    keys = Keys("t")
+    take = client.register_script(scripts.TAKE)
+    twice, local, live = new_id(), new_id(), new_id()
+    client.hset(keys.state(twice), mapping={"p": b"payload", "s": "queued", "pool": "default"})
+    client.hset(keys.state(local), mapping={"p": b"x", "s": "local", "o": "w9", "pool": "default"})
+    client.hset(keys.state(live), mapping={"p": b"live", "s": "queued", "pool": "default"})
+    client.lpush(keys.queue("default"), twice, local, twice, live)  # RPOP order
+    first = take(keys=[], args=[keys.prefix, "default", "w1", 16])
+    assert first[0::3] == [twice.encode(), live.encode()]
+    assert take(keys=[], args=[keys.prefix, "default", "w2", 16]) == []
+    assert client.llen(keys.queue("default")) == 0
+    assert client.lrange(keys.inflight("w1"), 0, -1) == [live.encode(), twice.encode()]
+    assert client.llen(keys.inflight("w2")) == 0
+    assert client.hget(keys.state(local), "s") == b"local"  # left to its owner
+    assert client.hget(keys.stats, "dropped") == b"2"
+
+
+def test_take_drops_a_bounded_number_of_stale_entries_per_call(client):
+    keys = Keys("t")
+    take = client.register_script(scripts.TAKE)
+    stale = [new_id() for _ in range(3000)]
+    live = new_id()
+    client.hset(keys.state(live), mapping={"p": b"live", "s": "queued", "pool": "default"})
+    client.lpush(keys.queue("default"), *stale)
+    client.lpush(keys.queue("default"), live)  # behind every stale entry
+    calls = 0
+    while True:
+        calls += 1
+        before = client.llen(keys.queue("default"))
+        got = take(keys=[], args=[keys.prefix, "default", "w1", 16])
+        assert before - client.llen(keys.queue("default")) <= 4 * 16 + 256
+        if got:
+            break
+        assert calls < 100
+    assert got[0::3] == [live.encode()] and calls > 1
+    assert client.llen(keys.inflight("w1")) == 1
+
+
+# -- cycle search ----------------------------------------------------------------------
+def fill_children(client: redis.Redis, keys: Keys, parent: str, kids: list[str]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, len(kids), 5000):
+        pipe.sadd(keys.children(parent), *kids[start : start + 5000])
+    pipe.execute()
+
+
+async def rounds_to_find(worker: Worker, request_id: str, parked: _Parked, rounds: int) -> int:
+    """Rounds of ``_check_cycle`` (as the worker's cycle loop runs them) until the
+    cycle is found; the number of rounds."""
+    for n in range(1, rounds + 1):
+        await worker._check_cycle(request_id, parked)
+        if parked.cycle.done():
+            return n
+    return rounds
+
+
+def test_cycle_through_a_node_with_many_children_is_found_in_bounded_steps(redis_url, client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    request, child = new_id(), new_id()
+    kids = [new_id() for _ in range(50_000)]
+    back = kids[31_337]
+    fill_children(client, keys, child, kids)
+    pipe = client.pipeline(transaction=False)
+    for kid in kids[2000:5000]:  # unfinished calls with children: expanded in turn
+        pipe.sadd(keys.children(kid), new_id())
+    pipe.execute()
+    client.sadd(keys.children(back), request)  # back waits on the request: a cycle
+    done = kids[:1000]  # finished children are not expanded
+    client.mset({keys.result(k): b"r" for k in done})
+    client.hset(keys.call(child), "fn", "mod:wide")
+
+    async def main() -> tuple[int, GridCycleError]:
+        worker = Worker(redis_url, namespace=keys.namespace)
+        worker.cycle_step_budget, worker.cycle_steps, worker.cycle_step_target = 5000, 3, None
+        await worker.runtime.start()
+        try:
+            loop = asyncio.get_running_loop()
+            parked = _Parked(children=[child], since=time.monotonic(),
+                             cycle=loop.create_future(), next_check=0.0)  # fmt: skip
+            rounds = await rounds_to_find(worker, request, parked, 50)
+            assert parked.cycle.done(), "the cycle was not found"
+            return rounds, parked.cycle.result()
+        finally:
+            await worker.runtime.close()
+
+    rounds, err = asyncio.run(main())
+    assert err.cycle == (request, child, back, request)
+    assert f"mod:wide[{child[:12]}]" in str(err)
+    assert rounds > 1  # the search was cut into several rounds of bounded steps
+
+
+def test_cycle_search_without_a_cycle_ends_and_looks_at_bounded_steps(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    request, child, grandchild = new_id(), new_id(), new_id()
+    kids = [new_id() for _ in range(20_000)]
+    fill_children(client, keys, child, [*kids, grandchild])
+    client.mset({keys.result(k): b"r" for k in kids})  # finished: not expanded
+    client.sadd(keys.children(grandchild), *kids[:10])  # a diamond, no way back
+    reach = client.register_script(scripts.REACH)
+    calls = []
+
+    async def script(name, args):
+        assert name == "reach"
+        reply = reach(keys=[], args=list(args))
+        calls.append(reply)
+        return reply
+
+    async def main() -> CycleSearch:
+        search = CycleSearch(request, [child], step_budget=3000)
+        for _ in range(100):
+            assert await search.step(script, keys.prefix) is None
+            if search.done:
+                return search
+        raise AssertionError("the search did not end")
+
+    search = asyncio.run(main())
+    assert not search.gave_up and set(search.parent) == {child, grandchild}
+    assert len(calls) >= 20_000 // 3000
+    # every step but the last was cut short inside the child's set
+    assert all(cursor != b"0" for _, _, cursor, _ in calls[:-2])
+
+
+def test_cycle_search_gives_up_on_a_graph_larger_than_its_limit(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    request, child = new_id(), new_id()
+    kids = [new_id() for _ in range(5000)]
+    fill_children(client, keys, child, kids)
+    pipe = client.pipeline(transaction=False)
+    for kid in kids:  # each with a child of its own: all to be expanded
+        pipe.sadd(keys.children(kid), new_id())
+    pipe.execute()
+    reach = client.register_script(scripts.REACH)
+
+    async def script(name, args):
+        return reach(keys=[], args=list(args))
+
+    async def main() -> CycleSearch:
+        search = CycleSearch(request, [child], step_budget=1000, max_nodes=2000)
+        while not search.done:
+            assert await search.step(script, keys.prefix) is None
+        return search
+
+    assert asyncio.run(main()).gave_up
+
+
+# -- recent failures -------------------------------------------------------------------
+def test_failures_finished_at_the_same_time_follow_the_servers_order(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    ids = [new_id() for _ in range(5)]
+    for i, request_id in enumerate(ids):
+        client.hset(keys.call(request_id), mapping={
+            "fn": f"mod:f{i}", "state": "failed", "finished": "1000.5" if i else "999.0",
+        })  # fmt: skip
+    _, found = client.scan(0, match=keys.prefix + "call:*", count=1000)
+    scan_order = [k.decode().rpartition("call:")[2] for k in found]
+    oldest = ids[0]  # pushed out of the capped list: it comes last, by its time
+    listed = [i for i in reversed(scan_order) if i != oldest]  # newest first
+    client.rpush(keys.failures, *listed)
+    failures = FailureScanner(client, keys.namespace).scan_all()
+    assert [f["id"] for f in failures] == [*listed, oldest]
+
+
+def test_cycle_search_step_budget_follows_the_time_a_step_takes(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    request, child = new_id(), new_id()
+    fill_children(client, keys, child, [new_id() for _ in range(20_000)])
+    reach = client.register_script(scripts.REACH)
+    delay = [0.0]
+
+    async def script(name, args):
+        await asyncio.sleep(delay[0])  # a loaded server
+        return reach(keys=[], args=list(args))
+
+    async def main() -> list[int]:
+        # a step over twice the target halves the budget; a local step (no delay) takes
+        # far less than the target, however loaded the machine, and grows it
+        search = CycleSearch(request, [child], step_budget=1600, target_s=0.2)
+        budgets = []
+        for slow in (True, True, False, False):
+            delay[0] = 0.45 if slow else 0.0
+            await search.step(script, keys.prefix)
+            budgets.append(search.step_budget)
+        return budgets
+
+    assert asyncio.run(main()) == [800, 400, 500, 625]
