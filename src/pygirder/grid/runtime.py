@@ -344,7 +344,7 @@ class Runtime:
             raise
 
     async def reap_waiters(self, budget: int = 4096) -> int:
-        """Withdraw dead processes from what they waited for (up to ``budget`` requests
+        """Withdraw dead clients from what they waited for (up to ``budget`` requests
         per call; the rest at the next one).  Returns how many requests nobody waited for
         any more and were dropped before they started."""
         assert self.redis is not None

@@ -77,13 +77,13 @@ class Keys:
         return f"{self.prefix}cur:{worker_id}"
 
     def waits(self, process_id: str) -> str:
-        """SET: ids of requests a process waits for (added by submit, trimmed by the
-        process as results arrive), so the reaper can withdraw a process that died."""
+        """SET: ids of requests a client waits for (added by submit, trimmed by the
+        client as results arrive), so the reaper can withdraw a client that died."""
         return f"{self.prefix}waits:{process_id}"
 
     @property
     def waiting_processes(self) -> str:
-        """SET: ids of the processes that have a ``waits`` set."""
+        """SET: ids of the clients that have a ``waits`` set."""
         return f"{self.prefix}wprocs"
 
     def heartbeat(self, process_id: str) -> str:

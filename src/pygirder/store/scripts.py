@@ -27,8 +27,10 @@ SUBMIT = """
 --       of 6: id, payload, pool, mode ('l' local stack of owner, 'q' pool queue),
 --       function, args summary
 -- Returns per request: the stored result (bulk) if done, 0 if already pending, 1 if new.
--- What the inbox's process waits for is also recorded in waits:<process> (and the
--- process in wprocs), so the reaper can withdraw a process that dies while waiting.
+-- What a client (a submitter that is no worker: owner '') waits for is also recorded in
+-- waits:<process> (and the process in wprocs), so the reaper can withdraw a client that
+-- dies while waiting.  A dead worker's requests are requeued instead (REQUEUE), and
+-- their re-runs wait again for what they need.
 local p, inbox, owner, parent = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local graph_ttl = tonumber(ARGV[5])
 local items = cmsgpack.unpack(ARGV[6])
@@ -37,7 +39,7 @@ local t = now[1] + now[2] / 1e6
 local out = {}
 local new, cached, shared = 0, 0, 0
 local waiter, waits = false, false
-if inbox ~= '' and string.sub(inbox, 1, #p + 6) == p .. 'inbox:' then
+if inbox ~= '' and owner == '' and string.sub(inbox, 1, #p + 6) == p .. 'inbox:' then
   waiter = string.sub(inbox, #p + 7)
   waits = p .. 'waits:' .. waiter
 end
@@ -417,8 +419,10 @@ WITHDRAW = """
 -- The process has no heartbeat any more (it died): withdraw its inbox from the waiter
 -- sets of up to max of the requests it waited for (waits:<process>).  A request that
 -- nobody waits for any more and that has not started is cancelled as CANCEL does (its
--- state goes, its queue entry is left for TAKE to drop) and counted as abandoned.  Once
--- nothing is left, the process and its inbox are forgotten.
+-- state goes, its queue entry is left for TAKE to drop) and counted as abandoned,
+-- unless a worker died holding it (field d): its strikes must be kept until it is
+-- failed as poison or finishes.  Once nothing is left, the process and its inbox are
+-- forgotten.
 -- Returns {ids withdrawn, abandoned, ids left}.
 local p, pid, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', p .. 'hb:' .. pid) == 1 then return {0, 0, 0} end  -- alive again
@@ -429,7 +433,8 @@ for _, id in ipairs(ids) do
   local wt = p .. 'wt:' .. id
   redis.call('SREM', wt, inbox)
   local st = p .. 'st:' .. id
-  if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued' then
+  if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued'
+      and not redis.call('HGET', st, 'd') then
     redis.call('DEL', st)
     local c = p .. 'call:' .. id
     if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'cancelled') end
