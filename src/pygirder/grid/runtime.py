@@ -291,6 +291,7 @@ class Runtime:
         self._closing = False
         self._beaten = False
         self._finished: list[str] = []  # waited-for ids to trim from the server's record
+        self._records_waits = False  # set by the first submission without an owner
         self.listener_restarts = 0
 
     async def start(self) -> None:
@@ -405,6 +406,7 @@ class Runtime:
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
             items: list[Any] = []
+            self._records_waits = True  # submitted without an owner: recorded
             for request_id in batch:
                 payload, pool, name = self._resubmit[request_id]
                 items += [request_id, payload, pool, "q", name, ""]
@@ -425,7 +427,7 @@ class Runtime:
             fut = self._waiting.pop(request_id, None)
             self._resubmit.pop(request_id, None)
             if fut is not None:
-                self._finished.append(request_id)
+                self._stop_waiting(request_id)
                 if not fut.done():
                     fut.cancel()
         dropped: list[str] = []
@@ -486,9 +488,15 @@ class Runtime:
         self._resubmit.pop(request_id, None)
         fut = self._waiting.pop(request_id, None)
         if fut is not None:
-            self._finished.append(request_id)
+            self._stop_waiting(request_id)
             if not fut.done():
                 fut.set_result(data)
+
+    def _stop_waiting(self, request_id: str) -> None:
+        """Remember to trim the id from the server's record of what this client waits
+        for (only submissions without an owner, a client's, are recorded)."""
+        if self._records_waits:
+            self._finished.append(request_id)
 
     def _start_listener(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
@@ -575,7 +583,7 @@ class Runtime:
             else:  # expired between completion and fetch: ask for a re-run
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
-                self._finished.append(request_id)
+                self._stop_waiting(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         GridTimeout(
@@ -626,13 +634,14 @@ class Runtime:
         shared: list[str] = []
         if not sent:
             return futures, new_local, shared
+        self._records_waits = self._records_waits or not owner
         try:
             replies = await self.script("submit", self._submit_args(owner, parent, items))
         except BaseException as exc:
             for request_id, _, _ in sent:
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
-                self._finished.append(request_id)
+                self._stop_waiting(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         exc if isinstance(exc, Exception) else GridTimeout("cancelled")
