@@ -712,7 +712,7 @@ class Worker:
 
     async def reap(self) -> list[str]:
         """Requeue the requests of every registered worker whose heartbeat has expired,
-        then withdraw every dead process (a client, too) from what it waited for."""
+        then withdraw every dead client from what it waited for."""
         assert self.runtime.redis is not None
         dead = await self._reap_workers()
         await self.runtime.reap_waiters()

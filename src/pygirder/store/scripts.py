@@ -415,13 +415,13 @@ return {down, up}
 """
 
 WITHDRAW = """
--- ARGV: prefix, process id, max ids
--- The process has no heartbeat any more (it died): withdraw its inbox from the waiter
+-- ARGV: prefix, client process id, max ids
+-- The client has no heartbeat any more (it died): withdraw its inbox from the waiter
 -- sets of up to max of the requests it waited for (waits:<process>).  A request that
 -- nobody waits for any more and that has not started is cancelled as CANCEL does (its
 -- state goes, its queue entry is left for TAKE to drop) and counted as abandoned,
 -- unless a worker died holding it (field d): its strikes must be kept until it is
--- failed as poison or finishes.  Once nothing is left, the process and its inbox are
+-- failed as poison or finishes.  Once nothing is left, the client and its inbox are
 -- forgotten.
 -- Returns {ids withdrawn, abandoned, ids left}.
 local p, pid, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
