@@ -51,6 +51,24 @@ def test_announce_reaches_the_queue_with_every_field(imds, status) -> None:
     assert before <= sent <= datetime.now(UTC)
 
 
+def test_announce_carries_the_ssh_host_keys(imds, status, tmp_path, monkeypatch) -> None:
+    ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDrZ2/fj2i2RDlxzFQE/0li3aGxvKT7OXirOAyehzMF4"
+    (tmp_path / "ssh_host_ed25519_key.pub").write_text(ed25519 + " root@ip-10-42-0-5\n")
+    (tmp_path / "ssh_host_rsa_key.pub").write_text("ssh-rsa not*base64 root@host\n")
+    (tmp_path / "ssh_host_ed25519_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    monkeypatch.setenv(agent.HOST_KEY_DIR_ENV, str(tmp_path))
+    proc = _agent_cli(
+        "announce", "--topic-arn", status.topic_arn, "--launch-id", "L-42",
+        "--role", "redis", "--event", "ready", "--fleet", "f-7",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [message] = status.receive(1)
+    # The public key only (never the private file, never a malformed line or comment).
+    assert message.host_keys == (ed25519,)
+    monkeypatch.setenv(agent.HOST_KEY_DIR_ENV, str(tmp_path / "missing"))
+    assert agent.read_host_keys() == ()
+
+
 def test_announce_without_public_name(status, monkeypatch) -> None:
     from pygirder.cloud.imds import ImdsEmulator
 

@@ -146,32 +146,38 @@ class StandInAgents(threading.Thread):
                     self.silent[role] -= 1
                     self.ignored.add(iid)
                     continue
-                meta = InstanceMetadata(
-                    instance_id=iid,
-                    private_ip=inst["PrivateIpAddress"],
-                    public_hostname=None,
-                    zone=inst["Placement"]["AvailabilityZone"],
-                    region="us-east-1",
-                    instance_type=inst["InstanceType"],
-                    lifecycle="spot",
-                    ami_id=inst["ImageId"],
-                )
-                for event in ("up", "ready"):
-                    publish_announcement(
-                        self.topic_arn,
-                        Announcement.make(
-                            event,
-                            launch_id=tags[TAG_LAUNCH],
-                            role=role,
-                            meta=meta,
-                            fleet=tags[TAG_FLEET],
-                        ),
-                    )
+                announce(self.topic_arn, inst)
                 self.announced.add(iid)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(10)
+
+
+def announce(topic_arn: str, inst: dict[str, Any], events: tuple[str, ...] = ("up", "ready")):
+    """Publish what the agent of ``inst`` (a DescribeInstances entry) would."""
+    tags = from_tag_list(inst.get("Tags"))
+    meta = InstanceMetadata(
+        instance_id=inst["InstanceId"],
+        private_ip=inst["PrivateIpAddress"],
+        public_hostname=None,
+        zone=inst["Placement"]["AvailabilityZone"],
+        region="us-east-1",
+        instance_type=inst["InstanceType"],
+        lifecycle="spot",
+        ami_id=inst["ImageId"],
+    )
+    for event in events:
+        publish_announcement(
+            topic_arn,
+            Announcement.make(
+                event,
+                launch_id=tags[TAG_LAUNCH],
+                role=tags.get(TAG_ROLE, ""),
+                meta=meta,
+                fleet=tags[TAG_FLEET],
+            ),
+        )
 
 
 def wait_until(check: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pygirder.cloud.cli import app
 from pygirder.cloud.config import load_config
-from pygirder.cloud.policy import operator_policy
+from pygirder.cloud.policy import boundary_policy, operator_policy
 from pygirder.cloud.tags import TAG_FLEET, TAG_MANAGED, TAG_NAME
 
 
@@ -81,6 +81,9 @@ def test_policy_prints_pipeable_json(run, tmp_path: Path, monkeypatch) -> None:
     assert result.exit_code == 0
     assert json.loads(result.stdout) == operator_policy()
     assert "aws iam create-policy" in result.stderr
+    boundary = run("policy", "--boundary")
+    assert boundary.exit_code == 0
+    assert json.loads(boundary.stdout) == boundary_policy()
 
 
 def test_a_broken_config_is_explained(run, tmp_path: Path) -> None:
@@ -96,7 +99,7 @@ def test_setup_status_teardown_from_the_command_line(run, toml: Path, aws, boto)
     planned = run("plan", "--config", str(toml))
     assert planned.exit_code == 0, planned.output
     assert "pygirder cloud plan" in planned.stdout and "create" in planned.stdout
-    assert "23 create" in planned.stderr  # no alert_email: no e-mail subscription
+    assert "24 create" in planned.stderr  # no alert_email: no e-mail subscription
     assert "alert_email is not set" in planned.stderr  # warned, not refused
 
     done = run("setup", "--config", str(toml))

@@ -64,6 +64,24 @@ def test_ssh_from_anywhere_needs_an_explicit_opt_in_and_warns() -> None:
     assert config_from_dict({"ssh_from": "192.0.2.0/24"}).warnings == []
 
 
+@pytest.mark.parametrize("wide", ["10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/15", "128.0.0.0/1"])
+def test_ssh_from_wider_than_a_slash_16_needs_the_opt_in(wide: str) -> None:
+    with pytest.raises(CloudConfigError) as info:
+        config_from_dict({"ssh_from": wide})
+    message = str(info.value)
+    assert f"ssh_from = '{wide}'" in message
+    assert "wider than a /16" in message and "allow_ssh_from_anywhere = true" in message
+    assert info.value.problems[0][0] == "ssh_from"
+    config = config_from_dict({"ssh_from": wide, "allow_ssh_from_anywhere": True})
+    assert config.ssh_from == wide
+    assert any(wide in w and "addresses" in w for w in config.warnings)
+
+
+def test_ssh_from_up_to_a_slash_16_is_fine() -> None:
+    config = config_from_dict({"ssh_from": "172.16.0.0/16"})
+    assert config.ssh_from == "172.16.0.0/16" and config.warnings == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "allowed"),
     [
@@ -193,8 +211,9 @@ def test_any_ipv4_network_is_accepted_or_explained(address, prefix: int) -> None
     try:
         config = config_from_dict({"ssh_from": value})
     except CloudConfigError as exc:
-        assert "host bits" in str(exc)
+        assert "host bits" in str(exc) or (prefix < 16 and "wider than a /16" in str(exc))
         return
+    assert prefix >= 16
     assert ipaddress.ip_network(config.ssh_from) == ipaddress.ip_network(value)
 
 

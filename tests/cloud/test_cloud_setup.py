@@ -23,7 +23,9 @@ from cloud_helpers import (
 )
 
 from pygirder.cloud.aws import AccessDeniedError, CloudTimeoutError
-from pygirder.cloud.config import CloudConfigError
+from pygirder.cloud.config import CloudConfigError, config_from_dict
+from pygirder.cloud.fleet import _ssh_base
+from pygirder.cloud.policy import boundary_arn, boundary_policy
 from pygirder.cloud.setup import (
     Action,
     FleetAliveError,
@@ -224,7 +226,7 @@ def test_plan_changes_nothing(make_aws, config, boto) -> None:
     aws_, faults, _ = make_aws(config)
     report = plan(config, aws=aws_)
     assert set(actions(report).values()) == {"create"}
-    assert len(report.items) == 24
+    assert len(report.items) == 25  # with the account's permissions boundary
     assert all(
         c.split(".")[1].startswith(("Get", "Describe", "List", "Head")) for c in faults.calls
     )
@@ -279,6 +281,70 @@ def test_drift_is_planned_and_fixed(done, make_config, make_aws, boto) -> None:
         boto("s3").get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values()
     )
     assert plan(moved, aws=aws2).changes == []
+
+
+def test_the_instance_role_carries_the_permissions_boundary(done, boto) -> None:
+    iam = boto("iam")
+    arn = boundary_arn("aws", ACCOUNT)
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == arn
+    policy = iam.get_policy(PolicyArn=arn)["Policy"]
+    assert policy["Path"] == "/pygirder/"
+    version = iam.get_policy_version(PolicyArn=arn, VersionId=policy["DefaultVersionId"])
+    assert version["PolicyVersion"]["Document"] == boundary_policy()
+
+
+def test_a_role_without_the_boundary_gets_it_and_trust_drift_recreates_the_role(
+    done, make_aws, boto
+) -> None:
+    config, _, _, _, _ = done
+    iam = boto("iam")
+    iam.delete_role_permissions_boundary(RoleName="pygirder-t-instance")
+    aws2, faults, _ = make_aws(config)
+    assert "permissions boundary missing" in actions_detail(plan(config, aws=aws2))["role"]
+    setup(config, aws=aws2)
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == boundary_arn("aws", ACCOUNT)
+
+    lax = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+    }
+    iam.update_assume_role_policy(RoleName="pygirder-t-instance", PolicyDocument=json.dumps(lax))
+    aws3, faults, _ = make_aws(config)
+    setup(config, aws=aws3)
+    assert not [c for c in faults.calls if "UpdateAssumeRolePolicy" in c]
+    assert "iam.DeleteRole" in faults.calls and "iam.CreateRole" in faults.calls
+    role = iam.get_role(RoleName="pygirder-t-instance")["Role"]
+    principal = role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"]
+    assert principal == {"Service": "ec2.amazonaws.com"}
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == boundary_arn("aws", ACCOUNT)
+    profile = iam.get_instance_profile(InstanceProfileName="pygirder-t-instance")
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["pygirder-t-instance"]
+    assert plan(config, aws=aws3).changes == []
+
+
+def test_a_changed_boundary_stops_setup_and_teardown_keeps_it(done, make_aws, boto) -> None:
+    config, _, _, _, _ = done
+    iam = boto("iam")
+    arn = boundary_arn("aws", ACCOUNT)
+    wider = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    iam.create_policy_version(PolicyArn=arn, PolicyDocument=json.dumps(wider), SetAsDefault=True)
+    aws2, faults, _ = make_aws(config)
+    with pytest.raises(ResourceConflictError) as info:
+        setup(config, aws=aws2)
+    assert "create-policy-version" in str(info.value) and arn in str(info.value)
+    assert not [c for c in faults.calls if "PolicyVersion" in c and "Get" not in c]
+
+    assert teardown(config, aws=aws2).ok
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "pygirder-boundary"
+
+
+def actions_detail(report) -> dict[str, str]:
+    return {item.key: item.detail for item in report.items}
 
 
 def test_changed_alarms_budget_and_keys_converge(
@@ -364,7 +430,8 @@ def test_names_held_by_others_stop_setup_before_anything_changes(make_aws, confi
     teardown(config, aws=aws_)  # never deletes what pygirder did not create
     assert boto("iam").get_role(RoleName="pygirder-t-instance")["Role"]
     assert boto("sqs").get_queue_url(QueueName="pygirder-t-status")["QueueUrl"]
-    assert status(config, aws=aws_).items[0].state == "not ours"
+    role = next(i for i in status(config, aws=aws_).items if i.key == "role")
+    assert role.state == "not ours"
 
 
 def test_a_bucket_name_taken_by_another_account(make_aws, config) -> None:
@@ -425,6 +492,56 @@ def test_a_bad_public_key_file_is_explained(
     with pytest.raises(CloudConfigError, match=expected):
         setup(config, aws=aws_)
     assert any(expected in w for w in plan(config, aws=aws_).warnings)
+
+
+def test_without_an_ssh_key_setup_creates_a_pygirder_key_pair(
+    make_aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boto
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = config_from_dict(
+        {"name": "t", "ssh_from": SSH_FROM, "cluster_key_file": str(tmp_path / "c.pem")}
+    )
+    assert config.uses_pygirder_key  # no ~/.ssh/id_ed25519.pub
+    aws_, _, _ = make_aws(config)
+    planned = plan(config, aws=aws_)  # plan only says what setup will do
+    assert any("will create a pygirder key pair" in w for w in planned.warnings)
+    assert not (home / ".pygirder").exists()
+
+    report = setup(config, aws=aws_)
+    private = home / ".pygirder" / "keys" / "pygirder-ed25519"
+    public = private.with_name("pygirder-ed25519.pub")
+    assert any(f"created an SSH key pair for pygirder: {private}" in w for w in report.warnings)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(private.parent.stat().st_mode) == 0o700
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    line = public.read_text().strip()
+    assert line.startswith("ssh-ed25519 ")
+    imported = boto("ec2").describe_key_pairs(KeyNames=["pygirder-t-user"], IncludePublicKey=True)
+    assert imported["KeyPairs"][0]["PublicKey"].split()[:2] == line.split()[:2]
+    # Fleet SSH uses the private half.
+    assert f"-i {private}" in " ".join(_ssh_base(config, "fl-20260101-0000-0123456789abcdef"))
+
+    again = setup(config, aws=aws_)  # the key is kept, nothing changes
+    assert public.read_text().strip() == line
+    assert not any("created an SSH key pair" in w for w in again.warnings)
+    assert again.changes == []
+
+
+def test_a_public_key_file_that_points_elsewhere_is_used_and_never_created(
+    make_aws, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = make_config(public_key_file=str(tmp_path / "keys" / "team.pub"))
+    assert not config.uses_pygirder_key
+    aws_, _, _ = make_aws(config)
+    with pytest.raises(CloudConfigError, match=r"team\.pub does not exist"):
+        setup(config, aws=aws_)
+    assert not (tmp_path / "home" / ".pygirder").exists()
+    (tmp_path / "keys" / "team.pub").parent.mkdir(exist_ok=True)
+    (tmp_path / "keys" / "team.pub").write_text(PUBLIC_KEY + "\n")
+    assert not any("created an SSH key pair" in w for w in setup(config, aws=aws_).warnings)
 
 
 def test_setup_refuses_without_an_ssh_source(make_aws, make_config) -> None:

@@ -35,7 +35,7 @@ from pygirder.cloud.fleet import (
 )
 from pygirder.cloud.rehearse import kill_service
 from pygirder.cloud.setup import account_resources, setup
-from pygirder.cloud.simulate import Simulator
+from pygirder.cloud.simulate import Simulator, loopback_network
 
 
 @pytest.mark.slow
@@ -45,9 +45,10 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
 ) -> None:
     (tmp_path / "id_ed25519.pub").write_text(PUBLIC_KEY + "\n")
     toml = tmp_path / "pygirder.toml"
+    network = "".join(f'{key} = "{value}"\n' for key, value in loopback_network().items())
     toml.write_text(
         f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
-        'cluster_key_file = "keys/cluster.pem"\nalert_email = "ops@example.com"\n'
+        'cluster_key_file = "keys/cluster.pem"\nalert_email = "ops@example.com"\n' + network
     )
     config = load_config(toml)
     aws_ = Aws(config)
@@ -77,8 +78,11 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
             aws=aws_,
         )  # fmt: skip
         assert summary.ready("worker") == 3 and summary.ready("redis") == 1
-        redis_ip = next(m.private_ip for m in summary.members if m.role == "redis")
+        redis_node = next(m for m in summary.members if m.role == "redis")
+        redis_ip = redis_node.private_ip
         assert redis_ip.startswith("127.")  # the loopback address it listens on
+        ec2_view = boto("ec2").describe_instances(InstanceIds=[redis_node.instance_id])
+        assert ec2_view["Reservations"][0]["Instances"][0]["PrivateIpAddress"] == redis_ip
 
         assert json.loads(
             cloud("run", "fleetjobs:tree_sum", "--args", "[1]", "--project", str(project))

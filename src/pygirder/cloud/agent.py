@@ -50,6 +50,8 @@ explicit ``--shutdown-command`` is.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import importlib.metadata
 import json
@@ -400,6 +402,9 @@ class Announcement:
     fleet: str = ""
     detail: str = ""
     ami_id: str = ""
+    host_keys: tuple[str, ...] = ()
+    """The instance's SSH host public keys (``type base64``), so that SSH to it can pin
+    them instead of trusting whatever answers first on a recycled spot address."""
     schema: int = ANNOUNCEMENT_SCHEMA
     kind: str = "pygirder.instance-event"
 
@@ -429,6 +434,7 @@ class Announcement:
             fleet=fleet,
             detail=detail,
             ami_id=meta.ami_id,
+            host_keys=read_host_keys(),
         )
 
     def to_json(self) -> str:
@@ -443,7 +449,55 @@ class Announcement:
         if not isinstance(data, dict) or data.get("kind") != "pygirder.instance-event":
             raise ValueError("not a pygirder instance announcement")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["host_keys"] = host_key_lines(fields.get("host_keys"))
+        return cls(**fields)
+
+
+# Where sshd keeps its host keys; a simulated instance's environment may point elsewhere.
+HOST_KEY_DIR_ENV = "PYGIRDER_SSH_HOST_KEY_DIR"
+_HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                   "ecdsa-sha2-nistp521", "ssh-rsa")  # fmt: skip
+_MAX_HOST_KEYS = 8
+_MAX_HOST_KEY_CHARS = 4096
+
+
+def host_key_lines(value: Any) -> tuple[str, ...]:
+    """Well-formed ``type base64`` host key lines out of ``value`` (anything else is
+    dropped: the lines go into a known_hosts file)."""
+    if not isinstance(value, list | tuple):
+        return ()
+    out = []
+    for line in value[:_MAX_HOST_KEYS]:
+        if not isinstance(line, str) or len(line) > _MAX_HOST_KEY_CHARS:
+            continue
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in _HOST_KEY_TYPES and _is_base64(parts[1]):
+            out.append(f"{parts[0]} {parts[1]}")
+    return tuple(out)
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        return False
+
+
+def read_host_keys(directory: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """This machine's SSH host public keys (``/etc/ssh/ssh_host_*_key.pub``)."""
+    folder = Path(directory or os.environ.get(HOST_KEY_DIR_ENV) or "/etc/ssh")
+    lines = []
+    try:
+        paths = sorted(folder.glob("ssh_host_*_key.pub"))
+    except OSError:
+        return ()
+    for path in paths:
+        try:
+            lines.append(path.read_text(encoding="ascii", errors="replace").strip())
+        except OSError:
+            continue
+    return host_key_lines(lines)
 
 
 def publish_announcement(topic_arn: str, announcement: Announcement) -> str:

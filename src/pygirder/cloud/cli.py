@@ -277,9 +277,14 @@ def teardown(
 
 
 @app.command()
-def policy(config: ConfigOption = None) -> None:
+def policy(
+    config: ConfigOption = None,
+    boundary: bool = typer.Option(
+        False, "--boundary", help="Print the permissions boundary of pygirder's roles instead."
+    ),
+) -> None:
     """Print the IAM policy an operator needs for every `pygirder cloud` command."""
-    from .policy import operator_policy, partition
+    from .policy import boundary_policy, operator_policy, partition
 
     bucket, part = None, "aws"
     try:
@@ -288,6 +293,9 @@ def policy(config: ConfigOption = None) -> None:
     except CloudConfigError:
         if config is not None:  # an explicit but broken config is worth an error
             raise _fail(CloudConfigError(f"cannot read {config}")) from None
+    if boundary:
+        print(json.dumps(boundary_policy(part), indent=2))
+        return
     print(json.dumps(operator_policy(bucket=bucket, partition_name=part), indent=2))
     err.print(
         "[dim]Attach this to the IAM user or role you run pygirder with, e.g.\n"

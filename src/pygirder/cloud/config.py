@@ -34,6 +34,13 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9!_.*'()-]+(?:/[A-Za-z0-9!_.*'()-]+)*/$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 EXAMPLE_SSH_FROM = "203.0.113.7/32"
+# The public key imported for SSH unless public_key_file says otherwise; when it does
+# not exist, setup creates pygirder's own key pair (as Ray and SkyPilot do).
+DEFAULT_PUBLIC_KEY = Path("~/.ssh/id_ed25519.pub")
+PYGIRDER_KEY = Path("~/.pygirder/keys/pygirder-ed25519")
+# ssh_from may be at most this wide (a /16: 65,536 addresses) unless
+# allow_ssh_from_anywhere is set.
+WIDEST_SSH_PREFIX = 16
 
 
 class CloudConfigError(ConfigError):
@@ -64,14 +71,18 @@ class CloudConfig(BaseModel):
     public_subnet_cidr: str = "10.42.0.0/20"
     private_subnet_cidr: str = "10.42.128.0/17"
     allow_ssh_from_anywhere: bool = False
-    """Must be true for ``ssh_from = "0.0.0.0/0"`` (and then pygirder warns)."""
+    """Must be true for an ``ssh_from`` wider than a /16, such as ``"0.0.0.0/0"`` (and
+    then pygirder warns)."""
     ssh_from: str = ""
     """CIDR allowed to SSH into the cluster; empty until the user fills it in."""
 
     nat: Literal["instance", "gateway"] = "instance"
     nat_instance_type: str = "t4g.nano"
 
-    public_key_file: Path = Path("~/.ssh/id_ed25519.pub")
+    public_key_file: Path = DEFAULT_PUBLIC_KEY
+    """Imported as the key pair instances accept; when this default does not exist,
+    pygirder's own key (``~/.pygirder/keys/pygirder-ed25519.pub``) is used, and setup
+    creates it."""
     cluster_key_file: Path | None = None
     """Private intra-cluster key written with mode 0600; ``None`` means
     ``~/.pygirder/keys/pygirder-<name>-cluster.pem``."""
@@ -151,11 +162,17 @@ class CloudConfig(BaseModel):
         if "/" not in value:
             value += "/32"  # a bare address means exactly that address
         net = _ipv4_network(value)
-        if net.prefixlen == 0 and not info.data.get("allow_ssh_from_anywhere"):
+        if net.prefixlen < WIDEST_SSH_PREFIX and not info.data.get("allow_ssh_from_anywhere"):
+            reach = (
+                "the whole internet"
+                if net.prefixlen == 0
+                else f"{net.num_addresses:,} addresses (wider than a /{WIDEST_SSH_PREFIX})"
+            )
             raise ValueError(
-                "opens SSH to the whole internet; set it to your own address "
-                f"(e.g. '{EXAMPLE_SSH_FROM}'), or also set allow_ssh_from_anywhere = true "
-                "if you really mean it"
+                f"opens SSH to {reach}; set it to your own address "
+                f"(e.g. '{EXAMPLE_SSH_FROM}') or your network (at most a "
+                f"/{WIDEST_SSH_PREFIX}), or also set allow_ssh_from_anywhere = true if you "
+                "really mean it"
             )
         return str(net)
 
@@ -241,7 +258,24 @@ class CloudConfig(BaseModel):
 
     @property
     def public_key_path(self) -> Path:
-        return self.public_key_file.expanduser()
+        """The public key the instances accept: ``public_key_file``, or pygirder's own
+        key pair when that is the default and you have no such key."""
+        path = self.public_key_file.expanduser()
+        if self.uses_pygirder_key:
+            return self.pygirder_key_path.with_name(self.pygirder_key_path.name + ".pub")
+        return path
+
+    @property
+    def uses_pygirder_key(self) -> bool:
+        """True when SSH uses pygirder's own key pair: ``public_key_file`` is the default
+        ``~/.ssh/id_ed25519.pub`` and that file does not exist."""
+        path = self.public_key_file.expanduser()
+        return path == DEFAULT_PUBLIC_KEY.expanduser() and not path.exists()
+
+    @property
+    def pygirder_key_path(self) -> Path:
+        """The private half of pygirder's own key pair (mode 0600)."""
+        return PYGIRDER_KEY.expanduser()
 
     @property
     def cluster_key_path(self) -> Path:
@@ -257,6 +291,13 @@ class CloudConfig(BaseModel):
                 "SSH is open to the whole internet (ssh_from = '0.0.0.0/0', "
                 "allow_ssh_from_anywhere = true); anyone can try to log in."
             )
+        elif self.ssh_from:
+            net = ipaddress.IPv4Network(self.ssh_from)
+            if net.prefixlen < WIDEST_SSH_PREFIX:
+                out.append(
+                    f"SSH is open to {net.num_addresses:,} addresses (ssh_from = "
+                    f"'{self.ssh_from}', allow_ssh_from_anywhere = true)."
+                )
         return out
 
     def require_ssh_source(self) -> str:
@@ -387,8 +428,8 @@ region = "{region}"
 zone = "{zone}"                # both subnets live in this availability zone
 # profile = "my-profile"        # an AWS CLI profile; omit to use the default chain
 
-# Network.  SSH is opened only to ssh_from; "0.0.0.0/0" is refused unless
-# allow_ssh_from_anywhere = true.
+# Network.  SSH is opened only to ssh_from; anything wider than a /16 (such as
+# "0.0.0.0/0") is refused unless allow_ssh_from_anywhere = true.
 vpc_cidr = "10.42.0.0/16"
 public_subnet_cidr = "10.42.0.0/20"
 private_subnet_cidr = "10.42.128.0/17"
@@ -398,8 +439,9 @@ nat = "instance"                # "instance": a small NAT instance kept stopped 
                                 # "gateway": a managed NAT gateway (about $33/month idle)
 nat_instance_type = "t4g.nano"
 
-# Keys.  Your public key is imported; the intra-cluster key is created by AWS and its
-# private half saved locally with mode 0600.
+# Keys.  Your public key is imported; without ~/.ssh/id_ed25519.pub, setup creates a
+# pygirder key pair in ~/.pygirder/keys/ (private half mode 0600).  The intra-cluster
+# key is created by AWS and its private half saved locally with mode 0600.
 public_key_file = "~/.ssh/id_ed25519.pub"
 # cluster_key_file = "~/.pygirder/keys/pygirder-{name}-cluster.pem"
 

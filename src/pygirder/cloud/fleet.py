@@ -2,10 +2,11 @@
 
 A fleet is one ``redis`` node, optional ``distributor`` nodes and ``worker`` nodes,
 each an EC2 spot instance that boots with the user-data of ``userdata.py`` and runs
-the on-instance agent.  Nothing about a fleet is remembered locally: every command
-finds it again by its tags (``pygirder:managed``, ``pygirder:name``,
-``pygirder:fleet``, ``pygirder:role``, ``pygirder:expires``, plus ``pygirder:launch``
-and ``pygirder:address`` below).
+the on-instance agent.  Nothing about a fleet is remembered locally but its pinned SSH
+host keys (``~/.pygirder/known_hosts/<fleet>``): every command finds it again by its
+tags (``pygirder:managed``, ``pygirder:name``, ``pygirder:fleet``, ``pygirder:role``,
+``pygirder:expires``, plus ``pygirder:launch`` below), and its addresses with
+DescribeInstances.  Announcements count only for instances the fleet launched.
 
 ``up`` launches with EC2 Fleet of type ``instant`` from one launch template per role,
 diversified over instance types and subnets (capacity-optimized).  Capacity errors and
@@ -21,7 +22,7 @@ fleet before it is raised, so a failed ``up`` leaves nothing billable behind.
 what of the fleet is left (:func:`fleet_leftovers`): that answer, not the absence of
 errors, is the proof that nothing billable remains.
 
-Reaching the grid is pluggable (:data:`ROUTES`): the redis node's announced address
+Reaching the grid is pluggable (:data:`ROUTES`): the redis node's private address
 directly when it answers (a rehearsal on 127.0.0.x, or a laptop inside the VPC), else
 an SSH tunnel through the redis node's public address, else an SSM port forward.
 Commands on instances (``exec``) go through a pluggable :data:`Runner`: SSH on AWS;
@@ -37,9 +38,11 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -73,7 +76,6 @@ from .tags import (
 __all__ = [
     "DEFAULT_INSTANCE_TYPES",
     "ROUTES",
-    "TAG_ADDRESS",
     "TAG_LAUNCH",
     "DownReport",
     "ExecResult",
@@ -107,9 +109,9 @@ log = logging.getLogger("pygirder.fleet")
 # The launch an instance belongs to: ``<fleet>-<role>``, also in its user-data, so an
 # announcement is matched to the launch that asked for it.
 TAG_LAUNCH = "pygirder:launch"
-# The private address the instance's agent announced (on EC2 its private IPv4; on a
-# simulated instance the loopback address it really listens on).
-TAG_ADDRESS = "pygirder:address"
+# Where the SSH host keys of each fleet's instances are pinned: one known_hosts file
+# per fleet, written by ``up`` from what the instances announced.
+KNOWN_HOSTS_DIR = Path("~/.pygirder/known_hosts")
 
 # x86-64 types of one size with plenty of spot capacity; ``--instance-types`` overrides.
 DEFAULT_INSTANCE_TYPES = (
@@ -124,7 +126,9 @@ DEFAULT_TTL_S = 4 * 3600.0
 DEFAULT_DEADLINE_S = 600.0
 SSH_USER = "ec2-user"  # Amazon Linux, the template image's base
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
-_FLEET_ID_RE = re.compile(r"^fl-[0-9]{8}-[0-9]{4}-[0-9a-f]{4}$")
+# The launch minute, then 64 random bits (older fleets have 16: still accepted).
+_FLEET_ID_RE = re.compile(r"^fl-[0-9]{8}-[0-9]{4}-(?:[0-9a-f]{16}|[0-9a-f]{4})$")
+FLEET_ID_RANDOM_BYTES = 8
 
 # CreateFleet error codes, by what they mean for the launch loop.
 # A pool (instance type x subnet) is out of spot capacity right now: try others now,
@@ -217,14 +221,18 @@ def _as_utc(value: Any) -> datetime | None:
 
 
 def new_fleet_id(now: datetime | None = None) -> str:
-    """``fl-YYYYMMDD-HHMM-xxxx``: sortable by launch time, unique enough per account."""
+    """``fl-YYYYMMDD-HHMM-<16 hex>``: sortable by launch time, and 64 random bits, so
+    nobody guesses the id of the next fleet (its SSM path, its launch ids)."""
     now = now or _utcnow()
-    return f"fl-{now:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
+    return f"fl-{now:%Y%m%d-%H%M}-{secrets.token_hex(FLEET_ID_RANDOM_BYTES)}"
 
 
 def check_fleet_id(fleet: str) -> str:
     if not _FLEET_ID_RE.match(fleet):
-        raise ConfigError(f"--fleet {fleet!r} is not a fleet id (fl-YYYYMMDD-HHMM-xxxx)")
+        raise ConfigError(
+            f"--fleet {fleet!r} is not a fleet id (fl-YYYYMMDD-HHMM- and 16 hex digits, "
+            "as `pygirder cloud fleet` lists them)"
+        )
     return fleet
 
 
@@ -374,6 +382,7 @@ class Member:
     private_ip: str = ""
     public_ip: str = ""
     detail: str = ""
+    host_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -505,6 +514,7 @@ class _Up:
         self.details: list[str] = []
         self.last_refresh = 0.0
         self.other_fleets: dict[str, bool] = {}
+        self.strangers: set[str] = set()  # instance ids that are not this fleet's
 
     # -- preparation --------------------------------------------------------------
     def prepare(self) -> tuple[str, str, str, tuple[str, ...]]:
@@ -723,8 +733,7 @@ class _Up:
         member.subnet_id = inst.get("SubnetId", member.subnet_id)
         member.instance_type = inst.get("InstanceType", member.instance_type)
         member.public_ip = inst.get("PublicIpAddress", member.public_ip) or ""
-        if not member.private_ip:
-            member.private_ip = inst.get("PrivateIpAddress", "") or ""
+        member.private_ip = inst.get("PrivateIpAddress", member.private_ip) or ""
 
     def refresh(self, launches: list[_Launch]) -> None:
         """Instances that ended before announcing ready are gone: their place is free."""
@@ -799,19 +808,40 @@ class _Up:
         return self.other_fleets[fleet]
 
     def on_announcement(self, a: Announcement, to_terminate: list[str]) -> None:
+        """Act on an announcement of one of this fleet's own instances, nothing else.
+
+        Anything that may publish to the status topic can write any message, so a
+        message counts only when its instance id is one this launch started (from
+        CreateFleet, or found by its launch tag, which only a create can set), and
+        addresses come from EC2, never from the message.
+        """
         launch = next((lc for lc in self.launches if lc.launch_id == a.launch_id), None)
-        if launch is None:
+        member = self._member(launch, a) if launch is not None else None
+        if launch is None or member is None:
+            log.warning(
+                "ignoring a %r announcement for %s of launch %s: not an instance this "
+                "fleet launched",
+                a.event,
+                a.instance_id,
+                a.launch_id,
+            )
             return
-        member = launch.members.get(a.instance_id)
-        if member is None:  # launched by a retried request whose answer we lost
-            member = launch.members[a.instance_id] = Member(a.instance_id, str(launch.role))
         member.zone = a.zone or member.zone
         member.instance_type = a.instance_type or member.instance_type
         if a.event == "up" and member.state is MemberState.LAUNCHED:
             member.state = MemberState.BOOTING
         elif a.event == "ready" and member.state in _ACTIVE:
             member.state = MemberState.READY
-            member.private_ip = a.private_ip
+            member.host_keys = a.host_keys
+            if not member.private_ip:
+                self._fill(launch, [member.instance_id])
+            if a.private_ip and member.private_ip and a.private_ip != member.private_ip:
+                log.warning(
+                    "%s announced address %s, EC2 says %s: using EC2's",
+                    member.instance_id,
+                    a.private_ip,
+                    member.private_ip,
+                )
         elif a.event == "failed" and member.state is not MemberState.GONE:
             member.state, member.detail = MemberState.FAILED, a.detail
             self.details.append(f"{launch.role} {a.instance_id}: {a.detail}")
@@ -820,6 +850,33 @@ class _Up:
         elif a.event == "going-away" and member.state in _ACTIVE:
             member.state, member.detail = MemberState.GONE, a.detail
             self.say(f"{launch.role} {a.instance_id} is going away: {a.detail}")
+
+    def _member(self, launch: _Launch, a: Announcement) -> Member | None:
+        """The member an announcement speaks for, if this launch really started it."""
+        member = launch.members.get(a.instance_id)
+        if member is not None:
+            return member
+        if a.instance_id in self.strangers or not re.fullmatch(r"i-[0-9a-f]{8,17}", a.instance_id):
+            return None
+        # Launched by a retried CreateFleet whose answer was lost: EC2 knows it by tag.
+        filters = [
+            *fleet_filters(self.config.name, self.fleet),
+            {"Name": f"tag:{TAG_LAUNCH}", "Values": [launch.launch_id]},
+        ]
+        got = self.aws.call(
+            "ec2",
+            "describe_instances",
+            InstanceIds=[a.instance_id],
+            Filters=filters,
+            ignore=("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"),
+        )
+        found = [i for r in (got or {}).get("Reservations", []) for i in r.get("Instances", [])]
+        if not found:
+            self.strangers.add(a.instance_id)
+            return None
+        member = launch.members[a.instance_id] = Member(a.instance_id, str(launch.role))
+        self._update(member, found[0])
+        return member
 
     def report(self) -> None:
         if self.progress is None:
@@ -873,18 +930,10 @@ class _Up:
                 if m.state in (MemberState.GONE, MemberState.FAILED)
             )
 
-    def tag_addresses(self, launches: list[_Launch]) -> None:
-        """Record each ready instance's announced address on it, for every later command."""
-        for launch in launches:
-            for member in launch.in_state(MemberState.READY):
-                if member.private_ip:
-                    self.aws.call(
-                        "ec2",
-                        "create_tags",
-                        Resources=[member.instance_id],
-                        Tags=[{"Key": TAG_ADDRESS, "Value": member.private_ip}],
-                        ignore=("InvalidInstanceID.NotFound",),
-                    )
+    def pin_host_keys(self, launches: list[_Launch]) -> Path:
+        """Write the fleet's known_hosts file from the host keys its instances announced."""
+        members = [m for lc in launches for m in lc.in_state(MemberState.READY)]
+        return write_known_hosts(self.fleet, members)
 
     def fail_if_short(self, launches: list[_Launch], minimum: dict[Role, int]) -> None:
         short = [lc for lc in launches if lc.ready < minimum.get(lc.role, lc.count)]
@@ -936,6 +985,13 @@ class _Up:
             self.settle([redis])
             self.fail_if_short([redis], {Role.REDIS: 1})
             node = redis.in_state(MemberState.READY)[0]
+            if not node.private_ip:
+                self._fill(redis, [node.instance_id])
+            if not node.private_ip:
+                raise FleetError(
+                    f"EC2 lists no private address for the redis node {node.instance_id}",
+                    code="NoAddress",
+                )
             url = f"redis://{node.private_ip}:{DEFAULT_REDIS_PORT}/0"
             self.say(f"redis node {node.instance_id} is ready at {node.private_ip}")
             second: list[_Launch] = []
@@ -967,7 +1023,7 @@ class _Up:
                 Role.DISTRIBUTOR: min(1, opts.distributors),
             }
             self.fail_if_short(second, minimum)
-            self.tag_addresses(self.launches)
+            self.pin_host_keys(self.launches)
         except BaseException as exc:
             self.say(f"up failed ({type(exc).__name__}); removing fleet {self.fleet}")
             try:
@@ -1146,7 +1202,7 @@ def _row(inst: dict[str, Any]) -> InstanceRow:
         state=inst["State"]["Name"],
         instance_type=inst.get("InstanceType", ""),
         zone=inst.get("Placement", {}).get("AvailabilityZone", ""),
-        address=tags.get(TAG_ADDRESS) or private,
+        address=private,
         private_ip=private,
         public_ip=inst.get("PublicIpAddress", "") or "",
         launched=_as_utc(inst.get("LaunchTime")),
@@ -1343,7 +1399,7 @@ Route = Callable[
 
 
 def direct_route(node: GridNode, config: CloudConfig, local_port: int):
-    """The node's announced address, when this machine can open it (same network)."""
+    """The node's private address, when this machine can open it (same network)."""
     if not node.address or not reachable(node.address, node.port):
         return None
     return contextlib.nullcontext((node.address, node.port))
@@ -1356,10 +1412,40 @@ def _private_key(config: CloudConfig) -> Path | None:
     return private if private is not None and private.is_file() else None
 
 
-def _ssh_base(config: CloudConfig) -> list[str]:
+def known_hosts_path(fleet: str) -> Path:
+    """The known_hosts file that pins the host keys of ``fleet``'s instances."""
+    return KNOWN_HOSTS_DIR.expanduser() / check_fleet_id(fleet)
+
+
+def write_known_hosts(fleet: str, members: Sequence[Member]) -> Path:
+    """Pin each member's announced host keys to its EC2 addresses (mode 0600).
+
+    Spot addresses are recycled: an address that was another instance's yesterday is
+    this one's today, so SSH must check the key this instance announced, not the one
+    it saw first (``accept-new``) or whatever a shared known_hosts holds.
+    """
+    path = known_hosts_path(fleet)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lines = []
+    for member in members:
+        hosts = ",".join(h for h in (member.public_ip, member.private_ip) if h)
+        if hosts:
+            lines.extend(f"{hosts} {key}" for key in member.host_keys)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{line}\n" for line in lines))
+    os.chmod(path, 0o600)
+    return path
+
+
+def _ssh_base(config: CloudConfig, fleet: str) -> list[str]:
+    """ssh with the fleet's pinned host keys only: an instance whose key was not
+    announced, or differs, is refused (StrictHostKeyChecking=yes)."""
     cmd = [
         "ssh",
-        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known_hosts_path(fleet)}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "ServerAliveInterval=30",
         "-o", "ConnectTimeout=10",
     ]  # fmt: skip
@@ -1406,7 +1492,7 @@ def ssh_route(node: GridNode, config: CloudConfig, local_port: int):
         return None
     port = local_port or _free_port()
     command = [
-        *_ssh_base(config), "-N", "-o", "ExitOnForwardFailure=yes",
+        *_ssh_base(config, node.fleet), "-N", "-o", "ExitOnForwardFailure=yes",
         "-L", f"127.0.0.1:{port}:{node.address}:{node.port}", f"{SSH_USER}@{node.public_ip}",
     ]  # fmt: skip
     return _tunnel(command, port, f"the SSH tunnel to {node.instance_id}")
@@ -1510,8 +1596,11 @@ def ssh_command(
     config: CloudConfig, target: InstanceRow, jump: InstanceRow | None, argv: Sequence[str] = ()
 ) -> list[str]:
     """The ssh command line for an instance: directly when it has a public address,
-    else through ``jump`` (the redis node) with ``-J``."""
-    cmd = _ssh_base(config)
+    else through ``jump`` (the redis node).  Both hops check the fleet's pinned host
+    keys: the jump runs as a ProxyCommand with the same options, because options on
+    the command line do not reach a ``-J`` jump host."""
+    base = _ssh_base(config, target.fleet)
+    cmd = list(base)
     if target.public_ip:
         host = target.public_ip
     else:
@@ -1520,7 +1609,9 @@ def ssh_command(
                 f"{target.instance_id} has no public address and the fleet has no public "
                 "node to jump through"
             )
-        cmd += ["-J", f"{SSH_USER}@{jump.public_ip}"]
+        # The jump never prompts: its stdin and stdout carry the connection.
+        proxy = [*base, "-o", "BatchMode=yes", "-W", "%h:%p", f"{SSH_USER}@{jump.public_ip}"]
+        cmd += ["-o", f"ProxyCommand={shlex.join(proxy)}"]
         host = target.private_ip or target.address
     cmd.append(f"{SSH_USER}@{host}")
     if argv:

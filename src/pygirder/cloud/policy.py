@@ -77,71 +77,67 @@ def partition(region: str) -> str:
 
 # ---------------------------------------------------------------- the operator
 
+# Describe* is read-only by definition (every Describe action only lists); one pattern
+# keeps the policy under IAM's size limit for a managed policy.
 EC2_READ = [
-    "ec2:DescribeAvailabilityZones",
-    "ec2:DescribeVpcs",
-    "ec2:DescribeVpcAttribute",
-    "ec2:DescribeSubnets",
-    "ec2:DescribeInternetGateways",
-    "ec2:DescribeRouteTables",
-    "ec2:DescribeSecurityGroups",
-    "ec2:DescribeSecurityGroupRules",
-    "ec2:DescribeNatGateways",
-    "ec2:DescribeAddresses",
-    "ec2:DescribeVpcEndpoints",
-    "ec2:DescribeKeyPairs",
-    "ec2:DescribeInstances",
-    "ec2:DescribeInstanceAttribute",
-    "ec2:DescribeInstanceStatus",
-    "ec2:DescribeInstanceTypes",
-    "ec2:DescribeInstanceTypeOfferings",
-    "ec2:DescribeImages",
-    "ec2:DescribeSnapshots",
-    "ec2:DescribeVolumes",
-    "ec2:DescribeLaunchTemplates",
-    "ec2:DescribeLaunchTemplateVersions",
-    "ec2:DescribeFleets",
-    "ec2:DescribeFleetInstances",
-    "ec2:DescribeSpotInstanceRequests",
-    "ec2:DescribeSpotPriceHistory",
-    "ec2:DescribeTags",
-    "ec2:GetConsoleOutput",
+    "ec2:Describe*",
 ]
 
-# EC2 actions that create resources or change their configuration.  Most EC2 create
-# actions cannot be scoped by resource name, so these use "*"; everything pygirder
-# creates is tagged in the same call (TagSpecifications).
+# EC2 actions that create tagged resources.  EC2 names a new resource only after it
+# exists, so these are allowed on any EC2 ARN on condition that the request tags what
+# it makes ``pygirder:managed=true`` (``aws:RequestTag``); the existing
+# resources a create refers to (the VPC of a subnet, the subnet and security group of
+# an instance) need ``pygirder:managed=true`` on them (statement below).
 EC2_CREATE = [
     "ec2:CreateVpc",
-    "ec2:ModifyVpcAttribute",
     "ec2:CreateSubnet",
-    "ec2:ModifySubnetAttribute",
     "ec2:CreateInternetGateway",
-    "ec2:AttachInternetGateway",
     "ec2:CreateRouteTable",
+    "ec2:CreateSecurityGroup",
+    "ec2:AuthorizeSecurityGroupIngress",
+    "ec2:AuthorizeSecurityGroupEgress",
+    "ec2:AllocateAddress",
+    "ec2:CreateNatGateway",
+    "ec2:CreateVpcEndpoint",
+    "ec2:ImportKeyPair",
+    "ec2:CreateKeyPair",
+    "ec2:RunInstances",
+    "ec2:CreateLaunchTemplate",
+    "ec2:CreateFleet",
+    "ec2:CreateImage",
+]
+
+# The creates that refer to resources that exist (a subnet's VPC, an instance's subnet,
+# security group, key pair and launch template, a NAT gateway's address, an image's
+# instance): allowed only when those are pygirder's.
+EC2_CREATE_FROM_OWN = [
+    "ec2:CreateSubnet",
+    "ec2:CreateRouteTable",
+    "ec2:CreateSecurityGroup",
+    "ec2:AuthorizeSecurityGroupIngress",
+    "ec2:AuthorizeSecurityGroupEgress",
+    "ec2:CreateNatGateway",
+    "ec2:CreateVpcEndpoint",
+    "ec2:RunInstances",
+    "ec2:CreateFleet",
+    "ec2:CreateImage",
+]
+
+# EC2 actions that change a resource that exists: only one tagged pygirder:managed.
+EC2_MODIFY = [
+    "ec2:ModifyVpcAttribute",
+    "ec2:ModifySubnetAttribute",
+    "ec2:AttachInternetGateway",
     "ec2:AssociateRouteTable",
     "ec2:DisassociateRouteTable",
     "ec2:CreateRoute",
     "ec2:ReplaceRoute",
-    "ec2:CreateSecurityGroup",
-    "ec2:AuthorizeSecurityGroupIngress",
-    "ec2:AuthorizeSecurityGroupEgress",
     "ec2:RevokeSecurityGroupIngress",
     "ec2:RevokeSecurityGroupEgress",
-    "ec2:AllocateAddress",
-    "ec2:CreateNatGateway",
-    "ec2:CreateVpcEndpoint",
     "ec2:ModifyVpcEndpoint",
-    "ec2:ImportKeyPair",
-    "ec2:CreateKeyPair",
-    "ec2:RunInstances",
     "ec2:ModifyInstanceAttribute",
-    "ec2:CreateLaunchTemplate",
     "ec2:CreateLaunchTemplateVersion",
     "ec2:ModifyLaunchTemplate",
-    "ec2:CreateFleet",
-    "ec2:CreateImage",
-    "ec2:CreateTags",
 ]
 
 # EC2 actions that stop, start or delete: only on resources tagged pygirder:managed.
@@ -169,19 +165,39 @@ EC2_OWN_ONLY = [
     "ec2:DeleteVpc",
 ]
 
-IAM_ROLE = [
+# The permissions boundary every role pygirder creates carries (one per account, shared
+# by every setup): the most any instance role may ever do, whatever its inline policy
+# says.  The operator may create it when it is missing but never change or delete it,
+# and may create or change a role only when the role carries it.
+BOUNDARY_NAME = "pygirder-boundary"
+BOUNDARY_PATH = "/pygirder/"
+# The instance role and profile of every setup: ``/pygirder/pygirder-<name>-instance``.
+ROLE_PATH = "/pygirder/"
+INSTANCE_ROLE_PATTERN = "pygirder-*-instance"
+
+# Role actions that can give a role permissions: allowed only while the role carries the
+# boundary (iam:PermissionsBoundary), so a role's inline policy never exceeds it.
+IAM_ROLE_BOUNDED = [
     "iam:CreateRole",
+    "iam:PutRolePolicy",
+    "iam:PutRolePermissionsBoundary",
+    "iam:DeleteRolePolicy",
+]
+
+# Role actions that cannot add permissions.  There is no iam:UpdateAssumeRolePolicy: a
+# role whose trust policy drifted is deleted and created again.
+IAM_ROLE = [
     "iam:DeleteRole",
     "iam:GetRole",
     "iam:TagRole",
     "iam:ListRoleTags",
-    "iam:UpdateAssumeRolePolicy",
-    "iam:PutRolePolicy",
     "iam:GetRolePolicy",
-    "iam:DeleteRolePolicy",
     "iam:ListRolePolicies",
     "iam:ListAttachedRolePolicies",
     "iam:ListInstanceProfilesForRole",
+]
+
+IAM_PROFILE = [
     "iam:CreateInstanceProfile",
     "iam:DeleteInstanceProfile",
     "iam:GetInstanceProfile",
@@ -190,12 +206,31 @@ IAM_ROLE = [
     "iam:RemoveRoleFromInstanceProfile",
 ]
 
+# Creating the boundary once; it cannot be edited afterwards (see BOUNDARY_LOCKED).
+IAM_BOUNDARY = [
+    "iam:CreatePolicy",
+    "iam:TagPolicy",
+    "iam:GetPolicy",
+    "iam:GetPolicyVersion",
+]
+
+# Never allowed (tests check it): changing or deleting the boundary, removing it from a
+# role, and changing who may assume a role.  An explicit Deny would not fit IAM's size
+# limit of a managed policy, and nothing here allows them.
+BOUNDARY_LOCKED = [
+    "iam:CreatePolicyVersion",
+    "iam:SetDefaultPolicyVersion",
+    "iam:DeletePolicyVersion",
+    "iam:DeletePolicy",
+    "iam:DeleteRolePermissionsBoundary",
+    "iam:UpdateAssumeRolePolicy",
+]
+
 S3_BUCKET = [
     "s3:CreateBucket",
     "s3:DeleteBucket",
     "s3:ListBucket",
     "s3:ListBucketVersions",
-    "s3:GetBucketLocation",
     "s3:GetBucketTagging",
     "s3:PutBucketTagging",
     "s3:GetBucketPublicAccessBlock",
@@ -220,13 +255,18 @@ SNS_TOPICS = [
     "sns:GetTopicAttributes",
     "sns:SetTopicAttributes",
     "sns:Subscribe",
-    "sns:Unsubscribe",
-    "sns:GetSubscriptionAttributes",
-    "sns:SetSubscriptionAttributes",
     "sns:ListSubscriptionsByTopic",
     "sns:TagResource",
     "sns:ListTagsForResource",
     "sns:Publish",
+]
+
+# Subscription actions name a subscription ARN, which IAM cannot scope: they accept
+# only "*".  The worst they allow is reading or dropping a subscription.
+SNS_SUBSCRIPTIONS = [
+    "sns:GetSubscriptionAttributes",
+    "sns:SetSubscriptionAttributes",
+    "sns:Unsubscribe",
 ]
 
 SQS_QUEUES = [
@@ -240,7 +280,6 @@ SQS_QUEUES = [
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibility",
-    "sqs:PurgeQueue",
 ]
 
 CLOUDWATCH_ALARMS = [
@@ -276,37 +315,73 @@ ACCOUNT_READ = [
 ]
 
 
+def boundary_arn(partition_name: str = "aws", account_id: str = "*") -> str:
+    """The ARN of the permissions boundary (``*`` for the account: in the operator policy)."""
+    return f"arn:{partition_name}:iam::{account_id}:policy{BOUNDARY_PATH}{BOUNDARY_NAME}"
+
+
 def operator_policy(*, bucket: str | None = None, partition_name: str = "aws") -> dict[str, Any]:
     """The IAM policy an operator needs to run every ``pygirder cloud`` command.
 
     Names are scoped to ``pygirder-*`` (any ``[cloud] name``) in every account; pass
-    ``bucket`` when ``[cloud] bucket`` overrides the default bucket name.
+    ``bucket`` when ``[cloud] bucket`` overrides the default bucket name.  Nothing in it
+    leads to more: every role it may create or change carries the boundary, which it
+    cannot change; EC2 creates must tag what they make, and every change or delete
+    needs the tag on the resource, which only a create can put there.
     """
     p = partition_name
-    buckets = [f"arn:{p}:s3:::pygirder-*"]
-    objects = [f"arn:{p}:s3:::pygirder-*/*"]
+    buckets = [f"arn:{p}:s3:::pygirder-*"]  # "*" also matches "/": the objects too
     if bucket and not fnmatch.fnmatchcase(bucket, "pygirder-*"):
-        buckets.append(f"arn:{p}:s3:::{bucket}")
-        objects.append(f"arn:{p}:s3:::{bucket}/*")
+        buckets += [f"arn:{p}:s3:::{bucket}", f"arn:{p}:s3:::{bucket}/*"]
+    managed = {f"aws:ResourceTag/{TAG_MANAGED}": MANAGED_VALUE}
+    roles = f"arn:{p}:iam::*:role{ROLE_PATH}{INSTANCE_ROLE_PATTERN}"
+    profiles = f"arn:{p}:iam::*:instance-profile{ROLE_PATH}{INSTANCE_ROLE_PATTERN}"
+    boundary = boundary_arn(p)
     statements = [
-        _allow("DescribeAndIdentify", EC2_READ + ACCOUNT_READ, "*"),
-        _allow("CreateTaggedEc2Resources", EC2_CREATE, "*"),
+        _allow("Read", EC2_READ + ACCOUNT_READ, "*"),
         {
-            **_allow("StopAndDeleteOnlyPygirderEc2Resources", EC2_OWN_ONLY, "*"),
-            "Condition": {"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": MANAGED_VALUE}},
+            **_allow(
+                "CreateTaggedEc2",
+                EC2_CREATE,
+                f"arn:{p}:ec2:*:*:*",
+            ),
+            "Condition": {"StringEquals": {f"aws:RequestTag/{TAG_MANAGED}": MANAGED_VALUE}},
         },
-        _allow(
-            "InstanceRoleAndProfile",
-            IAM_ROLE,
-            [f"arn:{p}:iam::*:role/pygirder/*", f"arn:{p}:iam::*:instance-profile/pygirder/*"],
-        ),
         {
-            **_allow("PassInstanceRoleToEc2", ["iam:PassRole"], f"arn:{p}:iam::*:role/pygirder/*"),
+            # What a create refers to (the VPC of a subnet, the subnet, security group,
+            # key and template of an instance), every change and every stop or delete:
+            # pygirder's resources only.
+            **_allow(
+                "OwnEc2Only",
+                EC2_CREATE_FROM_OWN + EC2_MODIFY + EC2_OWN_ONLY,
+                "*",
+            ),
+            "Condition": {"StringEquals": managed},
+        },
+        {
+            # The image of a launch (Amazon Linux, or a template image) and its snapshots
+            # are only read by it: Amazon's or this account's.
+            **_allow("LaunchImages", ["ec2:RunInstances", "ec2:CreateFleet"], "*"),
+            "Condition": {"StringEquals": {"ec2:Owner": ["amazon", "${aws:PrincipalAccount}"]}},
+        },
+        {
+            **_allow("TagAtCreation", ["ec2:CreateTags"], "*"),
+            # ec2:CreateAction exists only while a create tags what it makes.
+            "Condition": {"Null": {"ec2:CreateAction": "false"}},
+        },
+        {
+            **_allow("BoundedRoles", IAM_ROLE_BOUNDED, roles),
+            "Condition": {"StringLike": {"iam:PermissionsBoundary": boundary}},
+        },
+        _allow("RolesAndProfiles", IAM_ROLE + IAM_PROFILE, [roles, profiles]),
+        _allow("CreateBoundary", IAM_BOUNDARY, boundary),
+        {
+            **_allow("PassRoleToEc2", ["iam:PassRole"], roles),
             "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
         },
         {
             **_allow(
-                "SpotServiceLinkedRoles",
+                "SpotLinkedRoles",
                 ["iam:CreateServiceLinkedRole"],
                 f"arn:{p}:iam::*:role/aws-service-role/*",
             ),
@@ -316,17 +391,20 @@ def operator_policy(*, bucket: str | None = None, partition_name: str = "aws") -
                 }
             },
         },
-        _allow("ArtifactBucket", S3_BUCKET, buckets),
-        _allow("ArtifactObjects", S3_OBJECTS, objects),
-        _allow("StatusAndBillingTopics", SNS_TOPICS, f"arn:{p}:sns:*:*:pygirder-*"),
-        _allow("StatusQueue", SQS_QUEUES, f"arn:{p}:sqs:*:*:pygirder-*"),
-        _allow("BillingAlarms", CLOUDWATCH_ALARMS, f"arn:{p}:cloudwatch:*:*:alarm:pygirder-*"),
+        _allow("Artifacts", S3_BUCKET + S3_OBJECTS, buckets),
+        _allow("Topics", SNS_TOPICS, f"arn:{p}:sns:*:*:pygirder-*"),
+        _allow("Subscriptions", SNS_SUBSCRIPTIONS, "*"),
+        _allow("Queue", SQS_QUEUES, f"arn:{p}:sqs:*:*:pygirder-*"),
+        _allow("Alarms", CLOUDWATCH_ALARMS, f"arn:{p}:cloudwatch:*:*:alarm:pygirder-*"),
         _allow("Budget", BUDGETS, f"arn:{p}:budgets::*:budget/pygirder-*"),
-        _allow("FleetParameters", SSM_OWN, f"arn:{p}:ssm:*:*:parameter/pygirder/*"),
         _allow(
-            "PublicAmazonLinuxAmiParameters",
-            ["ssm:GetParameter", "ssm:GetParameters"],
-            f"arn:{p}:ssm:*::parameter/aws/service/ami-amazon-linux-latest/*",
+            # Amazon Linux's public parameters are AWS's: only readable, whatever this says.
+            "Parameters",
+            SSM_OWN,
+            [
+                f"arn:{p}:ssm:*:*:parameter/pygirder/*",
+                f"arn:{p}:ssm:*:*:parameter/aws/service/ami-amazon-linux-latest/*",
+            ],
         ),
     ]
     return {"Version": POLICY_VERSION, "Statement": statements}
@@ -409,6 +487,45 @@ def instance_role_policy(
                 "Effect": "Allow",
                 "Action": ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"],
                 "Resource": [parameters, f"{parameters}/*"],
+            },
+        ],
+    }
+
+
+def boundary_policy(partition_name: str = "aws") -> dict[str, Any]:
+    """The permissions boundary of every role pygirder creates, in any setup.
+
+    The ceiling of :func:`instance_role_policy` for every ``[cloud] name``: read
+    objects of this account's buckets, publish to ``pygirder-*`` topics, read
+    parameters under ``/pygirder/``.  A role's effective rights are the intersection
+    of this and its inline policy, so even an operator who rewrites the inline policy
+    cannot make an instance (or anyone passing its role) more than that.
+    """
+    p = partition_name
+    own_account = {"StringEquals": {"aws:ResourceAccount": "${aws:PrincipalAccount}"}}
+    return {
+        "Version": POLICY_VERSION,
+        "Statement": [
+            {
+                "Sid": "ReadArtifactsOfThisAccount",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:ListBucket"],
+                "Resource": [f"arn:{p}:s3:::*", f"arn:{p}:s3:::*/*"],
+                "Condition": own_account,
+            },
+            {
+                "Sid": "PublishStatus",
+                "Effect": "Allow",
+                "Action": "sns:Publish",
+                "Resource": f"arn:{p}:sns:*:*:pygirder-*",
+                "Condition": own_account,
+            },
+            {
+                "Sid": "ReadFleetParameters",
+                "Effect": "Allow",
+                "Action": ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"],
+                "Resource": f"arn:{p}:ssm:*:*:parameter/pygirder/*",
+                "Condition": own_account,
             },
         ],
     }

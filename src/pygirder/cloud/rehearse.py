@@ -228,9 +228,12 @@ def _config(state: Path) -> Any:
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDrZ2/fj2i2RDlxzFQE/0li3aGxvKT7OXirOAyehzMF4 "
                 "pygirder-rehearsal\n"
             )
+    from .simulate import loopback_network
+
     return config_from_dict(
         {
             "name": NAME,
+            **loopback_network(),
             "ssh_from": "127.0.0.1/32",
             "public_key_file": str(key.with_suffix(".pub")),
             "cluster_key_file": str(state / "cluster.pem"),

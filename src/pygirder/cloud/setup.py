@@ -30,6 +30,8 @@ import enum
 import json
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -39,8 +41,18 @@ from typing import Any
 
 from .aws import AccessDeniedError, Aws, CloudError, CredentialsError
 from .config import CloudConfig, CloudConfigError
-from .policy import instance_role_policy, instance_trust_policy, partition
+from .policy import (
+    BOUNDARY_NAME,
+    BOUNDARY_PATH,
+    ROLE_PATH,
+    boundary_arn,
+    boundary_policy,
+    instance_role_policy,
+    instance_trust_policy,
+    partition,
+)
 from .tags import (
+    MANAGED_VALUE,
     TAG_COMPONENT,
     TAG_FLEET,
     TAG_MANAGED,
@@ -60,7 +72,6 @@ Progress = Callable[[str], None]
 BILLING_REGION = "us-east-1"
 INLINE_POLICY_NAME = "pygirder-instance"
 LIFECYCLE_RULE_ID = "pygirder-expire-old-artifacts"
-ROLE_PATH = "/pygirder/"
 
 # Bounded waits: (timeout in seconds, poll interval in seconds).
 WAIT_PROFILE = (90.0, 3.0)
@@ -398,6 +409,7 @@ class Kind:
     key = ""
     title = ""
     region: str | None = None  # None: the config's region
+    shared = False  # one per account for every setup: teardown leaves it
 
     def wanted(self, config: CloudConfig) -> bool:
         """Does setup want this resource with this config?"""
@@ -465,6 +477,69 @@ class Ec2Kind(Kind):
 # ------------------------------------------------------------------------ IAM
 
 
+class PermissionsBoundary(Kind):
+    """The permissions boundary of every role pygirder creates: one per account.
+
+    Setup creates it when it is missing and otherwise only checks it: the operator
+    policy allows creating it but never changing or deleting it, so that nobody holding
+    that policy can widen what an instance role may do.  Teardown leaves it (it costs
+    nothing and other setups of the account use it).
+    """
+
+    key = "boundary"
+    title = "Permissions boundary"
+    shared = True
+
+    def label(self, ctx: Ctx) -> str:
+        return BOUNDARY_NAME
+
+    def find(self, ctx: Ctx) -> list[Found]:
+        arn = boundary_arn(ctx.partition, ctx.account_id)
+        got = ctx.call("iam", "get_policy", PolicyArn=arn, ignore=("NoSuchEntity",))
+        if got is None:
+            return []
+        policy = got["Policy"]
+        return [Found(id=policy["PolicyName"], name=BOUNDARY_NAME, arn=arn, data=policy)]
+
+    def check(self, ctx: Ctx, found: Found) -> list[Drift]:
+        version = ctx.call(
+            "iam",
+            "get_policy_version",
+            PolicyArn=found.arn,
+            VersionId=found.data.get("DefaultVersionId", "v1"),
+        )["PolicyVersion"]
+        if _same_json(_as_json(version.get("Document")), boundary_policy(ctx.partition)):
+            return []
+        return [
+            Drift(
+                Action.CONFLICT,
+                f"{found.arn} differs from the boundary this pygirder sets, and the "
+                "operator policy may not change it: an administrator must update it "
+                "(`pygirder cloud policy --boundary > boundary.json; aws iam "
+                f"create-policy-version --policy-arn {found.arn} --set-as-default "
+                "--policy-document file://boundary.json`)",
+            )
+        ]
+
+    def create(self, ctx: Ctx) -> Found:
+        policy = ctx.call(
+            "iam",
+            "create_policy",
+            PolicyName=BOUNDARY_NAME,
+            Path=BOUNDARY_PATH,
+            PolicyDocument=json.dumps(boundary_policy(ctx.partition)),
+            Description="pygirder: the most any role pygirder creates may do",
+            Tags=as_tag_list({TAG_MANAGED: MANAGED_VALUE}),
+        )["Policy"]
+        return Found(id=policy["PolicyName"], name=BOUNDARY_NAME, arn=policy["Arn"], data=policy)
+
+    def delete(self, ctx: Ctx, found: Found) -> None:
+        """Never: the boundary outlives every setup (see the class)."""
+
+    def describe(self, ctx: Ctx, found: Found) -> str:
+        return "shared by every setup of the account; teardown keeps it"
+
+
 class InstanceRole(Kind):
     key = "role"
     title = "Instance role"
@@ -498,7 +573,12 @@ class InstanceRole(Kind):
         drift = []
         trust = _as_json(found.data.get("AssumeRolePolicyDocument"))
         if not _same_json(trust, instance_trust_policy()):
-            drift.append(Drift(Action.UPDATE, "trust policy differs"))
+            # The operator may not edit trust policies: the role is made again.
+            drift.append(Drift(Action.UPDATE, "trust policy differs (the role is re-created)"))
+            return drift
+        boundary = (found.data.get("PermissionsBoundary") or {}).get("PermissionsBoundaryArn")
+        if boundary != boundary_arn(ctx.partition, ctx.account_id):
+            drift.append(Drift(Action.UPDATE, "permissions boundary missing"))
         got = ctx.call(
             "iam",
             "get_role_policy",
@@ -521,18 +601,44 @@ class InstanceRole(Kind):
             RoleName=name,
             AssumeRolePolicyDocument=json.dumps(instance_trust_policy()),
             Description=f"pygirder instances of {ctx.name!r}: read artifacts, publish status",
+            PermissionsBoundary=boundary_arn(ctx.partition, ctx.account_id),
             Tags=as_tag_list(ctx.tags(self.key)),
         )["Role"]
         self._put_policy(ctx, name)
         return Found(id=name, name=name, arn=role["Arn"], data=role)
 
     def update(self, ctx: Ctx, found: Found, drift: list[Drift]) -> Found:
-        ctx.call(
-            "iam",
-            "update_assume_role_policy",
-            RoleName=found.id,
-            PolicyDocument=json.dumps(instance_trust_policy()),
-        )
+        texts = {d.text for d in drift}
+        if any(t.startswith("trust policy") for t in texts):
+            profiles = [
+                profile["InstanceProfileName"]
+                for page in ctx.aws.pages(
+                    "iam", "list_instance_profiles_for_role", token="Marker", RoleName=found.id
+                )
+                for profile in page.get("InstanceProfiles", [])
+            ]
+            self.delete(ctx, found)
+            result = self.create(ctx)
+            for profile in profiles:
+                ctx.retry_codes(
+                    lambda profile=profile: ctx.call(
+                        "iam",
+                        "add_role_to_instance_profile",
+                        InstanceProfileName=profile,
+                        RoleName=result.id,
+                    ),
+                    codes=("NoSuchEntity",),
+                    what=f"IAM role {result.id} to become visible",
+                    wait=WAIT_PROFILE,
+                )
+            return result
+        if "permissions boundary missing" in texts:
+            ctx.call(
+                "iam",
+                "put_role_permissions_boundary",
+                RoleName=found.id,
+                PermissionsBoundary=boundary_arn(ctx.partition, ctx.account_id),
+            )
         self._put_policy(ctx, found.id)
         return found
 
@@ -1270,6 +1376,68 @@ def write_private_key(path: Path, material: str) -> None:
 _PUBLIC_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp", "sk-ssh-ed25519", "sk-ecdsa")
 
 
+def ensure_key_pair(config: CloudConfig) -> Path | None:
+    """Create pygirder's own SSH key pair when the config relies on it and it is missing.
+
+    Returns the private key's path when it was created now, else None.  The key is
+    ed25519, made with the ``cryptography`` package (``ssh-keygen`` when that is not
+    installed); the private half is written with mode 0600 in a 0700 folder, and
+    never overwritten.
+    """
+    if not config.uses_pygirder_key:
+        return None
+    private = config.pygirder_key_path
+    public = config.public_key_path
+    if public.exists():
+        return None
+    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if private.exists():
+        raise CloudConfigError(
+            f"{private} exists but its public half {public} does not: recreate it with "
+            f"`ssh-keygen -y -f {private} > {public}`, or set [cloud] public_key_file",
+            problems=[("public_key_file", str(config.public_key_file), "a public key file")],
+        )
+    comment = f"pygirder@{os.uname().nodename}"
+    try:
+        private_text, public_text = _new_ed25519_key(comment)
+    except ImportError:
+        if not shutil.which("ssh-keygen"):
+            raise CloudConfigError(
+                "no SSH key: ~/.ssh/id_ed25519.pub does not exist and pygirder cannot "
+                "create one (install the `cryptography` package, or ssh-keygen); or set "
+                "[cloud] public_key_file to your .pub file",
+                problems=[("public_key_file", str(config.public_key_file), "a public key")],
+            ) from None
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(private)],
+            check=True, stdin=subprocess.DEVNULL, capture_output=True,
+        )  # fmt: skip
+        os.chmod(private, 0o600)
+        return private
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(private_text)
+    public.write_text(public_text)
+    return private
+
+
+def _new_ed25519_key(comment: str) -> tuple[str, str]:
+    """(OpenSSH private key, public key line) of a new ed25519 key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, f"{public.decode()} {comment}\n"
+
+
 def read_public_key(config: CloudConfig) -> str:
     """The user's OpenSSH public key, or an error that says how to make one."""
     path = config.public_key_path
@@ -1277,6 +1445,13 @@ def read_public_key(config: CloudConfig) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
+        if config.uses_pygirder_key:
+            raise CloudConfigError(
+                f"no SSH key yet: {config.public_key_file} does not exist, so `pygirder "
+                f"cloud setup` will create a pygirder key pair at {config.pygirder_key_path} "
+                "(or set [cloud] public_key_file to your own .pub file)",
+                problems=problem,
+            ) from None
         raise CloudConfigError(
             f"[cloud] public_key_file {path} does not exist; create a key with "
             f"`ssh-keygen -t ed25519` or point public_key_file at your .pub file",
@@ -2612,6 +2787,7 @@ def account_kinds(config: CloudConfig) -> list[Kind]:
     list: setup deletes them if they exist, teardown deletes everything.
     """
     return [
+        PermissionsBoundary(),
         InstanceRole(),
         InstanceProfile(),
         Bucket(),
@@ -2667,6 +2843,13 @@ def _preflight(ctx: Ctx, *, for_setup: bool) -> list[str]:
     warnings = list(config.warnings)
     if for_setup:
         config.require_ssh_source()
+        created = ensure_key_pair(config)
+        if created is not None:
+            warnings.append(
+                f"created an SSH key pair for pygirder: {created} (private, mode 0600) and "
+                f"{config.public_key_path}, because {config.public_key_file} does not "
+                "exist; set [cloud] public_key_file to use your own key instead"
+            )
         ctx.public_key = read_public_key(config)
     else:
         if not config.ssh_from:
@@ -2880,7 +3063,7 @@ def teardown(
             "first (`pygirder cloud down`), or pass --force to terminate them too.",
             instance_ids=ids,
         )
-    kinds = leftover_kinds() + list(reversed(account_kinds(config)))
+    kinds = leftover_kinds() + [k for k in reversed(account_kinds(config)) if not k.shared]
     # Discover in creation order (the subscription needs the topic), delete backwards.
     for kind in reversed(kinds):
         ctx.found[kind.key] = kind.find(ctx)
@@ -2909,6 +3092,8 @@ def verify_clean(config: CloudConfig, *, aws: Aws | None = None) -> list[str]:
     left: list[str] = []
     known: set[str] = set()
     for kind in account_kinds(config) + leftover_kinds():
+        if kind.shared:
+            continue
         for found in kind.find(ctx):
             ctx.found.setdefault(kind.key, []).append(found)
             left.append(f"{kind.title} {found.name} ({found.id}, {found.state})")

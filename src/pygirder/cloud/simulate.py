@@ -3,9 +3,11 @@
 A :class:`Simulator` watches an endpoint (moto in server mode) for running instances
 tagged ``pygirder:managed=true`` and gives each one what a real instance has:
 
-- **a private address** on the loopback network (``127.X.Y.n``, one per instance,
-  stable across stop and start); Linux routes all of 127.0.0.0/8 to ``lo``, so a
-  service binding its "private IP" works as on EC2;
+- **a private address** on the loopback network, stable across stop and start: the
+  one EC2 gave it when the VPC lies inside 127.0.0.0/8 (as a rehearsal's does, so
+  DescribeInstances tells the truth), else ``127.X.Y.n`` of the simulator's own
+  block; Linux routes all of 127.0.0.0/8 to ``lo``, so a service binding its
+  "private IP" works as on EC2;
 - **its own IMDSv2** (:class:`~pygirder.cloud.imds.ImdsEmulator`) with its instance id,
   address, zone, type, life cycle (spot or on-demand), tags (when the launch enabled
   tags in metadata) and the user-data it was launched with (read back with
@@ -490,7 +492,7 @@ class Simulator:
         (directory / "home").mkdir(parents=True, exist_ok=True)
         machine = _Machine(
             instance_id=iid,
-            private_ip=self._allocate_address(),
+            private_ip=self._address_of(inst),
             directory=directory,
             zone=inst.get("Placement", {}).get("AvailabilityZone") or f"{self.region}a",
             instance_type=inst.get("InstanceType", "t3.micro"),
@@ -681,6 +683,16 @@ class Simulator:
                 log.exception("on_event failed")
 
     # -- addresses --------------------------------------------------------------------
+    def _address_of(self, inst: dict[str, Any]) -> str:
+        """The instance's EC2 private address when it can exist here (a VPC inside
+        127.0.0.0/8, as a rehearsal sets up), so that what EC2 reports is where the
+        instance really listens; else one of this simulator's block."""
+        private = inst.get("PrivateIpAddress") or ""
+        with contextlib.suppress(ValueError):
+            if ipaddress.IPv4Address(private) in _LOOPBACK and private != "127.0.0.1":
+                return private
+        return self._allocate_address()
+
     def _allocate_address(self) -> str:
         hosts = self._network.num_addresses - 2
         if self._next_host > hosts:
@@ -777,6 +789,20 @@ def request_interrupt(
 
 
 # -- helpers --------------------------------------------------------------------------------
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def loopback_network() -> dict[str, str]:
+    """``[cloud]`` network settings of a VPC inside 127.0.0.0/8 (a random /16), so
+    that the addresses EC2 assigns are ones a simulated instance can bind."""
+    second = random.randint(16, 254)
+    return {
+        "vpc_cidr": f"127.{second}.0.0/16",
+        "public_subnet_cidr": f"127.{second}.0.0/20",
+        "private_subnet_cidr": f"127.{second}.128.0/17",
+    }
+
+
 def _address_block(block: str | None) -> ipaddress.IPv4Network:
     """A /24 of 127.0.0.0/8 for this simulator's instances (random unless given).
 
