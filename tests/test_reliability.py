@@ -269,10 +269,10 @@ def test_opt_in_pickle_results_are_signed(grid_factory, monkeypatch):
     plain = grid_factory(workers=1)
     with pytest.raises(pygirder.RemoteError, match="Fraction"):
         plain.run(gf.third(1), timeout=30)
-    monkeypatch.setenv("PYGIRDER_SECRET", "grid-secret")
+    monkeypatch.setenv("PYGIRDER_SECRET", "grid-secret-" * 3)
     grid = grid_factory(workers=1)  # its workers inherit the secret
     assert grid.run(gf.third(3), timeout=30) == Fraction(1)
-    monkeypatch.setenv("PYGIRDER_SECRET", "another-secret")
+    monkeypatch.setenv("PYGIRDER_SECRET", "another-secret-" * 3)
     with pytest.raises(pygirder.CodecError, match="HMAC does not verify"):
         grid.run(gf.third(6), timeout=30)
     monkeypatch.delenv("PYGIRDER_SECRET")

@@ -52,6 +52,23 @@ def liveness() -> Liveness:
     )
 
 
+def socket_timeout() -> float:
+    """Seconds a command may wait for its reply (``PYGIRDER_SOCKET_TIMEOUT``).
+
+    A reply that does not come in time is an error for that command only: it is never
+    sent again (a script that ran but whose reply was slow must not run twice).  At
+    least 2 s, so a worker's 1 s blocking take always gets its reply.
+    """
+    return _env_float("PYGIRDER_SOCKET_TIMEOUT", 60.0, minimum=2.0)
+
+
+def inbox_block() -> float:
+    """Seconds one blocking read of a process's inbox waits on the server
+    (``PYGIRDER_INBOX_BLOCK``); the read is then simply repeated, so a wait of any
+    length is a sequence of reads that each end well before the socket time-out."""
+    return _env_float("PYGIRDER_INBOX_BLOCK", 5.0, minimum=0.1)
+
+
 def max_result_bytes() -> int:
     """Largest encoded result a worker stores (``PYGIRDER_MAX_RESULT_BYTES``)."""
     from .codec import DEFAULT_LIMITS

@@ -81,7 +81,9 @@ def worker(
     imports = tuple(import_ or ())
     allowed = tuple(allow_module or ())
     if n > 1:
-        argv = ["worker", "--redis", redis, "--pool", pool, "--namespace", namespace,
+        # the URL (it may hold a password) goes through the environment, not argv: any
+        # local user can read a command line in `ps`
+        argv = ["worker", "--pool", pool, "--namespace", namespace,
                 "--processes", "1", "--log-level", ctx.log_level,
                 "--result-ttl", str(result_ttl)]  # fmt: skip
         for module in imports:
@@ -94,11 +96,16 @@ def worker(
             argv += ["--main-path", main_path]
         if max_runtime:
             argv += ["--max-runtime", str(max_runtime)]
-        supervisor = Supervisor(child_command(argv), n)
+        supervisor = Supervisor(child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis})
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
-    from ..grid.worker import run_worker
+    import signal
 
+    from ..grid.worker import run_worker
+    from ..lifetime import watch_parent
+
+    # where the parent-death signal is not available: stop when our supervisor is gone
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     stats = run_worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allowed,
@@ -128,33 +135,81 @@ def distributor(
 @service(app, stop="flag")
 def server(
     ctx: ServiceContext,
-    port: Annotated[int, typer.Option(help="TCP port.")] = 6379,
+    port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = 6379,
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     password_file: Annotated[
-        str | None, typer.Option(help="File holding the password clients must give.")
+        str | None,
+        typer.Option(
+            help="File holding the password clients must give; created (0600) with a random "
+            "password if missing (default: one in --dir)."
+        ),
     ] = None,
     dir: Annotated[
         str | None, typer.Option(help="Working directory (default: a temp dir).")
     ] = None,
     persist: Annotated[bool, typer.Option(help="Keep RDB snapshots in --dir.")] = False,
+    maxmemory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory cap: 4gb, 512mb, bytes, or a share of RAM such as 50% (the default, "
+            "or PYGIRDER_MAXMEMORY); 0: none. Grid state is never evicted: past the cap, "
+            "submitting fails with a clear out-of-memory error."
+        ),
+    ] = None,
 ) -> dict:
-    """Run a Valkey server for a multi-machine grid, in the foreground."""
-    from ..server import EmbeddedServer
+    """Run a Valkey server for a multi-machine grid, in the foreground.
 
-    password = None
-    if password_file:
-        with open(password_file) as fh:
-            password = fh.read().strip()
-    srv = EmbeddedServer(port=port, bind=bind, password=password, dir=dir, persist=persist)
-    srv.start()
-    shown = srv.url.replace(f":{password}@", ":***@") if password else srv.url
-    ctx.log.warning("valkey serving at %s (Ctrl-C to stop)", shown)
+    It always has a password: the one in --password-file, or a random one written to a
+    0600 file next to a file with the whole URL (clients: PYGIRDER_REDIS=$(cat URLFILE)).
+    """
+    import shutil
+    import tempfile
+
+    from ..grid.runtime import redact
+    from ..server import EmbeddedServer, random_password
+
+    own_dir = dir is None
+    workdir = tempfile.mkdtemp(prefix="pygirder-server-") if dir is None else dir
+    os.makedirs(workdir, exist_ok=True)
+    pw_path = password_file or os.path.join(workdir, "password")
     try:
-        while not ctx.stopping.is_set() and srv.is_running():
-            ctx.stopping.wait(0.5)
+        if os.path.exists(pw_path):
+            with open(pw_path) as fh:
+                password = fh.read().strip()
+        else:
+            password = random_password()
+            _write_private(pw_path, password + "\n")
+        srv = EmbeddedServer(
+            port=port, bind=bind, password=password, dir=workdir, persist=persist,
+            maxmemory=maxmemory,
+        )  # fmt: skip
+        srv.start()
+        url_path = os.path.join(workdir, "url")
+        _write_private(url_path, srv.url + "\n")
+        shown = redact(srv.url)
+        ctx.log.warning(
+            "valkey serving at %s (Ctrl-C to stop); password in %s, full URL in %s: "
+            "export PYGIRDER_REDIS=$(cat %s)", shown, os.path.abspath(pw_path),
+            os.path.abspath(url_path), os.path.abspath(url_path),
+        )  # fmt: skip
+        try:
+            while not ctx.stopping.is_set() and srv.is_running():
+                ctx.stopping.wait(0.5)
+        finally:
+            srv.stop()
+            if os.path.exists(url_path):
+                os.unlink(url_path)
     finally:
-        srv.stop()
-    return {"url": shown, "stopped": True}
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {"url": shown, "password_file": os.path.abspath(pw_path), "stopped": True}
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read (it holds a password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
 
 
 @app.command()

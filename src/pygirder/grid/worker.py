@@ -671,7 +671,9 @@ class Worker:
                     value = await self.loop.run_in_executor(  # type: ignore[union-attr]
                         self.threads, contextvars.copy_context().run, _guarded, run
                     )
-                envelope = encode_ok(value, name=name, limit=self.max_result_bytes)
+                envelope = encode_ok(
+                    value, name=name, limit=self.max_result_bytes, request_id=request_id
+                )
                 summary = summarize(value)
             except _RefusedRequest as exc:
                 log.warning("refused %s: %s", request_id, exc)
@@ -836,7 +838,7 @@ class Worker:
             if len(self.stack) > self.max_stack:
                 await self._share(len(self.stack) - self.max_stack, force=True)
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
-            return [decode_envelope(f.result()) for f in futures]
+            return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         parked = _Parked(
@@ -1014,7 +1016,14 @@ class Worker:
                 log.warning("reaping failed: %s", exc)
 
     async def reap(self) -> list[str]:
-        """Requeue the requests of every registered worker whose heartbeat has expired."""
+        """Requeue the requests of every registered worker whose heartbeat has expired,
+        then withdraw every dead client from what it waited for."""
+        assert self.runtime.redis is not None
+        dead = await self._reap_workers()
+        await self.runtime.reap_waiters()
+        return dead
+
+    async def _reap_workers(self) -> list[str]:
         assert self.runtime.redis is not None
         redis = self.runtime.redis
         workers = await redis.hgetall(self.keys.workers)
