@@ -12,6 +12,7 @@ import pytest
 import redis
 
 import gridfuncs as gf
+import pygirder
 from pygirder.errors import ConfigError
 from pygirder.grid.maintenance import parse_age
 from pygirder.store.keys import Keys
@@ -119,3 +120,124 @@ def test_logs_of_worker_processes_reach_the_grid_stream(grid_factory):
                        "--level", "WARNING", "-n", "50")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("hello from call") == 12
+
+
+def envelope_of(out: subprocess.CompletedProcess[str]) -> dict:
+    """The one JSON envelope a --json command prints, and nothing else on stdout."""
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout + out.stderr
+    envelope = json.loads(lines[0])
+    assert set(envelope) == {"result", "error", "time_s", "id", "log"}
+    return envelope
+
+
+def test_submit_json_prints_the_service_envelope(grid_factory):
+    grid = grid_factory(workers=1)
+    on_grid = ("--redis", grid.url, "--namespace", grid.namespace, "--workers", "0")
+    out = pygirder_cmd("submit", "gridfuncs:add", "--args", "[2, 3]", *on_grid, "--json",
+                       "--id", "job-7")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    envelope = envelope_of(out)
+    assert envelope["result"] == 5 and envelope["error"] is None and envelope["id"] == "job-7"
+    assert envelope["time_s"] > 0
+
+    failed = pygirder_cmd("submit", "gridfuncs:fail_level1", "--args", "[1]", *on_grid, "--json")
+    assert failed.returncode == 1
+    error = envelope_of(failed)["error"]
+    assert error["type"] == "RemoteError" and "gridfuncs.Boom: bad input 1" in error["message"]
+    assert "fail_level3" in error["message"]  # the call chain travels in the message
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["gridfuncs:record"], "is not a grid function"),
+        (["gridfuncs:no_such_function"], "does not exist"),
+        (["no_such_module:f"], "cannot import 'no_such_module'"),
+        (["gridfuncs"], "expected MODULE:FUNCTION"),
+        (["gridfuncs:add", "--args", "{nope"], "not valid JSON"),
+        (["gridfuncs:add", "--kwargs", "[1]"], "takes a JSON object"),
+        (["gridfuncs:add", "--workers", "many"], "'--workers'"),
+    ],
+)
+def test_submit_mistakes_exit_2_with_an_envelope_and_no_traceback(argv, says):
+    out = pygirder_cmd("submit", *argv, "--json", "--redis", "redis://127.0.0.1:1/0")
+    assert out.returncode == 2, out.stdout + out.stderr
+    error = envelope_of(out)["error"]
+    assert says in error["message"] and error["traceback"] == ""
+    plain = pygirder_cmd("submit", *argv, "--redis", "redis://127.0.0.1:1/0")
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert says in plain.stderr and "Traceback" not in plain.stderr
+    assert "--help" in plain.stderr  # says where to look next
+
+
+def test_gc_json_and_its_errors(grid_factory):
+    grid = grid_factory(workers=1)
+    assert grid.run(gf.add(1, 2)) == 3
+    out = pygirder_cmd("gc", "--older-than", "1h", "--redis", grid.url,
+                       "--namespace", grid.namespace, "--dry-run", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = envelope_of(out)["result"]
+    assert result["dry_run"] is True and result["kept"] >= 1
+    assert result["dropped"]["results"] == 0 and result["older_than"] == "1h"
+
+    bad_age = pygirder_cmd("gc", "--older-than", "two hours", "--json")
+    assert bad_age.returncode == 2
+    assert "optional unit" in envelope_of(bad_age)["error"]["message"]
+    down = pygirder_cmd("gc", "--older-than", "1h", "--redis", "redis://:hunter2@127.0.0.1:1/0")
+    assert down.returncode == 1 and "Traceback" not in down.stderr
+    assert "cannot reach the grid's server" in down.stderr and "pygirder server" in down.stderr
+    assert "hunter2" not in down.stderr
+
+
+def _cloud_config(tmp_path) -> str:
+    pub = tmp_path / "id.pub"
+    pub.write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDrZ2/fj2i2RDlxzFQE/0li3aGxvKT7OXirOAyehzMF4 t@x\n"
+    )
+    toml = tmp_path / "pygirder.toml"
+    toml.write_text(
+        f'[cloud]\nname = "t"\nssh_from = "198.51.100.7/32"\npublic_key_file = "{pub}"\n'
+        f'cluster_key_file = "{tmp_path / "cluster.pem"}"\nalert_email = "ops@example.com"\n'
+    )
+    return str(toml)
+
+
+def test_cloud_run_json_prints_the_same_envelope(aws, tmp_path, monkeypatch):
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from pygirder.cli.main import app
+    from pygirder.cloud import fleet
+
+    toml = _cloud_config(tmp_path)
+    cli = CliRunner()
+    # No fleet is up on the (moto) account: the fleet lookup fails, exit 1.
+    result = cli.invoke(app, ["cloud", "run", "gridfuncs:add", "--args", "[2, 3]",
+                              "--project", TESTS, "--config", toml, "--json"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    envelope = json.loads(result.stdout)
+    assert envelope["result"] is None and "fleet" in envelope["error"]["message"]
+    # A mistake in the command line is exit 2, with the envelope, before AWS is asked.
+    result = cli.invoke(app, ["cloud", "run", "gridfuncs:record", "--project", TESTS,
+                              "--config", toml, "--json"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "is not a grid function" in json.loads(result.stdout)["error"]["message"]
+
+    # With a grid to reach, the result is in the envelope (the route to a fleet's
+    # grid is replaced by a local grid: the fleet tests cover the route itself).
+    with pygirder.connect(workers=1) as grid:  # a fleet's grid uses the default namespace
+        monkeypatch.setattr(fleet, "grid_url", lambda *a, **k: contextlib.nullcontext(grid.url))
+        result = cli.invoke(app, ["cloud", "run", "gridfuncs:add", "--args", "[2, 3]",
+                                  "--project", TESTS, "--config", toml, "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        envelope = json.loads(result.stdout)
+        assert envelope["result"] == 5 and envelope["error"] is None
+        result = cli.invoke(app, ["cloud", "run", "gridfuncs:fail_level1", "--args", "[1]",
+                                  "--project", TESTS, "--config", toml, "--json"])  # fmt: skip
+        assert result.exit_code == 1
+        assert json.loads(result.stdout)["error"]["type"] == "RemoteError"
+        result = cli.invoke(app, ["cloud", "run", "gridfuncs:add", "--args", "[2, 3]",
+                                  "--project", TESTS, "--config", toml])  # fmt: skip
+        assert result.exit_code == 0 and result.stdout.strip() == "5"

@@ -127,7 +127,22 @@ def server(
     return {"url": shown, "stopped": True}
 
 
-@app.command()
+def _print_gc(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    dry_run = report["dry_run"]
+    title = "(dry run) " if dry_run else ""
+    table = Table(title=f"pygirder gc {title}older than {report['older_than']}")
+    table.add_column("kind")
+    table.add_column("would drop" if dry_run else "dropped", justify="right")
+    for kind, count in report["dropped"].items():
+        table.add_row(kind, f"{count:,}")
+    table.add_row("[dim]kept (recent)[/]", f"[dim]{report['kept']:,}[/]")
+    Console().print(table)
+
+
+@service(app, render=_print_gc)
 def gc(
     older_than: Annotated[
         str, typer.Option(help="Drop what nobody touched for this long: 90s, 30m, 2h, 7d.")
@@ -135,30 +150,99 @@ def gc(
     redis: RedisOpt = DEFAULT_URL,
     namespace: NamespaceOpt = "default",
     dry_run: Annotated[bool, typer.Option(help="Only count what would be dropped.")] = False,
-) -> None:
-    """Drop old results, call graph records and abandoned requests from a grid."""
+) -> dict:
+    """Drop old results, call graph records and abandoned requests from a grid.
+
+    Prints what was dropped per kind. With --json: the service envelope,
+    with {"dropped", "kept", "dry_run", "older_than"} as its result.
+    """
     import redis as redis_lib
-    from rich.console import Console
-    from rich.table import Table
 
+    from ..errors import ConfigError, GridConnectionError
     from ..grid.maintenance import collect_garbage, parse_age
+    from ..grid.runtime import redact
 
+    try:
+        age = parse_age(older_than)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     client = redis_lib.Redis.from_url(redis)
     try:
-        report = collect_garbage(client, namespace, parse_age(older_than), dry_run=dry_run)
+        report = collect_garbage(client, namespace, age, dry_run=dry_run)
+    except redis_lib.ConnectionError as exc:
+        raise GridConnectionError(
+            f"cannot reach the grid's server at {redact(redis)}: {exc} (start it with "
+            "`pygirder server`, or give its URL with --redis or PYGIRDER_REDIS)"
+        ) from None
     finally:
         client.close()
-    table = Table(title=f"pygirder gc {'(dry run) ' if dry_run else ''}older than {older_than}")
-    table.add_column("kind")
-    table.add_column("would drop" if dry_run else "dropped", justify="right")
-    for kind, count in report.dropped.items():
-        table.add_row(kind, f"{count:,}")
-    table.add_row("[dim]kept (recent)[/]", f"[dim]{report.kept:,}[/]")
-    Console().print(table)
+    return {
+        "dropped": dict(report.dropped),
+        "kept": report.kept,
+        "dry_run": dry_run,
+        "older_than": older_than,
+    }
 
 
-@app.command()
+def _print_json(result: object) -> None:
+    typer.echo(json.dumps(result, default=repr))
+
+
+def load_grid_function(target: str, search_path: str) -> object:
+    """The grid function ``MODULE:FUNCTION`` names, importing MODULE from ``search_path``.
+
+    Raises ``typer.BadParameter`` (exit 2, no traceback) for every user mistake.
+    """
+    import importlib
+
+    from ..calls import GridFunction
+
+    module_name, _, func_name = target.partition(":")
+    if not module_name or not func_name:
+        raise typer.BadParameter(
+            f"expected MODULE:FUNCTION, e.g. mypkg.jobs:price, not {target!r}",
+            param_hint="TARGET",
+        )
+    if search_path not in sys.path:
+        sys.path.insert(0, search_path)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"cannot import {module_name!r}: {exc} (run from the directory that holds it, "
+            "or put it on PYTHONPATH)",
+            param_hint="TARGET",
+        ) from None
+    func = getattr(module, func_name, None)
+    if not isinstance(func, GridFunction):
+        what = "does not exist" if func is None else "is not a grid function"
+        raise typer.BadParameter(
+            f"{target} {what}: name a function decorated with @pygirder.fn",
+            param_hint="TARGET",
+        )
+    return func
+
+
+def parse_call_arguments(args: str, kwargs: str) -> tuple[list, dict]:
+    """``--args`` (a JSON list) and ``--kwargs`` (a JSON object), checked."""
+    try:
+        pos = json.loads(args)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--args") from None
+    try:
+        kw = json.loads(kwargs)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--kwargs") from None
+    if not isinstance(pos, list):
+        raise typer.BadParameter("takes a JSON list, e.g. '[2, 3]'", param_hint="--args")
+    if not isinstance(kw, dict):
+        raise typer.BadParameter("takes a JSON object, e.g. '{\"x\": 1}'", param_hint="--kwargs")
+    return pos, kw
+
+
+@service(app, render=_print_json)
 def submit(
+    ctx: ServiceContext,
     target: Annotated[str, typer.Argument(help="MODULE:FUNCTION of a grid function.")],
     args: Annotated[str, typer.Option(help="JSON list of positional arguments.")] = "[]",
     kwargs: Annotated[str, typer.Option(help="JSON object of keyword arguments.")] = "{}",
@@ -171,45 +255,26 @@ def submit(
         int | None, typer.Option(help="Local workers to start (default: per core without --redis).")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait.")] = None,
-) -> None:
-    """Run one call from the shell and print its result as JSON."""
-    import importlib
+) -> object:
+    """Run one call from the shell and print its result as JSON.
 
+    MODULE is imported from the current directory.
+    Exit codes: 0 the result was printed, 1 the call failed (the remote
+    error on stderr), 2 a bad command line.
+    With --json: one envelope {"result", "error", "time_s", "id", "log"}.
+    """
     import pygirder
 
-    from ..calls import GridFunction
-
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise typer.BadParameter(
-            "expected MODULE:FUNCTION, e.g. mypkg.jobs:price", param_hint="TARGET"
-        )
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not isinstance(func, GridFunction):
-        raise typer.BadParameter(
-            f"{target} is not a grid function (decorate it with @pygirder.fn)", param_hint="TARGET"
-        )
-    try:
-        pos = json.loads(args)
-        kw = json.loads(kwargs)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not valid JSON: {exc}") from None
-    if not isinstance(pos, list) or not isinstance(kw, dict):
-        raise typer.BadParameter("--args takes a JSON list and --kwargs a JSON object")
+    func = load_grid_function(target, os.getcwd())
+    pos, kw = parse_call_arguments(args, kwargs)
     with pygirder.connect(redis, namespace=namespace, workers=workers) as grid:
         try:
-            result = grid.run(func(*pos, **kw), timeout=timeout)
+            return grid.run(func(*pos, **kw), timeout=timeout)  # type: ignore[operator]
         except pygirder.RemoteError as exc:
-            typer.echo(str(exc), err=True)
+            if ctx.json:
+                raise
+            typer.echo(str(exc), err=True)  # the remote traceback, as it was
             raise typer.Exit(1) from None
-    typer.echo(json.dumps(result, default=repr))
 
 
 @app.command()
