@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -203,13 +204,10 @@ def _cloud_config(tmp_path) -> str:
     return str(toml)
 
 
-def test_cloud_run_json_prints_the_same_envelope(aws, tmp_path, monkeypatch):
-    import contextlib
-
+def test_cloud_run_json_prints_the_same_envelope(aws, tmp_path):
     from typer.testing import CliRunner
 
     from pygirder.cli.main import app
-    from pygirder.cloud import fleet
 
     toml = _cloud_config(tmp_path)
     cli = CliRunner()
@@ -225,19 +223,60 @@ def test_cloud_run_json_prints_the_same_envelope(aws, tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "is not a grid function" in json.loads(result.stdout)["error"]["message"]
 
-    # With a grid to reach, the result is in the envelope (the route to a fleet's
-    # grid is replaced by a local grid: the fleet tests cover the route itself).
+    # With a grid to reach, the result is in the envelope. The route to a fleet's
+    # grid is replaced by a local grid's URL (the fleet tests cover the route itself).
     with pygirder.connect(workers=1) as grid:  # a fleet's grid uses the default namespace
-        monkeypatch.setattr(fleet, "grid_url", lambda *a, **k: contextlib.nullcontext(grid.url))
-        result = cli.invoke(app, ["cloud", "run", "gridfuncs:add", "--args", "[2, 3]",
-                                  "--project", TESTS, "--config", toml, "--json"])  # fmt: skip
-        assert result.exit_code == 0, result.output
-        envelope = json.loads(result.stdout)
+        run = f"""
+import contextlib, sys
+from pygirder.cloud import fleet
+fleet.grid_url = lambda *a, **k: contextlib.nullcontext({grid.url!r})
+from pygirder.cli.main import main
+sys.argv = ["pygirder", "cloud", "run", "--project", {TESTS!r}, "--config", {toml!r},
+            *sys.argv[1:]]
+main()
+"""
+        env = dict(os.environ, PYTHONPATH=TESTS)
+
+        def cloud_run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-c", run, *args], capture_output=True,
+                                  text=True, timeout=60, env=env, cwd=TESTS)  # fmt: skip
+
+        ok = cloud_run("gridfuncs:add", "--args", "[2, 3]", "--json")
+        assert ok.returncode == 0, ok.stderr
+        envelope = envelope_of(ok)
         assert envelope["result"] == 5 and envelope["error"] is None
-        result = cli.invoke(app, ["cloud", "run", "gridfuncs:fail_level1", "--args", "[1]",
-                                  "--project", TESTS, "--config", toml, "--json"])  # fmt: skip
-        assert result.exit_code == 1
-        assert json.loads(result.stdout)["error"]["type"] == "RemoteError"
-        result = cli.invoke(app, ["cloud", "run", "gridfuncs:add", "--args", "[2, 3]",
-                                  "--project", TESTS, "--config", toml])  # fmt: skip
-        assert result.exit_code == 0 and result.stdout.strip() == "5"
+        failed = cloud_run("gridfuncs:fail_level1", "--args", "[1]", "--json")
+        assert failed.returncode == 1
+        assert envelope_of(failed)["error"]["type"] == "RemoteError"
+        plain = cloud_run("gridfuncs:add", "--args", "[2, 3]")
+        assert plain.returncode == 0 and plain.stdout.strip() == "5"
+        plain = cloud_run("gridfuncs:fail_level1", "--args", "[1]")
+        assert plain.returncode == 1 and "gridfuncs.Boom: bad input 1" in plain.stderr
+
+
+def test_submit_timeout_and_interrupt_end_with_an_error_not_a_hang(grid_factory, tmp_path):
+    import signal
+
+    grid = grid_factory(workers=2)  # one for each slow call
+    log = str(tmp_path / "log")
+    on_grid = ("--redis", grid.url, "--namespace", grid.namespace, "--workers", "0")
+    out = pygirder_cmd("submit", "gridfuncs:slow", "--args", json.dumps([1, 4, log]), *on_grid,
+                       "--timeout", "0.5", "--json")  # fmt: skip
+    assert out.returncode == 1  # a GridTimeout, not the result of the 4 s call
+    assert envelope_of(out)["error"]["type"] == "GridTimeout"
+
+    env = dict(os.environ, PYTHONPATH=TESTS)
+    argv = [sys.executable, "-m", "pygirder", "submit", "gridfuncs:slow", "--args",
+            json.dumps([2, 4, log]), *on_grid]  # fmt: skip
+    with subprocess.Popen(argv, cwd=TESTS, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:  # fmt: skip
+        deadline = time.monotonic() + 30
+        logged = Path(log)
+        while "slow:2" not in (logged.read_text() if logged.exists() else ""):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        # The call runs, so the client is blocked in grid.run: it submitted it there.
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 1 and stdout == ""
+    assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr

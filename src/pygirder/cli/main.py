@@ -268,13 +268,27 @@ def submit(
     func = load_grid_function(target, os.getcwd())
     pos, kw = parse_call_arguments(args, kwargs)
     with pygirder.connect(redis, namespace=namespace, workers=workers) as grid:
-        try:
-            return grid.run(func(*pos, **kw), timeout=timeout)  # type: ignore[operator]
-        except pygirder.RemoteError as exc:
-            if ctx.json:
-                raise
-            typer.echo(str(exc), err=True)  # the remote traceback, as it was
-            raise typer.Exit(1) from None
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
+
+
+def run_one_call(ctx: ServiceContext, grid: object, call: object, timeout: float | None) -> object:
+    """``grid.run(call)`` for a command: a failed call's remote error is printed whole
+    (its traceback and call chain), and an interrupt says what became of the call."""
+    import pygirder
+
+    try:
+        return grid.run(call, timeout=timeout)  # type: ignore[attr-defined]
+    except pygirder.RemoteError as exc:
+        if ctx.json:
+            raise
+        typer.echo(str(exc), err=True)  # the remote traceback, as it was
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise pygirder.PygirderError(
+            f"interrupted by {ctx.stop_signal or 'SIGINT'} before the result came; a call "
+            "that had started still finishes and is memoized, so running the command "
+            "again picks its result up"
+        ) from None
 
 
 @app.command()

@@ -363,7 +363,7 @@ def run(
     """
     import pygirder
 
-    from ..cli.main import load_grid_function, parse_call_arguments
+    from ..cli.main import load_grid_function, parse_call_arguments, run_one_call
     from .config import load_config
     from .fleet import grid_url
 
@@ -374,13 +374,7 @@ def run(
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     with grid_url(cfg, fleet, via=via) as url, pygirder.connect(url) as grid:
-        try:
-            return grid.run(func(*pos, **kw), timeout=timeout)  # type: ignore[operator]
-        except pygirder.RemoteError as exc:
-            if ctx.json:
-                raise
-            err.print(escape(str(exc)))
-            raise typer.Exit(1) from None
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
 
 
 def _print_json(result: Any) -> None:
