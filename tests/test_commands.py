@@ -280,3 +280,21 @@ def test_submit_timeout_and_interrupt_end_with_an_error_not_a_hang(grid_factory,
         stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 1 and stdout == ""
     assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_demo_json_is_one_envelope_with_the_workloads():
+    out = pygirder_cmd("demo", "--depth", "3", "--fanout", "3", "--steps", "8", "--workers", "2",
+                       "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = envelope_of(out)["result"]  # no start line or progress bar on stdout
+    assert result["ok"] is True and result["workers"] == 2
+    lattice = next(w for w in result["workloads"] if w["name"] == "lattice 8 steps")
+    assert lattice["executed"] == 45 and lattice["made"] == 73 and lattice["reused"] == 28
+
+
+def test_demo_sizes_are_checked_before_a_grid_starts():
+    out = pygirder_cmd("demo", "--depth", "1")
+    assert out.returncode == 2 and "--depth" in out.stderr and "2 or more" in out.stderr
+    out = pygirder_cmd("demo", "--steps", "0", "--json")
+    assert out.returncode == 2 and "--steps" in envelope_of(out)["error"]["message"]

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import PygirderError
 from .service import ServiceContext, service
 
 app = typer.Typer(
@@ -291,21 +292,48 @@ def run_one_call(ctx: ServiceContext, grid: object, call: object, timeout: float
         ) from None
 
 
-@app.command()
+def _print_demo(report: dict) -> None:
+    from ..demo import print_demo
+
+    print_demo(report)
+
+
+@service(app, render=_print_demo)
 def demo(
-    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree.")] = 6,
-    fanout: Annotated[int, typer.Option(help="Children per node of the tree.")] = 4,
+    ctx: ServiceContext,
+    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree (2 or more).")] = 6,
+    fanout: Annotated[int, typer.Option(help="Children per node of the tree (1 or more).")] = 4,
     leaf_ms: Annotated[float, typer.Option(help="CPU work per leaf, in milliseconds.")] = 0.2,
-    steps: Annotated[int, typer.Option(help="Steps of the shared-sub-call lattice.")] = 60,
+    steps: Annotated[
+        int, typer.Option(help="Steps of the shared-sub-call lattice (1 or more).")
+    ] = 60,
     workers: Annotated[
         int | None, typer.Option(help="Local workers (default: one per core).")
     ] = None,
-) -> None:
-    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls."""
-    from ..demo import run_demo
+) -> dict:
+    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls.
 
-    ok = run_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps, workers=workers)
-    raise typer.Exit(0 if ok else 1)
+    Prints a table of calls made, executed and reused per workload; exits 1 if
+    a workload's check fails. With --json: the service envelope, with
+    {"ok", "workers", "total_s", "workloads"} as its result.
+    """
+    from ..demo import measure_demo
+
+    for name, value, least in (
+        ("--depth", depth, 2),
+        ("--fanout", fanout, 1),
+        ("--steps", steps, 1),
+    ):
+        if value < least:
+            raise typer.BadParameter(f"{value} is too small: give {least} or more", param_hint=name)
+    report = measure_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps,
+                          workers=workers, quiet=ctx.json)  # fmt: skip
+    if not report["ok"]:
+        if not ctx.json:
+            _print_demo(report)
+        failed = ", ".join(w["name"] for w in report["workloads"] if not w["check"])
+        raise PygirderError(f"the demo's check failed for: {failed} (a bug: please report it)")
+    return report
 
 
 def _mount() -> None:
