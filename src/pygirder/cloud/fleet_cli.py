@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..cli.oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
 from ..cli.service import ServiceContext, service
 from ..errors import ConfigError, PygirderError
 
@@ -343,9 +344,9 @@ def tunnel(
 
 def run(
     ctx: ServiceContext,
-    target: Annotated[str, typer.Argument(help="MODULE:FUNCTION of a grid function.")],
-    args: Annotated[str, typer.Option(help="JSON list of positional arguments.")] = "[]",
-    kwargs: Annotated[str, typer.Option(help="JSON object of keyword arguments.")] = "{}",
+    target: TargetArg,
+    args: ArgsOpt = "[]",
+    kwargs: KwargsOpt = "{}",
     project: Annotated[
         Path, typer.Option(help="Where MODULE is found (the pushed project).", file_okay=False)
     ] = Path("."),
@@ -363,7 +364,7 @@ def run(
     """
     import pygirder
 
-    from ..cli.main import load_grid_function, parse_call_arguments, run_one_call
+    from ..cli.oneshot import load_grid_function, parse_call_arguments, run_one_call
     from .config import load_config
     from .fleet import grid_url
 
@@ -375,10 +376,6 @@ def run(
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     with grid_url(cfg, fleet, via=via) as url, pygirder.connect(url) as grid:
         return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
-
-
-def _print_json(result: Any) -> None:
-    print(json.dumps(result, default=repr))
 
 
 def exec_(
@@ -665,7 +662,7 @@ def register(app: typer.Typer) -> None:
     app.command("fleet")(fleet)
     app.command("cost")(cost)
     app.command("tunnel")(tunnel)
-    service(app, name="run", render=_print_json)(run)
+    service(app, name="run", render=print_json)(run)
     app.command("exec")(exec_)
     app.command("ssh")(ssh)
     app.command("logs")(logs)
