@@ -160,14 +160,3 @@ def print_demo(report: dict[str, Any]) -> None:
         console.print(f"  {r['name']}: {r['detail']}")
     console.print("  reused = answered from the store or joined a call already running")
     console.print(f"total {report['total_s']:.2f}s")
-
-
-def run_demo(
-    *, depth: int = 6, fanout: int = 4, leaf_ms: float = 0.2, steps: int = 60,
-    workers: int | None = None,
-) -> bool:  # fmt: skip
-    """Run the demo and print its table; True when every check passed."""
-    report = measure_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps,
-                          workers=workers)  # fmt: skip
-    print_demo(report)
-    return bool(report["ok"])
