@@ -331,20 +331,30 @@ def test_push_from_a_plain_venv_with_only_pygirder_cloud(tmp_path: Path, bucket:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
-    has = "import importlib.util as u; print(u.find_spec('wheel') is None, u.find_spec('build'))"
-    assert subprocess.run([str(python), "-c", has], capture_output=True, text=True,
-                          check=True).stdout.split() == ["True", "None"]  # fmt: skip
+    work = tmp_path / "work"  # where the user runs it: a build/ folder is no `build` package
+    (work / "build").mkdir(parents=True)
+    has = (
+        "import importlib.metadata as m\n"
+        "for name in ('wheel', 'build'):\n"
+        "    try:\n        m.distribution(name)\n        print(name)\n"
+        "    except m.PackageNotFoundError:\n        pass\n"
+    )
+    installed = subprocess.run([str(python), "-c", has], capture_output=True, text=True,
+                               check=True, cwd=work).stdout  # fmt: skip
+    assert installed == ""
     project = setuptools_project(tmp_path)
 
-    dry = subprocess.run([str(cli), "cloud", "artifact", "push", str(project), "--dry-run",
-                          "--json"], capture_output=True, text=True, check=False)  # fmt: skip
+    # `python -m pygirder` puts the current folder first on sys.path.
+    dry = subprocess.run([str(python), "-m", "pygirder", "cloud", "artifact", "push",
+                          str(project), "--dry-run", "--json"], capture_output=True, text=True,
+                         check=False, cwd=work)  # fmt: skip
     assert dry.returncode == 0, dry.stderr
     built = json.loads(dry.stdout)
     assert built["uploaded"] is False and built["uri"].startswith("s3://<bucket>/artifacts/")
     assert built["manifest"]["project"] == {"name": "pricing-models", "version": "0.3.0"}
 
     push = [str(cli), "cloud", "artifact", "push", str(project), "--bucket", bucket, "--json"]
-    pushed = subprocess.run(push, capture_output=True, text=True, check=False)
+    pushed = subprocess.run(push, capture_output=True, text=True, check=False, cwd=work)
     assert pushed.returncode == 0, pushed.stderr
     uri = json.loads(pushed.stdout)["uri"]
     assert uri == f"s3://{bucket}/artifacts/{built['sha256']}.tar.gz"  # the same bytes
@@ -358,7 +368,7 @@ def test_push_from_a_plain_venv_with_only_pygirder_cloud(tmp_path: Path, bucket:
     ).stdout.strip()  # fmt: skip
     offline = subprocess.run([str(cli), "cloud", "artifact", "push", str(project),
                               "--dry-run", "--offline"], capture_output=True, text=True,
-                             check=False)  # fmt: skip
+                             check=False, cwd=work)  # fmt: skip
     if tuple(int(p) for p in setuptools.split(".")[:2]) < (70, 1):
         assert offline.returncode == 1
         assert "install `wheel` (pip install wheel)" in offline.stderr, offline.stderr

@@ -246,11 +246,7 @@ def _missing_for_offline(project_dir: Path) -> list[str]:
     missing = []
     for requirement in _build_requires(project_dir):
         match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
-        if not match:
-            continue
-        try:
-            importlib.metadata.distribution(match.group(1))
-        except importlib.metadata.PackageNotFoundError:
+        if match and not _installed(match.group(1)):
             missing.append(match.group(1))
     return missing
 
@@ -263,9 +259,16 @@ def _offline_hint(names: list[str]) -> str:
     )
 
 
-def _built_wheel(project_dir: Path, out_dir: Path, *, offline: bool) -> Path:
-    import importlib.util
+def _installed(name: str) -> bool:
+    """Whether a distribution is installed (not merely a ``build/`` folder on sys.path)."""
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
+
+def _built_wheel(project_dir: Path, out_dir: Path, *, offline: bool) -> Path:
     build_dir = out_dir / "pip-build"
     build_dir.mkdir()
     if offline:
@@ -279,7 +282,7 @@ def _built_wheel(project_dir: Path, out_dir: Path, *, offline: bool) -> Path:
                "--no-index", "--disable-pip-version-check", "--quiet", "-w", str(build_dir),
                str(project_dir)]  # fmt: skip
         how = "pip wheel --offline (no index, no build isolation)"
-    elif importlib.util.find_spec("build") is not None:
+    elif _installed("build"):
         cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", str(build_dir),
                str(project_dir)]  # fmt: skip
         how = "python -m build --wheel"
