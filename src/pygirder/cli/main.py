@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Annotated
 
 import typer
 
+from ..errors import PygirderError
+from .oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
 from .service import ServiceContext, service
 
 app = typer.Typer(
@@ -212,7 +213,22 @@ def _write_private(path: str, text: str) -> None:
         fh.write(text)
 
 
-@app.command()
+def _print_gc(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    dry_run = report["dry_run"]
+    title = "(dry run) " if dry_run else ""
+    table = Table(title=f"pygirder gc {title}older than {report['older_than']}")
+    table.add_column("kind")
+    table.add_column("would drop" if dry_run else "dropped", justify="right")
+    for kind, count in report["dropped"].items():
+        table.add_row(kind, f"{count:,}")
+    table.add_row("[dim]kept (recent)[/]", f"[dim]{report['kept']:,}[/]")
+    Console().print(table)
+
+
+@service(app, render=_print_gc)
 def gc(
     older_than: Annotated[
         str, typer.Option(help="Drop what nobody touched for this long: 90s, 30m, 2h, 7d.")
@@ -220,33 +236,46 @@ def gc(
     redis: RedisOpt = DEFAULT_URL,
     namespace: NamespaceOpt = "default",
     dry_run: Annotated[bool, typer.Option(help="Only count what would be dropped.")] = False,
-) -> None:
-    """Drop old results, call graph records and abandoned requests from a grid."""
+) -> dict:
+    """Drop old results, call graph records and abandoned requests from a grid.
+
+    Prints what was dropped per kind. With --json: the service envelope,
+    with {"dropped", "kept", "dry_run", "older_than"} as its result.
+    """
     import redis as redis_lib
-    from rich.console import Console
-    from rich.table import Table
 
+    from ..errors import ConfigError, GridConnectionError
     from ..grid.maintenance import collect_garbage, parse_age
+    from ..grid.runtime import redact
 
+    try:
+        age = parse_age(older_than)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     client = redis_lib.Redis.from_url(redis)
     try:
-        report = collect_garbage(client, namespace, parse_age(older_than), dry_run=dry_run)
+        report = collect_garbage(client, namespace, age, dry_run=dry_run)
+    except redis_lib.ConnectionError as exc:
+        raise GridConnectionError(
+            f"cannot reach the grid's server at {redact(redis)}: {exc} (start it with "
+            "`pygirder server`, or give its URL with --redis or PYGIRDER_REDIS)"
+        ) from None
     finally:
         client.close()
-    table = Table(title=f"pygirder gc {'(dry run) ' if dry_run else ''}older than {older_than}")
-    table.add_column("kind")
-    table.add_column("would drop" if dry_run else "dropped", justify="right")
-    for kind, count in report.dropped.items():
-        table.add_row(kind, f"{count:,}")
-    table.add_row("[dim]kept (recent)[/]", f"[dim]{report.kept:,}[/]")
-    Console().print(table)
+    return {
+        "dropped": dict(report.dropped),
+        "kept": report.kept,
+        "dry_run": dry_run,
+        "older_than": older_than,
+    }
 
 
-@app.command()
+@service(app, render=print_json)
 def submit(
-    target: Annotated[str, typer.Argument(help="MODULE:FUNCTION of a grid function.")],
-    args: Annotated[str, typer.Option(help="JSON list of positional arguments.")] = "[]",
-    kwargs: Annotated[str, typer.Option(help="JSON object of keyword arguments.")] = "{}",
+    ctx: ServiceContext,
+    target: TargetArg,
+    args: ArgsOpt = "[]",
+    kwargs: KwargsOpt = "{}",
     redis: Annotated[
         str | None,
         typer.Option("--redis", envvar="PYGIRDER_REDIS", help="Grid URL (default: private grid)."),
@@ -256,62 +285,66 @@ def submit(
         int | None, typer.Option(help="Local workers to start (default: per core without --redis).")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait.")] = None,
-) -> None:
-    """Run one call from the shell and print its result as JSON."""
-    import importlib
+) -> object:
+    """Run one call from the shell and print its result as JSON.
 
+    MODULE is imported from the current directory.
+    Exit codes: 0 the result was printed, 1 the call failed (the remote
+    error on stderr), 2 a bad command line.
+    With --json: one envelope {"result", "error", "time_s", "id", "log"}.
+    """
     import pygirder
 
-    from ..calls import GridFunction
+    from .oneshot import load_grid_function, parse_call_arguments, run_one_call
 
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise typer.BadParameter(
-            "expected MODULE:FUNCTION, e.g. mypkg.jobs:price", param_hint="TARGET"
-        )
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not isinstance(func, GridFunction):
-        raise typer.BadParameter(
-            f"{target} is not a grid function (decorate it with @pygirder.fn)", param_hint="TARGET"
-        )
-    try:
-        pos = json.loads(args)
-        kw = json.loads(kwargs)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not valid JSON: {exc}") from None
-    if not isinstance(pos, list) or not isinstance(kw, dict):
-        raise typer.BadParameter("--args takes a JSON list and --kwargs a JSON object")
+    func = load_grid_function(target, os.getcwd())
+    pos, kw = parse_call_arguments(args, kwargs)
     with pygirder.connect(redis, namespace=namespace, workers=workers) as grid:
-        try:
-            result = grid.run(func(*pos, **kw), timeout=timeout)
-        except pygirder.RemoteError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(1) from None
-    typer.echo(json.dumps(result, default=repr))
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
 
 
-@app.command()
+def _print_demo(report: dict) -> None:
+    from ..demo import print_demo
+
+    print_demo(report)
+
+
+@service(app, render=_print_demo)
 def demo(
-    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree.")] = 6,
-    fanout: Annotated[int, typer.Option(help="Children per node of the tree.")] = 4,
+    ctx: ServiceContext,
+    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree (2 or more).")] = 6,
+    fanout: Annotated[int, typer.Option(help="Children per node of the tree (1 or more).")] = 4,
     leaf_ms: Annotated[float, typer.Option(help="CPU work per leaf, in milliseconds.")] = 0.2,
-    steps: Annotated[int, typer.Option(help="Steps of the shared-sub-call lattice.")] = 60,
+    steps: Annotated[
+        int, typer.Option(help="Steps of the shared-sub-call lattice (1 or more).")
+    ] = 60,
     workers: Annotated[
         int | None, typer.Option(help="Local workers (default: one per core).")
     ] = None,
-) -> None:
-    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls."""
-    from ..demo import run_demo
+) -> dict:
+    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls.
 
-    ok = run_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps, workers=workers)
-    raise typer.Exit(0 if ok else 1)
+    Prints a table of calls made, executed and reused per workload; exits 1 if
+    a workload's check fails. With --json: the service envelope, with
+    {"ok", "workers", "total_s", "workloads"} as its result.
+    """
+    from ..demo import measure_demo
+
+    for name, value, least in (
+        ("--depth", depth, 2),
+        ("--fanout", fanout, 1),
+        ("--steps", steps, 1),
+    ):
+        if value < least:
+            raise typer.BadParameter(f"{value} is too small: give {least} or more", param_hint=name)
+    report = measure_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps,
+                          workers=workers, quiet=ctx.json)  # fmt: skip
+    if not report["ok"]:
+        if not ctx.json:
+            _print_demo(report)
+        failed = ", ".join(w["name"] for w in report["workloads"] if not w["check"])
+        raise PygirderError(f"the demo's check failed for: {failed} (a bug: please report it)")
+    return report
 
 
 def _mount() -> None:
