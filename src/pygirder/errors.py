@@ -10,6 +10,7 @@
      ├── GridTimeout             a wait ran out of time (also a TimeoutError)
      ├── GridCycleError          a call waits, through other calls, on itself
      ├── PoisonRequest           a request killed its worker too many times
+     ├── MaxRuntimeExceeded      a call computed longer than its max_runtime
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
      └── ConfigError             invalid configuration (names the key, the value, what is allowed)
 
@@ -79,6 +80,14 @@ class PoisonRequest(PygirderError):
 
     Raised (as a RemoteError with this type) to every waiter instead of retrying
     forever: the request most likely crashes or exhausts the worker process.
+    """
+
+
+class MaxRuntimeExceeded(PygirderError):
+    """A call computed for longer than its ``max_runtime`` (``@fn`` or ``--max-runtime``).
+
+    Raised (as a RemoteError with this type) to every waiter and not retried: a
+    rerun would take as long.  Raise the limit or split the call into smaller ones.
     """
 
 
