@@ -11,10 +11,18 @@
      ├── GridCycleError          a call waits, through other calls, on itself
      ├── PoisonRequest           a request killed its worker too many times
      ├── MaxRuntimeExceeded      a call computed longer than its max_runtime
+     ├── GridOutOfMemory         the server reached its maxmemory and refused a write
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
-     └── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── CallLookupError         an id prefix names no call, or several (also a LookupError;
+     │                           raised by the status reader behind `inspect` and the dashboard)
+     └── ImportRefused           a request named a module this worker may not import (the
+                                 worker reports it to the caller as a failed request)
 
 Every error carries the data needed to act on it, and its message says what to do next.
+Every class above CallLookupError is exported by ``pygirder``; the last two are met
+only inside the command line, the dashboard and the worker.  ``CallLink`` is not an
+exception: it is one entry of a RemoteError's chain.
 """
 
 from __future__ import annotations
@@ -97,6 +105,23 @@ class GridOutOfMemory(PygirderError):
     Grid state is never evicted (policy ``noeviction``), so nothing was silently lost;
     raise the limit, drop old results (``pygirder gc``) or give results a TTL.
     """
+
+
+class CallLookupError(PygirderError, LookupError):
+    """No call, or more than one, matches an id (prefix).
+
+    ``matches`` holds the ids that matched (empty: none did), so a caller can list the
+    candidates of an ambiguous prefix.
+    """
+
+    def __init__(self, message: str, *, prefix: str, matches: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+        self.matches = matches
+
+
+class ImportRefused(PygirderError):
+    """A request named a module this worker may not import."""
 
 
 @dataclass(frozen=True)
