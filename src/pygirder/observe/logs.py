@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from .store.keys import LOG_STREAM_MAXLEN, Keys
+from ..store.keys import LOG_STREAM_MAXLEN, Keys
 
 __all__ = [
     "GridLogHandler",

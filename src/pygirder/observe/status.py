@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from .errors import CallLookupError
-from .store.keys import HEARTBEAT_TTL_S, Keys
-from .store.keys import glob_escape as _glob_escape
+from ..errors import CallLookupError
+from ..store.keys import HEARTBEAT_TTL_S, Keys
+from ..store.keys import glob_escape as _glob_escape
 
 __all__ = [
     "COUNTERS",
@@ -453,8 +453,8 @@ def _decode_result(data: bytes | None) -> dict[str, Any] | None:
     """What a stored result envelope holds, summarized; never raises."""
     if data is None:
         return None
-    from .codec import decode
-    from .grid.runtime import summarize
+    from ..codec import decode
+    from ..grid.runtime import summarize
 
     kind = data[:1]
     try:
