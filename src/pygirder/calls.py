@@ -181,7 +181,7 @@ class GridFunction(Generic[P, R]):
 
     def bind_payload(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Turn decoded bound arguments back into ``(args, kwargs)`` for the real function."""
-        bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
+        bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type,unused-ignore]
         return bound.args, bound.kwargs
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ exception: it is one entry of a RemoteError's chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class PygirderError(Exception):
@@ -158,10 +159,11 @@ class RemoteError(PygirderError):
             lines.extend("    " + line for line in self.traceback.rstrip().splitlines())
         return "\n".join(lines)
 
-    def __reduce__(self):  # keep pickling/copying working despite the dataclass __init__
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str, list[CallLink]]]:
+        # keep pickling/copying working despite the dataclass __init__
         return (RemoteError, (self.remote_type, self.message, self.traceback, self.chain))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.remote_type,
             "message": self.message,
@@ -170,7 +172,7 @@ class RemoteError(PygirderError):
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> RemoteError:
+    def from_dict(cls, data: dict[str, Any]) -> RemoteError:
         return cls(
             remote_type=str(data.get("type", "Exception")),
             message=str(data.get("message", "")),

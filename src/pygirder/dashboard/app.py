@@ -284,7 +284,7 @@ class _Gate:
                     headers.append(
                         (
                             b"set-cookie",
-                            f"{TOKEN_COOKIE}={quote(self.token, safe='')}; Path=/; HttpOnly; "
+                            f"{TOKEN_COOKIE}={quote(self.token or '', safe='')}; Path=/; HttpOnly; "
                             "SameSite=Strict".encode(),
                         )
                     )
