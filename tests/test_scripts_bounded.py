@@ -431,3 +431,24 @@ def test_a_forced_share_moves_the_whole_surplus_in_chunks(redis_url, client):
     assert sorted(client.lrange(keys.queue("default"), 0, -1)) == sorted(i.encode() for i in ids)
     assert client.scard(keys.owned(worker.id)) == 0
     assert {client.hget(keys.state(i), "s") for i in ids} == {b"queued"}
+
+
+def test_a_worker_closed_right_after_a_share_closes_at_once(redis_url, client):
+    """A cancel that reaches the inbox read at the wrong moment is swallowed by the
+    client, which goes on waiting for the read's socket time-out (a minute): close
+    cancels again until the read ends."""
+
+    async def main(worker: Worker, ids: list[str]) -> None:
+        await worker.runtime.start()
+        worker.stack = [(i, b"x", False) for i in ids]
+        assert await worker._share(len(ids), force=True) == len(ids)
+        closing = asyncio.ensure_future(worker.runtime.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        worker.threads.shutdown(wait=False)
+        assert done, "close() still waits for the inbox read"
+
+    for _ in range(12):
+        keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+        worker = Worker(redis_url, namespace=keys.namespace)
+        ids = owned_requests(client, keys, worker.id, scripts.SHARE_CHUNK + 1)
+        asyncio.run(main(worker, ids))

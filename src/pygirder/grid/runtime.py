@@ -440,13 +440,20 @@ class Runtime:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._beat, self._listener):
-            if task is not None:
+        # A cancellation can be swallowed inside the client (a blocking read cancelled
+        # as it starts goes on waiting until its socket time-out, a minute): cancel
+        # again until the tasks end, a bounded number of times.
+        tasks = [task for task in (self._beat, self._listener) if task is not None]
+        stuck = set(tasks)
+        for _ in range(10):
+            if not stuck:
+                break
+            for task in stuck:
                 task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+            stuck = (await asyncio.wait(stuck, timeout=0.2))[1]
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # ended by an error: closing anyway
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()

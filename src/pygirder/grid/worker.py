@@ -957,7 +957,9 @@ class Worker:
             # Offer at least the oldest entry: in a depth-first stack it is the biggest
             # piece of work (nearest the root), so one entry can feed an idle worker for
             # long; the server moves offers only while some worker of the pool is idle.
-            offer = max(1, (len(self.stack) - recent) // 2)
+            # At most a chunk per offer (the server moves it in one script call); an
+            # idle worker takes a fair share of it, and the next period offers more.
+            offer = min(scripts.SHARE_CHUNK, max(1, (len(self.stack) - recent) // 2))
             moved = await self._share(min(offer, len(self.stack) - 1))
             period = self.share_period if moved else min(2 * period, 8 * self.share_period)
 
@@ -967,7 +969,8 @@ class Worker:
         del self.stack[:count]
         moved: set[bytes] = set()
         # forced, in chunks: one script call per chunk keeps the server free for everyone
-        # else.  An offer is one call: the server weighs all of it against the queue.
+        # else.  An offer (at most a chunk) is one call: the server weighs all of it
+        # against the queue.
         step = scripts.SHARE_CHUNK if force else max(1, len(candidates))
         try:
             for start in range(0, len(candidates), step):

@@ -170,6 +170,8 @@ COMPLETE = """
 --       (0: none), time the run started, one-line summary of the result or error
 -- Stores each result, pushes a completion message to every waiting inbox, and drops
 -- the request's pending state, all in one step: no waiter can miss it.
+-- Bounded: a worker sends at most 64 results per call, and a request's waiters are
+-- inboxes, one per process that waits for it (a grid's processes, not its calls).
 local p, worker, inline = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = redis.call('TIME')
 local t = now[1] + now[2] / 1e6
@@ -210,7 +212,8 @@ if failed > 0 then redis.call('HINCRBY', p .. 'stats', 'failed', failed) end
 return done
 """.replace("INBOX_TTL", str(INBOX_TTL_S))
 
-# Ids per forced SHARE call: a worker over its max_stack sends its surplus in chunks.
+# Ids per SHARE call: a worker offers at most this many at a time, and one over its
+# max_stack sends its surplus in chunks of this size.
 SHARE_CHUNK = 512
 
 SHARE = """
