@@ -436,7 +436,7 @@ def test_a_forced_share_moves_the_whole_surplus_in_chunks(redis_url, client):
 def test_a_worker_closed_right_after_a_share_closes_at_once(redis_url, client):
     """A cancel that reaches the inbox read at the wrong moment is swallowed by the
     client, which goes on waiting for the read's socket time-out (a minute): close
-    cancels again until the read ends."""
+    must not wait for it."""
 
     async def main(worker: Worker, ids: list[str]) -> None:
         await worker.runtime.start()
