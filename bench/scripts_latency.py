@@ -9,7 +9,12 @@ fills a private Valkey with raw pipelined commands, then measures three phases:
    also drops the entries the cancel left behind;
 3. a cycle check (``Worker._check_cycle``, round after round, as the worker's cycle
    loop runs it) of a request waiting on a call with ``--children`` unfinished
-   children, one of which waits on the request.
+   children, one of which waits on the request;
+4. a client submitting ``--submit`` calls in one wait (``Runtime.submit``);
+5. the reaper requeueing a dead worker that owned ``--stack`` stack entries (and a
+   few in flight): ``Worker._reap_workers``;
+6. a worker over its ``max_stack`` forcing ``--share`` stack entries onto the pool
+   queue (``Worker._share(..., force=True)``).
 
 For each phase it prints the longest script as Valkey's SLOWLOG timed it (the
 server is started with ``slowlog-log-slower-than 0``, so every command is logged),
@@ -17,7 +22,8 @@ the worst event of Valkey's LATENCY monitor, and the longest PING round trip see
 another client during the phase.  Target: every script under 50 ms.
 
     python bench/scripts_latency.py [--queued 100000] [--cancel 10000]
-                                    [--children 500000] [--json FILE]
+                                    [--children 500000] [--submit 50000]
+                                    [--stack 100000] [--share 100000] [--json FILE]
 
 Run it with another checkout's code first on ``PYTHONPATH`` to compare.
 """
@@ -38,6 +44,7 @@ from typing import Any
 
 import redis
 
+import pygirder
 from pygirder.grid.runtime import Runtime
 from pygirder.grid.worker import Worker, _Parked
 from pygirder.server import EmbeddedServer
@@ -158,6 +165,12 @@ class Phase:
         )
 
 
+@pygirder.fn
+def bench_work(i: int) -> int:
+    """A call to submit (no worker runs it in this bench)."""
+    return i
+
+
 def new_ids(n: int) -> list[str]:
     return [uuid.uuid4().hex for _ in range(n)]
 
@@ -171,6 +184,18 @@ def fill_queue(client: redis.Redis, keys: Keys, ids: list[str], inbox: str) -> N
             pipe.hset(keys.state(request_id), mapping=state)
             pipe.sadd(keys.waiters(request_id), inbox)
         pipe.lpush(keys.queue("default"), *chunk)
+        pipe.execute()
+
+
+def fill_owned(client: redis.Redis, keys: Keys, worker: str, ids: list[str]) -> None:
+    """Requests on ``worker``'s stack, as a grid function's sub-calls leave them."""
+    for start in range(0, len(ids), 5000):
+        pipe = client.pipeline(transaction=False)
+        chunk = ids[start : start + 5000]
+        for request_id in chunk:
+            state = {"p": PAYLOAD, "s": "local", "o": worker, "pool": "default"}
+            pipe.hset(keys.state(request_id), mapping=state)
+        pipe.sadd(keys.owned(worker), *chunk)
         pipe.execute()
 
 
@@ -241,6 +266,56 @@ async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[d
     finally:
         await worker.runtime.close()
         worker.threads.shutdown(wait=False)
+    rows += await run_bulk(args, url, client)
+    return rows
+
+
+async def run_bulk(args: argparse.Namespace, url: str, client: redis.Redis) -> list[dict[str, Any]]:
+    """The phases where one call of the grid's code hands the server a long list."""
+    keys = Keys(NAMESPACE)
+    rows = []
+    client.delete(keys.queue("default"))
+    runtime = Runtime(url, namespace=NAMESPACE, process_id="bench-submitter", call_graph=False)
+    await runtime.start()
+    try:
+        calls = [bench_work(i) for i in range(args.submit)]
+        with Phase(client, url, f"submit {args.submit:,} calls in one wait") as ph:
+            futures, _, _ = await runtime.submit(calls)
+        queued = client.llen(keys.queue("default"))
+        ph.row["note"] = f"{queued:,} queued, {len(futures):,} futures"
+        rows.append(ph.row)
+    finally:
+        await runtime.close()
+    client.delete(keys.queue("default"))
+
+    dead = "bench-dead-worker"
+    stack, inflight = new_ids(args.stack), new_ids(16)
+    fill_owned(client, keys, dead, stack)
+    for request_id in inflight:
+        state = {"p": PAYLOAD, "s": "running", "o": dead, "pool": "default"}
+        client.hset(keys.state(request_id), mapping=state)
+    client.lpush(keys.inflight(dead), *inflight)
+    client.hset(keys.workers, dead, json.dumps({"pool": "default"}))  # no heartbeat: dead
+    worker = Worker(url, namespace=NAMESPACE)
+    await worker.runtime.start()
+    try:
+        with Phase(client, url, f"reap a dead worker owning {args.stack:,}") as ph:
+            reaped = await worker._reap_workers()
+        queued = client.llen(keys.queue("default"))
+        ph.row["note"] = f"{len(reaped)} reaped, {queued:,} requeued"
+        rows.append(ph.row)
+        client.delete(keys.queue("default"))
+
+        shared = new_ids(args.share)
+        fill_owned(client, keys, worker.id, shared)
+        worker.stack = [(request_id, PAYLOAD, False) for request_id in shared]
+        with Phase(client, url, f"forced share of {args.share:,} stack entries") as ph:
+            moved = await worker._share(len(worker.stack), force=True)
+        ph.row["note"] = f"{moved:,} moved, {len(worker.stack):,} kept"
+        rows.append(ph.row)
+    finally:
+        await worker.runtime.close()
+        worker.threads.shutdown(wait=False)
     return rows
 
 
@@ -249,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queued", type=int, default=100_000)
     parser.add_argument("--cancel", type=int, default=10_000)
     parser.add_argument("--children", type=int, default=500_000)
+    parser.add_argument("--submit", type=int, default=50_000)
+    parser.add_argument("--stack", type=int, default=100_000)
+    parser.add_argument("--share", type=int, default=100_000)
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument(

@@ -281,3 +281,174 @@ def test_cycle_search_step_budget_follows_the_time_a_step_takes(client):
         return budgets
 
     assert asyncio.run(main()) == [800, 400, 500, 625]
+
+
+# -- submit ----------------------------------------------------------------------------
+def test_a_wait_on_many_calls_is_submitted_in_chunks_and_every_result_arrives(grid_factory):
+    grid = grid_factory(workers=2)
+    n = 3 * scripts.SUBMIT_CHUNK + 7
+    calls = [gf.add(i, 1) for i in range(n)]
+    before = grid.runtime.round_trips
+    futures, _, _ = grid._call(grid.runtime.submit(calls))
+    assert grid.runtime.round_trips - before == math.ceil(n / scripts.SUBMIT_CHUNK)
+    assert grid.wait(calls, timeout=120) == [i + 1 for i in range(n)]
+    assert all(f.done() for f in futures)
+    # a grid function's wait goes through the worker's own (chunked) submit
+    assert grid.wait([gf.wide(n)], timeout=120) == [sum(i + n for i in range(n))]
+
+
+def test_a_failed_submit_chunk_fails_every_future_and_takes_back_earlier_chunks(grid_factory):
+    grid = grid_factory(workers=0)
+    rt = grid.runtime
+    keys = Keys(grid.namespace)
+    calls = [gf.add(i, 2) for i in range(2 * scripts.SUBMIT_CHUNK + 5)]
+    real, sent = rt.script, []
+
+    async def failing(name, args):
+        if name == "submit":
+            sent.append(name)
+            if len(sent) == 2:
+                raise redis.ConnectionError("lost the connection")
+        return await real(name, args)
+
+    rt.script = failing
+    try:
+        with pytest.raises(redis.ConnectionError, match="lost the connection"):
+            grid._call(rt.submit(calls))
+    finally:
+        rt.script = real
+    assert len(sent) == 2  # the first chunk reached the grid, the second failed
+    assert not any(c.id in rt._waiting or c.id in rt._resubmit for c in calls)
+    client = redis.Redis.from_url(grid.url)
+    try:
+        # the first chunk is cancelled: nothing of it is left pending on the grid
+        states = client.pipeline(transaction=False)
+        for c in calls:
+            states.exists(keys.state(c.id))
+        assert sum(states.execute()) == 0
+        assert int(client.hget(keys.stats, "cancelled") or 0) == scripts.SUBMIT_CHUNK
+    finally:
+        client.close()
+    grid.add_workers(1)  # and the same calls submitted again run normally
+    assert grid.wait(calls[:3], timeout=60) == [2, 3, 4]
+
+
+# -- requeue and share -----------------------------------------------------------------
+def owned_requests(client, keys: Keys, worker: str, n: int, state: str = "local") -> list[str]:
+    ids = [new_id() for _ in range(n)]
+    pipe = client.pipeline(transaction=False)
+    for request_id in ids:
+        pipe.hset(keys.state(request_id),
+                  mapping={"p": b"x", "s": state, "o": worker, "pool": "default"})  # fmt: skip
+    if state == "local":
+        pipe.sadd(keys.owned(worker), *ids)
+    else:
+        pipe.lpush(keys.inflight(worker), *ids)
+    pipe.execute()
+    return ids
+
+
+def test_requeue_without_ids_hands_back_a_bounded_page_per_call(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    owned = owned_requests(client, keys, "w1", 2 * scripts.REQUEUE_PAGE + 10)
+    requeue = client.register_script(scripts.REQUEUE)
+    calls = []
+    while True:
+        reply = requeue(keys=[], args=[keys.prefix, "w1", 0, 0])
+        calls.append(reply[:2])
+        if not reply[1]:
+            break
+    assert [moved for moved, _ in calls] == [scripts.REQUEUE_PAGE, scripts.REQUEUE_PAGE, 10]
+    assert [left for _, left in calls] == [scripts.REQUEUE_PAGE + 10, 10, 0]
+    assert sorted(client.lrange(keys.queue("default"), 0, -1)) == sorted(i.encode() for i in owned)
+    with pytest.raises(redis.ResponseError, match="in chunks"):
+        requeue(keys=[], args=[keys.prefix, "w1", 0, 0, *owned[: scripts.REQUEUE_PAGE + 1]])
+
+
+def test_a_dead_worker_with_thousands_of_requests_has_each_requeued_once(redis_url, client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    dead = "dead-worker"
+    owned = owned_requests(client, keys, dead, 4 * scripts.REQUEUE_PAGE + 3)
+    running = owned_requests(client, keys, dead, scripts.REQUEUE_PAGE + 1, state="running")
+    both = owned[7]  # on the stack and in flight at once: still requeued once
+    client.lpush(keys.inflight(dead), both)
+    # the request it was running carefully when it died, at its last attempt: poison
+    poison = running[-1]
+    client.hset(keys.state(poison), mapping={"d": 2, "strikes": 2})
+    client.sadd(keys.owned(dead), poison)
+    client.set(keys.current(dead), poison)
+    client.hset(keys.workers, dead, '{"pool": "default"}')
+
+    async def main() -> list[str]:
+        worker = Worker(redis_url, namespace=keys.namespace)
+        await worker.runtime.start()
+        try:
+            before = worker.runtime.round_trips
+            reaped = await worker._reap_workers()
+            pages = worker.runtime.round_trips - before
+            assert pages >= (len(owned) + len(running)) // scripts.REQUEUE_PAGE
+            return reaped
+        finally:
+            await worker.runtime.close()
+            worker.threads.shutdown(wait=False)
+
+    assert asyncio.run(main()) == [dead]
+    queued = [i.decode() for i in client.lrange(keys.queue("default"), 0, -1)]
+    expected = [*owned, *running[:-1]]
+    assert len(queued) == len(expected) and set(queued) == set(expected)  # each once
+    deaths = client.pipeline(transaction=False)
+    for request_id in expected:
+        deaths.hget(keys.state(request_id), "d")
+    assert set(deaths.execute()) == {b"1"}
+    assert int(client.hget(keys.stats, "requeued")) == len(expected)
+    result = client.get(keys.result(poison))
+    assert result is not None and b"PoisonRequest" in result  # failed, and only once
+    assert int(client.hget(keys.stats, "executed")) == 1  # the poison error, stored once
+    assert client.hget(keys.state(poison), "s") is None
+    assert not client.exists(keys.owned(dead), keys.inflight(dead), keys.current(dead))
+    assert not client.hexists(keys.workers, dead)
+
+
+def test_a_forced_share_moves_the_whole_surplus_in_chunks(redis_url, client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+
+    worker = Worker(redis_url, namespace=keys.namespace)
+    ids = owned_requests(client, keys, worker.id, 3 * scripts.SHARE_CHUNK + 1)
+
+    async def main() -> tuple[int, int]:
+        await worker.runtime.start()
+        try:
+            worker.stack = [(i, b"x", False) for i in ids]
+            before = worker.runtime.round_trips
+            moved = await worker._share(len(ids), force=True)
+            return moved, worker.runtime.round_trips - before
+        finally:
+            await worker.runtime.close()
+            worker.threads.shutdown(wait=False)
+
+    assert asyncio.run(main()) == (len(ids), 4)  # everything, in 4 calls
+    assert worker.stack == []
+    assert sorted(client.lrange(keys.queue("default"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert client.scard(keys.owned(worker.id)) == 0
+    assert {client.hget(keys.state(i), "s") for i in ids} == {b"queued"}
+
+
+def test_a_worker_closed_right_after_a_share_closes_at_once(redis_url, client):
+    """A cancel that reaches the inbox read at the wrong moment is swallowed by the
+    client, which goes on waiting for the read's socket time-out (a minute): close
+    must not wait for it."""
+
+    async def main(worker: Worker, ids: list[str]) -> None:
+        await worker.runtime.start()
+        worker.stack = [(i, b"x", False) for i in ids]
+        assert await worker._share(len(ids), force=True) == len(ids)
+        closing = asyncio.ensure_future(worker.runtime.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        worker.threads.shutdown(wait=False)
+        assert done, "close() still waits for the inbox read"
+
+    for _ in range(12):
+        keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+        worker = Worker(redis_url, namespace=keys.namespace)
+        ids = owned_requests(client, keys, worker.id, scripts.SHARE_CHUNK + 1)
+        asyncio.run(main(worker, ids))

@@ -642,27 +642,52 @@ class Runtime:
         if not sent:
             return futures, new_local, shared
         self._records_waits = self._records_waits or not owner
-        try:
-            replies = await self.script("submit", self._submit_args(owner, parent, items))
-        except BaseException as exc:
-            for request_id, _, _ in sent:
-                self._resubmit.pop(request_id, None)
-                fut = self._waiting.pop(request_id, None)
-                self._stop_waiting(request_id)
-                if fut is not None and not fut.done():
-                    fut.set_exception(
-                        exc if isinstance(exc, Exception) else GridTimeout("cancelled")
-                    )
-                    fut.exception()  # mark retrieved; the caller sees `exc` directly
-            raise
-        for (request_id, payload, mode), reply in zip(sent, replies, strict=True):
-            if isinstance(reply, bytes):
-                self.resolve(request_id, reply)
-            elif reply == 1 and mode == "l":
-                new_local.append((request_id, payload))
-            elif reply == 0:
-                shared.append(request_id)
+        # in chunks: one script call per chunk keeps the server free for everyone else
+        step = scripts.SUBMIT_CHUNK
+        for start in range(0, len(sent), step):
+            chunk = sent[start : start + step]
+            try:
+                batch = items[6 * start : 6 * (start + step)]
+                replies = await self.script("submit", self._submit_args(owner, parent, batch))
+            except BaseException as exc:
+                # the caller gets the error and waits for none of these: fail every
+                # future of this submission, and take back what earlier chunks put on
+                # the grid (new local ones go to the pool queue, and whatever nobody
+                # else waits for is cancelled), so nothing is left dangling
+                self._fail_submitted(sent, exc)
+                if start:
+                    await asyncio.shield(self._take_back(owner, sent[:start]))
+                raise
+            for (request_id, payload, mode), reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, bytes):
+                    self.resolve(request_id, reply)
+                elif reply == 1 and mode == "l":
+                    new_local.append((request_id, payload))
+                elif reply == 0:
+                    shared.append(request_id)
         return futures, new_local, shared
+
+    def _fail_submitted(self, sent: Sequence[tuple[str, bytes, str]], exc: BaseException) -> None:
+        """Fail the futures a failed submission created: its caller gets ``exc`` and
+        waits for none of them."""
+        for request_id, _, _ in sent:
+            self._resubmit.pop(request_id, None)
+            fut = self._waiting.pop(request_id, None)
+            self._stop_waiting(request_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else GridTimeout("cancelled"))
+                fut.exception()  # mark retrieved; the caller sees `exc` directly
+
+    async def _take_back(self, owner: str, sent: Sequence[tuple[str, bytes, str]]) -> None:
+        """Undo submissions whose caller failed before it could wait for them."""
+        local = [request_id for request_id, _, mode in sent if mode == "l"]
+        try:
+            for start in range(0, len(local), scripts.REQUEUE_PAGE):
+                chunk = local[start : start + scripts.REQUEUE_PAGE]
+                await self.script("requeue", [self.keys.prefix, owner, 0, 0, *chunk])
+            await self.cancel([request_id for request_id, _, _ in sent])
+        except Exception as exc:  # the grid keeps them; they just run
+            log.warning("could not take back %d submitted calls: %s", len(sent), exc)
 
     async def wait(
         self,

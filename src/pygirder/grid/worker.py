@@ -957,7 +957,9 @@ class Worker:
             # Offer at least the oldest entry: in a depth-first stack it is the biggest
             # piece of work (nearest the root), so one entry can feed an idle worker for
             # long; the server moves offers only while some worker of the pool is idle.
-            offer = max(1, (len(self.stack) - recent) // 2)
+            # At most a chunk per offer (the server moves it in one script call); an
+            # idle worker takes a fair share of it, and the next period offers more.
+            offer = min(scripts.SHARE_CHUNK, max(1, (len(self.stack) - recent) // 2))
             moved = await self._share(min(offer, len(self.stack) - 1))
             period = self.share_period if moved else min(2 * period, 8 * self.share_period)
 
@@ -966,13 +968,18 @@ class Worker:
         candidates = self.stack[:count]
         del self.stack[:count]
         moved: set[bytes] = set()
+        # forced, in chunks: one script call per chunk keeps the server free for everyone
+        # else.  An offer (at most a chunk) is one call: the server weighs all of it
+        # against the queue.
+        step = scripts.SHARE_CHUNK if force else max(1, len(candidates))
         try:
-            reply = await self.runtime.script(
-                "share",
-                [self.keys.prefix, self.pool, self.id, "1" if force else "0",
-                 *(rid for rid, _, _ in candidates)],
-            )  # fmt: skip
-            moved = set(reply)
+            for start in range(0, len(candidates), step):
+                reply = await self.runtime.script(
+                    "share",
+                    [self.keys.prefix, self.pool, self.id, "1" if force else "0",
+                     *(rid for rid, _, _ in candidates[start : start + step])],
+                )  # fmt: skip
+                moved.update(reply)
         except Exception as exc:
             log.warning("sharing failed: %s", exc)
         finally:
@@ -993,7 +1000,7 @@ class Worker:
         known = {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
         strays = [i for i in listed if i not in known]
         if strays and not self._taking and self._fetch is None:
-            await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *strays])
+            await self._requeue_ids(strays)
 
     async def _reap_loop(self) -> None:
         """One worker at a time (a lock with a TTL) requeues the work of dead workers."""
@@ -1037,10 +1044,7 @@ class Worker:
         dead = [w for w, a in zip(ids, alive, strict=True) if not a and w != self.id]
         for worker_id in dead:
             info = json.loads(workers[worker_id.encode()])
-            reply = await self.runtime.script(
-                "requeue", [self.keys.prefix, worker_id, 1, self.runtime.liveness.max_attempts]
-            )
-            requeued, poisoned = reply[0], [p.decode() for p in reply[1:]]
+            requeued, poisoned = await self._requeue_all(worker_id, dead=True)
             for request_id in poisoned:
                 await self._fail_poison(request_id, worker_id)
             async with redis.pipeline(transaction=True) as pipe:
@@ -1053,6 +1057,26 @@ class Worker:
             log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",
                         worker_id, requeued, len(poisoned))  # fmt: skip
         return dead
+
+    async def _requeue_ids(self, ids: list[str]) -> None:
+        """Hand these requests back to their pools, a bounded chunk per script call."""
+        for start in range(0, len(ids), scripts.REQUEUE_PAGE):
+            chunk = ids[start : start + scripts.REQUEUE_PAGE]
+            await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *chunk])
+
+    async def _requeue_all(self, worker_id: str, *, dead: bool) -> tuple[int, list[str]]:
+        """Hand back everything a worker owns or has in flight, a bounded page per
+        script call (a dead worker's stack may hold 100,000 entries).  Returns how many
+        were requeued and the poison requests the caller must fail."""
+        attempts = self.runtime.liveness.max_attempts if dead else 0
+        requeued, poisoned, left = 0, [], 1
+        while left:
+            reply = await self.runtime.script(
+                "requeue", [self.keys.prefix, worker_id, int(dead), attempts]
+            )
+            requeued, left = requeued + reply[0], reply[1]
+            poisoned += [p.decode() for p in reply[2:]]
+        return requeued, poisoned
 
     async def _fail_poison(self, request_id: str, worker_id: str) -> None:
         assert self.runtime.redis is not None
@@ -1102,9 +1126,7 @@ class Worker:
         self.stack.clear()
         parked = list(self.parked)
         if waiting or parked:
-            await self.runtime.script(
-                "requeue", [self.keys.prefix, self.id, 0, 0, *waiting, *parked]
-            )
+            await self._requeue_ids([*waiting, *parked])
         for request_id in parked:
             entry = self.parked.get(request_id)
             if entry is not None and not entry.cycle.done():
@@ -1114,7 +1136,7 @@ class Worker:
             await asyncio.wait(list(self.running.values()), timeout=self.shutdown_grace)
         if self._flusher is not None:
             await self._flusher
-        await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0])
+        await self._requeue_all(self.id, dead=False)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.keys.idle(self.pool), self.id)
             pipe.hdel(self.keys.workers, self.id)
@@ -1137,11 +1159,9 @@ class Worker:
             await self._flush_completions()
         if holder is not None:
             await redis.set(self.keys.current(self.id), holder)
-        reply = await self.runtime.script(
-            "requeue", [self.keys.prefix, self.id, 1, self.runtime.liveness.max_attempts]
-        )
-        for request_id in reply[1:]:
-            await self._fail_poison(request_id.decode(), self.id)
+        _, poisoned = await self._requeue_all(self.id, dead=True)
+        for request_id in poisoned:
+            await self._fail_poison(request_id, self.id)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.keys.idle(self.pool), self.id)
             pipe.hdel(self.keys.workers, self.id)
@@ -1195,7 +1215,9 @@ class Worker:
                 f"MaxRuntimeExceeded: over {watch.limit:g} s",
             ])  # fmt: skip
             # the rest of this process's work (its stack, parked and in-flight calls)
-            client.register_script(scripts.REQUEUE)(args=[self.keys.prefix, self.id, 0, 0])
+            requeue = client.register_script(scripts.REQUEUE)
+            while requeue(args=[self.keys.prefix, self.id, 0, 0])[1]:
+                pass  # a bounded page per call, until nothing is left
             client.hdel(self.keys.idle(self.pool), self.id)
         except Exception as exc:  # the reaper requeues whatever we could not hand back
             log.error("could not fail %s or hand back work: %s", watch.request_id, exc)

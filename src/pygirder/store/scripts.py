@@ -20,6 +20,10 @@ from .keys import INBOX_TTL_S
 # the waiter fetches res:<id>.
 INLINE_RESULT_LIMIT = 16 * 1024
 
+# Calls per SUBMIT call: the client sends longer lists in chunks of this size, so one
+# call stays a few milliseconds of server time.
+SUBMIT_CHUNK = 512
+
 SUBMIT = """
 -- ARGV: prefix, inbox key ('' for none), owner (worker id or ''), parent request id
 --       ('' for top-level calls), call-graph TTL (0: no call graph), then one msgpack
@@ -166,6 +170,8 @@ COMPLETE = """
 --       (0: none), time the run started, one-line summary of the result or error
 -- Stores each result, pushes a completion message to every waiting inbox, and drops
 -- the request's pending state, all in one step: no waiter can miss it.
+-- Bounded: a worker sends at most 64 results per call, and a request's waiters are
+-- inboxes, one per process that waits for it (a grid's processes, not its calls).
 local p, worker, inline = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = redis.call('TIME')
 local t = now[1] + now[2] / 1e6
@@ -206,6 +212,10 @@ if failed > 0 then redis.call('HINCRBY', p .. 'stats', 'failed', failed) end
 return done
 """.replace("INBOX_TTL", str(INBOX_TTL_S))
 
+# Ids per SHARE call: a worker offers at most this many at a time, and one over its
+# max_stack sends its surplus in chunks of this size.
+SHARE_CHUNK = 512
+
 SHARE = """
 -- ARGV: prefix, pool, worker, force ('1': move them all), then candidate ids (bottom
 --       of the worker's stack first)
@@ -238,9 +248,15 @@ if #out > 0 then redis.call('HINCRBY', p .. 'stats', 'moved_to_pool', #out) end
 return out
 """
 
+# Ids per REQUEUE call: explicit lists are sent in chunks of this size, and a call
+# without ids hands back at most this many of the worker's entries (the caller repeats
+# it until the script says nothing is left), so one call stays a few milliseconds.
+REQUEUE_PAGE = 512
+
 REQUEUE = """
 -- ARGV: prefix, worker, dead ('1' when the worker died, '0' when it hands work back),
---       max attempts, then ids (none: all of the worker's owned and in-flight requests)
+--       max attempts, then ids (at most REQUEUE_PAGE; none: the next page of the
+--       worker's owned set, or once that is empty of its in-flight list)
 -- Hands requests back to their pool queues.  Used on graceful shutdown and by the
 -- reaper.  Finished requests are only dropped from the lists.
 -- When the worker died, every request it held becomes a suspect (field d counts those
@@ -250,21 +266,35 @@ REQUEUE = """
 -- it caused are its strikes plus at most one unattributed death (the one that made it
 -- a suspect); at a strike that brings them to max attempts it is not requeued: its id
 -- is returned and the caller fails it as a poison request.
--- Returns {number requeued, poisoned id, ...}.
+-- Without ids, each entry is popped from the owned set or the in-flight list as it is
+-- handled, so every request is handled once however many calls it takes: one that is
+-- in both is requeued at its first entry and skipped at its second (it is queued by
+-- then), and a poisoned one leaves both at once.  cur:<worker> is kept until the
+-- last page, so a strike counts on whichever page meets its request.
+-- Returns {number requeued, entries left (0: done), poisoned id, ...}.
 local p, worker, dead, max_attempts = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+local owned, inflight = p .. 'owned:' .. worker, p .. 'inflight:' .. worker
+if #ARGV - 4 > REQUEUE_PAGE then
+  return redis.error_reply('ERR pygirder requeue: at most REQUEUE_PAGE ids per call, got '
+                           .. (#ARGV - 4) .. '; send them in chunks')
+end
 local current = false
 if dead then current = redis.call('GET', p .. 'cur:' .. worker) end
 local ids = {}
-if #ARGV > 4 then
+local explicit = #ARGV > 4
+if explicit then
   for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
-  for _, id in ipairs(redis.call('SMEMBERS', p .. 'owned:' .. worker)) do ids[#ids + 1] = id end
-  for _, id in ipairs(redis.call('LRANGE', p .. 'inflight:' .. worker, 0, -1)) do
-    ids[#ids + 1] = id
+  ids = redis.call('SPOP', owned, REQUEUE_PAGE)
+  if #ids < REQUEUE_PAGE then
+    local more = redis.call('LPOP', inflight, REQUEUE_PAGE - #ids)
+    if more then
+      for _, id in ipairs(more) do ids[#ids + 1] = id end
+    end
   end
 end
 local moved = 0
-local out = {0}
+local out = {0, 0}
 local seen = {}
 for _, id in ipairs(ids) do
   if not seen[id] then
@@ -272,6 +302,7 @@ for _, id in ipairs(ids) do
     local st = p .. 'st:' .. id
     local pool = redis.call('HGET', st, 'pool')
     local owner = redis.call('HGET', st, 'o')
+    local poisoned = false
     if pool and (owner == worker or owner == false)
         and redis.call('EXISTS', p .. 'res:' .. id) == 0
         and redis.call('HGET', st, 's') ~= 'queued' then
@@ -285,6 +316,7 @@ for _, id in ipairs(ids) do
       end
       if strike and killed >= max_attempts then
         out[#out + 1] = id
+        poisoned = true
       else
         redis.call('HSET', st, 's', 'queued')
         redis.call('HDEL', st, 'o')
@@ -292,15 +324,20 @@ for _, id in ipairs(ids) do
         moved = moved + 1
       end
     end
-    redis.call('SREM', p .. 'owned:' .. worker, id)
-    redis.call('LREM', p .. 'inflight:' .. worker, 0, id)
+    redis.call('SREM', owned, id)
+    -- an explicit id may sit anywhere in the in-flight list (short: what the worker
+    -- took); a popped one is looked for only when it is poisoned, so it is met once
+    if explicit or poisoned then redis.call('LREM', inflight, 0, id) end
   end
 end
 out[1] = moved
-if dead then redis.call('DEL', p .. 'cur:' .. worker) end
+local left = 0
+if not explicit then left = redis.call('SCARD', owned) + redis.call('LLEN', inflight) end
+out[2] = left
+if dead and left == 0 then redis.call('DEL', p .. 'cur:' .. worker) end
 if moved > 0 then redis.call('HINCRBY', p .. 'stats', 'requeued', moved) end
 return out
-"""
+""".replace("REQUEUE_PAGE", str(REQUEUE_PAGE))
 
 # Ids per CANCEL call: the client sends longer lists in chunks of this size, so one
 # call stays a few milliseconds of server time.
