@@ -375,7 +375,7 @@ class Runtime:
 
     async def _heartbeat(self) -> None:
         """Beat, and notice a server restart: then submit again what we wait for."""
-        while True:
+        while not self._closing:  # a cancel that a client command swallowed ends it too
             await asyncio.sleep(self.liveness.heartbeat_every)
             try:
                 lapsed = await self.beat()
@@ -537,7 +537,9 @@ class Runtime:
         client = self._listener_client
         backoff = 0.05
         recheck = False
-        while True:
+        # Closing also ends the loop: redis-py can swallow the cancel of a blocking read,
+        # and the read then returns as if nothing happened.
+        while not self._closing:
             try:
                 if recheck:
                     await self._recheck_waiting()
