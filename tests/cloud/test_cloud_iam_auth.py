@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from cloud_helpers import EXPECTED_AFTER_SETUP, counts, fresh_session, inventory
 
-from pygirder.cloud.aws import AccessDeniedError
+from pygirder.cloud.account import setup, status, teardown
+from pygirder.cloud.errors import AccessDeniedError
 from pygirder.cloud.policy import allows_action, iam_action, operator_policy
-from pygirder.cloud.setup import setup, status, teardown
 
 SERVICES = (
     "ec2",

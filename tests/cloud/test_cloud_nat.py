@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pygirder.cloud.setup import nat_user_data
+from pygirder.cloud.account import nat_user_data
 
 
 def test_the_nat_user_data_is_valid_cloud_config_with_a_clean_script(tmp_path: Path) -> None:

@@ -22,15 +22,8 @@ from cloud_helpers import (
     tag_filter,
 )
 
-from pygirder.cloud.aws import AccessDeniedError, CloudTimeoutError
-from pygirder.cloud.config import CloudConfigError, config_from_dict
-from pygirder.cloud.fleet import _ssh_base
-from pygirder.cloud.policy import boundary_arn, boundary_policy
-from pygirder.cloud.setup import (
+from pygirder.cloud.account import (
     Action,
-    FleetAliveError,
-    NotSetUpError,
-    ResourceConflictError,
     account_resources,
     plan,
     setup,
@@ -39,6 +32,16 @@ from pygirder.cloud.setup import (
     stop_nat,
     teardown,
 )
+from pygirder.cloud.config import CloudConfigError, config_from_dict
+from pygirder.cloud.errors import (
+    AccessDeniedError,
+    CloudTimeoutError,
+    FleetAliveError,
+    NotSetUpError,
+    ResourceConflictError,
+)
+from pygirder.cloud.fleet import _ssh_base
+from pygirder.cloud.policy import boundary_arn, boundary_policy
 from pygirder.cloud.tags import TAG_COMPONENT, TAG_FLEET, TAG_MANAGED, TAG_NAME
 
 

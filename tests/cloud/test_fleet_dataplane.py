@@ -21,6 +21,7 @@ from fleet_helpers import leftovers, nat_state, write_project
 from typer.testing import CliRunner
 
 import pygirder
+from pygirder.cloud.account import account_resources, setup
 from pygirder.cloud.artifacts import build_artifact, push_artifact
 from pygirder.cloud.aws import Aws
 from pygirder.cloud.cli import app
@@ -34,7 +35,6 @@ from pygirder.cloud.fleet import (
     up,
 )
 from pygirder.cloud.rehearse import kill_service
-from pygirder.cloud.setup import account_resources, setup
 from pygirder.cloud.simulate import Simulator, loopback_network
 
 

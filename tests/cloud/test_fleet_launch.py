@@ -30,6 +30,7 @@ from fleet_helpers import (
     write_project,
 )
 
+from pygirder.cloud.account import account_resources, setup
 from pygirder.cloud.agent import Announcement, publish_announcement
 from pygirder.cloud.artifacts import build_artifact, push_artifact
 from pygirder.cloud.fleet import (
@@ -51,7 +52,6 @@ from pygirder.cloud.fleet import (
     write_known_hosts,
 )
 from pygirder.cloud.policy import allows_action, iam_action, operator_policy
-from pygirder.cloud.setup import account_resources, setup
 from pygirder.cloud.tags import TAG_EXPIRES, TAG_FLEET, TAG_MANAGED, TAG_NAME, TAG_ROLE
 from pygirder.errors import ConfigError
 

@@ -2,7 +2,7 @@
 
 The cloud CLI mounts :data:`app` as ``pygirder cloud artifact``.  The bucket and
 prefix come from ``--bucket``/``--prefix``, else from the account setup
-(``pygirder.cloud.setup.account_resources(load_config())``), looked up only when
+(``pygirder.cloud.account.account_resources(load_config())``), looked up only when
 needed so these commands also work against a bucket given by hand.
 """
 
@@ -48,8 +48,8 @@ def _where(bucket: str | None, prefix: str | None, config: Path | None) -> tuple
     if bucket is not None:
         return bucket, prefix or "artifacts/"
     try:
+        from .account import account_resources
         from .config import load_config
-        from .setup import account_resources
     except ImportError as exc:
         raise PygirderError(
             f"give --bucket: the account setup is not available here ({exc})"

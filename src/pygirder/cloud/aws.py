@@ -11,16 +11,7 @@ botocore's own retries are switched off; :meth:`Aws.call` retries *only* throttl
 and server (5xx) errors, with capped exponential backoff and jitter, and turns every
 other failure into one of the errors below, whose messages say what to do next.
 
-    PygirderError
-     └── CloudError                 an AWS call failed: .service, .operation, .code
-          ├── CloudDependencyError  boto3 is not installed (also an ImportError)
-          ├── CredentialsError      no credentials, an expired token, a rejected key
-          ├── AccessDeniedError     the identity lacks a permission: .action names it
-          ├── QuotaExceededError    an account quota (VPCs, addresses, ...) is reached
-          └── CloudTimeoutError     a bounded wait ran out (also a TimeoutError)
-
-``setup.py`` adds the errors about pygirder's own resources (name clashes, live
-fleets, a setup that is missing).
+The errors are drawn, with the rest of the cloud's, in :mod:`pygirder.cloud.errors`.
 
 Threads: a boto3 Session is not thread-safe, clients are.  An :class:`Aws` makes its
 session and clients once and is meant for one thread; give each thread its own.
@@ -35,7 +26,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import PygirderError
+from .errors import (
+    AccessDeniedError,
+    CloudDependencyError,
+    CloudError,
+    CloudTimeoutError,
+    CredentialsError,
+    QuotaExceededError,
+)
 from .policy import iam_action
 
 if TYPE_CHECKING:
@@ -110,52 +108,6 @@ QUOTA_CODES = frozenset(
         "CreationLimitExceededException",
     }
 )
-
-
-# ----------------------------------------------------------------------- errors
-
-
-class CloudError(PygirderError):
-    """An AWS call failed.  ``code`` is AWS's error code ("" when there was none)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        service: str = "",
-        operation: str = "",
-        code: str = "",
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.service = service
-        self.operation = operation
-        self.code = code
-        self.status = status
-
-
-class CloudDependencyError(CloudError, ImportError):
-    """boto3 is needed for ``pygirder cloud`` and is not installed."""
-
-
-class CredentialsError(CloudError):
-    """There are no usable AWS credentials: none found, expired, or rejected."""
-
-
-class AccessDeniedError(CloudError):
-    """The AWS identity lacks a permission; ``action`` is the IAM action to grant."""
-
-    def __init__(self, message: str, *, action: str = "", **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.action = action
-
-
-class QuotaExceededError(CloudError):
-    """An AWS account quota (limit) stops pygirder from creating a resource."""
-
-
-class CloudTimeoutError(CloudError, TimeoutError):
-    """A bounded wait for AWS to converge (propagation, a state change) ran out."""
 
 
 # ---------------------------------------------------------------- boto3, lazily

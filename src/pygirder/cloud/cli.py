@@ -32,7 +32,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from .setup import Report
+    from .account import Report
 
 app = typer.Typer(
     name="cloud",
@@ -141,7 +141,7 @@ def init(
 @app.command()
 def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show what `setup` would create, change or delete.  Changes nothing."""
-    from .setup import plan as run_plan
+    from .account import plan as run_plan
 
     cfg = _load(config)
     try:
@@ -170,7 +170,7 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @app.command()
 def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create the missing account resources and fix drifted ones (idempotent)."""
-    from .setup import setup as run_setup
+    from .account import setup as run_setup
 
     cfg = _load(config)
     try:
@@ -178,7 +178,7 @@ def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     except PygirderError as exc:
         items = getattr(exc, "items", None)
         if items and not as_json:
-            from .setup import Report
+            from .account import Report
 
             out.print(_plan_table(Report("setup", items=items), title="conflicts"))
         raise _fail(exc) from None
@@ -197,7 +197,7 @@ def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show every resource, its state and the monthly cost of what is left running."""
-    from .setup import status as run_status
+    from .account import status as run_status
 
     cfg = _load(config)
     try:
@@ -226,8 +226,8 @@ def teardown(
     as_json: JsonOption = False,
 ) -> None:
     """Delete every resource of this setup (bucket contents included), then prove it."""
+    from .account import teardown as run_teardown
     from .aws import Aws
-    from .setup import teardown as run_teardown
 
     cfg = _load(config)
     aws = Aws(cfg)

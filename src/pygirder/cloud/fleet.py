@@ -58,8 +58,9 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError
 from .agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Announcement, Role
-from .aws import Aws, CloudError, CloudTimeoutError, is_quota_code
+from .aws import Aws, is_quota_code
 from .config import CloudConfig
+from .errors import CloudError, CloudTimeoutError, FleetError, FleetNotReadyError, NoFleetError
 from .tags import (
     MANAGED_VALUE,
     TAG_EXPIRES,
@@ -156,40 +157,6 @@ POOL_COOLDOWN_S = 60.0
 REFRESH_INTERVAL_S = 5.0
 # Seconds one receive on the status queue may wait (long polling).
 QUEUE_WAIT_S = 2
-
-
-# ----------------------------------------------------------------------- errors
-
-
-class FleetError(CloudError):
-    """A fleet command cannot do what was asked (see the message for the next step)."""
-
-
-class NoFleetError(FleetError):
-    """No fleet (or no single fleet) matches: the message lists what exists."""
-
-
-class FleetNotReadyError(FleetError):
-    """``up`` got fewer ready instances than required; the fleet was removed.
-
-    ``ready`` and ``requested`` map each role to its counts; ``details`` holds what
-    the instances that failed announced.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        fleet: str,
-        ready: dict[str, int],
-        requested: dict[str, int],
-        details: list[str],
-    ) -> None:
-        super().__init__(message, code="FleetNotReady")
-        self.fleet = fleet
-        self.ready = ready
-        self.requested = requested
-        self.details = details
 
 
 # ------------------------------------------------------------------------ helpers
@@ -519,7 +486,7 @@ class _Up:
     # -- preparation --------------------------------------------------------------
     def prepare(self) -> tuple[str, str, str, tuple[str, ...]]:
         """Account resources, image, artifact and imports; fails before creating anything."""
-        from .setup import account_resources
+        from .account import account_resources
 
         self.res = account_resources(self.config, aws=self.aws)
         image = self.options.image_id or find_image(self.config, aws=self.aws)
@@ -970,7 +937,7 @@ class _Up:
         self.say(f"fleet {self.fleet}: image {image}, artifact {uri}")
         try:
             if inner != public and self.config.nat == "instance":
-                from .setup import start_nat
+                from .account import start_nat
 
                 self.say(
                     "starting the NAT instance (private instances reach SNS and SSM through it)"
@@ -1271,7 +1238,7 @@ def fleet_cost(
     config: CloudConfig, fleet: str | None = None, *, aws: Aws | None = None
 ) -> dict[str, Any]:
     """Per role: instances, $/hour, cost so far and until expiry; plus the NAT instance."""
-    from .setup import PRICE_INSTANCE_HOUR
+    from .pricing import PRICE_INSTANCE_HOUR
 
     aws = aws or Aws(config)
     status = fleet_status(config, fleet, aws=aws)
@@ -1923,7 +1890,7 @@ def down(
         if others:
             report.nat = f"left running: {len(others)} instance(s) of other fleets need it"
         else:
-            from .setup import stop_nat
+            from .account import stop_nat
 
             try:
                 nat = stop_nat(config, aws=aws)

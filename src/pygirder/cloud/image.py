@@ -39,8 +39,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .aws import Aws, CloudError
+from .aws import Aws
 from .config import CloudConfig, CloudConfigError
+from .errors import CloudError, ImageError
 from .tags import (
     TAG_EXPIRES,
     TAG_ROLE,
@@ -81,10 +82,6 @@ WAIT_INSTANCE = (600.0, 5.0)
 WAIT_IMAGE = (1800.0, 10.0)
 _PYTHON_PACKAGE_RE = re.compile(r"python3\.\d{1,2}")
 _LIVE = ["pending", "running", "stopping", "stopped"]
-
-
-class ImageError(CloudError):
-    """An image could not be built, found or deleted; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +162,7 @@ def build_image(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Bake a template image for ``config``'s setup; see the module docstring."""
-    from .setup import account_resources
+    from .account import account_resources
 
     aws = aws or Aws(config)
     say = progress or (lambda text: None)

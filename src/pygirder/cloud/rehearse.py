@@ -397,10 +397,10 @@ def _rehearse(
     deadline_s: float,
     on_ready: Callable[[RehearsalReport, Any], None] | None,
 ) -> None:
+    from .account import account_resources, setup, teardown
     from .artifacts import build_artifact, push_artifact
     from .aws import Aws
     from .fleet import UpOptions, down, exec_role, fleet_leftovers, grid_url, up
-    from .setup import account_resources, setup, teardown
     from .simulate import Simulator
 
     config = _config(state)
