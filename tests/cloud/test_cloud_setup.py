@@ -40,7 +40,7 @@ from pygirder.cloud.errors import (
     NotSetUpError,
     ResourceConflictError,
 )
-from pygirder.cloud.fleet import _ssh_base
+from pygirder.cloud.fleet.access import _ssh_base
 from pygirder.cloud.policy import boundary_arn, boundary_policy
 from pygirder.cloud.tags import TAG_COMPONENT, TAG_FLEET, TAG_MANAGED, TAG_NAME
 

@@ -26,14 +26,10 @@ from pygirder.cloud.artifacts import build_artifact, push_artifact
 from pygirder.cloud.aws import Aws
 from pygirder.cloud.cli import app
 from pygirder.cloud.config import load_config
-from pygirder.cloud.fleet import (
-    FleetError,
-    UpOptions,
-    dashboard_instances,
-    direct_route,
-    grid_url,
-    up,
-)
+from pygirder.cloud.errors import FleetError
+from pygirder.cloud.fleet.access import direct_route, grid_url
+from pygirder.cloud.fleet.inventory import dashboard_instances
+from pygirder.cloud.fleet.launch import UpOptions, up
 from pygirder.cloud.rehearse import kill_service
 from pygirder.cloud.simulate import Simulator, loopback_network
 
