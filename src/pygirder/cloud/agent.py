@@ -57,7 +57,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import random
 import shlex
 import signal
 import string
@@ -79,6 +78,7 @@ import typer
 
 from ..cli.service import service
 from ..errors import ConfigError, PygirderError
+from .aws import RetryPolicy, client_config, is_transient
 
 __all__ = [
     "DEFAULT_IMDS_ENDPOINT",
@@ -110,13 +110,9 @@ DEFAULT_REDIS_PORT = 6379
 DEFAULT_SPOT_INTERVAL_S = 5.0
 # Schema of the announcement JSON; bump when a field changes meaning.
 ANNOUNCEMENT_SCHEMA = 1
-# AWS error codes worth retrying: throttling and the service's own trouble.
-_TRANSIENT_CODES = {
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
-    "TooManyRequestsException", "RequestThrottled", "SlowDown", "ServiceUnavailable",
-    "InternalError", "InternalFailure", "InternalServerError", "RequestTimeout",
-    "RequestTimeoutException", "KMSThrottlingException",
-}  # fmt: skip
+# AWS calls: the operator's retry policy and error codes (aws.py), with waits short
+# enough for a boot.
+AWS_RETRY = RetryPolicy(attempts=6, base_delay=0.5, max_delay=8.0)
 
 
 class AgentError(PygirderError):
@@ -171,8 +167,8 @@ def _iso(when: datetime) -> str:
 
 
 def _backoff(attempt: int, *, base: float, cap: float) -> float:
-    """Full-jitter exponential backoff: attempt 1 waits up to ``base``, then doubles."""
-    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** (attempt - 1))
+    """Jittered exponential backoff: attempt 1 waits up to ``base``, then doubles."""
+    return RetryPolicy(attempts=attempt, base_delay=base, max_delay=cap).delay(attempt)
 
 
 def mask_url(text: str) -> str:
@@ -314,12 +310,9 @@ class _Unauthorized(Exception):
 def _client(service: str, region: str | None) -> Any:
     try:
         import boto3
-        from botocore.config import Config
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise AgentError("the agent needs boto3: pip install 'pygirder[cloud]'") from exc
-    config = Config(
-        retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=15
-    )
+    config = client_config(connect_timeout=5, read_timeout=15)
     return boto3.client(service, region_name=region, config=config)
 
 
@@ -337,19 +330,19 @@ def _is_transient(exc: Exception) -> bool:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return err.get("Code") in _TRANSIENT_CODES or int(status or 0) >= 500
+        return is_transient(str(err.get("Code", "")), int(status or 0) or None)
     # An instance profile can take a few seconds to be usable right after launch.
     return isinstance(exc, BotoConnectionError | NoCredentialsError)
 
 
-def _with_retries(what: str, call: Callable[[], Any], *, attempts: int = 6) -> Any:
+def _with_retries(what: str, call: Callable[[], Any], *, attempts: int = AWS_RETRY.attempts) -> Any:
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except Exception as exc:
             if not _is_transient(exc) or attempt == attempts:
                 raise AgentError(f"{what} failed: {exc}") from exc
-            delay = _backoff(attempt, base=0.5, cap=8.0)
+            delay = AWS_RETRY.delay(attempt)
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")

@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .aws import Aws
+from .aws import LIVE_INSTANCE_STATES, Aws
 from .config import CloudConfig, CloudConfigError
 from .errors import CloudError, ImageError
 from .tags import (
@@ -81,7 +81,6 @@ WAIT_BAKE_S = 1800.0
 WAIT_INSTANCE = (600.0, 5.0)
 WAIT_IMAGE = (1800.0, 10.0)
 _PYTHON_PACKAGE_RE = re.compile(r"python3\.\d{1,2}")
-_LIVE = ["pending", "running", "stopping", "stopped"]
 
 
 @dataclass(frozen=True)
@@ -594,7 +593,7 @@ def list_builders(config: CloudConfig, *, aws: Aws | None = None) -> list[dict[s
     aws = aws or Aws(config)
     filters = [
         *ec2_filters(config.name, COMPONENT_BUILDER),
-        {"Name": "instance-state-name", "Values": _LIVE},
+        {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
     ]
     out = []
     for page in aws.pages("ec2", "describe_instances", Filters=filters):

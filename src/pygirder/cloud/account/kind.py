@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..aws import Aws
+from ..aws import DEPENDENCY_CODES, DEPENDENCY_RETRY, Aws, is_not_found
 from ..config import CloudConfig
 from ..errors import CloudError, NotSetUpError
 from ..policy import (
@@ -38,20 +38,6 @@ WAIT_PROFILE = (90.0, 3.0)
 WAIT_INSTANCE = (600.0, 5.0)
 WAIT_NAT_GATEWAY = (900.0, 10.0)
 WAIT_QUEUE_NAME = (75.0, 5.0)
-# DependencyViolation during teardown: attempts and backoff (2, 4, 8, 16, 30, 30 ...).
-DEPENDENCY_ATTEMPTS = 10
-DEPENDENCY_BASE_DELAY = 2.0
-DEPENDENCY_MAX_DELAY = 30.0
-RETRY_ON_DELETE = frozenset(
-    {
-        "DependencyViolation",
-        "DeleteConflict",
-        "InvalidIPAddress.InUse",
-        "ResourceInUse",
-        "InvalidNetworkInterface.InUse",
-        "IncorrectState",
-    }
-)
 
 # ------------------------------------------------------------------ the context
 
@@ -136,27 +122,28 @@ class Ctx:
     def delete(self, service: str, operation: str, *, region: str | None = None, **params):
         """A delete call that treats "already gone" as success and retries while
         AWS still sees dependents (``DependencyViolation``) with backoff."""
-        attempt = 1
-        while True:
-            try:
-                return self.aws.call(service, operation, region=region, **params)
-            except CloudError as exc:
-                if is_not_found(exc.code):
-                    return None
-                if (
-                    exc.code in RETRY_ON_DELETE
-                    and attempt < DEPENDENCY_ATTEMPTS
-                    and not self.failed
-                ):
-                    delay = min(DEPENDENCY_MAX_DELAY, DEPENDENCY_BASE_DELAY * 2 ** (attempt - 1))
-                    self.say(
-                        f"  {service}:{exc.operation}: {exc.code}, retrying in {delay:.0f}s "
-                        f"(attempt {attempt + 1}/{DEPENDENCY_ATTEMPTS})"
-                    )
-                    self.aws.sleep(delay)
-                    attempt += 1
-                    continue
-                raise
+
+        def retrying(exc: CloudError, delay: float, attempt: int) -> None:
+            self.say(
+                f"  {service}:{exc.operation}: {exc.code}, retrying in {delay:.0f}s "
+                f"(attempt {attempt}/{DEPENDENCY_RETRY.attempts})"
+            )
+
+        try:
+            return self.aws.call_retrying(
+                service,
+                operation,
+                region=region,
+                codes=DEPENDENCY_CODES,
+                policy=DEPENDENCY_RETRY,
+                keep_going=lambda: not self.failed,
+                on_retry=retrying,
+                **params,
+            )
+        except CloudError as exc:
+            if is_not_found(exc.code):
+                return None
+            raise
 
     def retry_codes(
         self, fn: Callable[[], Any], *, codes: Iterable[str], what: str, wait: tuple[float, float]
@@ -192,26 +179,6 @@ class Ctx:
         if found is None:  # a bug in the kind order, or a failed earlier step
             raise NotSetUpError(f"{key} must exist first", missing=[key])
         return found
-
-
-def is_not_found(code: str) -> bool:
-    """Error codes that mean "that resource does not exist (any more)"."""
-    return (
-        "NotFound" in code
-        or code.endswith(".Unavailable")
-        or code
-        in {
-            "NoSuchEntity",
-            "NoSuchBucket",
-            "404",
-            "NotFound",
-            "NotFoundException",
-            "ParameterNotFound",
-            "AWS.SimpleQueueService.NonExistentQueue",
-            "QueueDoesNotExist",
-            "Gateway.NotAttached",
-        }
-    )
 
 
 # ------------------------------------------------------------- the kind protocol

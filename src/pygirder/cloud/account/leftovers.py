@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..aws import LIVE_INSTANCE_STATES
 from ..config import CloudConfig
 from ..pricing import (
     HOURS_PER_MONTH,
@@ -34,9 +35,6 @@ def _fleet_filters(ctx: Ctx) -> list[dict[str, Any]]:
     return ec2_filters(ctx.name)
 
 
-LIVE_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
-
-
 class Instances(Kind):
     """Instances tagged for this setup other than the NAT: fleets, image builders."""
 
@@ -52,7 +50,7 @@ class Instances(Kind):
             "Reservations",
             Filters=[
                 *_fleet_filters(ctx),
-                {"Name": "instance-state-name", "Values": [*LIVE_INSTANCE_STATES, "shutting-down"]},
+                {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
             ],
         )
         out = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..aws import Aws
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig, CloudConfigError
 from ..errors import CloudError, CredentialsError, FleetAliveError, ResourceConflictError
 from ..tags import (
@@ -22,7 +22,6 @@ from .iam import InstanceProfile, InstanceRole, PermissionsBoundary
 from .keys import ClusterKey, UserKey, ensure_key_pair, read_public_key
 from .kind import BILLING_REGION, Ctx, Kind, Progress
 from .leftovers import (
-    LIVE_INSTANCE_STATES,
     FleetRequests,
     Images,
     Instances,
@@ -294,7 +293,7 @@ def _fleet_instances(ctx: Ctx) -> list[dict[str, Any]]:
         Filters=[
             {"Name": f"tag:{TAG_NAME}", "Values": [ctx.name]},
             {"Name": "tag-key", "Values": [TAG_FLEET]},
-            {"Name": "instance-state-name", "Values": LIVE_INSTANCE_STATES},
+            {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
         ],
     )
     return [inst for r in reservations for inst in r.get("Instances", [])]

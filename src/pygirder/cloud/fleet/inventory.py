@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..aws import Aws
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import NoFleetError
 from ..tags import (
@@ -20,7 +20,6 @@ from ..tags import (
 )
 from .leftovers import find_kind
 from .naming import (
-    LIVE_STATES,
     as_utc,
     check_fleet_id,
     describe_instances,
@@ -253,7 +252,7 @@ def fleet_cost(
     found = describe_instances(
         aws,
         [*ec2_filters(config.name, "nat-instance"),
-         {"Name": "instance-state-name", "Values": LIVE_STATES}],
+         {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)}],
     )  # fmt: skip
     if found:
         running = found[0]["State"]["Name"] in ("pending", "running")

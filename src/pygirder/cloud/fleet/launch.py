@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from ...errors import ConfigError
 from ..agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Announcement, Role
-from ..aws import Aws, is_quota_code
+from ..aws import CAPACITY_CODES, LIVE_INSTANCE_STATES, POOL_UNUSABLE_CODES, Aws, is_quota_code
 from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
 from ..tags import (
@@ -42,7 +42,6 @@ from .naming import (
     DEFAULT_DEADLINE_S,
     DEFAULT_INSTANCE_TYPES,
     DEFAULT_TTL_S,
-    LIVE_STATES,
     TAG_LAUNCH,
     fleet_filters,
     fleet_tags,
@@ -57,27 +56,8 @@ from .teardown import down
 log = logging.getLogger("pygirder.fleet")
 
 
-# CreateFleet error codes, by what they mean for the launch loop.
-# A pool (instance type x subnet) is out of spot capacity right now: try others now,
-# this one again after POOL_COOLDOWN_S.
-CAPACITY_CODES = frozenset(
-    {
-        "InsufficientInstanceCapacity",
-        "InsufficientCapacity",
-        "InsufficientFreeAddressesInSubnet",
-        "UnfulfillableCapacity",
-        "capacity-not-available",
-        "SpotCapacityNotAvailable",
-    }
-)
-# The pool cannot work at all (type not offered there, price cap below the market).
-POOL_UNUSABLE_CODES = frozenset(
-    {"Unsupported", "SpotMaxPriceTooLow", "InvalidInstanceType", "InstanceTypeNotSupported"}
-)
-# An account quota: asking again will not help before the quota is raised.
-QUOTA_CODES = frozenset(
-    {"MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "InstanceLimitExceeded"}
-)
+# CreateFleet errors are sorted by ``aws.CAPACITY_CODES``, ``aws.POOL_UNUSABLE_CODES``
+# and ``aws.is_quota_code``; a pool out of capacity is tried again after this long.
 POOL_COOLDOWN_S = 60.0
 # How often the launch loop asks EC2 which of its instances died before announcing.
 REFRESH_INTERVAL_S = 5.0
@@ -389,7 +369,7 @@ class _Up:
         except CloudError as exc:
             if exc.code in CAPACITY_CODES:
                 got = {"Errors": [{"ErrorCode": exc.code, "ErrorMessage": str(exc)}]}
-            elif exc.code in QUOTA_CODES or is_quota_code(exc.code):
+            elif is_quota_code(exc.code):
                 launch.stopped = f"an account quota stops more launches: {exc}"
                 return
             else:
@@ -437,7 +417,7 @@ class _Up:
                 for p in [pool] if pool[0] else pools:
                     launch.blocked[p] = until
                 self.say(f"{launch.role}: {text}")
-            elif code in QUOTA_CODES or is_quota_code(code):
+            elif is_quota_code(code):
                 launch.stopped = f"an account quota stops more launches: {text}"
             else:
                 fatal.append(text)
@@ -474,7 +454,7 @@ class _Up:
         if not waiting:
             return
         for inst in instances_of(
-            self.aws, self.config.name, self.fleet, [*LIVE_STATES, "terminated"]
+            self.aws, self.config.name, self.fleet, [*LIVE_INSTANCE_STATES, "terminated"]
         ):
             entry = by_id.get(inst["InstanceId"])
             if entry is None:

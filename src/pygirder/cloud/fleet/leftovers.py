@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..aws import Aws
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..tags import (
     MANAGED_VALUE,
     TAG_EXPIRES,
@@ -13,7 +13,7 @@ from ..tags import (
     TAG_NAME,
     from_tag_list,
 )
-from .naming import LIVE_STATES, as_utc, describe_instances, fleet_filters, parse_time
+from .naming import as_utc, describe_instances, fleet_filters, parse_time
 
 
 def terminate(aws: Aws, ids: list[str]) -> None:
@@ -66,7 +66,7 @@ def find_kind(aws: Aws, kind: str, name: str | None, fleet: str | None) -> list[
                 add(v["VolumeId"], v.get("Tags"), v.get("CreateTime"), v.get("State", ""))
     elif kind == "instances":
         for inst in describe_instances(
-            aws, [*filters, {"Name": "instance-state-name", "Values": LIVE_STATES}]
+            aws, [*filters, {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)}]
         ):
             add(inst["InstanceId"], inst.get("Tags"), inst.get("LaunchTime"), inst["State"]["Name"])
     elif kind == "parameters":

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..agent import Role
-from ..aws import Aws
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..tags import (
     MANAGED_VALUE,
@@ -42,7 +42,6 @@ DEFAULT_INSTANCE_TYPES = (
 DEFAULT_TTL_S = 4 * 3600.0
 DEFAULT_DEADLINE_S = 600.0
 SSH_USER = "ec2-user"  # Amazon Linux, the template image's base
-LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 # The launch minute, then 64 random bits (older fleets have 16: still accepted).
 _FLEET_ID_RE = re.compile(r"^fl-[0-9]{8}-[0-9]{4}-(?:[0-9a-f]{16}|[0-9a-f]{4})$")
 FLEET_ID_RANDOM_BYTES = 8
@@ -132,7 +131,10 @@ def describe_instances(aws: Aws, filters: list[dict[str, Any]]) -> list[dict[str
 
 
 def instances_of(
-    aws: Aws, name: str | None, fleet: str | None = None, states: Sequence[str] = LIVE_STATES
+    aws: Aws,
+    name: str | None,
+    fleet: str | None = None,
+    states: Sequence[str] = LIVE_INSTANCE_STATES,
 ) -> list[dict[str, Any]]:
     """Instances of a fleet (or of every fleet of ``name``) in ``states``, by tag."""
     filters = [*fleet_filters(name, fleet), {"Name": "instance-state-name", "Values": list(states)}]

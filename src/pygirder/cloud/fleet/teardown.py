@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..aws import Aws
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import CloudError, CloudTimeoutError, NoFleetError
 from ..tags import (
@@ -21,7 +21,7 @@ from ..tags import (
 )
 from .inventory import live_fleets
 from .leftovers import KINDS, delete_kind, find_kind, wait_terminated
-from .naming import LIVE_STATES, check_fleet_id, instances_of, stamp, utcnow
+from .naming import check_fleet_id, instances_of, stamp, utcnow
 
 
 def fleet_leftovers(
@@ -101,7 +101,7 @@ def down(
         # Spot requests of our instances, tagged or not (EC2 does not always copy tags).
         requests = {
             i.get("SpotInstanceRequestId")
-            for i in instances_of(aws, config.name, fl, [*LIVE_STATES, "terminated"])
+            for i in instances_of(aws, config.name, fl, [*LIVE_INSTANCE_STATES, "terminated"])
         }
         ids["spot-requests"] = sorted(set(ids["spot-requests"]) | {r for r in requests if r})
         for kind in ("ec2-fleets", "instances", "spot-requests"):
@@ -114,7 +114,7 @@ def down(
                 report.failures.append(f"{fl} {kind}: {exc}")
         terminated = [
             i["InstanceId"]
-            for i in instances_of(aws, config.name, fl, [*LIVE_STATES, "terminated"])
+            for i in instances_of(aws, config.name, fl, [*LIVE_INSTANCE_STATES, "terminated"])
         ]
         try:
             wait_terminated(aws, terminated, wait_timeout, wait_interval)
