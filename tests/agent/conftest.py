@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from pygirder.cloud.agent import Announcement
-from pygirder.cloud.imds import ImdsEmulator
+from pygirder.cloud.instance.agent import Announcement
+from pygirder.cloud.sim.imds import ImdsEmulator
 
 
 @pytest.fixture(autouse=True)

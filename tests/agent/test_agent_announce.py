@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import ClientError
 
-from pygirder.cloud import agent
-from pygirder.cloud.agent import AgentError, Announcement, Event, mask_url
+from pygirder.cloud.instance import agent
+from pygirder.cloud.instance.agent import AgentError, Announcement, Event, mask_url
 
 
 def _agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pygirder.cloud.agent", *args],
+        [sys.executable, "-m", "pygirder.cloud.instance.agent", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -70,7 +70,7 @@ def test_announce_carries_the_ssh_host_keys(imds, status, tmp_path, monkeypatch)
 
 
 def test_announce_without_public_name(status, monkeypatch) -> None:
-    from pygirder.cloud.imds import ImdsEmulator
+    from pygirder.cloud.sim.imds import ImdsEmulator
 
     with ImdsEmulator(lifecycle="on-demand", local_ipv4="10.0.1.9") as emulator:
         monkeypatch.setenv("PYGIRDER_IMDS_ENDPOINT", emulator.url)

@@ -148,7 +148,7 @@ def test_push_refuses_a_key_holding_another_hash(tmp_path: Path, bucket: str) ->
 
 def _fetch_cli(uri: str, sha256: str, venv: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pygirder.cloud.agent", "fetch-artifact", uri,
+        [sys.executable, "-m", "pygirder.cloud.instance.agent", "fetch-artifact", uri,
          "--sha256", sha256, "--venv", str(venv)],
         capture_output=True, text=True, timeout=120, env=dict(os.environ), check=False,
     )  # fmt: skip
@@ -162,7 +162,7 @@ def test_fetch_installs_the_project_and_its_pygirder(tmp_path: Path, bucket: str
     assert proc.returncode == 0, proc.stderr
     probe = subprocess.run(
         [str(venv / "bin" / "python"), "-c",
-         "import gridjobs, models, pygirder.cloud.agent as a, typer;"
+         "import gridjobs, models, pygirder.cloud.instance.agent as a, typer;"
          "print(gridjobs.price(1, 2), models.RATE, a.__file__)"],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
@@ -215,7 +215,7 @@ def test_fetch_fails_clearly_on_a_missing_object_or_bad_hash(tmp_path: Path, buc
 def test_the_artifact_cli_pushes_once_and_lists(tmp_path: Path, bucket: str) -> None:
     from typer.testing import CliRunner
 
-    from pygirder.cloud.artifact_cli import app
+    from pygirder.cloud.cli.artifact import app
 
     project = make_project(tmp_path)
     runner = CliRunner()
@@ -235,7 +235,7 @@ def test_the_artifact_cli_pushes_once_and_lists(tmp_path: Path, bucket: str) -> 
 def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from pygirder.cloud.artifact_cli import app
+    from pygirder.cloud.cli.artifact import app
 
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["push", str(tmp_path / "empty"), "--bucket", bucket])

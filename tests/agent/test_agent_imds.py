@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from pygirder.cloud.agent import AgentError, ImdsClient
-from pygirder.cloud.imds import ImdsEmulator
+from pygirder.cloud.instance.agent import AgentError, ImdsClient
+from pygirder.cloud.sim.imds import ImdsEmulator
 
 
 def _call(

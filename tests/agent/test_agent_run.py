@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pygirder.cloud import agent
-from pygirder.cloud.agent import (
+from pygirder.cloud.instance import agent
+from pygirder.cloud.instance.agent import (
     AgentError,
     Role,
     RunOptions,
@@ -117,7 +117,7 @@ def test_spot_notice_sigterms_the_child_and_announces_going_away(imds, status, t
 
 
 def test_on_demand_instances_do_not_watch_for_spot_notices(status, tmp_path, monkeypatch) -> None:
-    from pygirder.cloud.imds import ImdsEmulator
+    from pygirder.cloud.sim.imds import ImdsEmulator
 
     with ImdsEmulator(lifecycle="on-demand") as emulator:
         monkeypatch.setenv("PYGIRDER_IMDS_ENDPOINT", emulator.url)
@@ -355,7 +355,7 @@ def test_the_redis_role_serves_with_the_ssm_password(imds, status, redis_passwor
 
 def test_agent_run_cli_reports_bad_options(imds) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pygirder.cloud.agent", "run", "distributor",
+        [sys.executable, "-m", "pygirder.cloud.instance.agent", "run", "distributor",
          "--topic-arn", "arn:aws:sns:us-east-1:123456789012:t", "--launch-id", "L",
          "--redis", "redis://127.0.0.1:1/0", "--ttl", "60", "--expires", "2030-01-01T00:00:00Z"],
         capture_output=True, text=True, timeout=60, check=False,

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from pygirder.cloud import agent
 from pygirder.cloud.artifacts import build_artifact, push_artifact
-from pygirder.cloud.imds import ImdsEmulator
-from pygirder.cloud.userdata import render_user_data
+from pygirder.cloud.instance import agent
+from pygirder.cloud.instance.userdata import render_user_data
+from pygirder.cloud.sim.imds import ImdsEmulator
 from pygirder.errors import ConfigError
 
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
@@ -121,7 +121,7 @@ def _unprivileged() -> list[str]:
     prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]  # fmt: skip
     probe = subprocess.run(
-        [*prefix, sys.executable, "-c", "import os, sys, pygirder.cloud.agent; "
+        [*prefix, sys.executable, "-c", "import os, sys, pygirder.cloud.instance.agent; "
          "print(os.getuid(), sys.version)"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

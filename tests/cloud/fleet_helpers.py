@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pygirder.cloud.agent import Announcement, InstanceMetadata, publish_announcement
 from pygirder.cloud.fleet.naming import TAG_LAUNCH
+from pygirder.cloud.instance.agent import Announcement, InstanceMetadata, publish_announcement
 from pygirder.cloud.tags import TAG_FLEET, TAG_ROLE, from_tag_list
 
 JOBS = '''\

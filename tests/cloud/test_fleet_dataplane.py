@@ -30,8 +30,8 @@ from pygirder.cloud.errors import FleetError
 from pygirder.cloud.fleet.access import direct_route, grid_url
 from pygirder.cloud.fleet.inventory import dashboard_instances
 from pygirder.cloud.fleet.launch import UpOptions, up
-from pygirder.cloud.rehearse import kill_service
-from pygirder.cloud.simulate import Simulator, loopback_network
+from pygirder.cloud.sim.rehearse import kill_service
+from pygirder.cloud.sim.simulator import Simulator, loopback_network
 
 
 @pytest.mark.slow

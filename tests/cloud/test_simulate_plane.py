@@ -2,7 +2,7 @@
 
 Every test launches through the EC2 API of the session moto server (RunInstances, or
 EC2 Fleet ``instant`` with a launch template, as the fleet does) and watches what the
-:class:`~pygirder.cloud.simulate.Simulator` makes of it: the user-data runs through
+:class:`~pygirder.cloud.sim.simulator.Simulator` makes of it: the user-data runs through
 the boot robot with its own IMDSv2, announces through SNS to SQS, and the process
 tree follows the instance's EC2 state.
 """
@@ -23,8 +23,8 @@ import psutil
 import pytest
 from cloud_helpers import fresh_session
 
-from pygirder.cloud.agent import Announcement
-from pygirder.cloud.simulate import (
+from pygirder.cloud.instance.agent import Announcement
+from pygirder.cloud.sim.simulator import (
     SimState,
     Simulator,
     SimulatorError,
@@ -132,7 +132,7 @@ def tree(pid: int) -> list[psutil.Process]:
 # private address is bindable, leave a daemon in its own session, then keep running.
 ANNOUNCING = """#!/bin/bash
 set -Eeuo pipefail
-"$PYGIRDER_PYTHON" -m pygirder.cloud.agent announce --topic-arn {topic} \\
+"$PYGIRDER_PYTHON" -m pygirder.cloud.instance.agent announce --topic-arn {topic} \\
     --launch-id L-sim --role worker --event up --fleet f-sim
 "$PYGIRDER_PYTHON" - <<'EOF'
 import os, socket, urllib.request
@@ -208,7 +208,7 @@ def test_self_termination_through_the_shutdown_command(ec2, sim: Simulator) -> N
     # What the agent does when the time-to-live runs out, with the simulator's command.
     script = (
         "#!/bin/bash\nset -eu\n"
-        '"$PYGIRDER_PYTHON" -m pygirder.cloud.agent wait-expiry --ttl 0.5 '
+        '"$PYGIRDER_PYTHON" -m pygirder.cloud.instance.agent wait-expiry --ttl 0.5 '
         '--shutdown-command "$PYGIRDER_SHUTDOWN_COMMAND"\n'
         "sleep 60\n"
     )

@@ -106,7 +106,7 @@ class BuildResult:
 # -- the bake script ----------------------------------------------------------------------
 def boot_robot_script() -> str:
     """The boot robot, as installed in the image and run by the local data plane."""
-    return resources.files(__package__).joinpath(BOOT_ROBOT).read_text()
+    return resources.files("pygirder.cloud.instance").joinpath(BOOT_ROBOT).read_text()
 
 
 def render_bake_script(
@@ -136,7 +136,7 @@ def render_bake_script(
         "PYTHON_PACKAGE": python_package,
         "SERVICE_USER": service_user,
     }
-    script = resources.files(__package__).joinpath(BAKE_TEMPLATE).read_text()
+    script = resources.files("pygirder.cloud.instance").joinpath(BAKE_TEMPLATE).read_text()
     for key, value in values.items():
         script = script.replace(f"=@{key}@\n", f"={shlex.quote(value)}\n")
     script = script.replace("\n@BOOT_ROBOT@\n", "\n" + boot_robot_script().rstrip("\n") + "\n")
@@ -352,7 +352,7 @@ def _await_bake(
 
     Messages of other launches are made visible again at once, for whoever waits on them.
     """
-    from .agent import Announcement
+    from .instance.agent import Announcement
 
     deadline = time.monotonic() + timeout
     next_check = 0.0

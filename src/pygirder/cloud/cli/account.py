@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, PygirderError
-from . import artifact_cli, fleet_cli, image_cli, simulate_cli
-from .config import (
+from ...errors import ConfigError, PygirderError
+from ..config import (
     CONFIG_ENV,
     CloudConfig,
     CloudConfigError,
@@ -30,9 +29,13 @@ from .config import (
     default_config_text,
     load_config,
 )
+from . import artifact as artifact_cli
+from . import fleet as fleet_cli
+from . import image as image_cli
+from . import simulate as simulate_cli
 
 if TYPE_CHECKING:
-    from .account import Report
+    from ..account import Report
 
 app = typer.Typer(
     name="cloud",
@@ -141,7 +144,7 @@ def init(
 @app.command()
 def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show what `setup` would create, change or delete.  Changes nothing."""
-    from .account import plan as run_plan
+    from ..account import plan as run_plan
 
     cfg = _load(config)
     try:
@@ -170,7 +173,7 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @app.command()
 def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create the missing account resources and fix drifted ones (idempotent)."""
-    from .account import setup as run_setup
+    from ..account import setup as run_setup
 
     cfg = _load(config)
     try:
@@ -178,7 +181,7 @@ def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     except PygirderError as exc:
         items = getattr(exc, "items", None)
         if items and not as_json:
-            from .account import Report
+            from ..account import Report
 
             out.print(_plan_table(Report("setup", items=items), title="conflicts"))
         raise _fail(exc) from None
@@ -197,7 +200,7 @@ def setup(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show every resource, its state and the monthly cost of what is left running."""
-    from .account import status as run_status
+    from ..account import status as run_status
 
     cfg = _load(config)
     try:
@@ -226,8 +229,8 @@ def teardown(
     as_json: JsonOption = False,
 ) -> None:
     """Delete every resource of this setup (bucket contents included), then prove it."""
-    from .account import teardown as run_teardown
-    from .aws import Aws
+    from ..account import teardown as run_teardown
+    from ..aws import Aws
 
     cfg = _load(config)
     aws = Aws(cfg)
@@ -284,7 +287,7 @@ def policy(
     ),
 ) -> None:
     """Print the IAM policy an operator needs for every `pygirder cloud` command."""
-    from .policy import boundary_policy, operator_policy, partition
+    from ..policy import boundary_policy, operator_policy, partition
 
     bucket, part = None, "aws"
     try:

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import PygirderError
-from .artifacts import build_artifact, list_artifacts, push_artifact
+from ...errors import PygirderError
+from ..artifacts import build_artifact, list_artifacts, push_artifact
 
 __all__ = ["app", "artifact_list", "artifact_push"]
 
@@ -48,8 +48,8 @@ def _where(bucket: str | None, prefix: str | None, config: Path | None) -> tuple
     if bucket is not None:
         return bucket, prefix or "artifacts/"
     try:
-        from .account import account_resources
-        from .config import load_config
+        from ..account import account_resources
+        from ..config import load_config
     except ImportError as exc:
         raise PygirderError(
             f"give --bucket: the account setup is not available here ({exc})"

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, PygirderError
+from ...errors import ConfigError, PygirderError
 
 if TYPE_CHECKING:
-    from .config import CloudConfig
+    from ..config import CloudConfig
 
 __all__ = ["register"]
 
@@ -62,7 +62,7 @@ def _say(text: str) -> None:
 
 
 def _load(path: Path | None) -> CloudConfig:
-    from .config import load_config
+    from ..config import load_config
 
     try:
         return load_config(path)
@@ -71,7 +71,7 @@ def _load(path: Path | None) -> CloudConfig:
 
 
 def _duration(text: str, option: str) -> float:
-    from ..grid.maintenance import parse_age
+    from ...grid.maintenance import parse_age
 
     try:
         return parse_age(text)
@@ -133,8 +133,8 @@ def up(
     announce that they are ready."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .fleet import DEFAULT_INSTANCE_TYPES, UpOptions
-    from .fleet import up as run_up
+    from ..fleet import DEFAULT_INSTANCE_TYPES, UpOptions
+    from ..fleet import up as run_up
 
     cfg = _load(config)
     types = tuple(t.strip() for t in (instance_types or "").split(",") if t.strip())
@@ -236,7 +236,7 @@ def up(
 
 def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
     """The running fleet: role, instance, state, address, uptime, spot price, cost so far."""
-    from .fleet import fleet_status
+    from ..fleet import fleet_status
 
     cfg = _load(config)
     try:
@@ -272,7 +272,7 @@ def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = F
 
 def cost(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
     """What the fleet costs: per role per hour, so far, and until it expires."""
-    from .fleet import fleet_cost
+    from ..fleet import fleet_cost
 
     cfg = _load(config)
     try:
@@ -319,8 +319,8 @@ def tunnel(
     import signal
     import threading
 
-    from .agent import mask_url
-    from .fleet import grid_url
+    from ..fleet import grid_url
+    from ..instance.agent import mask_url
 
     cfg = _load(config)
     stop = threading.Event()
@@ -358,8 +358,8 @@ def run(
 
     import pygirder
 
-    from ..calls import GridFunction
-    from .fleet import grid_url
+    from ...calls import GridFunction
+    from ..fleet import grid_url
 
     module_name, _, func_name = target.partition(":")
     if not module_name or not func_name:
@@ -412,12 +412,12 @@ def exec_(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a command on every instance of a role; print each instance's output."""
-    from .fleet import exec_role
+    from ..fleet import exec_role
 
     cfg = _load(config)
     runner = None
     if data_plane is not None:
-        from .rehearse import simulated_runner
+        from ..sim.rehearse import simulated_runner
 
         runner = simulated_runner(data_plane)
     try:
@@ -450,8 +450,8 @@ def ssh(
     """Open SSH to one instance (through the redis node when it has no public address)."""
     import shlex
 
-    from .aws import Aws
-    from .fleet import instance_row, ssh_command
+    from ..aws import Aws
+    from ..fleet import instance_row, ssh_command
 
     cfg = _load(config)
     try:
@@ -477,8 +477,8 @@ def logs(
     via: ViaOpt = "auto",
 ) -> None:
     """The grid-wide log stream of the fleet (`pygirder logs` against its redis node)."""
-    from ..cli.logs import logs_command
-    from .fleet import grid_url
+    from ...cli.logs import logs_command
+    from ..fleet import grid_url
 
     cfg = _load(config)
     try:
@@ -505,8 +505,8 @@ def down(
     as_json: JsonOpt = False,
 ) -> None:
     """Terminate the fleet and remove everything it created, then prove it."""
-    from .fleet import KINDS
-    from .fleet import down as run_down
+    from ..fleet import KINDS
+    from ..fleet import down as run_down
 
     cfg = _load(config)
     try:
@@ -552,7 +552,7 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Find orphaned fleet resources of any pygirder setup in the region; --yes removes them."""
-    from .fleet import sweep as run_sweep
+    from ..fleet import sweep as run_sweep
 
     cfg = _load(config)
     try:
@@ -606,8 +606,8 @@ def rehearse(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole flow on a local moto server and the local data plane, with a timeline."""
-    from .rehearse import RehearsalError
-    from .rehearse import rehearse as run_rehearsal
+    from ..sim.rehearse import RehearsalError
+    from ..sim.rehearse import rehearse as run_rehearsal
 
     started = datetime.now(UTC)
     try:

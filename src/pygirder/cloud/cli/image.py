@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, PygirderError
+from ...errors import ConfigError, PygirderError
 
 __all__ = ["app"]
 
@@ -50,7 +50,7 @@ def _progress(text: str) -> None:
 
 
 def _config(path: Path | None):  # -> CloudConfig
-    from .config import load_config
+    from ..config import load_config
 
     try:
         return load_config(path)
@@ -84,7 +84,7 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Bake a new template image from the latest Amazon Linux 2023 (takes a few minutes)."""
-    from .image import build_image
+    from ..image import build_image
 
     cfg = _config(config)
     try:
@@ -106,7 +106,7 @@ def build(
 @app.command("list")
 def list_(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List this setup's template images, newest first (and builders that still exist)."""
-    from .image import list_builders, list_images
+    from ..image import list_builders, list_images
 
     cfg = _config(config)
     try:
@@ -149,7 +149,7 @@ def delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Deregister images and delete their snapshots; terminate kept builders."""
-    from .image import delete_images, list_builders, list_images
+    from ..image import delete_images, list_builders, list_images
 
     cfg = _config(config)
     targets = list(ids or [])

@@ -1,7 +1,7 @@
 """``pygirder cloud simulate``: run the local data plane, interrupt its instances, show them.
 
 The cloud CLI mounts :data:`app` as ``pygirder cloud simulate``.  Without a
-subcommand it runs a :class:`~pygirder.cloud.simulate.Simulator` in the foreground
+subcommand it runs a :class:`~pygirder.cloud.sim.simulator.Simulator` in the foreground
 until Ctrl-C, printing what its instances do and, at the end, their peak memory;
 ``interrupt`` and ``status`` talk to a running one through its state directory.
 """
@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import PygirderError
-from .simulate import DEFAULT_STATE_DIR, POLL_INTERVAL_S, STOP_GRACE_S
+from ...errors import PygirderError
+from ..sim.simulator import DEFAULT_STATE_DIR, POLL_INTERVAL_S, STOP_GRACE_S
 
 __all__ = ["app"]
 
@@ -83,7 +83,7 @@ def simulate(
             ),
             2,
         )
-    from .simulate import SimInstance, Simulator
+    from ..sim.simulator import SimInstance, Simulator
 
     def on_event(instance: SimInstance, message: str) -> None:
         role = instance.tags.get("pygirder:role", "")
@@ -134,7 +134,7 @@ def interrupt(
     ] = True,
 ) -> None:
     """Post a spot interruption notice to a simulated instance (and reclaim it when due)."""
-    from .simulate import request_interrupt
+    from ..sim.simulator import request_interrupt
 
     try:
         stamp = request_interrupt(

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
-from ..agent import DEFAULT_REDIS_PORT
 from ..aws import Aws
 from ..config import CloudConfig
 from ..errors import FleetError, NoFleetError
+from ..instance.agent import DEFAULT_REDIS_PORT
 from .inventory import InstanceRow, resolve_fleet, rows_of
 from .naming import KNOWN_HOSTS_DIR, SSH_USER, check_fleet_id
 
@@ -65,7 +65,7 @@ def redis_node(config: CloudConfig, fleet: str | None = None, *, aws: Aws) -> Gr
 
 
 def redis_password(config: CloudConfig, fleet: str, *, aws: Aws) -> str:
-    from ..agent import redis_password_parameter
+    from ..instance.agent import redis_password_parameter
 
     got = aws.call(
         "ssm",
@@ -237,7 +237,7 @@ def grid_url(
     """``redis://:password@host:port/0`` of a fleet's grid, reachable from here while
     the context lasts.  ``via``: ``auto`` (direct, else SSH, else SSM), or one route;
     ``routes`` replaces the candidates altogether (a rehearsal's own resolution)."""
-    from ..agent import with_password
+    from ..instance.agent import with_password
 
     aws = aws or Aws(config)
     node = redis_node(config, fleet, aws=aws)

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ...errors import ConfigError
-from ..agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Announcement, Role
 from ..aws import CAPACITY_CODES, LIVE_INSTANCE_STATES, POOL_UNUSABLE_CODES, Aws, is_quota_code
 from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
+from ..instance.agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Announcement, Role
 from ..tags import (
     as_tag_list,
 )
@@ -242,7 +242,7 @@ class _Up:
 
     def store_password(self) -> None:
         """The fleet's Redis password, a tagged SecureString only the fleet can read."""
-        from ..agent import redis_password_parameter
+        from ..instance.agent import redis_password_parameter
 
         self.aws.call(
             "ssm",
@@ -288,7 +288,7 @@ class _Up:
     def user_data(
         self, launch: _Launch, uri: str, sha: str, imports: tuple[str, ...], redis: str | None
     ) -> str:
-        from ..userdata import render_user_data
+        from ..instance.userdata import render_user_data
 
         return render_user_data(
             topic_arn=self.res["topic_arn"],

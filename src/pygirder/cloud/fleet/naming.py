@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
-from ..agent import Role
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
+from ..instance.agent import Role
 from ..tags import (
     MANAGED_VALUE,
     TAG_EXPIRES,

@@ -8,13 +8,13 @@ tagged ``pygirder:managed=true`` and gives each one what a real instance has:
   DescribeInstances tells the truth), else ``127.X.Y.n`` of the simulator's own
   block; Linux routes all of 127.0.0.0/8 to ``lo``, so a service binding its
   "private IP" works as on EC2;
-- **its own IMDSv2** (:class:`~pygirder.cloud.imds.ImdsEmulator`) with its instance id,
+- **its own IMDSv2** (:class:`~pygirder.cloud.sim.imds.ImdsEmulator`) with its instance id,
   address, zone, type, life cycle (spot or on-demand), tags (when the launch enabled
   tags in metadata) and the user-data it was launched with (read back with
   DescribeInstanceAttribute, which moto fills for RunInstances and for launch-template
   launches such as EC2 Fleet ``instant``);
 - **a boot**: the image's very boot robot (``pygirder-boot.sh``) runs under a small
-  init process (:mod:`pygirder.cloud.siminit`), in the instance's own HOME under the
+  init process (:mod:`pygirder.cloud.sim.siminit`), in the instance's own HOME under the
   state directory, fetches the user-data through IMDSv2 and runs it.  The init is a
   child subreaper, so every process the user-data starts (even one that starts its
   own session) stays in the instance's tree.
@@ -74,9 +74,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import PygirderError
+from ...errors import PygirderError
+from ..tags import MANAGED_VALUE, TAG_MANAGED, TAG_NAME, from_tag_list
 from .imds import ImdsEmulator
-from .tags import MANAGED_VALUE, TAG_MANAGED, TAG_NAME, from_tag_list
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -290,7 +290,9 @@ class Simulator:
         try:
             self._check_loopback()
             self._robot = self.state_dir / "pygirder-boot"
-            self._robot.write_bytes(resources.files(__package__).joinpath(BOOT_ROBOT).read_bytes())
+            self._robot.write_bytes(
+                resources.files("pygirder.cloud.instance").joinpath(BOOT_ROBOT).read_bytes()
+            )
             self._robot.chmod(0o755)
             self._ec2 = self._client()
             self._tick(first=True)
@@ -573,7 +575,7 @@ class Simulator:
         assert machine.emulator is not None
         user = os.environ.get("USER") or os.environ.get("LOGNAME") or "pygirder"
         shutdown = [
-            sys.executable, "-m", "pygirder.cloud.simulate", "shutdown",
+            sys.executable, "-m", "pygirder.cloud.sim.simulator", "shutdown",
             machine.instance_id, "--region", self.region,
         ]  # fmt: skip
         env = {
@@ -933,8 +935,8 @@ def shut_down_instance(instance_id: str, region: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pygirder.cloud.simulate shutdown ID``: the shutdown of a simulated instance."""
-    parser = argparse.ArgumentParser(prog="python -m pygirder.cloud.simulate")
+    """``python -m pygirder.cloud.sim.simulator shutdown ID``: shut a simulated instance down."""
+    parser = argparse.ArgumentParser(prog="python -m pygirder.cloud.sim.simulator")
     commands = parser.add_subparsers(dest="command", required=True)
     down = commands.add_parser("shutdown", help="shut this simulated instance down via EC2")
     down.add_argument("instance_id")

@@ -1,6 +1,6 @@
 """The init of a simulated instance: run its boot, keep its process tree, end it on SIGTERM.
 
-The local data plane (:mod:`pygirder.cloud.simulate`) starts one per instance::
+The local data plane (:mod:`pygirder.cloud.sim.simulator`) starts one per instance::
 
     python -I -S .../pygirder/cloud/siminit.py --grace 10 -- /bin/bash .../pygirder-boot
 

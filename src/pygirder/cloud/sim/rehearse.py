@@ -7,7 +7,7 @@ artifact push, ``up`` (one redis node, one distributor, N workers), a re-entrant
 through the fleet's grid with a spot interruption of one worker while it runs,
 ``exec`` on every worker, ``down``, the proof that nothing of the fleet is left, and
 the account teardown.  Each instance is a local process tree run by the
-:class:`~pygirder.cloud.simulate.Simulator`: the very user-data a real instance gets,
+:class:`~pygirder.cloud.sim.simulator.Simulator`: the very user-data a real instance gets,
 with its own IMDSv2, on its own loopback address, announcing itself through SNS to
 the status queue.  Only the operating system image is not exercised.
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PygirderError
+from ...errors import PygirderError
 
 __all__ = [
     "JOB_MODULE",
@@ -213,7 +213,7 @@ def _quiet_handle_error(request: Any, client_address: Any) -> None:
 
 def _config(state: Path) -> Any:
     """The rehearsal's ``[cloud]`` settings, with a throwaway SSH key of its own."""
-    from .config import config_from_dict
+    from ..config import config_from_dict
 
     key = state / "id_ed25519"
     if not key.exists():
@@ -228,7 +228,7 @@ def _config(state: Path) -> Any:
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDrZ2/fj2i2RDlxzFQE/0li3aGxvKT7OXirOAyehzMF4 "
                 "pygirder-rehearsal\n"
             )
-    from .simulate import loopback_network
+    from .simulator import loopback_network
 
     return config_from_dict(
         {
@@ -283,7 +283,7 @@ def simulated_runner(source: Any) -> Callable[..., Any]:
     HOME.  ``source`` is a running :class:`Simulator` or the state directory of a
     ``pygirder cloud simulate`` (its ``instances.json``).
     """
-    from .fleet import ExecResult
+    from ..fleet import ExecResult
 
     def lookup(instance_id: str) -> tuple[int | None, Path] | None:
         if hasattr(source, "instances"):
@@ -397,11 +397,11 @@ def _rehearse(
     deadline_s: float,
     on_ready: Callable[[RehearsalReport, Any], None] | None,
 ) -> None:
-    from .account import account_resources, setup, teardown
-    from .artifacts import build_artifact, push_artifact
-    from .aws import Aws
-    from .fleet import UpOptions, down, exec_role, fleet_leftovers, grid_url, up
-    from .simulate import Simulator
+    from ..account import account_resources, setup, teardown
+    from ..artifacts import build_artifact, push_artifact
+    from ..aws import Aws
+    from ..fleet import UpOptions, down, exec_role, fleet_leftovers, grid_url, up
+    from .simulator import Simulator
 
     config = _config(state)
     aws = Aws(config)

@@ -2,11 +2,14 @@
 
 Every pygirder instance runs this from its user-data (see ``userdata.py``)::
 
-    python -m pygirder.cloud.agent announce --topic-arn ARN --launch-id L --role worker --event up
-    python -m pygirder.cloud.agent fetch-artifact s3://bucket/artifacts/<sha>.tar.gz \\
+    python -m pygirder.cloud.instance.agent announce --topic-arn ARN --launch-id L \\
+        --role worker --event up
+    python -m pygirder.cloud.instance.agent fetch-artifact s3://bucket/artifacts/<sha>.tar.gz \\
         --sha256 <sha> --venv ~/pygirder/venv
-    ~/pygirder/venv/bin/python -m pygirder.cloud.agent run worker --redis redis://10.0.1.5:6379 ...
-    python -m pygirder.cloud.agent wait-expiry --expires 2026-01-01T12:00:00Z   # after a failure
+    ~/pygirder/venv/bin/python -m pygirder.cloud.instance.agent run worker \\
+        --redis redis://10.0.1.5:6379 ...
+    # after a failure:
+    python -m pygirder.cloud.instance.agent wait-expiry --expires 2026-01-01T12:00:00Z
 
 Each command is a service of the shared CLI helper (``pygirder.cli.service``): it takes
 ``--log-level``, ``--id``, ``--opts`` and ``--json``, and a failure ends with
@@ -15,7 +18,7 @@ Each command is a service of the shared CLI helper (``pygirder.cli.service``): i
 What it talks to:
 
 - **IMDSv2** at ``http://169.254.169.254``, or at ``$PYGIRDER_IMDS_ENDPOINT`` (the one
-  seam; a simulated instance sets it to an :class:`~pygirder.cloud.imds.ImdsEmulator`).
+  seam; a simulated instance sets it to an :class:`~pygirder.cloud.sim.imds.ImdsEmulator`).
   A session token is fetched first and renewed on 401.
 - **SNS**: one JSON :class:`Announcement` per event (``up``, ``ready``, ``going-away``,
   ``failed``) on the fleet's status topic, whose region is read from the topic ARN.
@@ -76,9 +79,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli.service import service
-from ..errors import ConfigError, PygirderError
-from .aws import RetryPolicy, client_config, is_transient
+from ...cli.service import service
+from ...errors import ConfigError, PygirderError
+from ..aws import RetryPolicy, client_config, is_transient
 
 __all__ = [
     "DEFAULT_IMDS_ENDPOINT",
@@ -630,7 +633,7 @@ def alive_for(grace_s: float) -> ReadyProbe:
 
 def redis_answers(host: str, port: int, password: str | None) -> ReadyProbe:
     """Ready once the server answers PING (after AUTH with the password)."""
-    from ..server import _ping  # one raw RESP round trip, no client retries
+    from ...server import _ping  # one raw RESP round trip, no client retries
 
     return lambda proc, elapsed: _ping(host, port, password, 1.0)
 
@@ -1080,7 +1083,7 @@ def fetch_artifact(
     venv: Annotated[Path, typer.Option("--venv", help="Virtual environment to install into.")],
 ) -> dict[str, Any]:
     """Download the artifact, verify its hash and install it into a virtual environment."""
-    from .artifacts import install_artifact
+    from ..artifacts import install_artifact
 
     _quiet_aws_loggers()
     manifest = install_artifact(uri, sha256, venv)
@@ -1171,7 +1174,7 @@ def wait_expiry(
 
 
 def main() -> None:
-    app(prog_name="python -m pygirder.cloud.agent")
+    app(prog_name="python -m pygirder.cloud.instance.agent")
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ announce_with_aws_cli() {
 }
 
 announce() {
-    if "$PYTHON" -c 'import pygirder.cloud.agent' 2>/dev/null; then
-        "$PYTHON" -m pygirder.cloud.agent announce --topic-arn "$TOPIC_ARN" \
+    if "$PYTHON" -c 'import pygirder.cloud.instance.agent' 2>/dev/null; then
+        "$PYTHON" -m pygirder.cloud.instance.agent announce --topic-arn "$TOPIC_ARN" \
             --launch-id "$BUILD_ID" --role image-builder --event "$1" --detail "$2"
     else
         announce_with_aws_cli "$1" "$2"
@@ -135,7 +135,7 @@ if ((CHECK)); then  # the wheel would install: pip resolves it without installin
         "${WORK}/${WHEEL_NAME}[cloud]"
     log "checked: $WHEEL_NAME is installable"
 fi
-"$PYTHON" -c 'import boto3, pygirder.cloud.agent'
+"$PYTHON" -c 'import boto3, pygirder.cloud.instance.agent'
 valkey=$("$PYTHON" -c 'from pygirder.server import valkey_executable; print(valkey_executable())')
 log "Valkey: $("$valkey" --version)"
 python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

@@ -31,7 +31,7 @@ import shlex
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role, pygirder_version
 
 __all__ = ["DEFAULT_BASE_PYTHON", "MAX_USER_DATA_BYTES", "render_user_data"]
@@ -168,7 +168,7 @@ exec >>"$LOG" 2>&1
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) pygirder boot: role $ROLE, launch $LAUNCH_ID"
 
 agent() {{
-    "$PYTHON" -m pygirder.cloud.agent "$@"
+    "$PYTHON" -m pygirder.cloud.instance.agent "$@"
 }}
 
 announce() {{
@@ -191,7 +191,7 @@ trap 'on_error $LINENO' ERR
 
 announce up
 agent fetch-artifact "$ARTIFACT_URI" --sha256 "$ARTIFACT_SHA256" --venv "$VENV"
-"$VENV/bin/python" -m pygirder.cloud.agent run {run_lines}
+"$VENV/bin/python" -m pygirder.cloud.instance.agent run {run_lines}
 """
     size = len(script.encode())
     if size > MAX_USER_DATA_BYTES:
