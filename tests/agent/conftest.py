@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pygirder.cloud.instance.agent import Announcement
+from pygirder.cloud.instance.announce import Announcement
 from pygirder.cloud.sim.imds import ImdsEmulator
 
 

@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import ClientError
 
-from pygirder.cloud.instance import agent
-from pygirder.cloud.instance.agent import AgentError, Announcement, Event, mask_url
+from pygirder.cloud.instance import agent, announce, common
+from pygirder.cloud.instance.announce import Announcement
+from pygirder.cloud.instance.common import AgentError, Event, mask_url
 
 
 def _agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -45,7 +46,7 @@ def test_announce_reaches_the_queue_with_every_field(imds, status) -> None:
     assert message.instance_type == "c7a.large"
     assert message.lifecycle == "spot"
     assert message.ami_id == "ami-0pygirder000001"
-    assert message.pygirder_version == agent.pygirder_version() != "unknown"
+    assert message.pygirder_version == common.pygirder_version() != "unknown"
     assert message.detail == "booted"
     sent = datetime.fromisoformat(message.time.replace("Z", "+00:00"))
     assert before <= sent <= datetime.now(UTC)
@@ -56,7 +57,7 @@ def test_announce_carries_the_ssh_host_keys(imds, status, tmp_path, monkeypatch)
     (tmp_path / "ssh_host_ed25519_key.pub").write_text(ed25519 + " root@ip-10-42-0-5\n")
     (tmp_path / "ssh_host_rsa_key.pub").write_text("ssh-rsa not*base64 root@host\n")
     (tmp_path / "ssh_host_ed25519_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
-    monkeypatch.setenv(agent.HOST_KEY_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(announce.HOST_KEY_DIR_ENV, str(tmp_path))
     proc = _agent_cli(
         "announce", "--topic-arn", status.topic_arn, "--launch-id", "L-42",
         "--role", "redis", "--event", "ready", "--fleet", "f-7",
@@ -65,8 +66,8 @@ def test_announce_carries_the_ssh_host_keys(imds, status, tmp_path, monkeypatch)
     [message] = status.receive(1)
     # The public key only (never the private file, never a malformed line or comment).
     assert message.host_keys == (ed25519,)
-    monkeypatch.setenv(agent.HOST_KEY_DIR_ENV, str(tmp_path / "missing"))
-    assert agent.read_host_keys() == ()
+    monkeypatch.setenv(announce.HOST_KEY_DIR_ENV, str(tmp_path / "missing"))
+    assert announce.read_host_keys() == ()
 
 
 def test_announce_without_public_name(status, monkeypatch) -> None:
@@ -136,7 +137,7 @@ def test_only_transient_errors_are_retried_and_retries_are_bounded(monkeypatch) 
             raise _client_error("Throttling")
         return "ok"
 
-    assert agent._with_retries("publishing", flaky) == "ok"
+    assert announce._with_retries("publishing", flaky) == "ok"
     assert len(calls) == 3
 
     calls.clear()
@@ -146,7 +147,7 @@ def test_only_transient_errors_are_retried_and_retries_are_bounded(monkeypatch) 
         raise _client_error("AuthorizationError", 403)
 
     with pytest.raises(AgentError, match="publishing failed"):
-        agent._with_retries("publishing", denied)
+        announce._with_retries("publishing", denied)
     assert len(calls) == 1
 
     calls.clear()
@@ -156,7 +157,7 @@ def test_only_transient_errors_are_retried_and_retries_are_bounded(monkeypatch) 
         raise _client_error("InternalError", 500)
 
     with pytest.raises(AgentError):
-        agent._with_retries("publishing", down, attempts=4)
+        announce._with_retries("publishing", down, attempts=4)
     assert len(calls) == 4
 
 

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from pygirder.cloud.instance.agent import AgentError, ImdsClient
+from pygirder.cloud.instance.common import AgentError
+from pygirder.cloud.instance.metadata import ImdsClient
 from pygirder.cloud.sim.imds import ImdsEmulator
 
 

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from pygirder.cloud.instance import agent
-from pygirder.cloud.instance.agent import (
-    AgentError,
-    Role,
-    RunOptions,
+from pygirder.cloud.instance import agent, supervisor
+from pygirder.cloud.instance.agent import RunOptions, run_service
+from pygirder.cloud.instance.common import AgentError, Role
+from pygirder.cloud.instance.supervisor import (
     Supervisor,
     alive_for,
-    run_service,
     service_command,
     service_environment,
     with_password,
@@ -159,7 +157,7 @@ def test_the_default_shutdown_is_never_run_on_a_simulated_instance(
     def refuse(*args, **kwargs):
         raise AssertionError(f"must not run {args}")
 
-    monkeypatch.setattr(agent.subprocess, "run", refuse)
+    monkeypatch.setattr(supervisor.subprocess, "run", refuse)
     with caplog.at_level(logging.WARNING, logger="pygirder.agent"):
         assert agent.shut_down(None) == 0
     assert "simulated instance" in caplog.text

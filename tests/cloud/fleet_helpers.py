@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pygirder.cloud.fleet.naming import TAG_LAUNCH
-from pygirder.cloud.instance.agent import Announcement, InstanceMetadata, publish_announcement
+from pygirder.cloud.instance.announce import Announcement, publish_announcement
+from pygirder.cloud.instance.metadata import InstanceMetadata
 from pygirder.cloud.tags import TAG_FLEET, TAG_ROLE, from_tag_list
 
 JOBS = '''\

@@ -38,7 +38,7 @@ from pygirder.cloud.fleet.inventory import InstanceRow, fleet_cost, fleet_status
 from pygirder.cloud.fleet.launch import Member, UpOptions, up
 from pygirder.cloud.fleet.naming import TAG_LAUNCH, check_fleet_id, new_fleet_id
 from pygirder.cloud.fleet.teardown import down, find_orphans, sweep
-from pygirder.cloud.instance.agent import Announcement, publish_announcement
+from pygirder.cloud.instance.announce import Announcement, publish_announcement
 from pygirder.cloud.policy import allows_action, iam_action, operator_policy
 from pygirder.cloud.tags import TAG_EXPIRES, TAG_FLEET, TAG_MANAGED, TAG_NAME, TAG_ROLE
 from pygirder.errors import ConfigError

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from cloud_helpers import fresh_session
 
-from pygirder.cloud.instance.agent import Announcement
+from pygirder.cloud.instance.announce import Announcement
 from pygirder.cloud.sim.simulator import (
     SimState,
     Simulator,

@@ -352,7 +352,7 @@ def _await_bake(
 
     Messages of other launches are made visible again at once, for whoever waits on them.
     """
-    from .instance.agent import Announcement
+    from .instance.announce import Announcement
 
     deadline = time.monotonic() + timeout
     next_check = 0.0

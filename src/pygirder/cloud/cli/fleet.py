@@ -320,7 +320,7 @@ def tunnel(
     import threading
 
     from ..fleet import grid_url
-    from ..instance.agent import mask_url
+    from ..instance.common import mask_url
 
     cfg = _load(config)
     stop = threading.Event()

@@ -27,7 +27,7 @@ from ...errors import ConfigError
 from ..aws import Aws
 from ..config import CloudConfig
 from ..errors import FleetError, NoFleetError
-from ..instance.agent import DEFAULT_REDIS_PORT
+from ..instance.common import DEFAULT_REDIS_PORT
 from .inventory import InstanceRow, resolve_fleet, rows_of
 from .naming import KNOWN_HOSTS_DIR, SSH_USER, check_fleet_id
 
@@ -65,7 +65,7 @@ def redis_node(config: CloudConfig, fleet: str | None = None, *, aws: Aws) -> Gr
 
 
 def redis_password(config: CloudConfig, fleet: str, *, aws: Aws) -> str:
-    from ..instance.agent import redis_password_parameter
+    from ..instance.announce import redis_password_parameter
 
     got = aws.call(
         "ssm",
@@ -237,7 +237,7 @@ def grid_url(
     """``redis://:password@host:port/0`` of a fleet's grid, reachable from here while
     the context lasts.  ``via``: ``auto`` (direct, else SSH, else SSM), or one route;
     ``routes`` replaces the candidates altogether (a rehearsal's own resolution)."""
-    from ..instance.agent import with_password
+    from ..instance.supervisor import with_password
 
     aws = aws or Aws(config)
     node = redis_node(config, fleet, aws=aws)

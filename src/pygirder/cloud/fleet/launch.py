@@ -31,7 +31,8 @@ from ...errors import ConfigError
 from ..aws import CAPACITY_CODES, LIVE_INSTANCE_STATES, POOL_UNUSABLE_CODES, Aws, is_quota_code
 from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
-from ..instance.agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Announcement, Role
+from ..instance.announce import Announcement
+from ..instance.common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role
 from ..tags import (
     as_tag_list,
 )
@@ -242,7 +243,7 @@ class _Up:
 
     def store_password(self) -> None:
         """The fleet's Redis password, a tagged SecureString only the fleet can read."""
-        from ..instance.agent import redis_password_parameter
+        from ..instance.announce import redis_password_parameter
 
         self.aws.call(
             "ssm",

@@ -17,6 +17,7 @@ from .naming import as_utc, describe_instances, fleet_filters, parse_time
 
 
 def terminate(aws: Aws, ids: list[str]) -> None:
+    """Terminate instances, 500 per call; already gone is fine."""
     for start in range(0, len(ids), 500):
         aws.call(
             "ec2",
@@ -26,7 +27,7 @@ def terminate(aws: Aws, ids: list[str]) -> None:
         )
 
 
-# --------------------------------------------------------------------------- down
+# ------------------------------------------------------------- by kind, for down and sweep
 
 
 def find_kind(aws: Aws, kind: str, name: str | None, fleet: str | None) -> list[dict[str, Any]]:

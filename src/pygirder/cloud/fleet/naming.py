@@ -12,7 +12,7 @@ from typing import Any
 from ...errors import ConfigError
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
-from ..instance.agent import Role
+from ..instance.common import Role
 from ..tags import (
     MANAGED_VALUE,
     TAG_EXPIRES,

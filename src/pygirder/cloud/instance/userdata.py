@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from ...errors import ConfigError
-from .agent import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role, pygirder_version
+from .common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role, pygirder_version
 
 __all__ = ["DEFAULT_BASE_PYTHON", "MAX_USER_DATA_BYTES", "render_user_data"]
 
