@@ -701,14 +701,14 @@ class Unregistered:
 
 
 def test_pickle_codec_round_trip() -> None:
-    pickler = PickleCodec("s3cret")
+    pickler = PickleCodec("s3cret" * 6)
     value = {"x": Unregistered(1j), "y": (1, {2})}
     assert pickler.decode(pickler.encode(value)) == value
-    assert PickleCodec(b"s3cret").decode(pickler.encode(value)) == value
+    assert PickleCodec(b"s3cret" * 6).decode(pickler.encode(value)) == value
 
 
 def test_pickle_codec_rejects_tampering_before_unpickling() -> None:
-    pickler = PickleCodec(b"key")
+    pickler = PickleCodec(b"key" * 11)
     message = bytearray(pickler.encode([1, 2, 3]))
     message[-2] ^= 1
     with pytest.raises(CodecError, match="HMAC does not verify"):
@@ -723,19 +723,29 @@ def test_pickle_codec_rejects_tampering_before_unpickling() -> None:
 
 
 def test_pickle_codec_rejects_another_secret() -> None:
-    message = PickleCodec("one").encode("hello")
+    message = PickleCodec("one" * 11).encode("hello")
     with pytest.raises(CodecError, match="HMAC does not verify"):
-        PickleCodec("two").decode(message)
+        PickleCodec("two" * 11).decode(message)
 
 
-@pytest.mark.parametrize("secret", ["", b"", None])
+@pytest.mark.parametrize("secret", ["", b"", None, "31-bytes-is-too-short-to-be-ok!"])
 def test_pickle_codec_needs_a_secret(secret: Any) -> None:
     with pytest.raises(ConfigError, match="secret"):
         PickleCodec(secret)
 
 
+def test_pickle_codec_signature_covers_the_context() -> None:
+    pickler = PickleCodec("k" * 32)
+    message = pickler.encode([1, 2], context="request-a")
+    assert pickler.decode(message, context="request-a") == [1, 2]
+    with pytest.raises(CodecError, match="HMAC does not verify"):
+        pickler.decode(message, context="request-b")
+    with pytest.raises(CodecError, match="HMAC does not verify"):
+        pickler.decode(message)
+
+
 def test_pickle_codec_errors_and_limits() -> None:
-    pickler = PickleCodec("k")
+    pickler = PickleCodec("k" * 32)
     with pytest.raises(CodecError, match=r"cannot pickle args\.f") as info:
         pickler.encode(lambda: 1, path="args.f")
     assert info.value.path == "args.f"

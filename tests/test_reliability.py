@@ -74,7 +74,10 @@ def test_chaos_sigkill_workers_loses_nothing(grid_factory):
 
 
 @pytest.mark.slow
-def test_killed_client_then_rerun_reuses_finished_work(grid_factory, tmp_path):
+def test_killed_client_then_rerun_reuses_finished_work(grid_factory, tmp_path, monkeypatch):
+    # No worker dies here, so liveness need not be fast: with a 1 s heartbeat a worker
+    # starved of CPU on a loaded machine is taken for dead and its calls run twice.
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", "10")
     grid = grid_factory(workers=2)
     log = str(tmp_path / "exec.log")
     code = (
@@ -269,10 +272,10 @@ def test_opt_in_pickle_results_are_signed(grid_factory, monkeypatch):
     plain = grid_factory(workers=1)
     with pytest.raises(pygirder.RemoteError, match="Fraction"):
         plain.run(gf.third(1), timeout=30)
-    monkeypatch.setenv("PYGIRDER_SECRET", "grid-secret")
+    monkeypatch.setenv("PYGIRDER_SECRET", "grid-secret-" * 3)
     grid = grid_factory(workers=1)  # its workers inherit the secret
     assert grid.run(gf.third(3), timeout=30) == Fraction(1)
-    monkeypatch.setenv("PYGIRDER_SECRET", "another-secret")
+    monkeypatch.setenv("PYGIRDER_SECRET", "another-secret-" * 3)
     with pytest.raises(pygirder.CodecError, match="HMAC does not verify"):
         grid.run(gf.third(6), timeout=30)
     monkeypatch.delenv("PYGIRDER_SECRET")

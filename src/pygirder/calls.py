@@ -112,8 +112,18 @@ class GridFunction(Generic[P, R]):
         version: str | None = None,
         pool: str | None = None,
         timeout: float | None = None,
+        max_runtime: float | None = None,
     ) -> None:
         _check_definable(func)
+        if max_runtime is not None and not (
+            isinstance(max_runtime, int | float)
+            and not isinstance(max_runtime, bool)
+            and max_runtime > 0
+        ):
+            raise GridFunctionError(
+                f"@pygirder.fn(max_runtime={max_runtime!r}) on {func.__qualname__}: give a "
+                "number of seconds > 0, or None for the worker's default"
+            )
         self.func = func
         self.name = f"{_module_name(func.__module__)}:{func.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(func)
@@ -129,6 +139,7 @@ class GridFunction(Generic[P, R]):
         self.fingerprint = f"v:{version}" if version is not None else fingerprint(func)
         self.pool = pool
         self.timeout = timeout
+        self.max_runtime = max_runtime  # not part of the id: a limit does not change results
         functools.update_wrapper(self, func)
         existing = _REGISTRY.get(self.name)
         if existing is not None and existing.fingerprint != self.fingerprint:
@@ -191,7 +202,11 @@ class GridFunction(Generic[P, R]):
 def fn(func: Callable[P, R], /) -> GridFunction[P, R]: ...
 @overload
 def fn(
-    *, version: str | None = None, pool: str | None = None, timeout: float | None = None
+    *,
+    version: str | None = None,
+    pool: str | None = None,
+    timeout: float | None = None,
+    max_runtime: float | None = None,
 ) -> Callable[[Callable[P, R]], GridFunction[P, R]]: ...
 def fn(
     func: Callable[P, R] | None = None,
@@ -200,18 +215,27 @@ def fn(
     version: str | None = None,
     pool: str | None = None,
     timeout: float | None = None,
+    max_runtime: float | None = None,
 ) -> Any:
     """Make a pure function a grid function: ``@pygirder.fn`` or ``@pygirder.fn(version="2")``.
 
     ``version`` replaces the code fingerprint (bump it when behaviour changes through
     something the bytecode does not show, such as a global constant); ``pool`` is the
     default pool for its calls; ``timeout`` the default time a caller waits.
+
+    ``max_runtime`` bounds the seconds one call computes (time spent waiting on its
+    sub-calls does not count), overriding the worker's ``--max-runtime``
+    (``PYGIRDER_MAX_RUNTIME``).  A call over it fails with ``pygirder.MaxRuntimeExceeded``
+    and is not retried; Python cannot stop a running thread, so the worker process
+    running it hands back its other calls and restarts.  It does not change request ids.
     """
     if func is not None:
-        return GridFunction(func, version=version, pool=pool, timeout=timeout)
+        return GridFunction(func, version=version, pool=pool, timeout=timeout,
+                            max_runtime=max_runtime)  # fmt: skip
 
     def decorate(f: Callable[P, R]) -> GridFunction[P, R]:
-        return GridFunction(f, version=version, pool=pool, timeout=timeout)
+        return GridFunction(f, version=version, pool=pool, timeout=timeout,
+                            max_runtime=max_runtime)  # fmt: skip
 
     return decorate
 

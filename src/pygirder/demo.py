@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pygirder
 
@@ -80,14 +81,17 @@ class Row:
         return self.made - self.executed
 
 
-def run_demo(
+def measure_demo(
     *, depth: int = 6, fanout: int = 4, leaf_ms: float = 0.2, steps: int = 60,
-    workers: int | None = None,
-) -> bool:  # fmt: skip
-    from rich.console import Console
-    from rich.table import Table
+    workers: int | None = None, quiet: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the workloads; returns ``{"ok", "workers", "total_s", "workloads": [...]}``.
 
-    console = Console()
+    ``quiet`` prints nothing (no start line, no progress bar), for ``--json``.
+    """
+    from rich.console import Console
+
+    console = Console(quiet=quiet)
     if depth < 2 or fanout < 1 or steps < 1:
         raise pygirder.ConfigError("demo needs --depth >= 2, --fanout >= 1 and --steps >= 1")
     rows: list[Row] = []
@@ -101,7 +105,7 @@ def run_demo(
         before = grid.stats().get("executed", 0)
         t0 = time.perf_counter()
         subtrees = [(depth - 2, fanout, leaf_ms, k) for k in range(fanout**2)]
-        sizes = grid.map(tree, subtrees, progress=True)
+        sizes = grid.map(tree, subtrees, progress=not quiet)
         wall = time.perf_counter() - t0
         nodes = 1 + fanout + sum(sizes)
         expected = sum(fanout**d for d in range(depth + 1))
@@ -127,18 +131,32 @@ def run_demo(
         wall = time.perf_counter() - t0
         rows.append(Row("lattice warm", 1, 0, wall, again == value, "answered from the store"))
 
+    workloads = [{**asdict(r), "reused": r.reused} for r in rows]
+    return {
+        "ok": all(r.check for r in rows),
+        "workers": n_workers,
+        "total_s": round(time.perf_counter() - start, 3),
+        "workloads": workloads,
+    }
+
+
+def print_demo(report: dict[str, Any]) -> None:
+    """The table of :func:`measure_demo`'s report, as `pygirder demo` prints it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
     table = Table(title="pygirder demo", title_style="bold")
     for col in ("workload", "calls made", "executed", "reused", "wall s", "calls/s", "check"):
         table.add_column(col, justify="left" if col in ("workload", "check") else "right")
-    for r in rows:
+    for r in report["workloads"]:
         table.add_row(
-            r.name, f"{r.made:,}", f"{r.executed:,}", f"{r.reused:,}", f"{r.wall:.3f}",
-            f"{r.made / r.wall:,.0f}" if r.wall > 0 else "-",
-            "[green]ok[/]" if r.check else "[red]FAILED[/]",
+            r["name"], f"{r['made']:,}", f"{r['executed']:,}", f"{r['reused']:,}",
+            f"{r['wall']:.3f}", f"{r['made'] / r['wall']:,.0f}" if r["wall"] > 0 else "-",
+            "[green]ok[/]" if r["check"] else "[red]FAILED[/]",
         )  # fmt: skip
     console.print(table)
-    for r in rows:
-        console.print(f"  {r.name}: {r.detail}")
+    for r in report["workloads"]:
+        console.print(f"  {r['name']}: {r['detail']}")
     console.print("  reused = answered from the store or joined a call already running")
-    console.print(f"total {time.perf_counter() - start:.2f}s")
-    return all(r.check for r in rows)
+    console.print(f"total {report['total_s']:.2f}s")

@@ -82,6 +82,14 @@ class PoisonRequest(PygirderError):
     """
 
 
+class GridOutOfMemory(PygirderError):
+    """The grid's server reached its ``maxmemory`` and refused a write.
+
+    Grid state is never evicted (policy ``noeviction``), so nothing was silently lost;
+    raise the limit, drop old results (``pygirder gc``) or give results a TTL.
+    """
+
+
 @dataclass(frozen=True)
 class CallLink:
     """One call in a :class:`RemoteError` chain."""

@@ -9,6 +9,8 @@ persistence (``--save "" --appendonly no``): it holds grid state for one session
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -18,8 +20,57 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, GridConnectionError
+from .lifetime import popen
 
-__all__ = ["EmbeddedServer", "valkey_executable"]
+__all__ = ["EmbeddedServer", "default_maxmemory", "parse_memory", "random_password",
+           "valkey_executable"]  # fmt: skip
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
+          "g": 1024**3, "gb": 1024**3, "t": 1024**4, "tb": 1024**4}  # fmt: skip
+
+
+def random_password() -> str:
+    """A password for a private server: only the processes given its URL can connect."""
+    return secrets.token_urlsafe(24)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM this process may use: the machine's, or its cgroup's limit if lower."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        total = 4 * 1024**3
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                limit = fh.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def parse_memory(text: str | int) -> int:
+    """``4gb``, ``512mb``, ``1073741824``, ``50%`` (of RAM), ``0`` (no limit) -> bytes."""
+    raw = str(text).strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]?b?)", raw)
+    if not match:
+        raise ConfigError(
+            f"maxmemory {text!r}: expected a size such as 4gb, 512mb or 1073741824 bytes, "
+            "a share of RAM such as 50%, or 0 for no limit"
+        )
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ConfigError(f"maxmemory {text!r}: a share of RAM must be between 0% and 100%")
+        return int(physical_memory() * number / 100)
+    return int(number * _UNITS[unit])
+
+
+def default_maxmemory() -> int:
+    """``PYGIRDER_MAXMEMORY`` (a size or a share of RAM), else half of the RAM."""
+    return parse_memory(os.environ.get("PYGIRDER_MAXMEMORY") or "50%")
 
 
 def valkey_executable() -> str:
@@ -68,6 +119,10 @@ class EmbeddedServer:
 
     ``port=0`` picks a free port.  ``bind`` defaults to loopback; binding elsewhere
     without a password is refused because it would expose the grid to the network.
+    ``maxmemory`` (bytes, or a size such as ``"4gb"`` or ``"50%"`` of RAM; default
+    :func:`default_maxmemory`; 0: no limit) caps the server's memory with the policy
+    ``noeviction``: grid state is never evicted, and a write past the cap fails with an
+    out-of-memory error that callers report as :class:`pygirder.GridOutOfMemory`.
     """
 
     def __init__(
@@ -80,6 +135,7 @@ class EmbeddedServer:
         persist: bool = False,
         extra_args: list[str] | None = None,
         executable: str | None = None,
+        maxmemory: int | str | None = None,
     ) -> None:
         if bind not in ("127.0.0.1", "localhost", "::1") and not password:
             raise ConfigError(
@@ -98,6 +154,7 @@ class EmbeddedServer:
         self.persist = persist
         self.extra_args = list(extra_args or [])
         self.executable = executable
+        self.maxmemory = default_maxmemory() if maxmemory is None else parse_memory(maxmemory)
         self._own_dir = dir is None
         self.dir = Path(dir) if dir is not None else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -119,6 +176,8 @@ class EmbeddedServer:
             "--loglevel", "warning",
             "--logfile", str(self.dir / "valkey.log"),
             "--maxclients", "10000",
+            "--maxmemory", str(self.maxmemory),
+            "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         if not self.persist:
             args += ["--save", "", "--appendonly", "no"]
@@ -142,7 +201,9 @@ class EmbeddedServer:
         for _ in range(attempts):
             if not fixed:
                 self.port = _free_port(self.bind)
-            self.process = subprocess.Popen(
+            # its own session, so a Ctrl-C at the terminal reaches only its owner (which
+            # stops it in order); a parent-death signal, so it never outlives the owner
+            self.process = popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, start_new_session=True,
             )  # fmt: skip

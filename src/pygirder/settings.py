@@ -52,6 +52,23 @@ def liveness() -> Liveness:
     )
 
 
+def socket_timeout() -> float:
+    """Seconds a command may wait for its reply (``PYGIRDER_SOCKET_TIMEOUT``).
+
+    A reply that does not come in time is an error for that command only: it is never
+    sent again (a script that ran but whose reply was slow must not run twice).  At
+    least 2 s, so a worker's 1 s blocking take always gets its reply.
+    """
+    return _env_float("PYGIRDER_SOCKET_TIMEOUT", 60.0, minimum=2.0)
+
+
+def inbox_block() -> float:
+    """Seconds one blocking read of a process's inbox waits on the server
+    (``PYGIRDER_INBOX_BLOCK``); the read is then simply repeated, so a wait of any
+    length is a sequence of reads that each end well before the socket time-out."""
+    return _env_float("PYGIRDER_INBOX_BLOCK", 5.0, minimum=0.1)
+
+
 def max_result_bytes() -> int:
     """Largest encoded result a worker stores (``PYGIRDER_MAX_RESULT_BYTES``)."""
     from .codec import DEFAULT_LIMITS
@@ -74,3 +91,32 @@ def pickle_codec() -> Any:
     from .codec import PickleCodec
 
     return PickleCodec(secret)
+
+
+def max_runtime() -> float:
+    """Worker-wide default limit on the time one call computes (``PYGIRDER_MAX_RUNTIME``).
+
+    Seconds the call holds its worker's baton, summed over its run (waiting on sub-calls
+    does not count); 0 means no limit.  ``@pygirder.fn(max_runtime=...)`` overrides it.
+    """
+    return _env_float("PYGIRDER_MAX_RUNTIME", 0.0, minimum=0.0)
+
+
+def idle_threads() -> int:
+    """How many idle threads a worker keeps for sync calls (``PYGIRDER_IDLE_THREADS``).
+
+    Not a limit on threads: a sync call waiting on sub-calls keeps its thread, so a
+    worker starts one more whenever none is free (a cap would stop the worker once
+    waiting calls held every thread).  Idle threads beyond this number exit at once,
+    the others after ``PYGIRDER_THREAD_IDLE_S`` seconds without work.
+    """
+    return int(_env_float("PYGIRDER_IDLE_THREADS", 16, minimum=0))
+
+
+def thread_idle_s() -> float:
+    return _env_float("PYGIRDER_THREAD_IDLE_S", 60.0, minimum=0.01)
+
+
+def store_retries() -> int:
+    """Attempts to store a batch of results before it is split (``PYGIRDER_STORE_RETRIES``)."""
+    return int(_env_float("PYGIRDER_STORE_RETRIES", 4, minimum=1))

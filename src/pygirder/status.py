@@ -27,6 +27,7 @@ import redis
 
 from .errors import PygirderError
 from .store.keys import HEARTBEAT_TTL_S, Keys
+from .store.keys import glob_escape as _glob_escape
 
 __all__ = [
     "COUNTERS",
@@ -85,11 +86,6 @@ def _f(value: Any) -> float | None:
 
 def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole > 0 else None
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` as a literal in a SCAN MATCH pattern (namespaces may hold * ? [ ])."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from .server import EmbeddedServer
+from .server import EmbeddedServer, random_password
 
 
 @pytest.fixture(scope="session")
 def valkey_server() -> Iterator[EmbeddedServer]:
-    """One private valkey-server for the whole test session."""
-    with EmbeddedServer() as server:
+    """One private valkey-server for the whole test session, with a random password
+    (its ``url`` carries it) like the private server of ``pygirder.connect()``."""
+    with EmbeddedServer(password=random_password()) as server:
         yield server
 
 

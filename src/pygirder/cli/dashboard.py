@@ -17,6 +17,8 @@ from typing import Annotated
 import redis
 import typer
 
+from ..grid.runtime import unreachable
+
 __all__ = ["app", "dashboard_command"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -75,7 +77,7 @@ def dashboard_command(
     try:
         client.ping()
     except redis.RedisError as exc:
-        typer.echo(f"error: cannot reach the grid's server at {redis_url}: {exc}", err=True)
+        typer.echo(unreachable(redis_url, exc), err=True)
         raise typer.Exit(1) from None
     finally:
         client.close()

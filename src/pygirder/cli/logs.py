@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ..grid.runtime import unreachable
 from ..logs import LogEntry, follow_logs, last_entry_id, newer_id, parse_level, read_logs
 
 __all__ = ["app", "format_entry", "logs_command"]
@@ -102,7 +103,7 @@ def logs_command(
     except KeyboardInterrupt:
         pass
     except redis.ConnectionError as exc:
-        typer.echo(f"error: cannot reach the grid's server at {redis_url}: {exc}", err=True)
+        typer.echo(unreachable(redis_url, exc), err=True)
         raise typer.Exit(1) from None
     finally:
         client.close()

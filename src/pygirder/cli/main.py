@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Annotated
 
 import typer
 
+from ..errors import PygirderError
+from .oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
 from .service import ServiceContext, service
 
 app = typer.Typer(
@@ -65,6 +66,14 @@ def worker(
     result_ttl: Annotated[
         int, typer.Option(help="Seconds results are kept (0: until `pygirder gc`).")
     ] = 0,
+    max_runtime: Annotated[
+        float,
+        typer.Option(
+            envvar="PYGIRDER_MAX_RUNTIME",
+            help="Default limit in seconds on a call's computing time (0: none); "
+            "@fn(max_runtime=...) overrides it.",
+        ),
+    ] = 0.0,
 ) -> dict:
     """Serve a pool: run grid calls from its queue (one process per core with 'auto')."""
     from ..grid.supervisor import Supervisor, child_command, parse_processes
@@ -73,7 +82,9 @@ def worker(
     imports = tuple(import_ or ())
     allowed = tuple(allow_module or ())
     if n > 1:
-        argv = ["worker", "--redis", redis, "--pool", pool, "--namespace", namespace,
+        # the URL (it may hold a password) goes through the environment, not argv: any
+        # local user can read a command line in `ps`
+        argv = ["worker", "--pool", pool, "--namespace", namespace,
                 "--processes", "1", "--log-level", ctx.log_level,
                 "--result-ttl", str(result_ttl)]  # fmt: skip
         for module in imports:
@@ -84,15 +95,23 @@ def worker(
             argv.append("--auto-import")
         if main_path:
             argv += ["--main-path", main_path]
-        supervisor = Supervisor(child_command(argv), n)
+        if max_runtime:
+            argv += ["--max-runtime", str(max_runtime)]
+        supervisor = Supervisor(child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis})
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
-    from ..grid.worker import run_worker
+    import signal
 
+    from ..grid.worker import run_worker
+    from ..lifetime import watch_parent
+
+    # where the parent-death signal is not available: stop when our supervisor is gone
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     stats = run_worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allowed,
         main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
+        max_runtime=max_runtime,
     )  # fmt: skip
     return stats
 
@@ -117,36 +136,99 @@ def distributor(
 @service(app, stop="flag")
 def server(
     ctx: ServiceContext,
-    port: Annotated[int, typer.Option(help="TCP port.")] = 6379,
+    port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = 6379,
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     password_file: Annotated[
-        str | None, typer.Option(help="File holding the password clients must give.")
+        str | None,
+        typer.Option(
+            help="File holding the password clients must give; created (0600) with a random "
+            "password if missing (default: one in --dir)."
+        ),
     ] = None,
     dir: Annotated[
         str | None, typer.Option(help="Working directory (default: a temp dir).")
     ] = None,
     persist: Annotated[bool, typer.Option(help="Keep RDB snapshots in --dir.")] = False,
+    maxmemory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory cap: 4gb, 512mb, bytes, or a share of RAM such as 50% (the default, "
+            "or PYGIRDER_MAXMEMORY); 0: none. Grid state is never evicted: past the cap, "
+            "submitting fails with a clear out-of-memory error."
+        ),
+    ] = None,
 ) -> dict:
-    """Run a Valkey server for a multi-machine grid, in the foreground."""
-    from ..server import EmbeddedServer
+    """Run a Valkey server for a multi-machine grid, in the foreground.
 
-    password = None
-    if password_file:
-        with open(password_file) as fh:
-            password = fh.read().strip()
-    srv = EmbeddedServer(port=port, bind=bind, password=password, dir=dir, persist=persist)
-    srv.start()
-    shown = srv.url.replace(f":{password}@", ":***@") if password else srv.url
-    ctx.log.warning("valkey serving at %s (Ctrl-C to stop)", shown)
+    It always has a password: the one in --password-file, or a random one written to a
+    0600 file next to a file with the whole URL (clients: PYGIRDER_REDIS=$(cat URLFILE)).
+    """
+    import shutil
+    import tempfile
+
+    from ..grid.runtime import redact
+    from ..server import EmbeddedServer, random_password
+
+    own_dir = dir is None
+    workdir = tempfile.mkdtemp(prefix="pygirder-server-") if dir is None else dir
+    os.makedirs(workdir, exist_ok=True)
+    pw_path = password_file or os.path.join(workdir, "password")
     try:
-        while not ctx.stopping.is_set() and srv.is_running():
-            ctx.stopping.wait(0.5)
+        if os.path.exists(pw_path):
+            with open(pw_path) as fh:
+                password = fh.read().strip()
+        else:
+            password = random_password()
+            _write_private(pw_path, password + "\n")
+        srv = EmbeddedServer(
+            port=port, bind=bind, password=password, dir=workdir, persist=persist,
+            maxmemory=maxmemory,
+        )  # fmt: skip
+        srv.start()
+        url_path = os.path.join(workdir, "url")
+        _write_private(url_path, srv.url + "\n")
+        shown = redact(srv.url)
+        ctx.log.warning(
+            "valkey serving at %s (Ctrl-C to stop); password in %s, full URL in %s: "
+            "export PYGIRDER_REDIS=$(cat %s)", shown, os.path.abspath(pw_path),
+            os.path.abspath(url_path), os.path.abspath(url_path),
+        )  # fmt: skip
+        try:
+            while not ctx.stopping.is_set() and srv.is_running():
+                ctx.stopping.wait(0.5)
+        finally:
+            srv.stop()
+            if os.path.exists(url_path):
+                os.unlink(url_path)
     finally:
-        srv.stop()
-    return {"url": shown, "stopped": True}
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {"url": shown, "password_file": os.path.abspath(pw_path), "stopped": True}
 
 
-@app.command()
+def _write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read (it holds a password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _print_gc(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    dry_run = report["dry_run"]
+    title = "(dry run) " if dry_run else ""
+    table = Table(title=f"pygirder gc {title}older than {report['older_than']}")
+    table.add_column("kind")
+    table.add_column("would drop" if dry_run else "dropped", justify="right")
+    for kind, count in report["dropped"].items():
+        table.add_row(kind, f"{count:,}")
+    table.add_row("[dim]kept (recent)[/]", f"[dim]{report['kept']:,}[/]")
+    Console().print(table)
+
+
+@service(app, render=_print_gc)
 def gc(
     older_than: Annotated[
         str, typer.Option(help="Drop what nobody touched for this long: 90s, 30m, 2h, 7d.")
@@ -154,33 +236,46 @@ def gc(
     redis: RedisOpt = DEFAULT_URL,
     namespace: NamespaceOpt = "default",
     dry_run: Annotated[bool, typer.Option(help="Only count what would be dropped.")] = False,
-) -> None:
-    """Drop old results, call graph records and abandoned requests from a grid."""
+) -> dict:
+    """Drop old results, call graph records and abandoned requests from a grid.
+
+    Prints what was dropped per kind. With --json: the service envelope,
+    with {"dropped", "kept", "dry_run", "older_than"} as its result.
+    """
     import redis as redis_lib
-    from rich.console import Console
-    from rich.table import Table
 
+    from ..errors import ConfigError, GridConnectionError
     from ..grid.maintenance import collect_garbage, parse_age
+    from ..grid.runtime import redact
 
+    try:
+        age = parse_age(older_than)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     client = redis_lib.Redis.from_url(redis)
     try:
-        report = collect_garbage(client, namespace, parse_age(older_than), dry_run=dry_run)
+        report = collect_garbage(client, namespace, age, dry_run=dry_run)
+    except redis_lib.ConnectionError as exc:
+        raise GridConnectionError(
+            f"cannot reach the grid's server at {redact(redis)}: {exc} (start it with "
+            "`pygirder server`, or give its URL with --redis or PYGIRDER_REDIS)"
+        ) from None
     finally:
         client.close()
-    table = Table(title=f"pygirder gc {'(dry run) ' if dry_run else ''}older than {older_than}")
-    table.add_column("kind")
-    table.add_column("would drop" if dry_run else "dropped", justify="right")
-    for kind, count in report.dropped.items():
-        table.add_row(kind, f"{count:,}")
-    table.add_row("[dim]kept (recent)[/]", f"[dim]{report.kept:,}[/]")
-    Console().print(table)
+    return {
+        "dropped": dict(report.dropped),
+        "kept": report.kept,
+        "dry_run": dry_run,
+        "older_than": older_than,
+    }
 
 
-@app.command()
+@service(app, render=print_json)
 def submit(
-    target: Annotated[str, typer.Argument(help="MODULE:FUNCTION of a grid function.")],
-    args: Annotated[str, typer.Option(help="JSON list of positional arguments.")] = "[]",
-    kwargs: Annotated[str, typer.Option(help="JSON object of keyword arguments.")] = "{}",
+    ctx: ServiceContext,
+    target: TargetArg,
+    args: ArgsOpt = "[]",
+    kwargs: KwargsOpt = "{}",
     redis: Annotated[
         str | None,
         typer.Option("--redis", envvar="PYGIRDER_REDIS", help="Grid URL (default: private grid)."),
@@ -190,62 +285,66 @@ def submit(
         int | None, typer.Option(help="Local workers to start (default: per core without --redis).")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait.")] = None,
-) -> None:
-    """Run one call from the shell and print its result as JSON."""
-    import importlib
+) -> object:
+    """Run one call from the shell and print its result as JSON.
 
+    MODULE is imported from the current directory.
+    Exit codes: 0 the result was printed, 1 the call failed (the remote
+    error on stderr), 2 a bad command line.
+    With --json: one envelope {"result", "error", "time_s", "id", "log"}.
+    """
     import pygirder
 
-    from ..calls import GridFunction
+    from .oneshot import load_grid_function, parse_call_arguments, run_one_call
 
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise typer.BadParameter(
-            "expected MODULE:FUNCTION, e.g. mypkg.jobs:price", param_hint="TARGET"
-        )
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not isinstance(func, GridFunction):
-        raise typer.BadParameter(
-            f"{target} is not a grid function (decorate it with @pygirder.fn)", param_hint="TARGET"
-        )
-    try:
-        pos = json.loads(args)
-        kw = json.loads(kwargs)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not valid JSON: {exc}") from None
-    if not isinstance(pos, list) or not isinstance(kw, dict):
-        raise typer.BadParameter("--args takes a JSON list and --kwargs a JSON object")
+    func = load_grid_function(target, os.getcwd())
+    pos, kw = parse_call_arguments(args, kwargs)
     with pygirder.connect(redis, namespace=namespace, workers=workers) as grid:
-        try:
-            result = grid.run(func(*pos, **kw), timeout=timeout)
-        except pygirder.RemoteError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(1) from None
-    typer.echo(json.dumps(result, default=repr))
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
 
 
-@app.command()
+def _print_demo(report: dict) -> None:
+    from ..demo import print_demo
+
+    print_demo(report)
+
+
+@service(app, render=_print_demo)
 def demo(
-    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree.")] = 6,
-    fanout: Annotated[int, typer.Option(help="Children per node of the tree.")] = 4,
+    ctx: ServiceContext,
+    depth: Annotated[int, typer.Option(help="Depth of the fan-out tree (2 or more).")] = 6,
+    fanout: Annotated[int, typer.Option(help="Children per node of the tree (1 or more).")] = 4,
     leaf_ms: Annotated[float, typer.Option(help="CPU work per leaf, in milliseconds.")] = 0.2,
-    steps: Annotated[int, typer.Option(help="Steps of the shared-sub-call lattice.")] = 60,
+    steps: Annotated[
+        int, typer.Option(help="Steps of the shared-sub-call lattice (1 or more).")
+    ] = 60,
     workers: Annotated[
         int | None, typer.Option(help="Local workers (default: one per core).")
     ] = None,
-) -> None:
-    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls."""
-    from ..demo import run_demo
+) -> dict:
+    """The main job on a private grid: a re-entrant tree and a lattice of shared sub-calls.
 
-    ok = run_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps, workers=workers)
-    raise typer.Exit(0 if ok else 1)
+    Prints a table of calls made, executed and reused per workload; exits 1 if
+    a workload's check fails. With --json: the service envelope, with
+    {"ok", "workers", "total_s", "workloads"} as its result.
+    """
+    from ..demo import measure_demo
+
+    for name, value, least in (
+        ("--depth", depth, 2),
+        ("--fanout", fanout, 1),
+        ("--steps", steps, 1),
+    ):
+        if value < least:
+            raise typer.BadParameter(f"{value} is too small: give {least} or more", param_hint=name)
+    report = measure_demo(depth=depth, fanout=fanout, leaf_ms=leaf_ms, steps=steps,
+                          workers=workers, quiet=ctx.json)  # fmt: skip
+    if not report["ok"]:
+        if not ctx.json:
+            _print_demo(report)
+        failed = ", ".join(w["name"] for w in report["workloads"] if not w["check"])
+        raise PygirderError(f"the demo's check failed for: {failed} (a bug: please report it)")
+    return report
 
 
 def _mount() -> None:

@@ -41,8 +41,14 @@ command line (or through an ``envvar=`` of the option).  ``--opts`` may also car
 command-line arguments.
 
 Exit codes: 0 success (also a clean stop by SIGTERM/SIGINT), 1 the function raised,
-2 bad options (unparsable or unknown ``--opts``, a wrong type, a bad command line).
-With ``--json`` each of these prints exactly one envelope, even for bad options.
+2 bad options (unparsable or unknown ``--opts``, a wrong type, a bad command line, or
+a ``typer.BadParameter`` the function raised after checking its own arguments).
+With ``--json`` each of these prints exactly one envelope, even for bad options; the
+envelope of a bad option carries no traceback, since the fix is in the command line.
+
+Without ``--json`` the result goes through ``render`` (``service(app, render=...)``):
+by default scalars print as they are and anything else pretty-printed, so a command
+with its own human output (a table, a JSON line) passes a function that prints it.
 
 Stopping: SIGTERM and SIGINT set ``ctx.stopping`` (a ``threading.Event``).  With the
 default ``stop="interrupt"`` they also interrupt the function, like Ctrl-C: a sync
@@ -263,9 +269,16 @@ class _Spec:
     params: list[inspect.Parameter]  # the function's parameters minus the context
     validators: dict[str, _Validator]
     is_async: bool
+    render: Callable[[Any], None] | None = None
 
     @classmethod
-    def inspect(cls, fn: Callable[..., Any], name: str, stop: str) -> _Spec:
+    def inspect(
+        cls,
+        fn: Callable[..., Any],
+        name: str,
+        stop: str,
+        render: Callable[[Any], None] | None = None,
+    ) -> _Spec:
         hints = typing.get_type_hints(fn, include_extras=True)
         ctx_param = None
         params: list[inspect.Parameter] = []
@@ -293,6 +306,7 @@ class _Spec:
             params=params,
             validators=validators,
             is_async=inspect.iscoroutinefunction(fn),
+            render=render,
         )
 
     def apply_opts(
@@ -625,6 +639,9 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
         except (KeyboardInterrupt, asyncio.CancelledError):
             result = None
             ctx.log.info("stopped by %s", ctx.stop_signal or "interrupt")
+        except _UsageError as exc:  # the function found its arguments wrong
+            failure = exc
+            code = EXIT_USAGE
         except (SystemExit, typer.Exit) as exc:
             status = exc.code if isinstance(exc, SystemExit) else exc.exit_code
             if status not in (0, None):
@@ -637,11 +654,22 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
             if ctx.stopping.is_set():
                 ctx.log.info("stopped by %s", ctx.stop_signal)
         records = logs.capture.snapshot()
-        error = _error(failure) if failure is not None else None
+        usage = isinstance(failure, _UsageError)
+        error = _error(failure, not usage) if failure is not None else None
+        if usage:
+            error = {**error, "message": failure.format_message()}  # type: ignore[union-attr,dict-item]
         finish(result, error, sid, records)
         if not json_mode:
             if failure is None:
-                _print_result(result)
+                (spec.render or _print_result)(result)
+            elif isinstance(failure, SystemExit | typer.Exit):
+                pass  # the function said what went wrong before it exited
+            elif usage:
+                typer.echo(
+                    f"error: {failure.format_message()}\n"  # type: ignore[union-attr]
+                    f"Try '{click_ctx.command_path} --help' for help.",
+                    err=True,
+                )
             else:
                 if common["log_level"] == "DEBUG":
                     traceback.print_exception(failure, file=sys.stderr)
@@ -765,12 +793,14 @@ def service(
     *,
     name: str | None = None,
     stop: Literal["interrupt", "flag"] = "interrupt",
+    render: Callable[[Any], None] | None = None,
     **command_kwargs: Any,
 ) -> Callable[[F], F]:
     """Register ``fn`` as a command of ``app`` with the shared service options.
 
     ``name`` defaults to the function's name (underscores become dashes, as in
-    Typer).  ``stop`` chooses what SIGTERM/SIGINT do (module docstring).  Other
+    Typer).  ``stop`` chooses what SIGTERM/SIGINT do (module docstring).  ``render``
+    prints a successful result without ``--json`` (default: plain or pretty).  Other
     keyword arguments go to ``app.command()`` (``help=``, ``hidden=``...).  The
     function is returned unchanged, so it stays callable from Python.
     """
@@ -779,7 +809,7 @@ def service(
 
     def decorate(fn: F) -> F:
         cmd_name = name or fn.__name__.replace("_", "-")
-        spec = _Spec.inspect(fn, cmd_name, stop)
+        spec = _Spec.inspect(fn, cmd_name, stop, render)
         callback = _callback(spec)
         app.command(name, cls=_ServiceCommand, **command_kwargs)(callback)
         return fn

@@ -26,6 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..grid.runtime import unreachable
 from ..status import (
     MIN_PREFIX,
     CallLookupError,
@@ -280,7 +281,7 @@ def status_command(
     except KeyboardInterrupt:
         pass
     except redis.ConnectionError as exc:
-        typer.echo(f"error: cannot reach the grid's server at {redis_url}: {exc}", err=True)
+        typer.echo(unreachable(redis_url, exc), err=True)
         raise typer.Exit(1) from None
     finally:
         client.close()
@@ -378,7 +379,7 @@ def inspect_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except redis.ConnectionError as exc:
-        typer.echo(f"error: cannot reach the grid's server at {redis_url}: {exc}", err=True)
+        typer.echo(unreachable(redis_url, exc), err=True)
         raise typer.Exit(1) from None
     finally:
         client.close()

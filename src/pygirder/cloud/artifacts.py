@@ -16,9 +16,13 @@ owners and modes, so the same inputs always give the same bytes and the same has
 The wheels:
 
 - **the project**: a directory with ``pyproject.toml``, ``setup.py`` or ``setup.cfg``
-  is built with ``python -m pip wheel --no-deps --no-build-isolation --no-index``
-  (offline: its build backend must be installed where pygirder runs), with
-  ``SOURCE_DATE_EPOCH`` set so the wheel is reproducible.  A plain directory of
+  is built the way its users build it: ``python -m build --wheel`` where the ``build``
+  package is installed, else ``python -m pip wheel --no-deps``, both with build
+  isolation, so the build backend comes from pip's configured index (``PIP_INDEX_URL``,
+  ``pip.conf``).  ``offline=True`` builds with ``--no-build-isolation --no-index``
+  instead: the backend (and ``wheel`` for an old setuptools) must then be installed
+  where pygirder runs, and a missing one is named before pip runs.
+  ``SOURCE_DATE_EPOCH`` is set so the wheel is reproducible.  A plain directory of
   scripts is packed as-is into a simple wheel named after the directory (version
   ``0.0.0``): its top-level ``*.py`` modules and its packages (directories with an
   ``__init__.py``), leaving out ``setup.py``, ``conftest.py``, ``test_*.py``, tests
@@ -204,9 +208,9 @@ def _plain_modules(project_dir: Path) -> dict[str, bytes]:
     return files
 
 
-def _project_wheel(project_dir: Path, out_dir: Path) -> Path:
+def _project_wheel(project_dir: Path, out_dir: Path, *, offline: bool = False) -> Path:
     if any((project_dir / f).exists() for f in ("pyproject.toml", "setup.py", "setup.cfg")):
-        return _pip_wheel(project_dir, out_dir)
+        return _built_wheel(project_dir, out_dir, offline=offline)
     files = _plain_modules(project_dir)
     if not files:
         raise ArtifactError(
@@ -217,23 +221,91 @@ def _project_wheel(project_dir: Path, out_dir: Path) -> Path:
     return _write_wheel(out_dir, name, "0.0.0", files)
 
 
-def _pip_wheel(project_dir: Path, out_dir: Path) -> Path:
+# What pip assumes for a project without a [build-system] table (PEP 518).
+_LEGACY_REQUIRES = ["setuptools>=40.8.0"]
+
+
+def _build_requires(project_dir: Path) -> list[str]:
+    """The project's declared build requirements (``[build-system] requires``)."""
+    import tomllib
+
+    pyproject = project_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        return list(_LEGACY_REQUIRES)
+    try:
+        table = tomllib.loads(pyproject.read_text()).get("build-system", {})
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {pyproject}: {exc}") from exc
+    if "requires" not in table:
+        return list(_LEGACY_REQUIRES)
+    return [str(r) for r in table["requires"]]
+
+
+def _missing_for_offline(project_dir: Path) -> list[str]:
+    """Build requirements not installed here, by distribution name (versions unchecked)."""
+    missing = []
+    for requirement in _build_requires(project_dir):
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+        if match and not _installed(match.group(1)):
+            missing.append(match.group(1))
+    return missing
+
+
+def _offline_hint(names: list[str]) -> str:
+    quoted = ", ".join(f"`{n}`" for n in names)
+    return (
+        f"install {quoted} (pip install {' '.join(names)}) into {sys.prefix}, "
+        "or drop --offline to build in an isolated environment from the package index"
+    )
+
+
+def _installed(name: str) -> bool:
+    """Whether a distribution is installed (not merely a ``build/`` folder on sys.path)."""
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _built_wheel(project_dir: Path, out_dir: Path, *, offline: bool) -> Path:
     build_dir = out_dir / "pip-build"
     build_dir.mkdir()
-    cmd = [
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-        "--no-index", "--disable-pip-version-check", "--quiet", "-w", str(build_dir),
-        str(project_dir),
-    ]  # fmt: skip
+    if offline:
+        missing = _missing_for_offline(project_dir)
+        if missing:
+            raise ArtifactError(
+                f"cannot build {project_dir} offline: its build requirements are not "
+                f"installed here; {_offline_hint(missing)}"
+            )
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+               "--no-index", "--disable-pip-version-check", "--quiet", "-w", str(build_dir),
+               str(project_dir)]  # fmt: skip
+        how = "pip wheel --offline (no index, no build isolation)"
+    elif _installed("build"):
+        cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", str(build_dir),
+               str(project_dir)]  # fmt: skip
+        how = "python -m build --wheel"
+    else:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "-w", str(build_dir), str(project_dir)]  # fmt: skip
+        how = "pip wheel (with build isolation, from pip's configured index)"
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(_EPOCH)}
+    log.info("building %s with %s", project_dir, how)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wheels = sorted(build_dir.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
-        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        said = (proc.stdout + proc.stderr).strip()
+        if "invalid command 'bdist_wheel'" in said:
+            hint = _offline_hint(["wheel"])
+        elif offline:
+            hint = "offline builds use only what is installed here; drop --offline to use the index"
+        else:
+            hint = "fix the build (try the same command by hand), or pass --offline to build "
+            hint += "with the build backend installed here"
         raise ArtifactError(
-            f"could not build a wheel of {project_dir} (pip exited {proc.returncode}, "
-            f"{len(wheels)} wheel(s)). Builds run offline without build isolation, so the "
-            f"project's build backend must be installed here. pip said:\n{tail}"
+            f"could not build a wheel of {project_dir} with {how} (exit {proc.returncode}, "
+            f"{len(wheels)} wheel(s)): {hint}. The build said:\n{said[-3000:]}"
         )
     if not wheels[0].name.endswith("-none-any.whl"):
         log.warning("%s is not a pure-Python wheel: instances must match this platform", wheels[0])
@@ -280,11 +352,16 @@ def _add_member(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
 
 
 def build_artifact(
-    project_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+    project_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    offline: bool = False,
 ) -> Artifact:
     """Build ``<out_dir>/<sha256>.tar.gz`` from the project and the running pygirder.
 
-    Deterministic: the same sources and the same pygirder give the same bytes.
+    Deterministic: the same sources and the same pygirder give the same bytes.  A
+    packaged project is built with build isolation from pip's configured index, or,
+    with ``offline=True``, with the build backend installed here (module docstring).
     """
     project = Path(project_dir).resolve()
     if not project.is_dir():
@@ -293,7 +370,7 @@ def build_artifact(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pygirder-build-") as tmp:
         tmp_dir = Path(tmp)
-        wheels = [_project_wheel(project, tmp_dir)]
+        wheels = [_project_wheel(project, tmp_dir, offline=offline)]
         infos = [_wheel_info(wheels[0])]
         if _normalize(infos[0]["name"]) != "pygirder":
             wheels.append(_pygirder_wheel(tmp_dir))

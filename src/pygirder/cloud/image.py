@@ -35,13 +35,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .aws import LIVE_INSTANCE_STATES, Aws
 from .config import CloudConfig, CloudConfigError
 from .errors import CloudError, ImageError
+from .instance import bake_template, boot_robot
 from .tags import (
     TAG_EXPIRES,
     TAG_ROLE,
@@ -71,8 +71,6 @@ BUILDER_ROLE = "image-builder"
 COMPONENT_IMAGE = "image"
 COMPONENT_SNAPSHOT = "image-snapshot"
 COMPONENT_BUILDER = "image-builder"
-BAKE_TEMPLATE = "image-bake.sh"
-BOOT_ROBOT = "pygirder-boot.sh"
 AL2023_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 # EC2 refuses user-data over 16 KiB.
 MAX_USER_DATA_BYTES = 16384
@@ -106,7 +104,7 @@ class BuildResult:
 # -- the bake script ----------------------------------------------------------------------
 def boot_robot_script() -> str:
     """The boot robot, as installed in the image and run by the local data plane."""
-    return resources.files("pygirder.cloud.instance").joinpath(BOOT_ROBOT).read_text()
+    return boot_robot().decode()
 
 
 def render_bake_script(
@@ -136,7 +134,7 @@ def render_bake_script(
         "PYTHON_PACKAGE": python_package,
         "SERVICE_USER": service_user,
     }
-    script = resources.files("pygirder.cloud.instance").joinpath(BAKE_TEMPLATE).read_text()
+    script = bake_template()
     for key, value in values.items():
         script = script.replace(f"=@{key}@\n", f"={shlex.quote(value)}\n")
     script = script.replace("\n@BOOT_ROBOT@\n", "\n" + boot_robot_script().rstrip("\n") + "\n")

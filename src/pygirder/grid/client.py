@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 from ..calls import Call, GridFunction
 from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTimeout
-from ..server import EmbeddedServer
+from ..server import EmbeddedServer, random_password
 from . import context
 from .loading import stop_if_loading_script
 from .runtime import Runtime, decode_envelope, new_process_id
@@ -128,7 +129,8 @@ class Grid:
         stop_if_loading_script()
         try:
             if self._url is None:
-                self._server = EmbeddedServer().start()
+                # a random password: other local users cannot reach the loopback port
+                self._server = EmbeddedServer(password=random_password()).start()
                 self._url = self._server.url
             self._loop = _LoopThread()
             self.runtime = Runtime(
@@ -150,7 +152,7 @@ class Grid:
 
         self._log_dir = Path(tempfile.mkdtemp(prefix="pygirder-workers-"))
         cmd = [
-            sys.executable, "-m", "pygirder", "worker", "--redis", self.url,
+            sys.executable, "-m", "pygirder", "worker",
             "--namespace", self.namespace, "--pool", self.pool, "--processes", "1",
         ]  # fmt: skip
         main = _main_script()
@@ -159,6 +161,7 @@ class Grid:
         for package in _allowed_packages():
             cmd += ["--allow-module", package]
         env = dict(os.environ)
+        env["PYGIRDER_REDIS"] = self.url  # not in argv, where `ps` shows the password
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
         log_dir = self._log_dir
@@ -167,6 +170,8 @@ class Grid:
             n,
             env=env,
             output=lambda i: open(log_dir / f"worker-{i}.log", "ab"),  # noqa: SIM115 (closed by Supervisor)
+            # with a private server gone there is nothing to hand work back to
+            death_signal=signal.SIGKILL if self._server is not None else signal.SIGTERM,
         )
         self._supervisor.start()
         self._monitor = threading.Thread(target=self._watch_workers, daemon=True,
@@ -309,7 +314,7 @@ class Grid:
                 return
             if result.set_running_or_notify_cancel():
                 try:
-                    result.set_result(decode_envelope(data))
+                    result.set_result(decode_envelope(data, call.id))
                 except Exception as exc:
                     result.set_exception(exc)
 
@@ -356,7 +361,7 @@ class Grid:
             )
         total = len(args) if hasattr(args, "__len__") else None  # type: ignore[arg-type]
         if not progress:
-            return self._call(self._map(fn, args, window, timeout, None))
+            return self._run_map(fn, args, window, timeout, None)
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -382,7 +387,32 @@ class Grid:
                     elapsed = time.perf_counter() - start
                     bar.update(task, completed=n, rate=n / elapsed if elapsed else 0.0)
 
-            return self._call(self._map(fn, args, window, timeout, tick))
+            return self._run_map(fn, args, window, timeout, tick)
+
+    def _run_map(
+        self,
+        fn: GridFunction[..., R],
+        args: Iterable[tuple[Any, ...]],
+        window: int,
+        timeout: float | None,
+        tick: Callable[[], None] | None,
+    ) -> list[R]:
+        """Run ``_map`` on the loop; on Ctrl-C stop it and wait (briefly) until what it
+        submitted and nobody needs any more is cancelled on the grid."""
+        self._require()
+        withdrawn: concurrent.futures.Future[None] = concurrent.futures.Future()
+        fut = self._loop.submit(  # type: ignore[union-attr]
+            self._map(fn, args, window, timeout, tick, withdrawn)
+        )
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            try:
+                withdrawn.result(timeout=5)
+            except Exception:
+                pass
+            raise
 
     async def _map(
         self,
@@ -391,10 +421,19 @@ class Grid:
         window: int,
         timeout: float | None,
         tick: Callable[[], None] | None,
+        withdrawn: concurrent.futures.Future[None] | None = None,
     ) -> list[R]:
+        """Submit lazily within the window, then wait for everything.
+
+        If the map does not finish (time-out, cancellation, a bad argument half-way),
+        what it submitted and nobody else in this process waits for is cancelled on
+        the grid, which drops the calls that have not started, and this process lets
+        go of their payloads.
+        """
         rt = self._require()
         slots = asyncio.Semaphore(max(1, window))
         futures: list[asyncio.Future[bytes]] = []
+        ids: list[str] = []
 
         def release(_f: asyncio.Future[bytes]) -> None:
             slots.release()
@@ -403,39 +442,57 @@ class Grid:
 
         iterator = iter(args)
         index = 0
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            # a chunk never exceeds the window, or its slots could never all be acquired
-            chunk = list(itertools.islice(iterator, min(512, max(1, window))))
-            if not chunk:
-                break
-            calls = []
-            for item in chunk:
-                if not isinstance(item, tuple | list):
-                    raise GridFunctionError(
-                        f"grid.map argument {index} is {type(item).__name__} {item!r:.40}, not a "
-                        f"tuple of positional arguments; write [({item!r:.20},), ...] for "
-                        "one-argument functions"
-                    )
-                calls.append(fn(*item))
-                index += 1
-            for _ in calls:
-                await slots.acquire()
-            submitted, _, _ = await rt.submit(calls, local_pool=self.pool)
-            for f in submitted:
-                f.add_done_callback(release)
-            futures.extend(submitted)
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if futures:
-            pending = [f for f in futures if not f.done()]
-            if pending:
-                _, still = await asyncio.wait(pending, timeout=remaining)
-                if still:
-                    raise GridTimeout(
-                        f"{len(still)} of {len(futures)} {fn.name} calls did not finish in "
-                        f"{timeout}s; they keep running and their results will be memoized"
-                    )
-        return [decode_envelope(f.result()) for f in futures]
+        finished = False
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    # a chunk never exceeds the window, or its slots could never all be
+                    # acquired
+                    chunk = list(itertools.islice(iterator, min(512, max(1, window))))
+                    if not chunk:
+                        break
+                    calls = []
+                    for item in chunk:
+                        if not isinstance(item, tuple | list):
+                            raise GridFunctionError(
+                                f"grid.map argument {index} is {type(item).__name__} "
+                                f"{item!r:.40}, not a tuple of positional arguments; write "
+                                f"[({item!r:.20},), ...] for one-argument functions"
+                            )
+                        calls.append(fn(*item))
+                        index += 1
+                    for _ in calls:
+                        await slots.acquire()
+                    submitted, _, _ = await rt.submit(calls, local_pool=self.pool)
+                    rt.hold([c.id for c in calls], submitted)
+                    ids.extend(c.id for c in calls)
+                    for f in submitted:
+                        f.add_done_callback(release)
+                    futures.extend(submitted)
+                pending = [f for f in futures if not f.done()]
+                if pending:
+                    await asyncio.wait(pending)
+            finished = True
+        except TimeoutError as exc:
+            if isinstance(exc, GridTimeout):
+                raise
+            still = sum(1 for f in futures if not f.done())
+            raise GridTimeout(
+                f"{still} of {len(futures)} submitted {fn.name} calls did not finish in "
+                f"{timeout}s; those not yet started were cancelled, started ones run to the "
+                "end and their results are memoized",
+                call_ids=tuple(i for i, f in zip(ids, futures, strict=True) if not f.done()),
+            ) from None
+        finally:
+            try:
+                if not finished:
+                    await asyncio.shield(rt.let_go(ids, futures))
+                else:
+                    rt.let_go_local(ids)
+            finally:
+                if withdrawn is not None and not withdrawn.done():
+                    withdrawn.set_result(None)
+        return [decode_envelope(f.result(), i) for f, i in zip(futures, ids, strict=True)]
 
     # -- async twins --------------------------------------------------------------
     async def _bridge(self, coro: Any) -> Any:

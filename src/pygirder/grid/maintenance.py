@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..store.keys import Keys
+from ..store.keys import Keys, glob_escape
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -57,7 +57,7 @@ def collect_garbage(
     report = GcReport(dry_run=dry_run)
     for kind, suffix in _KINDS.items():
         report.dropped[kind] = _drop_idle(
-            client, keys.prefix + suffix, older_than, dry_run, batch, report
+            client, glob_escape(keys.prefix) + suffix, older_than, dry_run, batch, report
         )
     report.dropped["abandoned requests"] = _drop_abandoned(client, keys, older_than, dry_run)
     if (
@@ -102,7 +102,7 @@ def _drop_chunk(
 def _drop_abandoned(client: Any, keys: Keys, older_than: float, dry_run: bool) -> int:
     """Pending requests idle for the age with no waiter left and no live owner."""
     dropped = 0
-    for key in client.scan_iter(match=keys.prefix + "st:*", count=500):
+    for key in client.scan_iter(match=glob_escape(keys.prefix) + "st:*", count=500):
         idle = client.object("idletime", key) or 0
         if idle <= older_than:
             continue

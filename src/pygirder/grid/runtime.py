@@ -30,6 +30,7 @@ from ..errors import (
     CallLink,
     CodecError,
     GridConnectionError,
+    GridOutOfMemory,
     GridTimeout,
     PayloadTooLarge,
     RemoteError,
@@ -53,7 +54,9 @@ def new_process_id(kind: str) -> str:
     return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def encode_ok(value: Any, *, name: str, limit: int | None) -> bytes:
+def encode_ok(value: Any, *, name: str, limit: int | None, request_id: str | None = None) -> bytes:
+    """The OK envelope of a result; a pickled one is signed for ``request_id`` (by
+    default the request the calling task runs), so it cannot pass for another's."""
     try:
         return OK + codec.encode(value, path=f"result of {name}", limit=limit)
     except PayloadTooLarge:
@@ -62,15 +65,30 @@ def encode_ok(value: Any, *, name: str, limit: int | None) -> bytes:
         pickler = settings.pickle_codec()
         if pickler is None:
             raise
-        return PICKLED + pickler.encode(value, path=f"result of {name}", limit=limit)
+        if request_id is None:
+            from .context import current_request
+
+            ctx = current_request.get()
+            if ctx is None:
+                raise CodecError(
+                    f"cannot sign the pickled result of {name}: no request id to bind it to"
+                ) from None
+            request_id = ctx.request_id
+        return PICKLED + pickler.encode(
+            value, path=f"result of {name}", limit=limit, context=request_id
+        )
 
 
 def encode_error(error: RemoteError) -> bytes:
     return ERR + codec.encode(error.to_dict())
 
 
-def decode_envelope(data: bytes) -> Any:
-    """The value of a result envelope, or raise the RemoteError it holds."""
+def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
+    """The value of a result envelope, or raise the RemoteError it holds.
+
+    A signed pickled result verifies only as the result of the request it was signed
+    for, so ``request_id`` is required to read one.
+    """
     body = memoryview(data)[1:]
     kind = data[:1]
     if kind == OK:
@@ -84,7 +102,9 @@ def decode_envelope(data: bytes) -> Any:
                 "the result is a signed pickle, but this process has no PYGIRDER_SECRET: "
                 "set the grid's shared secret to read it"
             )
-        return pickler.decode(body, path="result")
+        if request_id is None:
+            raise CodecError("a signed pickled result can only be read with its request id")
+        return pickler.decode(body, path="result", context=request_id)
     raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
 
 
@@ -130,12 +150,19 @@ def describe_exception(exc: BaseException, request_id: str, function: str) -> Re
 
 
 async def connect_redis(
-    url: str, *, max_connections: int | None = None, reconnect_timeout: float | None = None
+    url: str,
+    *,
+    max_connections: int | None = None,
+    reconnect_timeout: float | None = None,
+    block: float = 0.0,
 ) -> aioredis.Redis:
     """Open a client and prove the server answers, with errors a person can act on.
 
     The first contact fails fast; afterwards the client retries lost connections with
-    backoff for ``reconnect_timeout`` seconds, so a server restart is ridden out.
+    backoff for ``reconnect_timeout`` seconds, so a server restart is ridden out.  Only
+    connection errors are retried: a reply that takes longer than the socket time-out
+    (``block`` seconds more for a client that issues blocking reads) fails that command
+    instead of sending it again, because the server may have run it already.
     """
     timeout = (
         settings.liveness().reconnect_timeout if reconnect_timeout is None else (reconnect_timeout)
@@ -169,14 +196,35 @@ async def connect_redis(
     finally:
         await probe.aclose()
     # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=max(1, int(timeout * 2)))
+    # Retry only lost connections: redis-py also retries time-outs by default.
+    retry = Retry(
+        ExponentialBackoff(cap=0.5, base=0.02),
+        retries=max(1, int(timeout * 2)),
+        supported_errors=(redis_errors.ConnectionError,),
+    )
+    read_timeout = settings.socket_timeout() + block
     return aioredis.Redis.from_url(
         url,
         decode_responses=False,
         max_connections=max_connections,
         health_check_interval=30,
+        socket_timeout=read_timeout,
+        socket_connect_timeout=min(read_timeout, 10.0),
+        socket_keepalive=True,
         retry=retry,
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError, OSError],
+        retry_on_error=[redis_errors.ConnectionError],
+    )
+
+
+def out_of_memory(url: str, action: str) -> GridOutOfMemory:
+    """The error for a write the server refused because it reached its maxmemory."""
+    return GridOutOfMemory(
+        f"the grid's server at {redact(url)} is out of memory (it reached its maxmemory and "
+        f"never evicts grid state), so {action!r} was refused. Raise its limit "
+        "(`pygirder server --maxmemory 8gb`, PYGIRDER_MAXMEMORY for the private server of "
+        "connect(), or CONFIG SET maxmemory), drop results nobody needs "
+        "(`pygirder gc --older-than 1h`, grid.gc(3600)), or keep results for a while "
+        "only (`pygirder worker --result-ttl SECONDS`)"
     )
 
 
@@ -193,6 +241,17 @@ def redact(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message, a log line) with the URL's password masked."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def unreachable(url: str, exc: BaseException) -> str:
+    """The command-line error for a server that cannot be reached, without its password."""
+    return f"error: cannot reach the grid's server at {redact(url)}: {scrub(str(exc), url)}"
 
 
 class Runtime:
@@ -228,15 +287,24 @@ class Runtime:
         self.beat_hooks: list[Any] = []  # async callbacks run at every heartbeat
         self._interest: dict[str, int] = {}  # local waiters per pending request
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
+        self._inbox_block = settings.inbox_block()
+        self._closing = False
+        self._beaten = False
+        self._finished: list[str] = []  # waited-for ids to trim from the server's record
+        self._records_waits = False  # set by the first submission without an owner
+        self.listener_restarts = 0
 
     async def start(self) -> None:
+        settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
         self.redis = await connect_redis(self.url)
-        self._listener_client = await connect_redis(self.url, max_connections=1)
+        self._listener_client = await connect_redis(
+            self.url, max_connections=1, block=self._inbox_block
+        )
         for script in scripts.ALL:
             self._scripts[script.name] = self.redis.register_script(script.source)
         self._server_run_id = await self._run_id()
         await self.beat()
-        self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
+        self._start_listener()
         self._beat = asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat")
 
     async def _run_id(self) -> str | None:
@@ -246,21 +314,71 @@ class Runtime:
         run_id = info.get("run_id")
         return str(run_id) if run_id is not None else None
 
-    async def beat(self) -> None:
-        """Refresh this process's heartbeat (subclasses add their registration)."""
+    async def beat(self) -> bool:
+        """Refresh this process's heartbeat, run the beat hooks (a worker's registration)
+        and trim the server's record of what this process waits for.
+
+        Returns True when the heartbeat had lapsed since the last beat: the reaper may
+        then have withdrawn this process from what it waits for.
+        """
         assert self.redis is not None
-        await self.redis.set(
-            self.keys.heartbeat(self.process_id), b"1", px=int(self.liveness.heartbeat_ttl * 1000)
-        )
+        previous = await self.redis.set(
+            self.keys.heartbeat(self.process_id), b"1",
+            px=int(self.liveness.heartbeat_ttl * 1000), get=True,
+        )  # fmt: skip
+        lapsed, self._beaten = previous is None and self._beaten, True
         for hook in self.beat_hooks:
             await hook()
+        await self._trim_waits()
+        return lapsed
+
+    async def _trim_waits(self) -> None:
+        """Drop what no longer needs waiting for from this process's ``waits`` set."""
+        assert self.redis is not None
+        done, self._finished = self._finished, []
+        key = self.keys.waits(self.process_id)
+        try:
+            for start in range(0, len(done), 1024):
+                await self.redis.srem(key, *done[start : start + 1024])
+        except BaseException:
+            self._finished[:0] = done  # try again at the next beat
+            raise
+
+    async def reap_waiters(self, budget: int = 4096) -> int:
+        """Withdraw dead clients from what they waited for (up to ``budget`` requests
+        per call; the rest at the next one).  Returns how many requests nobody waited for
+        any more and were dropped before they started."""
+        assert self.redis is not None
+        procs = [p.decode() for p in await self.redis.smembers(self.keys.waiting_processes)]
+        if not procs:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pid in procs:
+                pipe.exists(self.keys.heartbeat(pid))
+            alive = await pipe.execute()
+        abandoned = 0
+        for pid in (p for p, a in zip(procs, alive, strict=True) if not a):
+            withdrawn = dropped = 0
+            while budget > 0:
+                handled, gone, left = await self.script(
+                    "withdraw", [self.keys.prefix, pid, min(budget, 256)]
+                )
+                budget -= max(1, handled)
+                withdrawn, dropped = withdrawn + handled, dropped + gone
+                if not left or not handled:
+                    break
+            if withdrawn:
+                log.warning("process %s died waiting: withdrew it from %d requests, %d of "
+                            "them abandoned", pid, withdrawn, dropped)  # fmt: skip
+            abandoned += dropped
+        return abandoned
 
     async def _heartbeat(self) -> None:
         """Beat, and notice a server restart: then submit again what we wait for."""
         while True:
             await asyncio.sleep(self.liveness.heartbeat_every)
             try:
-                await self.beat()
+                lapsed = await self.beat()
                 run_id = await self._run_id()
                 if run_id != self._server_run_id:
                     log.warning("the server restarted; submitting %d waited-for calls again",
@@ -269,6 +387,10 @@ class Runtime:
                     await self.resubmit_waiting()
                     for callback in self.on_server_restart:
                         await callback()
+                elif lapsed and self._waiting:
+                    log.warning("this process's heartbeat lapsed; registering again as the "
+                                "waiter of %d calls", len(self._waiting))  # fmt: skip
+                    await self.resubmit_waiting()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep beating; the reaper decides what a gap means
@@ -284,6 +406,7 @@ class Runtime:
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
             items: list[Any] = []
+            self._records_waits = True  # submitted without an owner: recorded
             for request_id in batch:
                 payload, pool, name = self._resubmit[request_id]
                 items += [request_id, payload, pool, "q", name, ""]
@@ -303,8 +426,10 @@ class Runtime:
         for request_id in request_ids:
             fut = self._waiting.pop(request_id, None)
             self._resubmit.pop(request_id, None)
-            if fut is not None and not fut.done():
-                fut.cancel()
+            if fut is not None:
+                self._stop_waiting(request_id)
+                if not fut.done():
+                    fut.cancel()
         dropped: list[str] = []
         # in chunks: one script call per chunk keeps the server free for everyone else
         for start in range(0, len(request_ids), scripts.CANCEL_CHUNK):
@@ -314,6 +439,7 @@ class Runtime:
         return dropped
 
     async def close(self) -> None:
+        self._closing = True
         for task in (self._beat, self._listener):
             if task is not None:
                 task.cancel()
@@ -341,7 +467,12 @@ class Runtime:
 
     async def script(self, name: str, args: Sequence[Any]) -> Any:
         self.round_trips += 1
-        return await self._scripts[name](keys=[], args=list(args))
+        try:
+            return await self._scripts[name](keys=[], args=list(args))
+        except redis_errors.ResponseError as exc:
+            if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise out_of_memory(self.url, name) from None
+            raise
 
     # -- results -------------------------------------------------------------
     def _remember(self, request_id: str, data: bytes) -> None:
@@ -356,34 +487,91 @@ class Runtime:
         self._remember(request_id, data)
         self._resubmit.pop(request_id, None)
         fut = self._waiting.pop(request_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(data)
+        if fut is not None:
+            self._stop_waiting(request_id)
+            if not fut.done():
+                fut.set_result(data)
+
+    def _stop_waiting(self, request_id: str) -> None:
+        """Remember to trim the id from the server's record of what this client waits
+        for (only submissions without an owner, a client's, are recorded)."""
+        if self._records_waits:
+            self._finished.append(request_id)
+
+    def _start_listener(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="pygirder-inbox")
+        self._listener.add_done_callback(self._listener_stopped)
+
+    def _listener_stopped(self, task: asyncio.Task[None]) -> None:
+        """Supervision: the inbox is the only way results arrive, so its reader must
+        never stay dead.  Whatever stopped it (short of closing), start it again."""
+        if self._closing or task.cancelled():
+            return
+        exc = task.exception()
+        self.listener_restarts += 1
+        log.error("the inbox listener stopped (%s: %s); restarting it",
+                  type(exc).__name__, exc)  # fmt: skip
+        asyncio.get_running_loop().call_later(0.2, self._restart_listener)
+
+    def _restart_listener(self) -> None:
+        if not self._closing:
+            self._start_listener()
 
     async def _listen(self) -> None:
+        """Read completion messages from the inbox, for as long as the process lives.
+
+        Each read blocks on the server for at most ``PYGIRDER_INBOX_BLOCK`` seconds,
+        well inside the socket time-out, so a quiet wait is a loop of empty replies, not
+        of errors.  Any error (a lost connection, a time-out, a server error) is logged
+        and the read is repeated with backoff; messages a failed read or fetch may have
+        lost are recovered by looking up the results of everything still waited for.
+        """
         assert self._listener_client is not None and self.redis is not None
         client = self._listener_client
+        backoff = 0.05
+        recheck = False
         while True:
             try:
+                if recheck:
+                    await self._recheck_waiting()
+                    recheck = False
                 reply = await client.execute_command(
-                    "BLMPOP", 0, 1, self.inbox, "RIGHT", "COUNT", 1024
+                    "BLMPOP", self._inbox_block, 1, self.inbox, "RIGHT", "COUNT", 1024
                 )
+                fetch = self._deliver(reply[1]) if reply else []
+                if fetch:
+                    await self._fetch_results(fetch)
+                backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (redis_errors.ConnectionError, OSError) as exc:
-                log.warning("inbox connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(0.2)
-                continue
-            if not reply:
-                continue
-            fetch: list[str] = []
-            for msg in reply[1]:
-                request_id = msg[1 : 1 + ID_LEN].decode()
-                if msg[:1] == b"1":
-                    self.resolve(request_id, msg[1 + ID_LEN :])
-                elif request_id in self._waiting:
-                    fetch.append(request_id)
-            if fetch:
-                await self._fetch_results(fetch)
+            except Exception as exc:
+                log.warning("reading the inbox failed (%s: %s); retrying in %.2fs",
+                            type(exc).__name__, exc, backoff)  # fmt: skip
+                recheck = True
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, 1.0)
+
+    def _deliver(self, messages: list[bytes]) -> list[str]:
+        """Resolve inline results; return the ids whose result must be fetched."""
+        fetch: list[str] = []
+        for msg in messages:
+            request_id = msg[1 : 1 + ID_LEN].decode()
+            if msg[:1] == b"1":
+                self.resolve(request_id, msg[1 + ID_LEN :])
+            elif request_id in self._waiting:
+                fetch.append(request_id)
+        return fetch
+
+    async def _recheck_waiting(self) -> None:
+        """Resolve every waited-for request whose result is already stored."""
+        assert self.redis is not None
+        ids = list(self._waiting)
+        for start in range(0, len(ids), 1024):
+            batch = ids[start : start + 1024]
+            values = await self.redis.mget([self.keys.result(i) for i in batch])
+            for request_id, data in zip(batch, values, strict=True):
+                if data is not None:
+                    self.resolve(request_id, data)
 
     async def _fetch_results(self, ids: list[str]) -> None:
         assert self.redis is not None
@@ -395,6 +583,7 @@ class Runtime:
             else:  # expired between completion and fetch: ask for a re-run
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
+                self._stop_waiting(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         GridTimeout(
@@ -445,12 +634,14 @@ class Runtime:
         shared: list[str] = []
         if not sent:
             return futures, new_local, shared
+        self._records_waits = self._records_waits or not owner
         try:
             replies = await self.script("submit", self._submit_args(owner, parent, items))
         except BaseException as exc:
             for request_id, _, _ in sent:
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
+                self._stop_waiting(request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(
                         exc if isinstance(exc, Exception) else GridTimeout("cancelled")
@@ -503,12 +694,30 @@ class Runtime:
                         "started ones run to the end and their results are memoized",
                         call_ids=missing,
                     )
-            return [decode_envelope(f.result()) for f in futures]
+            return [decode_envelope(f.result(), i) for f, i in zip(futures, ids, strict=True)]
         except (GridTimeout, asyncio.CancelledError):
             await asyncio.shield(self._withdraw(ids, futures, give_up=True))
             raise
         finally:
             self._withdraw_local(ids)
+
+    def hold(self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]]) -> None:
+        """Count a local waiter for each pending request (``let_go`` ends it)."""
+        for request_id, fut in zip(ids, futures, strict=True):
+            if not fut.done():
+                self._interest[request_id] = self._interest.get(request_id, 0) + 1
+
+    async def let_go(self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]]) -> None:
+        """Give up waiting: cancel on the grid what nobody else here waits for, and
+        forget its payload."""
+        try:
+            await self._withdraw(ids, futures, give_up=True)
+        finally:
+            self._withdraw_local(ids)
+
+    def let_go_local(self, ids: Sequence[str]) -> None:
+        """Stop counting a local waiter (the results arrived)."""
+        self._withdraw_local(ids)
 
     def _withdraw_local(self, ids: Sequence[str]) -> None:
         for request_id in ids:

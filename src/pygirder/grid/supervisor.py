@@ -3,6 +3,7 @@
 ``pygirder worker --processes N`` (or ``auto``: one per core) is this supervisor; each
 child is a plain ``pygirder worker --processes 1``.  A child that keeps crashing is
 restarted with exponential backoff, so a poison import cannot spin the machine.
+Children die with the supervisor (see :mod:`pygirder.lifetime`), even after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import IO
+
+from ..lifetime import popen
 
 log = logging.getLogger("pygirder.supervisor")
 
@@ -50,12 +53,14 @@ class Supervisor:
         max_backoff: float = 30.0,
         env: dict[str, str] | None = None,
         output: Callable[[int], IO[bytes] | None] | None = None,
+        death_signal: int = signal.SIGTERM,
     ) -> None:
         self.command = list(command)
         self.n = n
         self.max_backoff = max_backoff
         self.env = env
         self.output = output
+        self.death_signal = death_signal  # what a child gets if this process dies
         self.children: list[subprocess.Popen[bytes] | None] = [None] * n
         self.failures = [0] * n
         self.next_start = [0.0] * n
@@ -66,9 +71,10 @@ class Supervisor:
     def _spawn(self, i: int) -> None:
         out = self.output(i) if self.output else None
         try:
-            self.children[i] = subprocess.Popen(
+            self.children[i] = popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT if out else None, env=self.env,
+                death_signal=self.death_signal,
             )  # fmt: skip
         finally:
             if out is not None:

@@ -7,6 +7,10 @@ the worker's local stack and are popped depth first; a periodic sharer moves the
 oldest entries (nearest the root, the biggest) to the pool queue when other workers
 of the pool are idle.  Sync functions run in threads (one per waiting request, reused),
 async ones as tasks on the loop.
+
+User code is hostile: whatever it raises (``SystemExit`` and other BaseExceptions
+included) becomes an error for its callers, and a watchdog thread restarts the process
+when a call computes longer than its ``max_runtime``.
 """
 
 from __future__ import annotations
@@ -22,18 +26,23 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from .. import calls as calls_mod
 from .. import codec, settings
 from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
+from ..store import scripts
 from ..store.scripts import INLINE_RESULT_LIMIT
 from . import loading
 from .context import RequestContext, current_request
@@ -120,6 +129,145 @@ class _RefusedRequest(Exception):
         self.kind = kind
 
 
+class _UserExit(Exception):
+    """Carries a BaseException raised by user code (``sys.exit()``, ``KeyboardInterrupt``,
+    ``GeneratorExit``...) out of it as an ordinary error, so it fails the call and never
+    reaches the event loop, which would stop the worker."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+def _guarded(run: Callable[[], Any]) -> Any:
+    """Run sync user code in its thread; what it raises comes back as an Exception.
+
+    A BaseException set on the executor's future would be re-raised inside the event
+    loop's task, and asyncio lets SystemExit and KeyboardInterrupt end the loop.
+    """
+    try:
+        return run()
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _UserExit(exc) from None
+
+
+async def _guarded_async(coro: Any) -> Any:
+    """Await async user code; its BaseExceptions become :class:`_UserExit`.
+
+    ``HandedBack`` is the worker's own and passes through, as does a CancelledError
+    when this task really was cancelled; one that user code raised on its own is an
+    error of the call.
+    """
+    try:
+        return await coro
+    except (Exception, HandedBack):
+        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _UserExit(exc) from None
+    except BaseException as exc:
+        raise _UserExit(exc) from None
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """An error that says "later", not "never" (the server unreachable, busy, loading)."""
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+        return True
+    return str(exc).startswith(("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"))
+
+
+class _Threads(Executor):
+    """Threads for sync calls: a free thread is reused, else a new one starts at once.
+
+    A sync call that waits on sub-calls keeps its thread while parked, so a bounded pool
+    (concurrent.futures queues work once ``max_workers`` threads exist) would stop the
+    worker for good once parked calls held every thread: the next call would wait for
+    a thread while holding the baton.  The number of threads is bounded by the calls
+    parked on this worker instead; idle ones beyond ``keep`` exit at once, the others
+    after ``idle_s`` seconds without work.  Threads are daemons, so a call that never
+    returns cannot keep the process from exiting.
+    """
+
+    def __init__(self, keep: int, idle_s: float, prefix: str = "pygirder-call") -> None:
+        self.keep = keep
+        self.idle_s = idle_s
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._jobs: SimpleQueue[Any] = SimpleQueue()
+        self._idle = 0  # threads waiting on _jobs and not yet promised a job
+        self._started = 0
+        self.alive = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        job = (fut, fn, args, kwargs)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot run a call after the worker shut down")
+            if self._idle:
+                self._idle -= 1  # promised to one waiting thread
+                self._jobs.put(job)
+                return fut
+            self._started += 1
+            self.alive += 1
+            name = f"{self.prefix}-{self._started}"
+        threading.Thread(target=self._serve, args=(job,), name=name, daemon=True).start()
+        return fut
+
+    def _serve(self, job: Any) -> None:
+        while job is not None:
+            fut, fn, args, kwargs = job
+            job = None
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # handed to the waiter, as concurrent.futures does
+                    fut.set_exception(exc)
+            del fut, fn, args, kwargs
+            with self._lock:
+                if self._closed or self._idle >= self.keep:
+                    self.alive -= 1
+                    return
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=self.idle_s)
+            except Empty:
+                with self._lock:  # a job promised to us may have been put just now
+                    try:
+                        job = self._jobs.get_nowait()
+                    except Empty:
+                        self._idle -= 1
+                        self.alive -= 1
+                        return
+        with self._lock:  # woken by shutdown
+            self.alive -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self._idle = 0
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """The call holding the baton, for the watchdog: when it started holding, how long
+    it held it before, and its limit."""
+
+    request_id: str
+    function: str
+    since: float  # time.monotonic() when it took the baton
+    used: float  # seconds it held the baton before
+    limit: float
+    started: float  # time.time() of the start of its run
+
+
 class Worker:
     """One worker process's runtime.  ``await worker.run()`` until ``stop()``."""
 
@@ -141,6 +289,8 @@ class Worker:
         max_result_bytes: int | None = None,
         shutdown_grace: float = 30.0,
         max_stack: int = 100_000,
+        max_runtime: float | None = None,
+        restart: Callable[[], None] | None = None,
     ) -> None:
         self.id = worker_id or new_process_id("worker")
         self.pool = pool
@@ -166,7 +316,21 @@ class Worker:
         self.max_stack = max_stack
         self.parked: dict[str, _Parked] = {}
         self.baton = Baton()
-        self.threads = ThreadPoolExecutor(max_workers=10_000, thread_name_prefix="pygirder-call")
+        self.threads = _Threads(settings.idle_threads(), settings.thread_idle_s())
+        # default limit on the time one call holds the baton (0: none); @fn(max_runtime=)
+        # overrides it per function
+        self.max_runtime = settings.max_runtime() if max_runtime is None else max_runtime
+        if self.max_runtime < 0:
+            raise ConfigError(f"max_runtime {self.max_runtime}: give seconds > 0, or 0 for none")
+        self._restart = restart or reexec
+        self._limits: dict[str, float] = {}  # running request -> its limit (if any)
+        self._used: dict[str, float] = {}  # running request -> seconds it held the baton
+        self._watch: _Watch | None = None  # read by the watchdog thread
+        self._handed_back: set[str] = set()  # parked requests requeued on shutdown
+        self._names: dict[str, str] = {}  # request -> function, while its result is stored
+        self._abnormal = False  # the loop ended by an error, not by stop()
+        self.store_retries = settings.store_retries()
+        self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self.processed = 0
         self.running: dict[str, asyncio.Task[None]] = {}
         self.started = time.time()
@@ -296,9 +460,16 @@ class Worker:
             asyncio.create_task(self._reap_loop(), name="pygirder-reaper"),
             asyncio.create_task(self._cycle_loop(), name="pygirder-cycles"),
         ]
+        watchdog = threading.Thread(target=self._watchdog, name="pygirder-watchdog", daemon=True)
+        watchdog.start()
         log.info("worker %s serving pool %r", self.id, self.pool)
         try:
             await self._schedule()
+        except BaseException:
+            # The loop was torn down (an exit raised outside any call's own code): what
+            # held the baton is blamed as if the process had died with it.
+            self._abnormal = not self._stopping.is_set()
+            raise
         finally:
             await self._shutdown(background)
 
@@ -338,11 +509,26 @@ class Worker:
                 self._start(request_id, payload, careful)  # the new task owns the baton
                 continue
             self.baton.release()
-            await self._idle()
+            try:
+                await self._idle()
+            except Exception as exc:  # a server error must not end the worker
+                log.warning("taking from pool %r failed: %s", self.pool, exc)
+                await asyncio.sleep(0.2)
 
     def _hold(self, request_id: str | None, function: str | None = None) -> None:
-        """Remember which request holds the baton (shown by `pygirder status`)."""
+        """Remember which request holds the baton (shown by `pygirder status`), and
+        account the time each request holds it for the watchdog."""
+        now = time.monotonic()
+        watch = self._watch
+        if watch is not None:
+            self._used[watch.request_id] = watch.used + (now - watch.since)
         self._holder, self._holder_fn = request_id, function
+        limit = self._limits.get(request_id) if request_id is not None else None
+        if request_id is None or not limit:
+            self._watch = None
+        else:
+            self._watch = _Watch(request_id, function or "?", now, self._used.get(request_id, 0.0),
+                                 limit, time.time())  # fmt: skip
 
     async def _mark_current(self, request_id: str | None) -> None:
         """Name the suspect holding the baton, so a repeat death is blamed on it alone."""
@@ -362,6 +548,9 @@ class Worker:
     def _finished(self, request_id: str) -> None:
         self.running.pop(request_id, None)
         self._careful.discard(request_id)
+        self._limits.pop(request_id, None)
+        self._used.pop(request_id, None)
+        self._handed_back.discard(request_id)
 
     async def _idle(self) -> None:
         """Nothing local to do: take from the pool queue, or block until work appears.
@@ -426,11 +615,28 @@ class Worker:
         reply = await self.runtime.script("take", args)
         if reply:
             self._idle_marked = False  # the script cleared our idle mark
-        items = [
-            (reply[i].decode(), reply[i + 1], reply[i + 2] != b"0") for i in range(0, len(reply), 3)
-        ]
+        items = []
+        for i in range(0, len(reply), 3):
+            raw = reply[i]
+            try:
+                request_id = raw.decode()
+            except UnicodeDecodeError as exc:
+                await self._drop_junk_id(raw, reply[i + 1], exc)
+                continue
+            items.append((request_id, reply[i + 1], reply[i + 2] != b"0"))
         self.stack.extend(reversed(items))
         return len(items)
+
+    async def _drop_junk_id(self, raw: bytes, payload: bytes, exc: Exception) -> None:
+        """An id that is not text was never made by pygirder: dead-letter it and forget it
+        (put back on the queue, it would come back again and again)."""
+        assert self.runtime.redis is not None
+        await self._dead_letter(f"<undecodable id {raw[:64].hex()}>", payload, exc)
+        prefix = self.keys.prefix.encode()
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.keys.inflight(self.id), 0, raw)
+            pipe.delete(prefix + b"st:" + raw)
+            await pipe.execute()
 
     # -- running one request ----------------------------------------------------
     async def _execute(self, request_id: str, payload: bytes) -> None:
@@ -452,38 +658,49 @@ class Worker:
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
                 current_request.set(ctx)  # this task's own context
+                limit = gf.max_runtime or self.max_runtime
+                if limit:
+                    self._limits[request_id] = limit
                 self._hold(request_id, name)
                 if request_id in self._careful:
                     await self._mark_current(request_id)
                 if gf.is_async:
-                    value = await gf.func(*args, **kwargs)
+                    value = await _guarded_async(gf.func(*args, **kwargs))
                 else:
                     run = functools.partial(gf.func, *args, **kwargs)
                     value = await self.loop.run_in_executor(  # type: ignore[union-attr]
-                        self.threads, contextvars.copy_context().run, run
+                        self.threads, contextvars.copy_context().run, _guarded, run
                     )
-                envelope = encode_ok(value, name=name, limit=self.max_result_bytes)
+                envelope = encode_ok(
+                    value, name=name, limit=self.max_result_bytes, request_id=request_id
+                )
                 summary = summarize(value)
             except _RefusedRequest as exc:
                 log.warning("refused %s: %s", request_id, exc)
                 envelope = encode_error(RemoteError(exc.kind, str(exc), "", []))
                 ttl = self.error_ttl
                 summary = f"{exc.kind}: {exc}"[:200]
+            except HandedBack:
+                return  # requeued for another worker: this run's outcome must not count
             except Exception as exc:
-                error = describe_exception(exc, request_id, name)
+                if request_id in self._handed_back:
+                    return  # user code turned the hand-back into an error of its own
+                cause = exc.original if isinstance(exc, _UserExit) else exc
+                error = describe_exception(cause, request_id, name)
                 envelope = encode_error(error)
                 ttl = self.error_ttl
                 summary = f"{error.remote_type}: {error.message}"[:200]
-            except HandedBack:
-                return  # requeued for another worker: this run's outcome must not count
         finally:
             if request_id in self._careful:
                 await self._mark_current(None)
             self._hold(None)
             self.baton.release()
             self._wake.set()
+        if request_id in self._handed_back:
+            return  # it returned after all, but it is queued again: the rerun answers
         self.processed += 1
         self.runtime.resolve(request_id, envelope)  # local waiters need not wait for the inbox
+        self._names[request_id] = name
         self._completions.extend((request_id, envelope, ttl, started, summary))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_completions())
@@ -497,12 +714,100 @@ class Worker:
         while self._completions:
             batch = self._completions[: 5 * 64]
             del self._completions[: 5 * 64]
+            await self._store(batch)
+
+    async def _store(self, batch: list[Any]) -> None:
+        """Store a batch of results so that none is dropped: a request whose result is
+        lost would stay `running` under a live worker, where no reaper helps.
+
+        A failing batch is retried with backoff (a BUSY server, a lost connection), then
+        split in halves (a batch over the server's limits); a result that still cannot
+        be stored (out of memory) is replaced by a small error that says why; when even
+        that fails the request is handed back to its queue.  With the server unreachable
+        throughout, the batch stays pending and is tried again.
+        """
+        try:
+            await self._complete(batch, retries=self.store_retries)
+            self._transient_rounds = 0
+            return
+        except Exception as exc:
+            error = exc
+        # The server busy or away: keep the results and try later, for a while (a
+        # timeout can also come from the batch itself, such as a huge result).
+        if _transient(error) and self._transient_rounds < 10:
+            self._transient_rounds += 1
+            log.error("could not store %d results (%s); retrying", len(batch) // 5, error)
+            self._completions[0:0] = batch
+            await asyncio.sleep(1.0)
+            return
+        self._transient_rounds = 0
+        if len(batch) > 5:
+            half = (len(batch) // 10) * 5
+            for part in (batch[:half], batch[half:]):
+                try:
+                    await self._complete(part, retries=1)
+                except Exception:
+                    await self._store_each(part)
+            return
+        await self._store_each(batch, error)
+
+    async def _store_each(self, batch: list[Any], error: Exception | None = None) -> None:
+        for i in range(0, len(batch), 5):
+            request_id, envelope, _ttl, started, _summary = batch[i : i + 5]
+            if error is None or i > 0:
+                try:
+                    await self._complete(batch[i : i + 5], retries=1)
+                    continue
+                except Exception as exc:
+                    error = exc
+            if _transient(error) and self._transient_rounds < 10:
+                self._transient_rounds += 1
+                self._completions.extend(batch[i : i + 5])
+                continue
+            name = self._names.get(request_id, "?")
+            log.error("could not store the result of %s (%s, %d bytes): %s",
+                      request_id, name, len(envelope), error)  # fmt: skip
+            failure = RemoteError(
+                "pygirder.ResultNotStored",
+                f"the result of {name} ({len(envelope)} bytes) could not be stored on the "
+                f"server: {error}. Raise the server's maxmemory (or free memory: `pygirder "
+                "gc`), or return a smaller result (PYGIRDER_MAX_RESULT_BYTES bounds it)",
+                "",
+                [CallLink(request_id, name)],
+            )
+            small = [request_id, encode_error(failure), self.error_ttl, started,
+                     f"ResultNotStored: {error}"[:200]]  # fmt: skip
+            try:
+                await self._complete(small, retries=self.store_retries)
+                continue
+            except Exception as exc:
+                log.error("could not store an error for %s either (%s): handing it back",
+                          request_id, exc)  # fmt: skip
+            try:
+                await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, request_id])
+                self._names.pop(request_id, None)
+            except Exception as exc:  # server unreachable: keep it, try again later
+                log.error("could not hand back %s (%s); retrying", request_id, exc)
+                self._completions.extend(small)
+                await asyncio.sleep(1.0)
+
+    async def _complete(self, batch: list[Any], *, retries: int) -> None:
+        delay = 0.05
+        for attempt in range(retries):
             try:
                 await self.runtime.script(
                     "complete", [self.keys.prefix, self.id, INLINE_RESULT_LIMIT, *batch]
                 )
-            except Exception as exc:  # the reaper re-runs them if we never get through
-                log.error("could not store %d results: %s", len(batch) // 5, exc)
+                break
+            except Exception as exc:
+                if attempt + 1 >= retries:
+                    raise
+                log.warning("storing %d results failed (%s); retrying in %.2fs",
+                            len(batch) // 5, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 4)
+        for i in range(0, len(batch), 5):
+            self._names.pop(batch[i], None)
 
     async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
         """Keep what could not be decoded for inspection, and never crash over it."""
@@ -533,7 +838,7 @@ class Worker:
             if len(self.stack) > self.max_stack:
                 await self._share(len(self.stack) - self.max_stack, force=True)
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
-            return [decode_envelope(f.result()) for f in futures]
+            return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         parked = _Parked(
@@ -711,7 +1016,14 @@ class Worker:
                 log.warning("reaping failed: %s", exc)
 
     async def reap(self) -> list[str]:
-        """Requeue the requests of every registered worker whose heartbeat has expired."""
+        """Requeue the requests of every registered worker whose heartbeat has expired,
+        then withdraw every dead client from what it waited for."""
+        assert self.runtime.redis is not None
+        dead = await self._reap_workers()
+        await self.runtime.reap_waiters()
+        return dead
+
+    async def _reap_workers(self) -> list[str]:
         assert self.runtime.redis is not None
         redis = self.runtime.redis
         workers = await redis.hgetall(self.keys.workers)
@@ -774,13 +1086,16 @@ class Worker:
             if self._blocking is not None:
                 await self._blocking.aclose()
             await self.runtime.close()
-            self.threads.shutdown(wait=False, cancel_futures=True)
+            self.threads.shutdown(wait=False)
 
     async def _hand_back(self) -> None:
         redis = self.runtime.redis
         assert redis is not None
         if self._fetch is not None:
             self._fetch.cancel()
+        if self._abnormal:
+            await self._hand_back_after_crash()
+            return
         # Hand back what has not started and what waits on sub-calls (it can be re-run
         # anywhere); give the request that is computing time to finish.
         waiting = [request_id for request_id, _, _ in self.stack]
@@ -793,6 +1108,7 @@ class Worker:
         for request_id in parked:
             entry = self.parked.get(request_id)
             if entry is not None and not entry.cycle.done():
+                self._handed_back.add(request_id)
                 entry.cycle.set_exception(HandedBack())
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=self.shutdown_grace)
@@ -803,6 +1119,111 @@ class Worker:
             pipe.hdel(self.keys.idle(self.pool), self.id)
             pipe.hdel(self.keys.workers, self.id)
             await pipe.execute()
+
+    async def _hand_back_after_crash(self) -> None:
+        """The event loop is being torn down by an error outside any call's own code.
+
+        What finished is stored; everything else is handed back as the reaper would for
+        a dead worker, with the request that held the baton blamed: a request that ends
+        its worker this way each time is failed as poison after PYGIRDER_MAX_ATTEMPTS,
+        instead of being handed back for ever.
+        """
+        redis = self.runtime.redis
+        assert redis is not None
+        holder = self._holder
+        log.error("worker %s is going down abnormally (holding %s); handing back its work",
+                  self.id, holder)  # fmt: skip
+        if self._completions:
+            await self._flush_completions()
+        if holder is not None:
+            await redis.set(self.keys.current(self.id), holder)
+        reply = await self.runtime.script(
+            "requeue", [self.keys.prefix, self.id, 1, self.runtime.liveness.max_attempts]
+        )
+        for request_id in reply[1:]:
+            await self._fail_poison(request_id.decode(), self.id)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.keys.idle(self.pool), self.id)
+            pipe.hdel(self.keys.workers, self.id)
+            pipe.hincrby(self.keys.stats, "dead_workers", 1)
+            await pipe.execute()
+
+    # -- execution limit ------------------------------------------------------------
+    def _watchdog(self) -> None:
+        """Enforce max_runtime from a thread of its own: it sees an async call that
+        blocks the event loop as well as a sync one spinning in its thread.
+
+        Python cannot stop a running thread, so the process goes: the call is failed
+        (not retried: a rerun would spin again), the rest of this process's work is
+        handed back, and the process is replaced (see :func:`reexec`).
+        """
+        while True:
+            watch = self._watch
+            period = 0.1 if watch is None else min(0.1, watch.limit / 10)
+            time.sleep(max(0.01, period))
+            watch = self._watch
+            if self.loop is not None and self.loop.is_closed():
+                return
+            if watch is None or self.loop is None:
+                continue
+            ran = watch.used + (time.monotonic() - watch.since)
+            if ran > watch.limit and self._watch is watch:
+                self._over_limit(watch, ran)
+                return
+
+    def _over_limit(self, watch: _Watch, ran: float) -> None:
+        import redis as sync_redis
+
+        log.error("%s [%s] ran %.1fs, over its max_runtime of %gs: failing it and restarting "
+                  "worker %s", watch.function, watch.request_id, ran, watch.limit,
+                  self.id)  # fmt: skip
+        error = RemoteError(
+            "pygirder.MaxRuntimeExceeded",
+            f"{watch.function} ran for more than its max_runtime of {watch.limit:g} s and was "
+            f"stopped (its worker process {self.id} was restarted). Raise "
+            "@pygirder.fn(max_runtime=...) (or the worker's --max-runtime / "
+            "PYGIRDER_MAX_RUNTIME) if it needs longer, or look for an endless loop",
+            "",
+            [CallLink(watch.request_id, watch.function)],
+        )
+        client = sync_redis.Redis.from_url(self.runtime.url, socket_timeout=10,
+                                           socket_connect_timeout=5)  # fmt: skip
+        try:
+            client.register_script(scripts.COMPLETE)(args=[
+                self.keys.prefix, self.id, INLINE_RESULT_LIMIT, watch.request_id,
+                encode_error(error), self.error_ttl, watch.started,
+                f"MaxRuntimeExceeded: over {watch.limit:g} s",
+            ])  # fmt: skip
+            # the rest of this process's work (its stack, parked and in-flight calls)
+            client.register_script(scripts.REQUEUE)(args=[self.keys.prefix, self.id, 0, 0])
+            client.hdel(self.keys.idle(self.pool), self.id)
+        except Exception as exc:  # the reaper requeues whatever we could not hand back
+            log.error("could not fail %s or hand back work: %s", watch.request_id, exc)
+        finally:
+            client.close()
+        # The registration stays: anything taken between the hand-back and the restart
+        # is requeued by the reaper once this id's heartbeat lapses.
+        if self._stopping.is_set():  # told to stop: it was only finishing that call
+            _flush_logs()
+            os._exit(0)
+        self._restart()
+
+
+def _flush_logs() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def reexec() -> None:
+    """Replace this process by a fresh copy of itself (same pid, same command line), so
+    `pygirder worker` comes back with or without a supervisor."""
+    _flush_logs()
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    finally:
+        os._exit(70)  # exec failed: exit and let a supervisor start us again
 
 
 def run_worker(
@@ -817,12 +1238,15 @@ def run_worker(
     worker_id: str | None = None,
     result_ttl: int = 0,
     log_level: str | None = "INFO",
+    max_runtime: float | None = None,
 ) -> dict[str, Any]:
     """Run one worker in this process until SIGTERM/SIGINT; returns what it did.
 
     With a ``log_level``, the process's log records at that level and above (the user
     code's included, tagged with the request they ran for) also go to the grid's log
-    stream, where `pygirder logs` reads them.
+    stream, where `pygirder logs` reads them.  ``max_runtime`` is the default limit
+    of a call's computing time (None: ``PYGIRDER_MAX_RUNTIME``; 0: none); a call over
+    its limit fails and the process re-executes itself.
     """
     if result_ttl < 0:
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
@@ -830,6 +1254,7 @@ def run_worker(
         url, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allow_modules,
         main_path=main_path, worker_id=worker_id, result_ttl=result_ttl,
+        max_runtime=max_runtime,
     )  # fmt: skip
 
     handler = None

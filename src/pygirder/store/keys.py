@@ -21,6 +21,12 @@ CALL_GRAPH_TTL_S = 3600
 LOG_STREAM_MAXLEN = 100_000
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern (namespaces may hold * ? [ ]): the
+    keys of namespace ``p*`` must not match those of ``prod``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names for one namespace.  Methods, not constants, so typos fail loudly."""
@@ -67,8 +73,19 @@ class Keys:
 
     def current(self, worker_id: str) -> str:
         """STRING: the request holding the worker's baton, written only for requests that
-        were already on a worker that died (so a repeat death can be blamed precisely)."""
+        were already on a worker that died, and by a worker whose event loop is torn down
+        (so a death can be blamed precisely)."""
         return f"{self.prefix}cur:{worker_id}"
+
+    def waits(self, process_id: str) -> str:
+        """SET: ids of requests a client waits for (added by submit, trimmed by the
+        client as results arrive), so the reaper can withdraw a client that died."""
+        return f"{self.prefix}waits:{process_id}"
+
+    @property
+    def waiting_processes(self) -> str:
+        """SET: ids of the clients that have a ``waits`` set."""
+        return f"{self.prefix}wprocs"
 
     def heartbeat(self, process_id: str) -> str:
         """STRING with TTL: present while the process is alive."""

@@ -27,6 +27,10 @@ SUBMIT = """
 --       of 6: id, payload, pool, mode ('l' local stack of owner, 'q' pool queue),
 --       function, args summary
 -- Returns per request: the stored result (bulk) if done, 0 if already pending, 1 if new.
+-- What a client (a submitter that is no worker: owner '') waits for is also recorded in
+-- waits:<process> (and the process in wprocs), so the reaper can withdraw a client that
+-- dies while waiting.  A dead worker's requests are requeued instead (REQUEUE), and
+-- their re-runs wait again for what they need.
 local p, inbox, owner, parent = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local graph_ttl = tonumber(ARGV[5])
 local items = cmsgpack.unpack(ARGV[6])
@@ -34,6 +38,12 @@ local now = redis.call('TIME')
 local t = now[1] + now[2] / 1e6
 local out = {}
 local new, cached, shared = 0, 0, 0
+local waiter, waits = false, false
+if inbox ~= '' and owner == '' and string.sub(inbox, 1, #p + 6) == p .. 'inbox:' then
+  waiter = string.sub(inbox, #p + 7)
+  waits = p .. 'waits:' .. waiter
+end
+local waiting = 0
 for i = 1, #items, 6 do
   local id, payload, pool, mode = items[i], items[i + 1], items[i + 2], items[i + 3]
   if graph_ttl > 0 and parent ~= '' then
@@ -47,6 +57,10 @@ for i = 1, #items, 6 do
     cached = cached + 1
   else
     if inbox ~= '' then redis.call('SADD', p .. 'wt:' .. id, inbox) end
+    if waits then
+      redis.call('SADD', waits, id)
+      waiting = waiting + 1
+    end
     local st = p .. 'st:' .. id
     local state = redis.call('HGET', st, 's')
     if state == 'local' and owner ~= '' and redis.call('HGET', st, 'o') == owner then
@@ -79,8 +93,12 @@ local stats = p .. 'stats'
 if new > 0 then redis.call('HINCRBY', stats, 'submitted', new) end
 if cached > 0 then redis.call('HINCRBY', stats, 'cached', cached) end
 if shared > 0 then redis.call('HINCRBY', stats, 'shared', shared) end
+if waiting > 0 then
+  redis.call('EXPIRE', waits, INBOX_TTL)
+  redis.call('SADD', p .. 'wprocs', waiter)
+end
 return out
-"""
+""".replace("INBOX_TTL", str(INBOX_TTL_S))
 
 TAKE = """
 -- ARGV: prefix, pool, worker, max, [id already moved into inflight by BLMOVE]
@@ -225,11 +243,13 @@ REQUEUE = """
 --       max attempts, then ids (none: all of the worker's owned and in-flight requests)
 -- Hands requests back to their pool queues.  Used on graceful shutdown and by the
 -- reaper.  Finished requests are only dropped from the lists.
--- When the worker died, every request it held becomes a suspect (field d).  A suspect
--- runs "carefully": its worker records it in cur:<worker> while it holds the baton.
--- If the worker dies again while cur names it, that is a strike; a request with
--- max-attempts - 1 strikes (it also caused the first, unattributed death) is not
--- requeued: its id is returned and the caller fails it as a poison request.
+-- When the worker died, every request it held becomes a suspect (field d counts those
+-- deaths).  A suspect runs "carefully": its worker records it in cur:<worker> while it
+-- holds the baton (so does a worker whose event loop is torn down, for the request
+-- holding the baton then).  A death while cur names the request is a strike.  Deaths
+-- it caused are its strikes plus at most one unattributed death (the one that made it
+-- a suspect); at a strike that brings them to max attempts it is not requeued: its id
+-- is returned and the caller fails it as a poison request.
 -- Returns {number requeued, poisoned id, ...}.
 local p, worker, dead, max_attempts = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
 local current = false
@@ -255,10 +275,15 @@ for _, id in ipairs(ids) do
     if pool and (owner == worker or owner == false)
         and redis.call('EXISTS', p .. 'res:' .. id) == 0
         and redis.call('HGET', st, 's') ~= 'queued' then
-      local strikes = 0
-      if dead and id == current then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
-      if dead then redis.call('HINCRBY', st, 'd', 1) end
-      if strikes > 0 and strikes >= math.max(1, max_attempts - 1) then
+      local strike = dead and id == current
+      local killed = 0
+      if dead then
+        local deaths = redis.call('HINCRBY', st, 'd', 1)
+        local strikes = tonumber(redis.call('HGET', st, 'strikes') or '0')
+        if strike then strikes = redis.call('HINCRBY', st, 'strikes', 1) end
+        killed = strikes + math.min(1, deaths - strikes)
+      end
+      if strike and killed >= max_attempts then
         out[#out + 1] = id
       else
         redis.call('HSET', st, 's', 'queued')
@@ -396,6 +421,45 @@ if down + up > 0 then redis.call('HINCRBY', p .. 'stats', 'distributed', down + 
 return {down, up}
 """
 
+WITHDRAW = """
+-- ARGV: prefix, client process id, max ids
+-- The client has no heartbeat any more (it died): withdraw its inbox from the waiter
+-- sets of up to max of the requests it waited for (waits:<process>).  A request that
+-- nobody waits for any more and that has not started is cancelled as CANCEL does (its
+-- state goes, its queue entry is left for TAKE to drop) and counted as abandoned,
+-- unless a worker died holding it (field d): its strikes must be kept until it is
+-- failed as poison or finishes.  Once nothing is left, the client and its inbox are
+-- forgotten.
+-- Returns {ids withdrawn, abandoned, ids left}.
+local p, pid, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', p .. 'hb:' .. pid) == 1 then return {0, 0, 0} end  -- alive again
+local waits, inbox = p .. 'waits:' .. pid, p .. 'inbox:' .. pid
+local ids = redis.call('SPOP', waits, max)
+local abandoned = 0
+for _, id in ipairs(ids) do
+  local wt = p .. 'wt:' .. id
+  redis.call('SREM', wt, inbox)
+  local st = p .. 'st:' .. id
+  if redis.call('SCARD', wt) == 0 and redis.call('HGET', st, 's') == 'queued'
+      and not redis.call('HGET', st, 'd') then
+    redis.call('DEL', st)
+    local c = p .. 'call:' .. id
+    if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 'state', 'cancelled') end
+    abandoned = abandoned + 1
+  end
+end
+local left = redis.call('SCARD', waits)
+if left == 0 then
+  redis.call('SREM', p .. 'wprocs', pid)
+  redis.call('DEL', inbox)
+end
+if abandoned > 0 then
+  redis.call('HINCRBY', p .. 'stats', 'abandoned', abandoned)
+  redis.call('HINCRBY', p .. 'stats', 'stale', abandoned)
+end
+return {#ids, abandoned, left}
+"""
+
 
 @dataclass(frozen=True)
 class ScriptSource:
@@ -412,4 +476,5 @@ ALL = [
     ScriptSource("cancel", CANCEL),
     ScriptSource("reach", REACH),
     ScriptSource("distribute", DISTRIBUTE),
+    ScriptSource("withdraw", WITHDRAW),
 ]

@@ -96,7 +96,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 '''
 
 
-def test_a_project_with_pyproject_is_built_by_pip(tmp_path: Path) -> None:
+def test_an_offline_build_uses_the_backend_installed_here(tmp_path: Path) -> None:
     project = tmp_path / "packaged-project"
     (project / "packaged").mkdir(parents=True)
     (project / "packaged" / "__init__.py").write_text("ANSWER = 42\n")
@@ -109,14 +109,80 @@ def test_a_project_with_pyproject_is_built_by_pip(tmp_path: Path) -> None:
         backend-path = ["."]
         """)
     )
-    first = build_artifact(project, tmp_path / "a")
+    # The in-tree backend imports pygirder, which only this environment has.
+    first = build_artifact(project, tmp_path / "a", offline=True)
     assert first.manifest["project"] == {"name": "packaged", "version": "1.2.3"}
     assert first.manifest["modules"] == ["packaged"]
-    assert build_artifact(project, tmp_path / "b").sha256 == first.sha256
+    assert build_artifact(project, tmp_path / "b", offline=True).sha256 == first.sha256
 
     (project / "backend.py").write_text("raise SystemExit('backend is broken')\n")
-    with pytest.raises(ArtifactError, match=r"(?s)could not build a wheel.*backend is broken"):
-        build_artifact(project, tmp_path / "c")
+    with pytest.raises(
+        ArtifactError, match=r"(?s)could not build a wheel.*drop --offline.*backend is broken"
+    ):
+        build_artifact(project, tmp_path / "c", offline=True)
+
+
+def setuptools_project(root: Path, requires: str = '["setuptools>=61"]') -> Path:
+    """A project laid out the way the setuptools and packaging guides lay one out."""
+    project = root / "pricing-models"
+    (project / "src" / "pricing").mkdir(parents=True)
+    (project / "src" / "pricing" / "__init__.py").write_text("RATE = 0.05\n")
+    (project / "src" / "pricing" / "jobs.py").write_text("def price(i):\n    return i * 2\n")
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent(f"""
+        [build-system]
+        requires = {requires}
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "pricing-models"
+        version = "0.3.0"
+        """)
+    )
+    return project
+
+
+def test_a_setuptools_project_builds_with_build_isolation(tmp_path: Path) -> None:
+    # Build isolation installs the backend from pip's configured index; nothing of
+    # it has to be installed where pygirder runs.
+    project = setuptools_project(tmp_path, requires='["setuptools>=61", "wheel"]')
+    artifact = build_artifact(project, tmp_path / "out")
+    assert artifact.manifest["project"] == {"name": "pricing-models", "version": "0.3.0"}
+    assert artifact.manifest["modules"] == ["pricing"]
+    assert [w["name"] for w in artifact.manifest["wheels"]] == ["pricing-models", "pygirder"]
+
+
+def test_an_offline_build_names_the_build_requirement_that_is_missing(tmp_path: Path) -> None:
+    project = setuptools_project(tmp_path, requires='["setuptools>=61", "no-such-backend"]')
+    with pytest.raises(ArtifactError) as caught:
+        build_artifact(project, tmp_path / "out", offline=True)
+    message = str(caught.value)
+    assert "install `no-such-backend` (pip install no-such-backend)" in message
+    assert "or drop --offline" in message
+    assert "setuptools" not in message.split("install", 1)[1].split("(")[0]  # it is installed
+
+
+def test_an_offline_bdist_wheel_failure_says_to_install_wheel(tmp_path: Path) -> None:
+    # setuptools before 70.1 builds wheels only with the `wheel` package: pip then
+    # says "invalid command 'bdist_wheel'", which is what a plain venv gives.
+    from pygirder.cloud import artifacts
+
+    project = setuptools_project(tmp_path)
+    fake_pip = tmp_path / "fake_pip.py"
+    fake_pip.write_text(
+        "import sys\nprint(\"error: invalid command 'bdist_wheel'\", file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):  # the same pip command line, answered by the failing build
+        assert cmd[1:4] == ["-m", "pip", "wheel"] and "--no-build-isolation" in cmd
+        return real_run([sys.executable, str(fake_pip)], **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(artifacts.subprocess, "run", run)
+        with pytest.raises(ArtifactError, match=r"install `wheel` \(pip install wheel\)"):
+            build_artifact(project, tmp_path / "out", offline=True)
 
 
 def test_push_is_idempotent(tmp_path: Path, bucket: str) -> None:
@@ -247,3 +313,65 @@ def test_the_artifact_cli_reports_errors(tmp_path: Path, bucket: str, monkeypatc
     result = CliRunner().invoke(app, ["push", str(make_project(tmp_path))])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "pygirder.toml" in result.output
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_push_from_a_plain_venv_with_only_pygirder_cloud(tmp_path: Path, bucket: str) -> None:
+    """What a new user has: `python -m venv`, then `pip install -e '.[cloud]'`: no `wheel`,
+    no `build`, and a setuptools project of their own."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python, cli = venv / "bin" / "python", venv / "bin" / "pygirder"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[cloud]"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    work = tmp_path / "work"  # where the user runs it: a build/ folder is no `build` package
+    (work / "build").mkdir(parents=True)
+    has = (
+        "import importlib.metadata as m\n"
+        "for name in ('wheel', 'build'):\n"
+        "    try:\n        m.distribution(name)\n        print(name)\n"
+        "    except m.PackageNotFoundError:\n        pass\n"
+    )
+    installed = subprocess.run([str(python), "-c", has], capture_output=True, text=True,
+                               check=True, cwd=work).stdout  # fmt: skip
+    assert installed == ""
+    project = setuptools_project(tmp_path)
+
+    # `python -m pygirder` puts the current folder first on sys.path.
+    dry = subprocess.run([str(python), "-m", "pygirder", "cloud", "artifact", "push",
+                          str(project), "--dry-run", "--json"], capture_output=True, text=True,
+                         check=False, cwd=work)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    built = json.loads(dry.stdout)
+    assert built["uploaded"] is False and built["uri"].startswith("s3://<bucket>/artifacts/")
+    assert built["manifest"]["project"] == {"name": "pricing-models", "version": "0.3.0"}
+
+    push = [str(cli), "cloud", "artifact", "push", str(project), "--bucket", bucket, "--json"]
+    pushed = subprocess.run(push, capture_output=True, text=True, check=False, cwd=work)
+    assert pushed.returncode == 0, pushed.stderr
+    uri = json.loads(pushed.stdout)["uri"]
+    assert uri == f"s3://{bucket}/artifacts/{built['sha256']}.tar.gz"  # the same bytes
+    assert [a["uri"] for a in list_artifacts(bucket)] == [uri]
+
+    # --offline builds with what this venv has; a setuptools older than 70.1 cannot
+    # build wheels without the `wheel` package, and the error says so.
+    setuptools = subprocess.run(
+        [str(python), "-c", "import setuptools; print(setuptools.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    offline = subprocess.run([str(cli), "cloud", "artifact", "push", str(project),
+                              "--dry-run", "--offline"], capture_output=True, text=True,
+                             check=False, cwd=work)  # fmt: skip
+    if tuple(int(p) for p in setuptools.split(".")[:2]) < (70, 1):
+        assert offline.returncode == 1
+        assert "install `wheel` (pip install wheel)" in offline.stderr, offline.stderr
+        assert "or drop --offline" in offline.stderr and "Traceback" not in offline.stderr
+    else:
+        assert offline.returncode == 0, offline.stderr

@@ -73,29 +73,60 @@ def artifact_push(
     out: Annotated[
         Path | None, typer.Option("--out", help="Keep the built tar.gz in this directory.")
     ] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Build without the package index or build isolation: the project's build "
+            "backend (and `wheel` for an old setuptools) must be installed here.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Build the artifact and print its name; ask AWS nothing, upload nothing.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build the project and pygirder as wheels into one artifact and upload it once.
 
-    The artifact is named by its SHA-256, so pushing unchanged code uploads nothing.
-    Prints the s3:// URI and the SHA-256 that instances verify.
+    The artifact is named by its SHA-256, so pushing unchanged code
+    uploads nothing. Prints the s3:// URI and the SHA-256 instances verify.
+    A packaged project is built as `python -m build --wheel` (or
+    `pip wheel`) builds it: with build isolation, from pip's configured
+    index. --offline builds with what is installed here instead.
     """
     logging.getLogger("pygirder.cloud.artifacts").setLevel(logging.INFO)
+    if not project_dir.is_dir():
+        typer.echo(
+            f"error: project directory {project_dir} does not exist: give the directory "
+            "that holds your grid functions (default: the current one)",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
-        where = _where(bucket, prefix, config)
+        # A dry run asks AWS nothing, so it also works before `pygirder cloud setup`.
+        where = None if dry_run else _where(bucket, prefix, config)
         with tempfile.TemporaryDirectory(prefix="pygirder-artifact-") as tmp:
-            artifact = build_artifact(project_dir, out or tmp)
-            uri = push_artifact(artifact, *where)
+            artifact = build_artifact(project_dir, out or tmp, offline=offline)
+            if where is None:
+                key_prefix = (prefix or "artifacts/").rstrip("/") + "/"
+                uri = f"s3://{bucket or '<bucket>'}/{key_prefix}{artifact.name}"
+            else:
+                uri = push_artifact(artifact, *where)
     except (PygirderError, OSError) as exc:
         raise _fail(exc) from exc
     if as_json:
-        typer.echo(
-            json.dumps({"uri": uri, "sha256": artifact.sha256, "manifest": artifact.manifest})
-        )
+        found = {"uri": uri, "sha256": artifact.sha256, "manifest": artifact.manifest}
+        typer.echo(json.dumps({**found, "uploaded": not dry_run}))
         return
     wheels = ", ".join(f"{w['name']} {w['version']}" for w in artifact.manifest["wheels"])
     typer.echo(f"{uri}\nsha256 {artifact.sha256}\nwheels {wheels}")
+    if dry_run:
+        typer.echo("dry run: nothing was uploaded", err=True)
 
 
 @app.command("list")

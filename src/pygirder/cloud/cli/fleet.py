@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ...cli.oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
+from ...cli.service import ServiceContext, service
 from ...errors import ConfigError, PygirderError
 
 if TYPE_CHECKING:
@@ -342,9 +343,10 @@ def tunnel(
 
 
 def run(
-    target: Annotated[str, typer.Argument(help="MODULE:FUNCTION of a grid function.")],
-    args: Annotated[str, typer.Option(help="JSON list of positional arguments.")] = "[]",
-    kwargs: Annotated[str, typer.Option(help="JSON object of keyword arguments.")] = "{}",
+    ctx: ServiceContext,
+    target: TargetArg,
+    args: ArgsOpt = "[]",
+    kwargs: KwargsOpt = "{}",
     project: Annotated[
         Path, typer.Option(help="Where MODULE is found (the pushed project).", file_okay=False)
     ] = Path("."),
@@ -352,47 +354,28 @@ def run(
     config: ConfigOpt = None,
     fleet: FleetOpt = None,
     via: ViaOpt = "auto",
-) -> None:
-    """Run one call on the fleet's grid and print its result as JSON."""
-    import importlib
+) -> Any:
+    """Run one call on the fleet's grid and print its result as JSON.
 
+    Exit codes: 0 the result was printed, 1 the call or the fleet failed
+    (the error on stderr), 2 a bad command line or pygirder.toml.
+    With --json: one envelope {"result", "error", "time_s", "id", "log"},
+    as `pygirder submit --json` prints.
+    """
     import pygirder
 
-    from ...calls import GridFunction
+    from ...cli.oneshot import load_grid_function, parse_call_arguments, run_one_call
+    from ..config import load_config
     from ..fleet import grid_url
 
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise typer.BadParameter(
-            "expected MODULE:FUNCTION, e.g. mypkg.jobs:price", param_hint="TARGET"
-        )
+    func = load_grid_function(target, str(project.resolve()))
+    pos, kw = parse_call_arguments(args, kwargs)
     try:
-        pos, kw = json.loads(args), json.loads(kwargs)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not valid JSON: {exc}") from None
-    if not isinstance(pos, list) or not isinstance(kw, dict):
-        raise typer.BadParameter("--args takes a JSON list and --kwargs a JSON object")
-    sys.path.insert(0, str(project.resolve()))
-    try:
-        func = getattr(importlib.import_module(module_name), func_name, None)
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
-        ) from None
-    if not isinstance(func, GridFunction):
-        raise typer.BadParameter(
-            f"{target} is not a grid function (@pygirder.fn)", param_hint="TARGET"
-        )
-    cfg = _load(config)
-    try:
-        with grid_url(cfg, fleet, via=via) as url, pygirder.connect(url) as grid:
-            result = grid.run(func(*pos, **kw), timeout=timeout)
-    except pygirder.RemoteError as exc:
-        err.print(escape(str(exc)))
-        raise typer.Exit(1) from None
-    except PygirderError as exc:
-        raise _fail(exc) from None
-    print(json.dumps(result, default=repr))
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    with grid_url(cfg, fleet, via=via) as url, pygirder.connect(url) as grid:
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
 
 
 def exec_(
@@ -679,7 +662,7 @@ def register(app: typer.Typer) -> None:
     app.command("fleet")(fleet)
     app.command("cost")(cost)
     app.command("tunnel")(tunnel)
-    app.command("run")(run)
+    service(app, name="run", render=print_json)(run)
     app.command("exec")(exec_)
     app.command("ssh")(ssh)
     app.command("logs")(logs)

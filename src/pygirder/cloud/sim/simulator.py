@@ -70,11 +70,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ...errors import PygirderError
+from ..instance import boot_robot
 from ..tags import MANAGED_VALUE, TAG_MANAGED, TAG_NAME, from_tag_list
 from .imds import ImdsEmulator
 
@@ -103,7 +103,6 @@ DUMMY_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_SESSION_TOKEN": "testing",
 }
-BOOT_ROBOT = "pygirder-boot.sh"
 
 
 class SimulatorError(PygirderError):
@@ -290,9 +289,7 @@ class Simulator:
         try:
             self._check_loopback()
             self._robot = self.state_dir / "pygirder-boot"
-            self._robot.write_bytes(
-                resources.files("pygirder.cloud.instance").joinpath(BOOT_ROBOT).read_bytes()
-            )
+            self._robot.write_bytes(boot_robot())
             self._robot.chmod(0o755)
             self._ec2 = self._client()
             self._tick(first=True)
