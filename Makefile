@@ -31,6 +31,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy src/pygirder
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

@@ -16,7 +16,7 @@ import gridfuncs as gf
 import pygirder
 from pygirder.errors import ConfigError
 from pygirder.grid.maintenance import parse_age
-from pygirder.status import call_info
+from pygirder.observe.status import call_info
 from pygirder.store.keys import Keys
 
 TESTS = os.path.dirname(__file__)
@@ -98,7 +98,7 @@ def test_demo_runs_and_checks_itself():
 
 
 def test_logs_of_worker_processes_reach_the_grid_stream(grid_factory):
-    from pygirder.logs import read_logs
+    from pygirder.observe.logs import read_logs
 
     grid = grid_factory(workers=2)
     calls = [gf.noisy(i) for i in range(12)]

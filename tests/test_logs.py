@@ -15,7 +15,7 @@ import redis
 from typer.testing import CliRunner
 
 from pygirder.cli.logs import app as logs_app
-from pygirder.logs import (
+from pygirder.observe.logs import (
     GridLogHandler,
     current_request_id,
     follow_logs,
@@ -50,7 +50,7 @@ def grid_logger(redis_url: str) -> Iterator[tuple[logging.Logger, GridLogHandler
 CHILD = textwrap.dedent(
     """
     import logging, sys
-    from pygirder.logs import current_request_id, install_grid_logging
+    from pygirder.observe.logs import current_request_id, install_grid_logging
     url, ns, pid = sys.argv[1:4]
     install_grid_logging(url, ns, level="INFO", process_id=pid)
     log = logging.getLogger("child")

@@ -22,7 +22,7 @@ from pygirder.cli.status import app
 from pygirder.errors import GridCycleError
 from pygirder.grid.cycles import CycleSearch
 from pygirder.grid.worker import Worker, _Parked
-from pygirder.status import FailureScanner, collect_status
+from pygirder.observe.status import FailureScanner, collect_status
 from pygirder.store import scripts
 from pygirder.store.keys import Keys
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import gridfuncs as gf
 import pygirder
 from pygirder.cli.status import app
-from pygirder.status import CallLookupError, FailureScanner, call_info, collect_status
+from pygirder.observe.status import CallLookupError, FailureScanner, call_info, collect_status
 
 
 @pytest.fixture

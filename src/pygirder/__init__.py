@@ -1,9 +1,7 @@
 """pygirder: pure Python functions on a grid of workers, memoized and shared grid-wide."""
 
-from __future__ import annotations
-
-from collections.abc import Iterable
-from typing import Any
+import collections.abc
+import typing
 
 from .calls import Call, GridFunction, fn
 from .codec import register
@@ -11,10 +9,13 @@ from .errors import (
     CodecError,
     ConfigError,
     GridConnectionError,
+    GridCycleError,
     GridFunctionError,
     GridOutOfMemory,
     GridTimeout,
+    MaxRuntimeExceeded,
     PayloadTooLarge,
+    PoisonRequest,
     PygirderError,
     RemoteError,
 )
@@ -25,18 +26,18 @@ from .grid.context import wait_sync as _wait_sync
 __version__ = "0.1.0"
 
 
-def wait(*calls: Call[Any], timeout: float | None = None) -> list[Any]:
+def wait(*calls: Call[typing.Any], timeout: float | None = None) -> list[typing.Any]:
     """Results of the calls, in order.  Inside a sync grid function the worker's CPU
     slot goes to other work while this waits."""
     return _wait_sync(_flatten(calls), timeout)
 
 
-async def gather(*calls: Call[Any], timeout: float | None = None) -> list[Any]:
+async def gather(*calls: Call[typing.Any], timeout: float | None = None) -> list[typing.Any]:
     """Async twin of :func:`wait`: ``await pygirder.gather(f(1), f(2))``."""
     return await _gather_async(_flatten(calls), timeout)
 
 
-def _flatten(calls: tuple[Any, ...]) -> Iterable[Any]:
+def _flatten(calls: tuple[typing.Any, ...]) -> collections.abc.Iterable[typing.Any]:
     # wait([a, b]) and wait(a, b) both work, as with asyncio.gather(*aws) vs a list
     if len(calls) == 1 and isinstance(calls[0], list | tuple):
         return calls[0]
@@ -49,12 +50,15 @@ __all__ = [
     "ConfigError",
     "Grid",
     "GridConnectionError",
+    "GridCycleError",
     "GridFunction",
     "GridFunctionError",
     "GridFuture",
     "GridOutOfMemory",
     "GridTimeout",
+    "MaxRuntimeExceeded",
     "PayloadTooLarge",
+    "PoisonRequest",
     "PygirderError",
     "RemoteError",
     "__version__",

@@ -1,32 +1,69 @@
-"""Grid functions: the @fn decorator, Call objects, the registry, code fingerprints and ids.
+"""Grid functions: the @fn decorator, Call objects and the registry; the data model.
 
-A grid function is a pure function, so a call is fully named by
-``["Call", qualified name, code fingerprint, bound arguments]``.  The request id is a
-BLAKE2b hash of the canonical encoding of that structure: equal calls anywhere on the
-grid get equal ids, which is what makes memoization and sharing work.
+A call is named by its function's name, code fingerprint and bound arguments
+(``pygirder.hashing``), so equal calls anywhere on the grid get equal ids.  This module
+runs nothing and imports nothing from ``pygirder.grid``: ``call.result()`` and
+``await call`` wait through the :class:`Waiter` that the grid registers with
+:func:`register_waiter` when ``pygirder`` is imported.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import types
-from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from . import codec
 from .errors import GridFunctionError
+from .hashing import ID_LENGTH, ID_TAG, fingerprint, request_id
 
-__all__ = ["Call", "GridFunction", "fingerprint", "fn", "lookup", "registered_names"]
+__all__ = [
+    "ID_LENGTH",
+    "ID_TAG",
+    "Call",
+    "GridFunction",
+    "Waiter",
+    "fingerprint",
+    "fn",
+    "lookup",
+    "register_waiter",
+    "registered_names",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-ID_TAG = b"pygirder-call-v1\x00"
-ID_LENGTH = 40  # hex characters of a request id (BLAKE2b, 20 bytes)
-
 _REGISTRY: dict[str, GridFunction[..., Any]] = {}
+
+
+class Waiter(Protocol):
+    """How a call's result is waited for: in a worker's request, or in a client's grid.
+
+    ``pygirder.grid.context`` implements it; the data model only needs these two.
+    """
+
+    def wait_sync(self, calls: Iterable[Any], timeout: float | None) -> list[Any]: ...
+
+    async def gather_async(self, calls: Iterable[Any], timeout: float | None) -> list[Any]: ...
+
+
+_waiter: Waiter | None = None
+
+
+def register_waiter(waiter: Waiter) -> None:
+    """Route ``call.result()`` and ``await call`` through ``waiter`` (the last one wins)."""
+    global _waiter
+    _waiter = waiter
+
+
+def _the_waiter() -> Waiter:
+    if _waiter is None:  # only if pygirder.grid failed to import
+        raise GridFunctionError(
+            "no grid runtime to wait on: `import pygirder` (which loads pygirder.grid) "
+            "before waiting on a call"
+        )
+    return _waiter
 
 
 def _module_name(module: str) -> str:
@@ -34,50 +71,6 @@ def _module_name(module: str) -> str:
     # does, so its `if __name__ == "__main__":` block does not run); both names must
     # give the same qualified name and therefore the same request ids.
     return "__main__" if module == "__mp_main__" else module
-
-
-def _const_repr(value: object) -> str:
-    if isinstance(value, types.CodeType):
-        return "code:" + _code_digest(value)
-    if isinstance(value, frozenset):  # iteration order of str members varies per process
-        return "frozenset(" + ",".join(sorted(_const_repr(v) for v in value)) + ")"
-    if isinstance(value, tuple):
-        return "(" + ",".join(_const_repr(v) for v in value) + ")"
-    return f"{type(value).__name__}:{value!r}"
-
-
-def _code_digest(code: types.CodeType, doc: str | None = None) -> str:
-    """Hash what determines behaviour, not where the code sits.
-
-    Line numbers, file names and the docstring are left out, so moving a function or
-    editing its documentation keeps its memoized results.
-    """
-    consts = list(code.co_consts)
-    if doc is not None and consts and consts[0] == doc:
-        consts = consts[1:]
-    parts = [
-        code.co_code.hex(),
-        repr(code.co_names),
-        repr(code.co_varnames),
-        repr(code.co_freevars),
-        repr(code.co_cellvars),
-        # only the behavioural flags: __future__ compiler flags sit above bit 16
-        repr(
-            (
-                code.co_argcount,
-                code.co_posonlyargcount,
-                code.co_kwonlyargcount,
-                code.co_flags & 0xFFFF,
-            )
-        ),
-        "|".join(_const_repr(c) for c in consts),
-    ]
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
-
-
-def fingerprint(func: Callable[..., Any]) -> str:
-    """The code fingerprint of a plain function (bytecode, constants, names)."""
-    return _code_digest(func.__code__, func.__doc__)
 
 
 def _check_definable(func: Callable[..., Any]) -> None:
@@ -188,7 +181,7 @@ class GridFunction(Generic[P, R]):
 
     def bind_payload(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Turn decoded bound arguments back into ``(args, kwargs)`` for the real function."""
-        bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
+        bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type,unused-ignore]
         return bound.args, bound.kwargs
 
     def __repr__(self) -> str:
@@ -280,12 +273,7 @@ class Call(Generic[R]):
     @property
     def id(self) -> str:
         if self._id is None:
-            h = hashlib.blake2b(ID_TAG, digest_size=ID_LENGTH // 2)
-            for part in (self.function.name.encode(), self.function.fingerprint.encode()):
-                h.update(len(part).to_bytes(4, "big"))
-                h.update(part)
-            h.update(self.args_bytes)
-            self._id = h.hexdigest()
+            self._id = request_id(self.function.name, self.function.fingerprint, self.args_bytes)
         return self._id
 
     def payload(self) -> bytes:
@@ -293,15 +281,13 @@ class Call(Generic[R]):
         return codec.encode([self.function.name, self.function.fingerprint, self.args_bytes])
 
     def result(self, timeout: float | None = None) -> R:
-        from .grid import context
+        result: R = _the_waiter().wait_sync([self], timeout)[0]
+        return result
 
-        return context.wait_sync([self], timeout)[0]
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        from .grid import context
-
-        results = yield from context.gather_async([self], None).__await__()
-        return results[0]
+    def __await__(self) -> Generator[Any, None, R]:
+        results = yield from _the_waiter().gather_async([self], None).__await__()
+        result: R = results[0]
+        return result
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}"[:40] for k, v in self.arguments.items())

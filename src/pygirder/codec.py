@@ -616,12 +616,12 @@ class _Decoder:
             # Python's own limit on int-to-str conversions (sys.set_int_max_str_digits).
             if not data:
                 raise ValueError("empty big int")
-            value = int.from_bytes(data, "big", signed=True)
+            number = int.from_bytes(data, "big", signed=True)
             if len(data) <= _TRACKED_PAYLOAD:
-                first = self.hashes.setdefault(hash(value), value)
-                if first is not value and (first is _COLLIDED or first != value):
-                    self.collide(value)
-            return value
+                first = self.hashes.setdefault(hash(number), number)
+                if first is not number and (first is _COLLIDED or first != number):
+                    self.collide(number)
+            return number
         if not _EXT_TUPLE < code <= _EXT_NDARRAY:
             raise ValueError(f"unknown msgpack extension type {code}")
         depth = self.depth
@@ -690,7 +690,8 @@ class _Decoder:
         root = _Deferred(code, data, self.depth)
         order = [root]
         for node in order:  # grows while it is walked: breadth first
-            self.deferred = found = []
+            found: list[_Deferred] = []
+            self.deferred = found
             node.item = msgpack.unpackb(
                 node.data, raw=False, strict_map_key=False, ext_hook=self.defer_hook
             )
@@ -795,7 +796,7 @@ def _decode_ndarray(item: Any) -> Any:
         raise ValueError("malformed ndarray shape")
     if _DTYPE_STR.fullmatch(dtype_str) is None:
         raise ValueError(f"malformed ndarray dtype {_short_repr(dtype_str)}")
-    np = sys.modules.get("numpy")
+    np: Any = sys.modules.get("numpy")
     if np is None:
         try:
             import numpy as np

@@ -105,7 +105,7 @@ def measure_demo(
         before = grid.stats().get("executed", 0)
         t0 = time.perf_counter()
         subtrees = [(depth - 2, fanout, leaf_ms, k) for k in range(fanout**2)]
-        sizes = grid.map(tree, subtrees, progress=not quiet)
+        sizes: list[Any] = grid.map(tree, subtrees, progress=not quiet)
         wall = time.perf_counter() - t0
         nodes = 1 + fanout + sum(sizes)
         expected = sum(fanout**d for d in range(depth + 1))

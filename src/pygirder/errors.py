@@ -10,15 +10,25 @@
      ├── GridTimeout             a wait ran out of time (also a TimeoutError)
      ├── GridCycleError          a call waits, through other calls, on itself
      ├── PoisonRequest           a request killed its worker too many times
+     ├── MaxRuntimeExceeded      a call computed longer than its max_runtime
+     ├── GridOutOfMemory         the server reached its maxmemory and refused a write
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
-     └── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── CallLookupError         an id prefix names no call, or several (also a LookupError;
+     │                           raised by the status reader behind `inspect` and the dashboard)
+     └── ImportRefused           a request named a module this worker may not import (the
+                                 worker reports it to the caller as a failed request)
 
 Every error carries the data needed to act on it, and its message says what to do next.
+Every class above CallLookupError is exported by ``pygirder``; the last two are met
+only inside the command line, the dashboard and the worker.  ``CallLink`` is not an
+exception: it is one entry of a RemoteError's chain.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class PygirderError(Exception):
@@ -82,12 +92,37 @@ class PoisonRequest(PygirderError):
     """
 
 
+class MaxRuntimeExceeded(PygirderError):
+    """A call computed for longer than its ``max_runtime`` (``@fn`` or ``--max-runtime``).
+
+    Raised (as a RemoteError with this type) to every waiter and not retried: a
+    rerun would take as long.  Raise the limit or split the call into smaller ones.
+    """
+
+
 class GridOutOfMemory(PygirderError):
     """The grid's server reached its ``maxmemory`` and refused a write.
 
     Grid state is never evicted (policy ``noeviction``), so nothing was silently lost;
     raise the limit, drop old results (``pygirder gc``) or give results a TTL.
     """
+
+
+class CallLookupError(PygirderError, LookupError):
+    """No call, or more than one, matches an id (prefix).
+
+    ``matches`` holds the ids that matched (empty: none did), so a caller can list the
+    candidates of an ambiguous prefix.
+    """
+
+    def __init__(self, message: str, *, prefix: str, matches: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+        self.matches = matches
+
+
+class ImportRefused(PygirderError):
+    """A request named a module this worker may not import."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +159,11 @@ class RemoteError(PygirderError):
             lines.extend("    " + line for line in self.traceback.rstrip().splitlines())
         return "\n".join(lines)
 
-    def __reduce__(self):  # keep pickling/copying working despite the dataclass __init__
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str, list[CallLink]]]:
+        # keep pickling/copying working despite the dataclass __init__
         return (RemoteError, (self.remote_type, self.message, self.traceback, self.chain))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.remote_type,
             "message": self.message,
@@ -136,7 +172,7 @@ class RemoteError(PygirderError):
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> RemoteError:
+    def from_dict(cls, data: dict[str, Any]) -> RemoteError:
         return cls(
             remote_type=str(data.get("type", "Exception")),
             message=str(data.get("message", "")),

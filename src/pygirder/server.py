@@ -96,7 +96,8 @@ def valkey_executable() -> str:
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _ping(host: str, port: int, password: str | None, timeout: float) -> bool:

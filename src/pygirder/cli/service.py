@@ -89,7 +89,7 @@ from ..errors import ConfigError
 try:  # typer >= 0.20 ships its own copy of click
     from typer._click.exceptions import UsageError as _UsageError
 except ImportError:  # pragma: no cover - older typer on top of click
-    from click.exceptions import UsageError as _UsageError
+    from click.exceptions import UsageError as _UsageError  # type: ignore[assignment]
 
 __all__ = ["LOG_LEVELS", "ServiceContext", "default_service_id", "load_options", "service"]
 
@@ -666,7 +666,7 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
                 pass  # the function said what went wrong before it exited
             elif usage:
                 typer.echo(
-                    f"error: {failure.format_message()}\n"  # type: ignore[union-attr]
+                    f"error: {failure.format_message()}\n"  # type: ignore[attr-defined]
                     f"Try '{click_ctx.command_path} --help' for help.",
                     err=True,
                 )

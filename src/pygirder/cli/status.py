@@ -8,7 +8,7 @@ Mount them on the main CLI as plain commands::
 
 ``app`` below holds the same two commands as a standalone Typer app (``python -m
 pygirder.cli.status``), for tests and debugging without the main CLI.  The figures
-come from :mod:`pygirder.status`, which the dashboard shares.
+come from :mod:`pygirder.observe.status`, which the dashboard shares.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..grid.runtime import unreachable
-from ..status import (
+from ..observe.status import (
     MIN_PREFIX,
     CallLookupError,
     FailureScanner,

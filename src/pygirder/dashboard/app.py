@@ -3,7 +3,7 @@
 One :class:`Monitor` samples the grid once per interval, whoever is watching, and
 keeps a short history of throughput, so every viewer sees the same figures and a
 page opened late still draws the last few minutes.  The figures come from
-:mod:`pygirder.status` (the same as ``pygirder status``).
+:mod:`pygirder.observe.status` (the same as ``pygirder status``).
 
 Endpoints (all behind the token when there is one)::
 
@@ -12,7 +12,7 @@ Endpoints (all behind the token when there is one)::
     GET /api/status          the latest snapshot: status, history, recent failures
     GET /api/events          server-sent events: "snapshot" once, then "status" per tick
                              (?limit=N ends the stream after N events, for scripts)
-    GET /api/calls/{id}      one call (id or prefix): pygirder.status.call_info
+    GET /api/calls/{id}      one call (id or prefix): pygirder.observe.status.call_info
     GET /api/fleet           the fleet's instances by role, or {"configured": false}
 
 Security: without a token the app answers only requests whose Host header is a
@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, quote, unquote
 
 import redis
 
-from ..status import (
+from ..observe.status import (
     MIN_PREFIX,
     CallLookupError,
     FailureScanner,
@@ -284,7 +284,7 @@ class _Gate:
                     headers.append(
                         (
                             b"set-cookie",
-                            f"{TOKEN_COOKIE}={quote(self.token, safe='')}; Path=/; HttpOnly; "
+                            f"{TOKEN_COOKIE}={quote(self.token or '', safe='')}; Path=/; HttpOnly; "
                             "SameSite=Strict".encode(),
                         )
                     )

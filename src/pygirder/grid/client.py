@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import os
@@ -52,7 +53,23 @@ class _LoopThread:
     def run(self, coro: Any, timeout: float | None = None) -> Any:
         return self.submit(coro).result(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop, let it unwind, then stop the loop.
+
+        A task left pending when the loop stops is destroyed with its connections
+        still open, which Python reports as unclosed sockets and transports.
+        """
+
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.submit(drain()).result(timeout + 1)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.thread.is_alive():

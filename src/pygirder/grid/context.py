@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..calls import Call, register_waiter
 from ..errors import GridFunctionError
 
 if TYPE_CHECKING:
-    from ..calls import Call
     from .client import Grid
     from .worker import Worker
 
@@ -54,8 +54,6 @@ def default_grid() -> Grid:
 
 
 def _check_calls(calls: Iterable[Any]) -> list[Call[Any]]:
-    from ..calls import Call
-
     out = list(calls)
     for i, c in enumerate(out):
         if not isinstance(c, Call):
@@ -84,3 +82,16 @@ async def gather_async(calls: Iterable[Any], timeout: float | None = None) -> li
     if ctx is not None:
         return await ctx.worker.gather(checked, ctx, timeout)
     return await default_grid().gather_async(checked, timeout=timeout)
+
+
+class ContextWaiter:
+    """The :class:`pygirder.calls.Waiter` of this process: waits where the caller runs."""
+
+    def wait_sync(self, calls: Iterable[Any], timeout: float | None) -> list[Any]:
+        return wait_sync(calls, timeout)
+
+    async def gather_async(self, calls: Iterable[Any], timeout: float | None) -> list[Any]:
+        return await gather_async(calls, timeout)
+
+
+register_waiter(ContextWaiter())

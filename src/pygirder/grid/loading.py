@@ -28,12 +28,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ImportRefused  # defined with the core's other errors; imported from here too
+
 MAIN_GUARD = 'if __name__ == "__main__":'
 log = logging.getLogger("pygirder.worker")
-
-
-class ImportRefused(Exception):
-    """A request named a module this worker may not import."""
 
 
 class _GridStartInScript(BaseException):

@@ -439,14 +439,18 @@ class Runtime:
         return dropped
 
     async def close(self) -> None:
+        """Stop the background tasks and close the connections, each step bounded.
+
+        A task caught inside a client command can take long to unwind after it is
+        cancelled (the connection closes under its own time-out); closing must still end
+        promptly, and what is still running is cancelled with the event loop.
+        """
         self._closing = True
-        for task in (self._beat, self._listener):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        tasks = [t for t in (self._beat, self._listener) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
@@ -463,7 +467,10 @@ class Runtime:
         finally:
             for client in (self._listener_client, self.redis):
                 if client is not None:
-                    await client.aclose()
+                    try:
+                        await asyncio.wait_for(client.aclose(), 2.0)
+                    except Exception as exc:  # closing what is left is the loop's job
+                        log.debug("closing a server connection failed: %s", exc)
 
     async def script(self, name: str, args: Sequence[Any]) -> Any:
         self.round_trips += 1

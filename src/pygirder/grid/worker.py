@@ -1259,7 +1259,7 @@ def run_worker(
 
     handler = None
     if log_level:
-        from ..logs import install_grid_logging
+        from ..observe.logs import install_grid_logging
 
         handler = install_grid_logging(url, namespace, log_level, process_id=worker.id)
 

@@ -30,14 +30,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
 
-from .store.keys import LOG_STREAM_MAXLEN, Keys
+from ..store.keys import LOG_STREAM_MAXLEN, Keys
 
 __all__ = [
     "GridLogHandler",
@@ -178,7 +178,7 @@ class GridLogHandler(logging.Handler):
         finally:
             super().close()
 
-    def flush(self, timeout: float = 3.0) -> bool:
+    def flush(self, timeout: float = 3.0) -> bool:  # type: ignore[override]
         """Wait until every queued record was sent or dropped; False on time-out."""
         if os.getpid() != self.pid or not self._thread.is_alive():
             return self._queued == 0
@@ -245,7 +245,7 @@ class GridLogHandler(logging.Handler):
             try:
                 pipe = self._client.pipeline(transaction=False)
                 for fields in batch:
-                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.execute()
             except Exception:
                 backoff = time.monotonic() + 1.0
@@ -255,7 +255,7 @@ class GridLogHandler(logging.Handler):
                 self._done(batch, sent=True)
 
     def _take_batch(self) -> list[dict[str, str]]:
-        batch = []
+        batch: list[dict[str, str]] = []
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -322,8 +322,8 @@ class LogEntry:
     exc: str = ""
 
     @classmethod
-    def from_stream(cls, entry_id: Any, fields: dict[Any, Any]) -> LogEntry:
-        f = {_text(k): _text(v) for k, v in fields.items()}
+    def from_stream(cls, entry_id: Any, fields: Mapping[Any, Any] | None) -> LogEntry:
+        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
         return cls(
             id=_text(entry_id),
             time=_float(f.get("time"), default=_id_ms(_text(entry_id)) / 1000),
@@ -452,7 +452,7 @@ def _follow(
     stop: threading.Event | None,
 ) -> Iterator[LogEntry]:
     while stop is None or not stop.is_set():
-        reply = client.xread({key: last}, count=1000, block=block_ms)
+        reply: Any = client.xread({key: last}, count=1000, block=block_ms)
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 last = _text(entry_id)

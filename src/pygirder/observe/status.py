@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from .errors import PygirderError
-from .store.keys import HEARTBEAT_TTL_S, Keys
-from .store.keys import glob_escape as _glob_escape
+from ..errors import CallLookupError
+from ..store.keys import HEARTBEAT_TTL_S, Keys
+from ..store.keys import glob_escape as _glob_escape
 
 __all__ = [
     "COUNTERS",
@@ -53,19 +53,6 @@ _SCAN_COUNT = 1000
 MAX_CHILDREN = 500
 # Ancestors listed per call, nearest first; deeper chains are cut (and say so).
 MAX_ANCESTORS = 32
-
-
-class CallLookupError(PygirderError, LookupError):
-    """No call, or more than one, matches an id (prefix).
-
-    ``matches`` holds the ids that matched (empty: none did), so a caller can list the
-    candidates of an ambiguous prefix.
-    """
-
-    def __init__(self, message: str, *, prefix: str, matches: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.prefix = prefix
-        self.matches = matches
 
 
 # -- small helpers ------------------------------------------------------------------
@@ -466,8 +453,8 @@ def _decode_result(data: bytes | None) -> dict[str, Any] | None:
     """What a stored result envelope holds, summarized; never raises."""
     if data is None:
         return None
-    from .codec import decode
-    from .grid.runtime import summarize
+    from ..codec import decode
+    from ..grid.runtime import summarize
 
     kind = data[:1]
     try:

@@ -1,0 +1,105 @@
+"""Request ids and fingerprints (pygirder.hashing), and the data model's layering."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pygirder
+from pygirder import calls, codec, hashing
+from pygirder.grid import context
+
+SRC = Path(pygirder.__file__).parent
+
+
+def test_request_ids_are_stable_across_releases():
+    # Changing this id loses every memoized result of every grid: it is the wire format.
+    args = codec.encode({"a": 1, "b": [1.5, "x"]})
+    assert hashing.request_id("m:f", "v:1", args) == "a5feefeb172090e5e95e95801bf60a42017c55fe"
+    assert len(hashing.request_id("m:f", "v:1", args)) == hashing.ID_LENGTH
+
+
+def test_length_prefixes_keep_name_and_fingerprint_apart():
+    args = codec.encode({})
+    assert hashing.request_id("m:fv", ":1", args) != hashing.request_id("m:f", "v:1", args)
+
+
+def test_a_call_id_is_the_hashing_request_id():
+    call = pygirder.fn(version="3")(_double)(4)
+    assert call.id == hashing.request_id(call.function.name, "v:3", call.args_bytes)
+    assert calls.fingerprint is hashing.fingerprint
+
+
+def test_fingerprint_ignores_the_docstring_but_not_the_code():
+    def a(x):
+        """One."""
+        return x + 1
+
+    def b(x):
+        """Two, and longer."""
+        return x + 1
+
+    def c(x):
+        return x + 2
+
+    assert hashing.fingerprint(a) == hashing.fingerprint(b) != hashing.fingerprint(c)
+
+
+def _imports(module: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.update(f"{base}.{a.name}" if not node.module else base for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_the_data_model_imports_nothing_from_grid():
+    for name in ("calls.py", "hashing.py", "codec.py", "errors.py"):
+        found = _imports(SRC / name)
+        bad = {n for n in found if "grid" in n.split(".") or n.startswith("pygirder.grid")}
+        assert not bad, f"{name} imports {bad}: the data model must not depend on grid/"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[Any], float | None]] = []
+
+    def wait_sync(self, waited: Iterable[Any], timeout: float | None) -> list[Any]:
+        items = list(waited)
+        self.seen.append(("sync", items, timeout))
+        return ["sync-result" for _ in items]
+
+    async def gather_async(self, waited: Iterable[Any], timeout: float | None) -> list[Any]:
+        items = list(waited)
+        self.seen.append(("async", items, timeout))
+        return ["async-result" for _ in items]
+
+
+def test_calls_wait_through_the_registered_waiter():
+    recorder = _Recorder()
+    call = pygirder.fn(version="3")(_double)(5)
+    calls.register_waiter(recorder)
+    try:
+        assert call.result(timeout=2.5) == "sync-result"
+        assert asyncio.run(_await(call)) == "async-result"
+    finally:
+        calls.register_waiter(context.ContextWaiter())
+    assert recorder.seen == [("sync", [call], 2.5), ("async", [call], None)]
+
+
+def test_importing_pygirder_registers_the_grid_context():
+    assert isinstance(calls._waiter, context.ContextWaiter)
+
+
+async def _await(call: calls.Call[Any]) -> Any:
+    return await call
+
+
+def _double(x: int) -> int:
+    return 2 * x
