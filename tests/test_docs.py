@@ -33,12 +33,12 @@ def test_the_cloud_verbs_have_reference_entries():
     # The functions behind `pygirder cloud setup|plan|teardown|status`, `image build`,
     # `artifact push`, `up|fleet|down` and `rehearse`.
     verbs = {
-        "pygirder.cloud.setup.setup", "pygirder.cloud.setup.plan",
-        "pygirder.cloud.setup.teardown", "pygirder.cloud.setup.status",
+        "pygirder.cloud.account.setup", "pygirder.cloud.account.plan",
+        "pygirder.cloud.account.teardown", "pygirder.cloud.account.status",
         "pygirder.cloud.image.build_image", "pygirder.cloud.artifacts.build_artifact",
         "pygirder.cloud.artifacts.push_artifact", "pygirder.cloud.fleet.up",
         "pygirder.cloud.fleet.fleet_status", "pygirder.cloud.fleet.down",
-        "pygirder.cloud.rehearse.rehearse",
+        "pygirder.cloud.sim.rehearse.rehearse",
     }  # fmt: skip
     entries = documented("api-cloud.md")
     assert verbs - entries == set()

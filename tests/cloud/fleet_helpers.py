@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pygirder.cloud.agent import Announcement, InstanceMetadata, publish_announcement
-from pygirder.cloud.fleet import TAG_LAUNCH
+from pygirder.cloud.fleet.naming import TAG_LAUNCH
+from pygirder.cloud.instance.announce import Announcement, publish_announcement
+from pygirder.cloud.instance.metadata import InstanceMetadata
 from pygirder.cloud.tags import TAG_FLEET, TAG_ROLE, from_tag_list
 
 JOBS = '''\

@@ -203,7 +203,7 @@ def test_the_cli_and_config_import_without_boto3(tmp_path) -> None:
         sys.modules["botocore"] = None
         from typer.testing import CliRunner
         from pygirder.cloud.cli import app
-        import pygirder.cloud.setup, pygirder.cloud.aws, pygirder.cloud.config
+        import pygirder.cloud.account, pygirder.cloud.aws, pygirder.cloud.config
         runner = CliRunner()
         assert runner.invoke(app, ["--help"]).exit_code == 0
         result = runner.invoke(app, ["policy"])

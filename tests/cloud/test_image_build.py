@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pygirder.cloud import image as image_module
+from pygirder.cloud.account import setup
 from pygirder.cloud.cli import app
 from pygirder.cloud.config import CloudConfigError
 from pygirder.cloud.image import (
@@ -31,12 +32,11 @@ from pygirder.cloud.image import (
     list_images,
     render_bake_script,
 )
-from pygirder.cloud.setup import setup
-from pygirder.cloud.simulate import SimState, Simulator
+from pygirder.cloud.sim.simulator import SimState, Simulator
 from pygirder.cloud.tags import TAG_COMPONENT, TAG_MANAGED, TAG_NAME, TAG_ROLE, from_tag_list
 
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
-SRC = Path(image_module.__file__).parent
+SRC = Path(image_module.__file__).parent / "instance"
 SHA = "ab" * 32
 RENDER = dict(
     build_id="image-20300101-000000-abcdef",

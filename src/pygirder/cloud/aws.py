@@ -11,16 +11,7 @@ botocore's own retries are switched off; :meth:`Aws.call` retries *only* throttl
 and server (5xx) errors, with capped exponential backoff and jitter, and turns every
 other failure into one of the errors below, whose messages say what to do next.
 
-    PygirderError
-     └── CloudError                 an AWS call failed: .service, .operation, .code
-          ├── CloudDependencyError  boto3 is not installed (also an ImportError)
-          ├── CredentialsError      no credentials, an expired token, a rejected key
-          ├── AccessDeniedError     the identity lacks a permission: .action names it
-          ├── QuotaExceededError    an account quota (VPCs, addresses, ...) is reached
-          └── CloudTimeoutError     a bounded wait ran out (also a TimeoutError)
-
-``setup.py`` adds the errors about pygirder's own resources (name clashes, live
-fleets, a setup that is missing).
+The errors are drawn, with the rest of the cloud's, in :mod:`pygirder.cloud.errors`.
 
 Threads: a boto3 Session is not thread-safe, clients are.  An :class:`Aws` makes its
 session and clients once and is meant for one thread; give each thread its own.
@@ -32,10 +23,18 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import PygirderError
+from .errors import (
+    AccessDeniedError,
+    CloudDependencyError,
+    CloudError,
+    CloudTimeoutError,
+    CredentialsError,
+    QuotaExceededError,
+)
 from .policy import iam_action
 
 if TYPE_CHECKING:
@@ -61,6 +60,7 @@ THROTTLING_CODES = frozenset(
         "PriorRequestNotComplete",
         "EC2ThrottledException",
         "ProvisionedThroughputExceededException",
+        "KMSThrottlingException",
     }
 )
 SERVER_ERROR_CODES = frozenset(
@@ -72,6 +72,8 @@ SERVER_ERROR_CODES = frozenset(
         "ServiceUnavailable",
         "ServiceUnavailableException",
         "Unavailable",
+        "RequestTimeout",  # S3: the connection sat idle too long; sending again works
+        "RequestTimeoutException",
     }
 )
 ACCESS_DENIED_CODES = frozenset(
@@ -108,54 +110,82 @@ QUOTA_CODES = frozenset(
         "MaxSpotInstanceCountExceeded",
         "InsufficientAddressCapacity",
         "CreationLimitExceededException",
+        "InstanceLimitExceeded",
+    }
+)
+# A spot pool (instance type x subnet) is out of capacity right now: try other pools
+# now, this one again later.
+CAPACITY_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientFreeAddressesInSubnet",
+        "UnfulfillableCapacity",
+        "capacity-not-available",
+        "SpotCapacityNotAvailable",
+    }
+)
+# A pool that cannot work at all (type not offered there, price cap below the market).
+POOL_UNUSABLE_CODES = frozenset(
+    {"Unsupported", "SpotMaxPriceTooLow", "InvalidInstanceType", "InstanceTypeNotSupported"}
+)
+# AWS refuses a delete while it still sees dependents; they go away on their own.
+DEPENDENCY_CODES = frozenset(
+    {
+        "DependencyViolation",
+        "DeleteConflict",
+        "InvalidIPAddress.InUse",
+        "ResourceInUse",
+        "InvalidNetworkInterface.InUse",
+        "IncorrectState",
+    }
+)
+# "That resource does not exist (any more)", besides every code containing "NotFound".
+NOT_FOUND_CODES = frozenset(
+    {
+        "NoSuchEntity",
+        "NoSuchBucket",
+        "404",
+        "NotFound",
+        "NotFoundException",
+        "ParameterNotFound",
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "QueueDoesNotExist",
+        "Gateway.NotAttached",
     }
 )
 
-
-# ----------------------------------------------------------------------- errors
-
-
-class CloudError(PygirderError):
-    """An AWS call failed.  ``code`` is AWS's error code ("" when there was none)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        service: str = "",
-        operation: str = "",
-        code: str = "",
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.service = service
-        self.operation = operation
-        self.code = code
-        self.status = status
+# EC2 instance states that still exist and may still bill (compute while running, the
+# disks while stopped); "shutting-down" is on its way out but not gone yet.
+LIVE_INSTANCE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
-class CloudDependencyError(CloudError, ImportError):
-    """boto3 is needed for ``pygirder cloud`` and is not installed."""
+# ----------------------------------------------------------------------- retries
 
 
-class CredentialsError(CloudError):
-    """There are no usable AWS credentials: none found, expired, or rejected."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often to try a call and how long to sleep before each retry.
+
+    The delay before retry ``n`` (1-based) is ``base_delay * 2**(n-1)`` capped at
+    ``max_delay``; with ``jitter`` a random 50-100 % of that, so clients that failed
+    together do not retry together.
+    """
+
+    attempts: int
+    base_delay: float
+    max_delay: float
+    jitter: bool = True
+
+    def delay(self, attempt: int) -> float:
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return delay * (0.5 + random.random() / 2) if self.jitter else delay
 
 
-class AccessDeniedError(CloudError):
-    """The AWS identity lacks a permission; ``action`` is the IAM action to grant."""
-
-    def __init__(self, message: str, *, action: str = "", **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.action = action
-
-
-class QuotaExceededError(CloudError):
-    """An AWS account quota (limit) stops pygirder from creating a resource."""
-
-
-class CloudTimeoutError(CloudError, TimeoutError):
-    """A bounded wait for AWS to converge (propagation, a state change) ran out."""
+# Throttling and server errors, for every call (botocore's own retries are off).
+TRANSIENT_RETRY = RetryPolicy(attempts=6, base_delay=0.5, max_delay=20.0)
+# A delete AWS refuses while dependents remain: 2, 4, 8, 16, 30, 30 ... seconds.
+DEPENDENCY_RETRY = RetryPolicy(attempts=10, base_delay=2.0, max_delay=30.0, jitter=False)
 
 
 # ---------------------------------------------------------------- boto3, lazily
@@ -206,14 +236,14 @@ def session(config: CloudConfig) -> Any:
         ) from None
 
 
-def client_config() -> Any:
+def client_config(*, connect_timeout: float = 10, read_timeout: float = 60) -> Any:
     """botocore Config for every client: our retries only, sane time-outs."""
     from botocore.config import Config
 
     return Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         user_agent_extra="pygirder",
     )
 
@@ -244,17 +274,15 @@ class Aws:
         *,
         boto_session: Any = None,
         sleep: Callable[[float], None] = time.sleep,
-        max_attempts: int = 6,
-        base_delay: float = 0.5,
-        max_delay: float = 20.0,
+        max_attempts: int = TRANSIENT_RETRY.attempts,
+        base_delay: float = TRANSIENT_RETRY.base_delay,
+        max_delay: float = TRANSIENT_RETRY.max_delay,
     ) -> None:
         self.config = config
         self.region = config.region
         self._session = boto_session
         self.sleep = sleep
-        self.max_attempts = max_attempts
-        self.base_delay = base_delay
-        self.max_delay = max_delay
+        self.retry = RetryPolicy(max_attempts, base_delay, max_delay)
         self._clients: dict[tuple[str, str], Any] = {}
         self._account_id: str | None = None
 
@@ -299,7 +327,7 @@ class Aws:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if code in ignore:
                     return None
-                if retry and attempt < self.max_attempts and is_transient(code, status):
+                if retry and attempt < self.retry.attempts and is_transient(code, status):
                     self.backoff(attempt)
                     attempt += 1
                     continue
@@ -339,10 +367,38 @@ class Aws:
                 return
             params[token] = following
 
+    def call_retrying(
+        self,
+        service: str,
+        operation: str,
+        *,
+        codes: Iterable[str],
+        policy: RetryPolicy,
+        region: str | None = None,
+        keep_going: Callable[[], bool] = lambda: True,
+        on_retry: Callable[[CloudError, float, int], None] | None = None,
+        **params: Any,
+    ) -> Any:
+        """:meth:`call`, also retried with ``policy`` while it fails with one of
+        ``codes`` (and ``keep_going()`` says so); ``on_retry(error, delay, attempt)``
+        hears of each retry before its sleep."""
+        codes = frozenset(codes)
+        attempt = 1
+        while True:
+            try:
+                return self.call(service, operation, region=region, **params)
+            except CloudError as exc:
+                if exc.code not in codes or attempt >= policy.attempts or not keep_going():
+                    raise
+                delay = policy.delay(attempt)
+                if on_retry is not None:
+                    on_retry(exc, delay, attempt + 1)
+                self.sleep(delay)
+                attempt += 1
+
     def backoff(self, attempt: int) -> None:
-        """Sleep before retry ``attempt`` (1-based): capped exponential, half jitter."""
-        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        self.sleep(delay * (0.5 + random.random() / 2))
+        """Sleep before retry ``attempt`` (1-based) of a transient failure."""
+        self.sleep(self.retry.delay(attempt))
 
     def wait_for(
         self,
@@ -383,6 +439,11 @@ def is_transient(code: str, status: int | None) -> bool:
     if code in THROTTLING_CODES or code in SERVER_ERROR_CODES:
         return True
     return status is not None and status >= 500
+
+
+def is_not_found(code: str) -> bool:
+    """Error codes that mean "that resource does not exist (any more)"."""
+    return "NotFound" in code or code.endswith(".Unavailable") or code in NOT_FOUND_CODES
 
 
 def is_quota_code(code: str) -> bool:

@@ -35,12 +35,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .aws import Aws, CloudError
+from .aws import LIVE_INSTANCE_STATES, Aws
 from .config import CloudConfig, CloudConfigError
+from .errors import CloudError, ImageError
+from .instance import bake_template, boot_robot
 from .tags import (
     TAG_EXPIRES,
     TAG_ROLE,
@@ -70,8 +71,6 @@ BUILDER_ROLE = "image-builder"
 COMPONENT_IMAGE = "image"
 COMPONENT_SNAPSHOT = "image-snapshot"
 COMPONENT_BUILDER = "image-builder"
-BAKE_TEMPLATE = "image-bake.sh"
-BOOT_ROBOT = "pygirder-boot.sh"
 AL2023_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 # EC2 refuses user-data over 16 KiB.
 MAX_USER_DATA_BYTES = 16384
@@ -80,11 +79,6 @@ WAIT_BAKE_S = 1800.0
 WAIT_INSTANCE = (600.0, 5.0)
 WAIT_IMAGE = (1800.0, 10.0)
 _PYTHON_PACKAGE_RE = re.compile(r"python3\.\d{1,2}")
-_LIVE = ["pending", "running", "stopping", "stopped"]
-
-
-class ImageError(CloudError):
-    """An image could not be built, found or deleted; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ class BuildResult:
 # -- the bake script ----------------------------------------------------------------------
 def boot_robot_script() -> str:
     """The boot robot, as installed in the image and run by the local data plane."""
-    return resources.files(__package__).joinpath(BOOT_ROBOT).read_text()
+    return boot_robot().decode()
 
 
 def render_bake_script(
@@ -140,7 +134,7 @@ def render_bake_script(
         "PYTHON_PACKAGE": python_package,
         "SERVICE_USER": service_user,
     }
-    script = resources.files(__package__).joinpath(BAKE_TEMPLATE).read_text()
+    script = bake_template()
     for key, value in values.items():
         script = script.replace(f"=@{key}@\n", f"={shlex.quote(value)}\n")
     script = script.replace("\n@BOOT_ROBOT@\n", "\n" + boot_robot_script().rstrip("\n") + "\n")
@@ -165,7 +159,7 @@ def build_image(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Bake a template image for ``config``'s setup; see the module docstring."""
-    from .setup import account_resources
+    from .account import account_resources
 
     aws = aws or Aws(config)
     say = progress or (lambda text: None)
@@ -356,7 +350,7 @@ def _await_bake(
 
     Messages of other launches are made visible again at once, for whoever waits on them.
     """
-    from .agent import Announcement
+    from .instance.announce import Announcement
 
     deadline = time.monotonic() + timeout
     next_check = 0.0
@@ -597,7 +591,7 @@ def list_builders(config: CloudConfig, *, aws: Aws | None = None) -> list[dict[s
     aws = aws or Aws(config)
     filters = [
         *ec2_filters(config.name, COMPONENT_BUILDER),
-        {"Name": "instance-state-name", "Values": _LIVE},
+        {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
     ]
     out = []
     for page in aws.pages("ec2", "describe_instances", Filters=filters):

@@ -1,0 +1,671 @@
+"""``pygirder cloud up|fleet|cost|tunnel|run|exec|ssh|logs|down|sweep|rehearse``: the fleet.
+
+:func:`register` adds these commands to the cloud app.  ``pygirder cloud status``
+already names the account's resources and their idle cost, so the running fleet's
+table is ``pygirder cloud fleet``.  Like the rest of the cloud CLI this module
+imports without boto3; AWS code is imported inside the commands.  Tables go to
+stdout, progress and errors to stderr; ``--json`` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ...cli.oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
+from ...cli.service import ServiceContext, service
+from ...errors import ConfigError, PygirderError
+
+if TYPE_CHECKING:
+    from ..config import CloudConfig
+
+__all__ = ["register"]
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="pygirder.toml (default: $PYGIRDER_CONFIG, else ./pygirder.toml).",
+        dir_okay=False,
+    ),
+]
+FleetOpt = Annotated[
+    str | None, typer.Option("--fleet", help="Fleet id (default: the only fleet that is up).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ViaOpt = Annotated[
+    str,
+    typer.Option(
+        "--via", help="Route to the redis node: auto (direct, ssh, ssm), direct, ssh or ssm."
+    ),
+]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def _say(text: str) -> None:
+    err.print(f"[dim]{escape(text)}[/]")
+
+
+def _load(path: Path | None) -> CloudConfig:
+    from ..config import load_config
+
+    try:
+        return load_config(path)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+
+
+def _duration(text: str, option: str) -> float:
+    from ...grid.maintenance import parse_age
+
+    try:
+        return parse_age(text)
+    except ConfigError as exc:
+        raise _fail(ConfigError(f"{option} {text!r}: use e.g. 90s, 30m, 4h")) from exc
+
+
+def _money(value: float | None, digits: int = 4) -> str:
+    return "?" if value is None else f"${value:,.{digits}f}"
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# --------------------------------------------------------------------------- up
+
+
+def up(
+    config: ConfigOpt = None,
+    workers: Annotated[int, typer.Option("--workers", "-n", help="Worker instances.")] = 1,
+    distributors: Annotated[int, typer.Option(help="Distributor instances.")] = 0,
+    instance_types: Annotated[
+        str | None,
+        typer.Option("--instance-types", help="Comma-separated instance types to diversify over."),
+    ] = None,
+    max_price: Annotated[
+        float | None, typer.Option(help="Highest spot price per instance-hour in USD.")
+    ] = None,
+    ttl: Annotated[str, typer.Option(help="Instances shut themselves down after this.")] = "4h",
+    minimum: Annotated[
+        int | None, typer.Option("--min", help="Fewest ready workers that will do (default 1).")
+    ] = None,
+    deadline: Annotated[
+        str, typer.Option(help="Give up waiting for instances after this.")
+    ] = "10m",
+    imports: Annotated[
+        list[str] | None,
+        typer.Option("--import", help="Module the workers import (default: the project's)."),
+    ] = None,
+    processes: Annotated[
+        str, typer.Option(help="Worker processes per instance, or auto.")
+    ] = "auto",
+    image: Annotated[
+        str | None, typer.Option(help="AMI (default: the newest pygirder image).")
+    ] = None,
+    artifact: Annotated[
+        str | None, typer.Option(help="Artifact URI or SHA-256 prefix (default: the newest).")
+    ] = None,
+    public_workers: Annotated[
+        bool, typer.Option(help="Put workers in the public subnet (no NAT needed).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Launch a spot fleet: a redis node, then distributors and workers; wait until they
+    announce that they are ready."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..fleet import DEFAULT_INSTANCE_TYPES, UpOptions
+    from ..fleet import up as run_up
+
+    cfg = _load(config)
+    types = tuple(t.strip() for t in (instance_types or "").split(",") if t.strip())
+    options = UpOptions(
+        workers=workers,
+        distributors=distributors,
+        instance_types=types or DEFAULT_INSTANCE_TYPES,
+        max_price=max_price,
+        ttl_s=_duration(ttl, "--ttl"),
+        min_workers=minimum,
+        deadline_s=_duration(deadline, "--deadline"),
+        imports=tuple(imports) if imports else None,
+        processes=processes,
+        image_id=image,
+        artifact=artifact,
+        public_workers=public_workers,
+    )
+    bar = Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ready [dim]({task.fields[launched]} launched)[/]"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=as_json,
+    )
+    tasks: dict[str, Any] = {}
+
+    def progress(role: str, ready: int, requested: int, launched: int) -> None:
+        if role not in tasks:
+            tasks[role] = bar.add_task(role, total=requested, launched=launched)
+        bar.update(tasks[role], completed=ready, total=requested, launched=launched)
+
+    try:
+        with bar:
+            summary = run_up(
+                cfg,
+                options,
+                say=(lambda t: bar.console.print(f"[dim]{escape(t)}[/]")),
+                progress=progress,
+            )
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "fleet": summary.fleet,
+                    "expires": summary.expires.isoformat(),
+                    "hourly_usd": summary.hourly_usd,
+                    "instances": [
+                        {
+                            **m.__dict__,
+                            "state": str(m.state),
+                            "spot_price": summary.prices.get(m.instance_id),
+                        }
+                        for m in summary.members
+                    ],
+                    "removed": [m.instance_id for m in summary.removed],
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(
+        title=f"fleet {summary.fleet} ({cfg.name!r} in {cfg.region})", title_justify="left"
+    )
+    for column in ("Role", "Instance", "Type", "Zone", "Private", "Public", "$/hour"):
+        table.add_column(column, no_wrap=True, justify="right" if column == "$/hour" else "left")
+    for m in summary.members:
+        price = summary.prices.get(m.instance_id)
+        table.add_row(
+            m.role,
+            m.instance_id,
+            m.instance_type,
+            m.zone,
+            m.private_ip,
+            m.public_ip or "-",
+            _money(price),
+        )
+    table.caption = (
+        f"{len(summary.members)} instances, {_money(summary.hourly_usd)} per hour at current "
+        f"spot prices; they shut themselves down at {summary.expires:%Y-%m-%d %H:%M} UTC"
+    )
+    out.print(table)
+    if summary.removed:
+        err.print(
+            f"[yellow]{len(summary.removed)} instance(s) were not ready in time and were "
+            "terminated[/]"
+        )
+    err.print(
+        "Next: [bold]pygirder cloud run MODULE:FUNC --args JSON[/], "
+        "[bold]pygirder cloud fleet[/], [bold]pygirder cloud down[/]"
+    )
+
+
+# ----------------------------------------------------------------- fleet, cost
+
+
+def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
+    """The running fleet: role, instance, state, address, uptime, spot price, cost so far."""
+    from ..fleet import fleet_status
+
+    cfg = _load(config)
+    try:
+        status = fleet_status(cfg, fleet)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps(status.to_dict(), indent=2))
+        return
+    table = Table(title=f"fleet {status.fleet}", title_justify="left", show_footer=True)
+    table.add_column("Role", footer="Total")
+    table.add_column("Instance", no_wrap=True)
+    table.add_column("State")
+    table.add_column("Address", no_wrap=True)
+    table.add_column("Uptime", justify="right")
+    table.add_column("Spot $/h", justify="right", footer=_money(status.hourly_usd))
+    table.add_column("Cost so far", justify="right", footer=_money(status.cost_usd))
+    for r in status.rows:
+        address = r.address + (f"\n[dim]{r.public_ip}[/]" if r.public_ip else "")
+        table.add_row(
+            r.role,
+            f"{r.instance_id}\n[dim]{r.instance_type} {r.zone}[/]",
+            r.state,
+            address,
+            _uptime(r.uptime_s),
+            _money(r.spot_price),
+            _money(r.cost_usd),
+        )
+    expires = status.expires
+    table.caption = f"expires {expires:%Y-%m-%d %H:%M} UTC" if expires else None
+    out.print(table)
+
+
+def cost(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
+    """What the fleet costs: per role per hour, so far, and until it expires."""
+    from ..fleet import fleet_cost
+
+    cfg = _load(config)
+    try:
+        found = fleet_cost(cfg, fleet)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    table = Table(title=f"cost of fleet {found['fleet']}", title_justify="left")
+    for column in ("Role", "Instances", "$/hour", "So far", "Until expiry"):
+        table.add_column(column, justify="left" if column == "Role" else "right")
+    for role, entry in found["roles"].items():
+        table.add_row(
+            role,
+            str(entry["instances"]),
+            _money(entry["hourly_usd"]),
+            _money(entry["cost_usd"]),
+            _money(entry["to_expiry_usd"]),
+        )
+    if found["nat"]:
+        nat = found["nat"]
+        table.add_row(f"NAT ({nat['state']})", "1", _money(nat["hourly_usd"]), "", "")
+    table.caption = (
+        f"{_money(found['hourly_usd'])} per hour in all; spot prices change, EC2 bills per "
+        "second; data transfer and requests are extra"
+    )
+    out.print(table)
+
+
+# -------------------------------------------------------------- reaching the grid
+
+
+def tunnel(
+    config: ConfigOpt = None,
+    fleet: FleetOpt = None,
+    via: ViaOpt = "auto",
+    local_port: Annotated[int, typer.Option(help="Local port (default: a free one).")] = 0,
+    show_password: Annotated[
+        bool, typer.Option(help="Print the URL with the grid's password.")
+    ] = False,
+) -> None:
+    """Forward a local port to the fleet's redis node until Ctrl-C."""
+    import signal
+    import threading
+
+    from ..fleet import grid_url
+    from ..instance.common import mask_url
+
+    cfg = _load(config)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with grid_url(cfg, fleet, via=via, local_port=local_port) as url:
+            shown = url if show_password else mask_url(url)
+            print(f"PYGIRDER_REDIS={shown}", flush=True)
+            err.print("the grid is reachable at that URL; Ctrl-C closes the tunnel")
+            try:
+                while not stop.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(
+    ctx: ServiceContext,
+    target: TargetArg,
+    args: ArgsOpt = "[]",
+    kwargs: KwargsOpt = "{}",
+    project: Annotated[
+        Path, typer.Option(help="Where MODULE is found (the pushed project).", file_okay=False)
+    ] = Path("."),
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the result.")] = None,
+    config: ConfigOpt = None,
+    fleet: FleetOpt = None,
+    via: ViaOpt = "auto",
+) -> Any:
+    """Run one call on the fleet's grid and print its result as JSON.
+
+    Exit codes: 0 the result was printed, 1 the call or the fleet failed
+    (the error on stderr), 2 a bad command line or pygirder.toml.
+    With --json: one envelope {"result", "error", "time_s", "id", "log"},
+    as `pygirder submit --json` prints.
+    """
+    import pygirder
+
+    from ...cli.oneshot import load_grid_function, parse_call_arguments, run_one_call
+    from ..config import load_config
+    from ..fleet import grid_url
+
+    func = load_grid_function(target, str(project.resolve()))
+    pos, kw = parse_call_arguments(args, kwargs)
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    with grid_url(cfg, fleet, via=via) as url, pygirder.connect(url) as grid:
+        return run_one_call(ctx, grid, func(*pos, **kw), timeout)  # type: ignore[operator]
+
+
+def exec_(
+    role: Annotated[str, typer.Argument(help="redis, distributor, worker, or all.")],
+    command: Annotated[list[str], typer.Argument(help="The command (after --).")],
+    config: ConfigOpt = None,
+    fleet: FleetOpt = None,
+    data_plane: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-plane",
+            help="State directory of `pygirder cloud simulate`: run "
+            "inside the simulated instances instead of over SSH.",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per instance.")] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a command on every instance of a role; print each instance's output."""
+    from ..fleet import exec_role
+
+    cfg = _load(config)
+    runner = None
+    if data_plane is not None:
+        from ..sim.rehearse import simulated_runner
+
+        runner = simulated_runner(data_plane)
+    try:
+        results = exec_role(cfg, role, command, fleet=fleet, runner=runner, timeout=timeout)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            style = "green" if r.returncode == 0 else "red"
+            out.print(
+                f"[bold]── {r.role} {r.instance_id} ({r.address})[/] "
+                f"[{style}]exit {r.returncode}[/] [dim]{r.seconds:.1f}s[/]"
+            )
+            if r.stdout:
+                out.print(escape(r.stdout.rstrip()))
+            if r.stderr:
+                err.print(f"[dim]{escape(r.stderr.rstrip())}[/]")
+    if any(r.returncode for r in results):
+        raise typer.Exit(1)
+
+
+def ssh(
+    instance: Annotated[str, typer.Argument(help="Instance id (see `pygirder cloud fleet`).")],
+    command: Annotated[list[str] | None, typer.Argument(help="Command to run (after --).")] = None,
+    config: ConfigOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the ssh command instead.")] = False,
+) -> None:
+    """Open SSH to one instance (through the redis node when it has no public address)."""
+    import shlex
+
+    from ..aws import Aws
+    from ..fleet import instance_row, ssh_command
+
+    cfg = _load(config)
+    try:
+        row, jump = instance_row(cfg, instance, aws=Aws(cfg))
+        argv = ssh_command(cfg, row, jump, command or ())
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if dry_run:
+        print(shlex.join(argv))
+        return
+    os.execvp(argv[0], argv)
+
+
+def logs(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new records.")
+    ] = False,
+    level: Annotated[str | None, typer.Option(help="Minimum level.")] = None,
+    request: Annotated[str | None, typer.Option(metavar="ID", help="Only this request.")] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Past records first.")] = 20,
+    config: ConfigOpt = None,
+    fleet: FleetOpt = None,
+    via: ViaOpt = "auto",
+) -> None:
+    """The grid-wide log stream of the fleet (`pygirder logs` against its redis node)."""
+    from ...cli.logs import logs_command
+    from ..fleet import grid_url
+
+    cfg = _load(config)
+    try:
+        with grid_url(cfg, fleet, via=via) as url:
+            logs_command(
+                follow=follow,
+                level=level,
+                request=request,
+                redis_url=url,
+                namespace="default",
+                lines=lines,
+            )
+    except PygirderError as exc:
+        raise _fail(exc) from None
+
+
+# --------------------------------------------------------------------- down, sweep
+
+
+def down(
+    config: ConfigOpt = None,
+    fleet: FleetOpt = None,
+    all_fleets: Annotated[bool, typer.Option("--all", help="Every fleet of this setup.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Terminate the fleet and remove everything it created, then prove it."""
+    from ..fleet import KINDS
+    from ..fleet import down as run_down
+
+    cfg = _load(config)
+    try:
+        report = run_down(cfg, fleet, all_fleets=all_fleets, say=_say)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        raise typer.Exit(0 if report.clean else 1)
+    for fl, left in report.leftovers.items():
+        table = Table(
+            title=f"fleet {fl}: what is left (asked again after down)", title_justify="left"
+        )
+        table.add_column("Kind")
+        table.add_column("Left", justify="right")
+        table.add_column("Ids", overflow="fold")
+        for kind, title in KINDS.items():
+            ids = left.get(kind, [])
+            mark = "[green]0[/]" if not ids else f"[bold red]{len(ids)}[/]"
+            table.add_row(title, mark, escape(", ".join(ids)))
+        out.print(table)
+    if not report.fleets:
+        err.print(f"no fleet of {cfg.name!r} is up: nothing to remove.")
+    if report.nat:
+        err.print(f"NAT instance: {escape(report.nat)}")
+    for failure in report.failures:
+        err.print(f"[bold red]failed:[/] {escape(failure)}")
+    if not report.clean:
+        err.print("Run [bold]pygirder cloud down[/] again in a minute; AWS may be slow.")
+        raise typer.Exit(1)
+    if report.fleets:
+        err.print(f"[green]verified:[/] nothing billable of {', '.join(report.fleets)} is left.")
+
+
+def sweep(
+    config: ConfigOpt = None,
+    older_than: Annotated[
+        str, typer.Option(help="Only what is at least this old (expired instances: always).")
+    ] = "2h",
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Remove the orphans (default: only list).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find orphaned fleet resources of any pygirder setup in the region; --yes removes them."""
+    from ..fleet import sweep as run_sweep
+
+    cfg = _load(config)
+    try:
+        report = run_sweep(cfg, _duration(older_than, "--older-than"), yes=yes, say=_say)
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        found = {
+            "dry_run": report.dry_run,
+            "orphans": [o.to_dict() for o in report.orphans],
+            "deleted": report.deleted,
+            "failures": report.failures,
+        }
+        print(json.dumps(found, indent=2))
+        raise typer.Exit(1 if report.failures else 0)
+    if not report.orphans:
+        err.print(f"[green]no orphaned fleet resources in {cfg.region}[/]")
+        return
+    table = Table(
+        title=f"orphans in {cfg.region}" + (" (dry run)" if report.dry_run else ""),
+        title_justify="left",
+    )
+    for column in ("Kind", "Id", "Setup", "Fleet", "Age", "Why"):
+        table.add_column(column, overflow="fold")
+    for o in report.orphans:
+        table.add_row(
+            o.kind, o.id, o.name, o.fleet, _uptime(o.age_s) if o.age_s < 1e9 else "?", o.reason
+        )
+    out.print(table)
+    for failure in report.failures:
+        err.print(f"[bold red]failed:[/] {escape(failure)}")
+    if report.dry_run:
+        err.print("Nothing was changed. Remove them with [bold]pygirder cloud sweep --yes[/].")
+    elif report.failures:
+        raise typer.Exit(1)
+    else:
+        err.print(f"[green]removed {len(report.deleted)} orphaned resources[/]")
+
+
+# ------------------------------------------------------------------------ rehearse
+
+
+def rehearse(
+    workers: Annotated[
+        int, typer.Option("--workers", "-n", help="Simulated worker instances.")
+    ] = 4,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Keep the instances' homes and logs here (default: temp).")
+    ] = None,
+    job_seconds: Annotated[float, typer.Option(help="About how long the job runs.")] = 8.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole flow on a local moto server and the local data plane, with a timeline."""
+    from ..sim.rehearse import RehearsalError
+    from ..sim.rehearse import rehearse as run_rehearsal
+
+    started = datetime.now(UTC)
+    try:
+        report = run_rehearsal(
+            workers, state_dir=state_dir, job_seconds=job_seconds, say=None if as_json else _say
+        )
+    except RehearsalError as exc:
+        report = exc.report
+        err.print(f"[bold red]rehearsal failed:[/] {escape(str(exc))}")
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        raise typer.Exit(0 if report.ok else 1)
+    table = Table(
+        title=f"rehearsal with {workers} workers, {started:%Y-%m-%d %H:%M} UTC",
+        title_justify="left",
+    )
+    table.add_column("At", justify="right", no_wrap=True)
+    table.add_column("Step", no_wrap=True)
+    table.add_column("Took", justify="right", no_wrap=True)
+    table.add_column("What happened", overflow="fold")
+    for s in report.steps:
+        mark = "" if s.ok else "[bold red]✗ [/]"
+        table.add_row(f"{s.start_s:.1f}s", mark + s.name, f"{s.seconds:.1f}s", escape(s.detail))
+    table.caption = f"{report.seconds:.1f}s in all"
+    out.print(table)
+    if report.peak_rss:
+        mem = Table(
+            title="peak memory per simulated instance (RSS of its process tree)",
+            title_justify="left",
+        )
+        for column in ("Role", "Instances", "Peak (max)", "Peak (mean)"):
+            mem.add_column(column, justify="left" if column == "Role" else "right")
+        for role, values in sorted(report.peak_rss.items()):
+            mem.add_row(
+                role,
+                str(len(values)),
+                f"{max(values) / 2**20:.0f} MiB",
+                f"{sum(values) / len(values) / 2**20:.0f} MiB",
+            )
+        out.print(mem)
+        worker_peak = max(report.peak_rss.get("worker", [0]))
+        available = _mem_available()
+        if worker_peak and available:
+            fits = int(available * 0.8 // worker_peak)
+            err.print(
+                f"this machine has {available / 2**30:.1f} GiB available: memory alone "
+                f"allows about {fits} simulated workers"
+            )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------ mounting
+
+
+def register(app: typer.Typer) -> None:
+    """Add the fleet commands to the cloud app."""
+    app.command("up")(up)
+    app.command("fleet")(fleet)
+    app.command("cost")(cost)
+    app.command("tunnel")(tunnel)
+    service(app, name="run", render=print_json)(run)
+    app.command("exec")(exec_)
+    app.command("ssh")(ssh)
+    app.command("logs")(logs)
+    app.command("down")(down)
+    app.command("sweep")(sweep)
+    app.command("rehearse")(rehearse)
