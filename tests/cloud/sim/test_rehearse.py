@@ -42,3 +42,17 @@ def test_rehearse_with_four_workers(tmp_path: Path) -> None:
     assert report["leftovers"] and not any(report["leftovers"].values())
     assert len(report["peak_rss_bytes"]["worker"]) == 4
     assert report["seconds"] < 150
+
+
+def test_rehearse_with_one_worker_is_refused_at_once(tmp_path: Path) -> None:
+    # The job step reclaims a worker mid-job: with only one, the job could never finish.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYGIRDER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pygirder", "cloud", "rehearse", "--workers", "1",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "at least 2 workers" in proc.stderr and "--workers 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything started

@@ -580,7 +580,12 @@ def sweep(
 
 def rehearse(
     workers: Annotated[
-        int, typer.Option("--workers", "-n", help="Simulated worker instances.")
+        int,
+        typer.Option(
+            "--workers",
+            "-n",
+            help="Simulated worker instances (2 or more: one is reclaimed mid-job).",
+        ),
     ] = 4,
     state_dir: Annotated[
         Path | None, typer.Option(help="Keep the instances' homes and logs here (default: temp).")

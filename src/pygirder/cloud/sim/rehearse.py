@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import PygirderError
+from ...errors import ConfigError, PygirderError
 
 __all__ = [
     "JOB_MODULE",
@@ -359,6 +359,12 @@ def rehearse(
     is CPU-bound on a small machine).  A failing
     step raises :class:`RehearsalError` after the fleet and the account were removed.
     """
+    if workers < 2:
+        raise ConfigError(
+            f"--workers {workers}: the rehearsal reclaims one worker while the job runs (a "
+            "spot notice) to show that the job survives it, so it needs at least 2 workers; "
+            "give --workers 2 or more"
+        )
     say = say or (lambda text: None)
     report = RehearsalReport(workers=workers)
     timeline = _Timeline(report, say)
