@@ -704,9 +704,7 @@ class Runtime:
         which drops it if it has not started.
         """
         ids = [c.id for c in calls]
-        for request_id, fut in zip(ids, futures, strict=True):
-            if not fut.done():
-                self._interest[request_id] = self._interest.get(request_id, 0) + 1
+        self.hold(ids, futures)
         try:
             pending = {f for f in futures if not f.done()}
             if pending:
