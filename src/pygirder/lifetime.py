@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 __all__ = ["PARENT_ENV", "popen", "watch_parent"]
@@ -57,9 +58,7 @@ class _Forker:
     """One daemon thread that forks every child (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -72,24 +71,17 @@ class _Forker:
                     target=self._loop, name="pygirder-forker", daemon=True
                 )
                 self._thread.start()
-        box: list[Any] = []
-        done = threading.Event()
-        self._jobs.put((fn, box, done))
-        done.wait()
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return value
+        result: Future[Any] = Future()
+        self._jobs.put((fn, result))
+        return result.result()
 
     def _loop(self) -> None:
         while True:
-            fn, box, done = self._jobs.get()
+            fn, result = self._jobs.get()
             try:
-                box.append(("ok", fn()))
+                result.set_result(fn())
             except BaseException as exc:
-                box.append(("error", exc))
-            finally:
-                done.set()
+                result.set_exception(exc)
 
 
 _forker = _Forker()
