@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from pygirder.cli.service import ServiceContext, load_options, service
 from pygirder.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "service_example.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "service_example.py"
 ENVELOPE_KEYS = {"result", "error", "time_s", "id", "log"}
 
 app = typer.Typer()
