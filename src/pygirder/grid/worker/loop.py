@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from ... import codec, settings
 from ...calls import Call
 from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
+from ...store import scripts
 from ..context import RequestContext, current_request
 from ..runtime import (
     Runtime,
@@ -320,10 +321,8 @@ class Worker:
             self._taking -= 1
 
     async def _take_once(self, moved: bytes | None) -> int:
-        args: list[Any] = [self.keys.prefix, self.pool, self.id, self.options.take_batch]
-        if moved is not None:
-            args.append(moved)
-        reply = await self.runtime.script("take", args)
+        reply = await scripts.take(self.runtime, self.keys, pool=self.pool, worker=self.id,
+                                   max=self.options.take_batch, moved=moved)  # fmt: skip
         if reply:
             self._idle_marked = False  # the script cleared our idle mark
         items = []
