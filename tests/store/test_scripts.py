@@ -215,3 +215,22 @@ def test_the_scripts_read_their_limits_from_python_and_keep_their_line_numbers()
         assert constants == scripts.LUA_CONSTANTS
         # declared on the header's first line: a Lua error names the file's line
         assert script.source.count("\n") == FILES[script.name].count("\n")
+
+
+def test_no_python_module_but_the_schema_spells_a_key():
+    """Python builds keys through ``Keys`` only (its stems for SCAN patterns)."""
+    import ast
+    from pathlib import Path
+
+    import pygirder
+
+    kinds = key_kinds()
+    root = Path(pygirder.__file__).parent
+    for py in root.rglob("*.py"):
+        if py == root / "store" / "keys.py":
+            continue
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+                text = node.value if isinstance(node.value, str) else node.value.decode("latin-1")
+                spelled = text.startswith("pg:{") or any(text.startswith(k + ":") for k in kinds)
+                assert not spelled, f"{py.relative_to(root)}: {text!r} spells a key"

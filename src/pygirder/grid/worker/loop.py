@@ -342,10 +342,9 @@ class Worker:
         (put back on the queue, it would come back again and again)."""
         assert self.runtime.redis is not None
         await self._dead_letter(f"<undecodable id {raw[:64].hex()}>", payload, exc)
-        prefix = self.keys.prefix.encode()
         async with self.runtime.redis.pipeline(transaction=True) as pipe:
             pipe.lrem(self.keys.inflight(self.id), 0, raw)
-            pipe.delete(prefix + b"st:" + raw)
+            pipe.delete(self.keys.state("").encode() + raw)
             await pipe.execute()
 
     # -- running one request ----------------------------------------------------
