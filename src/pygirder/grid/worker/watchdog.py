@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
