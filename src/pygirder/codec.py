@@ -56,10 +56,16 @@ __all__ = [
     "Codec",
     "MsgpackCodec",
     "PickleCodec",
+    "VERSION",
     "decode",
     "encode",
     "register",
 ]
+
+#: Version of the wire format (extension types, envelopes).  Results kept in the
+#: durable store record it; bump it with any change that makes old bytes decode
+#: differently, so stored results of the old format are recomputed, never misread.
+VERSION = 1
 
 #: Size limits in bytes of one encoded value.  Redis strings hold at most 512 MB.
 DEFAULT_LIMITS: dict[str, int] = {
