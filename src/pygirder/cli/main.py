@@ -357,6 +357,9 @@ def _mount() -> None:
     app.command("inspect")(inspect_command)
     app.command("logs")(logs_command)
     app.command("dashboard")(dashboard_command)
+    from .cache import app as cache_app
+
+    app.add_typer(cache_app, name="cache")
     from ..cloud.cli import app as cloud_app
 
     app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")
