@@ -259,3 +259,11 @@ def test_s3_unreachable_is_a_miss_with_a_warning(
     with S3Store("s3://no-such-bucket/results") as store, caplog.at_level(logging.WARNING):
         assert store.get_many([rid(1), rid(2)]) == {}
     assert "computed instead" in caplog.text
+
+
+def test_fetch_returns_the_header_with_the_functions_a_result_waited_on(store: Any) -> None:
+    deps = (("mod:leaf", "fp-leaf"), ("mod:other", "fp-o"))
+    store.put_many([Item(rid(3), b"O\x03", "mod:top", "fp-top", deps)])
+    meta, body = store.fetch([rid(3)])[rid(3)]
+    assert body == b"O\x03"
+    assert (meta.function, meta.fingerprint, meta.deps) == ("mod:top", "fp-top", deps)

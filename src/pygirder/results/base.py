@@ -36,6 +36,7 @@ class Item:
     body: bytes
     function: str
     fingerprint: str
+    deps: tuple[tuple[str, str], ...] = ()  # (function, fingerprint) it waited on
 
 
 @dataclass
@@ -87,8 +88,12 @@ class ResultStore(ABC):
     url: str
 
     @abstractmethod
+    def fetch(self, ids: Sequence[str]) -> dict[str, tuple[Meta, bytes]]:
+        """The header and envelope of each id that is stored (misses are left out)."""
+
     def get_many(self, ids: Sequence[str]) -> dict[str, bytes]:
         """The envelopes of the ids that are stored (misses are left out)."""
+        return {i: body for i, (_, body) in self.fetch(ids).items()}
 
     def get(self, request_id: str) -> bytes | None:
         return self.get_many([request_id]).get(request_id)

@@ -83,8 +83,8 @@ class LocalStore(ResultStore):
         return self.objects / request_id[:2] / request_id
 
     # -- reading ------------------------------------------------------------------
-    def get_many(self, ids: Sequence[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
+    def fetch(self, ids: Sequence[str]) -> dict[str, tuple[Meta, bytes]]:
+        found: dict[str, tuple[Meta, bytes]] = {}
         metas: list[Meta] = []
         bad: list[str] = []
         for request_id in ids:
@@ -102,7 +102,7 @@ class LocalStore(ResultStore):
                             "the call computed again", self.url, request_id, exc)  # fmt: skip
                 bad.append(request_id)
                 continue
-            found[request_id] = body
+            found[request_id] = (meta, body)
             metas.append(meta)
         now = time.time()
         with self._lock:
@@ -133,7 +133,7 @@ class LocalStore(ResultStore):
             if final.exists():
                 continue  # stored already (by us or by anyone: the bytes are the same)
             data = pack(item.id, item.body, function=item.function,
-                        fingerprint=item.fingerprint, created=now)  # fmt: skip
+                        fingerprint=item.fingerprint, created=now, deps=item.deps)  # fmt: skip
             tmp = self.tmp / f"{item.id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as fh:

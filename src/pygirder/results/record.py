@@ -41,6 +41,9 @@ class Meta:
     accessed: float  # epoch seconds it was last read or stored (the creation on S3)
     codec: int = CODEC_VERSION
     error: bool = False  # the stored outcome is an error (only with cache_errors=True)
+    # grid functions the call waited on, with their fingerprints when it ran: a result
+    # is stale once one of them has other code (empty where not read, as in listings)
+    deps: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -65,7 +68,13 @@ def _digest(body: bytes | memoryview) -> str:
 
 
 def pack(
-    request_id: str, body: bytes, *, function: str, fingerprint: str, created: float | None = None
+    request_id: str,
+    body: bytes,
+    *,
+    function: str,
+    fingerprint: str,
+    created: float | None = None,
+    deps: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """The object to store for ``body``, the result envelope of ``request_id``."""
     header = json.dumps(
@@ -73,6 +82,7 @@ def pack(
             "id": request_id, "fn": function, "fp": fingerprint, "codec": CODEC_VERSION,
             "size": len(body), "blake2b": _digest(body),
             "created": time.time() if created is None else created,
+            "deps": [list(d) for d in deps],
         },
         separators=(",", ":"),
     ).encode()  # fmt: skip
@@ -95,6 +105,7 @@ def unpack(data: bytes, expect_id: str) -> tuple[Meta, bytes]:
             id=str(header["id"]), function=str(header["fn"]), fingerprint=str(header["fp"]),
             size=int(header["size"]), created=float(header["created"]),
             accessed=float(header["created"]), codec=int(header["codec"]),
+            deps=tuple((str(n), str(f)) for n, f in header.get("deps", ())),
         )  # fmt: skip
         checksum = str(header["blake2b"])
     except (ValueError, KeyError, TypeError) as exc:

@@ -87,7 +87,7 @@ class S3Store(ResultStore):
         )  # fmt: skip
 
     # -- reading ------------------------------------------------------------------
-    def _get_one(self, request_id: str) -> bytes | None:
+    def _get_one(self, request_id: str) -> tuple[Meta, bytes] | None:
         try:
             key = self.key(request_id)
         except ValueError as exc:
@@ -100,7 +100,7 @@ class S3Store(ResultStore):
                 self._warn("reading a result", exc)
             return None
         try:
-            _, body = unpack(data, request_id)
+            return unpack(data, request_id)
         except CorruptRecord as exc:
             log.warning("result store %s: object %s is unusable (%s); it is removed and the "
                         "call computed again", self.url, key, exc)  # fmt: skip
@@ -109,18 +109,18 @@ class S3Store(ResultStore):
             except Exception as exc2:
                 self._warn("removing an unusable result", exc2)
             return None
-        return body
 
-    def get_many(self, ids: Sequence[str]) -> dict[str, bytes]:
+    def fetch(self, ids: Sequence[str]) -> dict[str, tuple[Meta, bytes]]:
         if len(ids) == 1:
-            bodies = [self._get_one(ids[0])]
+            found = [self._get_one(ids[0])]
         else:
-            bodies = list(self._pool.map(self._get_one, ids))
-        return {i: b for i, b in zip(ids, bodies, strict=True) if b is not None}
+            found = list(self._pool.map(self._get_one, ids))
+        return {i: f for i, f in zip(ids, found, strict=True) if f is not None}
 
     # -- writing ------------------------------------------------------------------
     def _put_one(self, item: Item) -> bool:
-        data = pack(item.id, item.body, function=item.function, fingerprint=item.fingerprint)
+        data = pack(item.id, item.body, function=item.function, fingerprint=item.fingerprint,
+                    deps=item.deps)  # fmt: skip
         try:
             self.client.put_object(
                 Bucket=self.bucket, Key=self.key(item.id), Body=data, IfNoneMatch="*",
