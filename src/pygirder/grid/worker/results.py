@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -44,12 +45,25 @@ class Results:
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
+        self._restored: set[str] = set()  # answered from the durable store, not executed
+        # called with the ids of each batch the server has stored (the durable tier)
+        self.on_completed: list[Callable[[list[str]], None]] = []
 
     def add(
-        self, request_id: str, name: str, envelope: bytes, ttl: int, started: float, summary: str
+        self,
+        request_id: str,
+        name: str,
+        envelope: bytes,
+        ttl: int,
+        started: float,
+        summary: str,
+        *,
+        restored: bool = False,
     ) -> None:
         """Queue a result; a send starts at once unless one is in flight."""
         self._names[request_id] = name
+        if restored:
+            self._restored.add(request_id)
         self._pending.extend((request_id, envelope, ttl, started, summary))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.flush())
@@ -162,5 +176,24 @@ class Results:
                             len(batch) // FIELDS, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 4)
-        for i in range(0, len(batch), FIELDS):
-            self._names.pop(batch[i], None)
+        ids = batch[::FIELDS]
+        for request_id in ids:
+            self._names.pop(request_id, None)
+        await self._count_restored(ids)
+        for hook in self.on_completed:
+            hook(ids)
+
+    async def _count_restored(self, ids: list[str]) -> None:
+        """The script counts every completion as executed: move the restored ones."""
+        restored = sum(1 for i in ids if i in self._restored)
+        if not restored:
+            return
+        self._restored.difference_update(ids)
+        assert self.runtime.redis is not None
+        try:
+            async with self.runtime.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.runtime.keys.stats, "executed", -restored)
+                pipe.hincrby(self.runtime.keys.stats, "restored", restored)
+                await pipe.execute()
+        except Exception as exc:  # only the counters are off
+            log.warning("could not count %d restored results: %s", restored, exc)
