@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -58,6 +59,12 @@ class DurableTier:
         self._computed: dict[str, Item] = {}  # results on their way to Valkey
         self.writer = WriteBehind(store, on_stored=self._stored)
         results.on_completed.append(self._completed)
+        results.make_room = self.make_room
+        # results this worker made durable, oldest first, with their sizes: the ones it
+        # drops from Valkey when the server is out of memory
+        self._durable: deque[tuple[str, int]] = deque(maxlen=100_000)
+        self._sizes: dict[str, int] = {}
+        self.dropped = 0
         self.restored = 0
         self.stale = 0
 
@@ -125,6 +132,7 @@ class DurableTier:
     ) -> None:  # fmt: skip
         """A result this worker computed: stored durably once Valkey has it."""
         self._computed[request_id] = Item(request_id, envelope, name, fingerprint, deps)
+        self._sizes[request_id] = len(envelope)
 
     def _completed(self, ids: list[str]) -> None:
         items = [item for i in ids if (item := self._computed.pop(i, None)) is not None]
@@ -133,6 +141,8 @@ class DurableTier:
 
     def _stored(self, ids: list[str]) -> None:
         """From the writer's thread: these results are durable, Valkey may let them go."""
+        for request_id in ids:
+            self._durable.append((request_id, self._sizes.pop(request_id, 0)))
         if self.hot_ttl and self._loop is not None and not self._loop.is_closed():
             asyncio.run_coroutine_threadsafe(self._expire(ids), self._loop)
 
@@ -147,6 +157,24 @@ class DurableTier:
                 await pipe.execute()
         except Exception as exc:  # the result just stays in Valkey longer
             log.debug("could not set the hot-tier TTL of %d results: %s", len(ids), exc)
+
+    async def make_room(self, needed: int) -> int:
+        """The server is out of memory: drop from it results the store holds (the oldest
+        this worker stored), at least ``needed`` bytes and 8 MB.  Never grid state: a
+        later reader of a dropped result submits it again and a worker restores it."""
+        redis = self.runtime.redis
+        if redis is None or not self._durable:
+            return 0
+        goal, freed, ids = max(needed, 8 * 1024**2), 0, []
+        while self._durable and freed < goal:
+            request_id, size = self._durable.popleft()
+            ids.append(self.runtime.keys.result(request_id))
+            freed += size
+        await redis.unlink(*ids)
+        self.dropped += len(ids)
+        log.info("server out of memory: dropped %d results (%d bytes) the result store "
+                 "holds", len(ids), freed)  # fmt: skip
+        return freed
 
     async def room(self) -> None:
         """Wait (off the loop) while the writer is too far behind."""

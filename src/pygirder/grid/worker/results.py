@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
 
 from ... import settings
-from ...errors import CallLink, RemoteError
+from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store.scripts import INLINE_RESULT_LIMIT
 from ..runtime import Runtime, encode_error
 
@@ -24,6 +24,7 @@ log = logging.getLogger("pygirder.worker")
 # A completion is five flattened fields, the arguments of the `complete` script:
 # request id, envelope, ttl, time the run started, summary.
 FIELDS = 5
+BATCH_BYTES = 4 * 1024**2
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -46,8 +47,12 @@ class Results:
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
         self._restored: set[str] = set()  # answered from the durable store, not executed
+        self._uncounted = 0  # restored results not yet moved from executed to restored
         # called with the ids of each batch the server has stored (the durable tier)
         self.on_completed: list[Callable[[list[str]], None]] = []
+        # frees at least the given bytes of the server's memory, returns what it freed
+        # (the durable tier drops results the store holds); None: nothing to free
+        self.make_room: Callable[[int], Awaitable[int]] | None = None
 
     def add(
         self,
@@ -72,6 +77,8 @@ class Results:
         """Wait for the send in flight (and what queued behind it) to finish."""
         if self._flusher is not None:
             await self._flusher
+        if self._uncounted:
+            await self._count_restored([])
 
     async def flush(self) -> None:
         """Send finished results, batching those that finish while a send is in flight.
@@ -80,8 +87,14 @@ class Results:
         are rare each still goes out at once.
         """
         while self._pending:
-            batch = self._pending[: FIELDS * 64]
-            del self._pending[: FIELDS * 64]
+            # at most 64 results and about BATCH_BYTES per call: the server holds a call's
+            # arguments in memory while it runs, and counts them against its maxmemory
+            end, size = 0, 0
+            while end < min(len(self._pending), FIELDS * 64) and (not end or size < BATCH_BYTES):
+                size += len(self._pending[end + 1])
+                end += FIELDS
+            batch = self._pending[:end]
+            del self._pending[:end]
             await self._store(batch)
 
     async def _store(self, batch: list[Any]) -> None:
@@ -99,6 +112,16 @@ class Results:
             return
         except Exception as exc:
             error = exc
+        # Out of memory: results the durable store holds may leave the server for these.
+        while isinstance(error, GridOutOfMemory) and self.make_room is not None:
+            size = sum(len(batch[i + 1]) for i in range(0, len(batch), FIELDS))
+            if not await self.make_room(size):
+                break
+            try:
+                await self._complete(batch, retries=1)
+                return
+            except Exception as exc:
+                error = exc
         # The server busy or away: keep the results and try later, for a while (a
         # timeout can also come from the batch itself, such as a huge result).
         if _transient(error) and self._transient_rounds < 10:
@@ -184,16 +207,22 @@ class Results:
             hook(ids)
 
     async def _count_restored(self, ids: list[str]) -> None:
-        """The script counts every completion as executed: move the restored ones."""
-        restored = sum(1 for i in ids if i in self._restored)
-        if not restored:
-            return
+        """The script counts every completion as executed: move the restored ones.
+
+        A server out of memory refuses even this; the count is then kept and added
+        with the next batch (or at the end, by ``drain``).
+        """
+        self._uncounted += sum(1 for i in ids if i in self._restored)
         self._restored.difference_update(ids)
+        if not self._uncounted:
+            return
         assert self.runtime.redis is not None
+        restored = self._uncounted
         try:
             async with self.runtime.redis.pipeline(transaction=True) as pipe:
                 pipe.hincrby(self.runtime.keys.stats, "executed", -restored)
                 pipe.hincrby(self.runtime.keys.stats, "restored", restored)
                 await pipe.execute()
-        except Exception as exc:  # only the counters are off
-            log.warning("could not count %d restored results: %s", restored, exc)
+            self._uncounted -= restored
+        except Exception as exc:  # only the counters are behind
+            log.debug("could not count %d restored results yet: %s", restored, exc)
