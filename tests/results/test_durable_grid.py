@@ -229,3 +229,25 @@ def test_results_beyond_maxmemory_complete_and_a_rerun_comes_from_the_store(
     assert again == out
     assert len(gf.count(log)) == n  # nothing ran again
     assert stats["restored"] == n and stats.get("executed", 0) == 0, stats
+
+
+@pytest.mark.slow
+def test_a_second_grid_answers_the_first_ones_calls_from_s3(aws: Any, tmp_path: Path) -> None:
+    """Two grids that share nothing but an S3 store (fleets a week apart)."""
+    import boto3
+
+    import gridfuncs as gf
+
+    boto3.client("s3").create_bucket(Bucket="fleet-results")
+    store, log = "s3://fleet-results/results", str(tmp_path / "exec.log")
+    calls = [(i, 1000, 0.0, log) for i in range(20)]
+    with pygirder.connect(workers=2, namespace="first", store=store) as grid:
+        first = grid.map(gf.sized, calls, timeout=60)
+    keys = boto3.client("s3").list_objects_v2(Bucket="fleet-results", Prefix="results/")
+    assert keys["KeyCount"] == 20
+    with pygirder.connect(workers=2, namespace="second", store=store) as grid:
+        second = grid.map(gf.sized, calls, timeout=60)
+        stats = grid.stats()
+    assert second == first
+    assert len(gf.count(log)) == 20  # the second grid executed nothing
+    assert stats["restored"] == 20 and stats.get("executed", 0) == 0
