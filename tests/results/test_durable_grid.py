@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -128,9 +129,11 @@ def test_a_corrupted_object_is_recomputed(tmp_path: Path) -> None:
     run_job(tmp_path)
     with LocalStore(tmp_path / "store") as store:
         [victim] = [m for m in store.iterate() if m.function == "__main__:other"][:1]
-        path = store.path(victim.id)
-    data = path.read_bytes()
-    path.write_bytes(data[:-3])  # truncated
+        # truncated (a small result lives in the index; a large one would be a file)
+        store._db.execute(
+            "UPDATE objects SET object = substr(object, 1, length(object) - 3) WHERE id = ?",
+            (victim.id,),
+        )
     second, ran = run_job(tmp_path)
     assert second["other"] == [0, -1, -2, -3, -4]
     # the damaged result is computed again, and only it (the error is never kept)
@@ -174,6 +177,9 @@ def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None
             time.sleep(0.01)
         server.stop()  # an empty restart: no persistence, every result in Valkey is gone
         time.sleep(1.0)  # what the workers finished before is written to the store by now
+        for pid in grid.worker_pids():  # and fresh workers: nothing remembered in memory
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
         with LocalStore(store) as opened:
             durable = {m.id for m in opened.iterate()}
         server = EmbeddedServer(port=port).start()

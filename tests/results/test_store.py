@@ -123,10 +123,12 @@ def test_ids_that_are_not_hex_are_refused_before_touching_a_path(local: LocalSto
 
 
 def _overwrite(store: Any, request_id: str, data: bytes) -> None:
-    if isinstance(store, LocalStore):
-        path = store.path(request_id)
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
+    if isinstance(store, LocalStore):  # small results live in the index
+        store._db.execute(
+            "INSERT INTO objects VALUES (?, 'mod:f', 'fp1', ?, 0, 0, 0, ?) "
+            "ON CONFLICT(id) DO UPDATE SET object = excluded.object",
+            (request_id, len(data), data),
+        )
     else:
         store.client.put_object(Bucket=store.bucket, Key=store.key(request_id), Body=data)
 
@@ -145,10 +147,8 @@ def test_the_cap_prunes_least_recently_used_results_and_keeps_working(tmp_path: 
         assert store.get(rid(0)) is not None, "the recently used result was pruned"
         assert store.get(rid(1)) is None, "the least recently used result was kept"
         assert store.get(rid(59)) is not None
-        on_disk = sum(
-            p.stat().st_size for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()
-        )
-        assert on_disk < 25_000
+        rows = store._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        assert rows == stats.objects < 60  # pruned results are gone from the index too
 
 
 def test_hits_and_misses_are_counted_across_processes(tmp_path: Path) -> None:
@@ -162,9 +162,19 @@ def test_hits_and_misses_are_counted_across_processes(tmp_path: Path) -> None:
     assert stats.hit_rate == pytest.approx(0.6)
 
 
-def test_a_lost_index_is_rebuilt_from_the_objects(tmp_path: Path) -> None:
+def test_a_damaged_file_is_a_miss_too(local: LocalStore) -> None:
+    big = Item(rid(70), b"O" + b"z" * 100_000, "mod:f", "fp")  # beyond INLINE_BYTES: a file
+    local.put_many([big])
+    path = local.path(big.id)
+    path.write_bytes(path.read_bytes()[:-10])
+    assert local.get_many([big.id]) == {}
+    assert not path.exists()
+    assert local.put_many([big]) == 1 and local.get(big.id) == big.body
+
+
+def test_a_lost_index_is_rebuilt_from_the_files(tmp_path: Path) -> None:
     with LocalStore(tmp_path / "s") as store:
-        store.put_many(items(4))
+        store.put_many(items(4, size=100_000))  # files (small results live in the index)
     for name in os.listdir(tmp_path / "s"):
         if name.startswith("index.sqlite3"):
             os.unlink(tmp_path / "s" / name)

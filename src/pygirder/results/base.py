@@ -91,6 +91,12 @@ class ResultStore(ABC):
     def fetch(self, ids: Sequence[str]) -> dict[str, tuple[Meta, bytes]]:
         """The header and envelope of each id that is stored (misses are left out)."""
 
+    def present(self, ids: Sequence[str]) -> list[str] | None:
+        """The ids that may be stored, when a backend can tell at once (a stat, no read);
+        None when it cannot.  Lets the grid skip a lookup of calls nobody stored, which
+        is most calls of a first run, without leaving its event loop."""
+        return None
+
     def get_many(self, ids: Sequence[str]) -> dict[str, bytes]:
         """The envelopes of the ids that are stored (misses are left out)."""
         return {i: body for i, (_, body) in self.fetch(ids).items()}

@@ -1,31 +1,35 @@
 """A durable result store in a local folder, bounded in size by least-recently-used pruning.
 
-Layout: ``objects/<first two hex digits>/<request id>`` holds each result (see
-``record``), ``index.sqlite3`` what is stored, its size and when it was last used.
-The files are the truth and the index is their catalogue:
+Layout: ``index.sqlite3`` catalogues what is stored, its size and when it was last
+used, and holds small results itself (up to ``INLINE_BYTES``: a row costs a few
+microseconds, a file a hundred times more); larger ones are files
+``objects/<first two hex digits>/<request id>`` (see ``record`` for the bytes):
 
-* a write goes to ``tmp/`` and is renamed into place (``os.replace``), so a reader
-  sees a whole object or none, and two processes storing the same result at once
-  simply both succeed (a pure call's result is the same bytes whoever computes it);
+* a file is written to ``tmp/`` and renamed into place (``os.replace``), a row in a
+  transaction, so a reader sees a whole object or none, and two processes storing
+  the same result at once simply both succeed (a pure call's result is the same
+  bytes whoever computes it);
 * there is no fsync: an object cut short by a crash fails its checksum and is
   recomputed, which is cheaper than syncing every result;
 * the index (SQLite in WAL mode, shared by every process using the folder) records
   access times for LRU pruning, sizes for the cap and counters for the hit rate.
-  An object missing from it is added back when it is read, or by :meth:`reindex`.
+  A file missing from it is added back when it is read, or by :meth:`reindex`
+  (small results live in the index: a deleted index forgets them).
 
 Use a local disk: SQLite's locking is not reliable on network file systems.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .base import Item, ResultStore, StoreStats
 from .record import CorruptRecord, Meta, check_id, pack, unpack
@@ -35,6 +39,8 @@ log = logging.getLogger("pygirder.results")
 __all__ = ["DEFAULT_MAX_BYTES", "LocalStore"]
 
 DEFAULT_MAX_BYTES = 5 * 1024**3
+# Results up to this size are kept in the index, larger ones in files of their own.
+INLINE_BYTES = 64 * 1024
 # Pruning for the cap goes down to this share of it, so it does not run at every put.
 PRUNE_TO = 0.9
 # A put re-reads the true total from the index after this many bytes since the last
@@ -45,7 +51,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY, function TEXT NOT NULL, fingerprint TEXT NOT NULL,
     size INTEGER NOT NULL, created REAL NOT NULL, accessed REAL NOT NULL,
-    error INTEGER NOT NULL DEFAULT 0
+    error INTEGER NOT NULL DEFAULT 0, object BLOB
 );
 CREATE INDEX IF NOT EXISTS objects_accessed ON objects (accessed);
 CREATE INDEX IF NOT EXISTS objects_function ON objects (function);
@@ -72,7 +78,15 @@ class LocalStore(ResultStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # reads from the grid's event loop (present) never wait for a write transaction:
+        # their own connection, which WAL lets read while another one writes
+        self._reader = sqlite3.connect(index, timeout=30, check_same_thread=False,
+                                       isolation_level=None)  # fmt: skip
+        self._read_lock = threading.Lock()
         self._hits = self._misses = 0  # not yet added to the counters table
+        self._counted = 0  # counter rows the last write changed
+        self._shards: set[str] = set()  # shard folders known to exist
+        self._serial = 0  # names this process's temporary files
         self._since_check = RECHECK_BYTES  # look at the true total at the first put
         if fresh:
             self.reindex()
@@ -83,13 +97,40 @@ class LocalStore(ResultStore):
         return self.objects / request_id[:2] / request_id
 
     # -- reading ------------------------------------------------------------------
+    def _rows(self, db: sqlite3.Connection, ids: Sequence[str], what: str) -> list[Any]:
+        out: list[Any] = []
+        for start in range(0, len(ids), 500):
+            page = list(ids[start : start + 500])
+            out += db.execute(
+                f"SELECT {what} FROM objects WHERE id IN ({','.join('?' * len(page))})", page
+            ).fetchall()
+        return out
+
+    def present(self, ids: Sequence[str]) -> list[str]:
+        with self._read_lock:
+            known = {row[0] for row in self._rows(self._reader, ids, "id")}
+        here = []
+        for request_id in ids:
+            try:
+                if request_id in known or os.path.exists(self.path(request_id)):
+                    here.append(request_id)
+            except ValueError:
+                pass
+        with self._lock:
+            self._misses += len(ids) - len(here)  # what fetch() would have counted
+        return here
+
     def fetch(self, ids: Sequence[str]) -> dict[str, tuple[Meta, bytes]]:
         found: dict[str, tuple[Meta, bytes]] = {}
         metas: list[Meta] = []
         bad: list[str] = []
+        with self._read_lock:
+            inline = dict(self._rows(self._reader, ids, "id, object"))
         for request_id in ids:
+            data = inline.get(request_id)
             try:
-                data = self.path(request_id).read_bytes()
+                if data is None:
+                    data = self.path(request_id).read_bytes()
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except ValueError as exc:  # not an id
@@ -123,34 +164,54 @@ class LocalStore(ResultStore):
     # -- writing ------------------------------------------------------------------
     def put_many(self, items: Sequence[Item]) -> int:
         rows = []
-        written = 0
         now = time.time()
-        for item in items:
-            final = self.path(item.id)
+        objects, tmp = str(self.objects), str(self.tmp)
+        for n, item in enumerate(items):
+            if n % 16 == 0:
+                # background work: between results let the thread that serves the grid
+                # have the interpreter (else a batch holds the GIL for milliseconds and
+                # every socket call of the worker's event loop waits behind it)
+                time.sleep(0)
+            check_id(item.id)
+            shard = os.path.join(objects, item.id[:2])
+            final = os.path.join(shard, item.id)
             size = len(item.body)
+            if size <= INLINE_BYTES:
+                data = pack(item.id, item.body, function=item.function,
+                            fingerprint=item.fingerprint, created=now, deps=item.deps)  # fmt: skip
+                rows.append((item.id, item.function, item.fingerprint, size, now, now,
+                             item.body[:1] == b"E", data))  # fmt: skip
+                continue
             rows.append((item.id, item.function, item.fingerprint, size, now, now,
-                         item.body[:1] == b"E"))  # fmt: skip
-            if final.exists():
+                         item.body[:1] == b"E", None))  # fmt: skip
+            if os.path.exists(final):
                 continue  # stored already (by us or by anyone: the bytes are the same)
+            if shard not in self._shards:
+                os.makedirs(shard, mode=0o700, exist_ok=True)
+                self._shards.add(shard)
             data = pack(item.id, item.body, function=item.function,
                         fingerprint=item.fingerprint, created=now, deps=item.deps)  # fmt: skip
-            tmp = self.tmp / f"{item.id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            self._serial += 1
+            part = os.path.join(tmp, f"{item.id}.{os.getpid()}.{self._serial}")
             try:
-                with open(tmp, "wb") as fh:
+                with open(part, "wb") as fh:
                     fh.write(data)
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            written += 1
+                os.replace(part, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise
             self._since_check += size
         with self._lock:
+            before = self._db.total_changes
             self._write(
                 "INSERT OR IGNORE INTO objects (id, function, fingerprint, size, created, "
-                "accessed, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "accessed, error, object) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            # new rows: results nobody had stored (the counters' upserts count too)
+            written = self._db.total_changes - before - self._counted
+            self._since_check += sum(r[3] for r in rows if r[7] is not None)
             if self.max_bytes and self._since_check >= min(RECHECK_BYTES, self.max_bytes // 10):
                 self._since_check = 0
                 self._enforce_cap_locked()
@@ -163,8 +224,10 @@ class LocalStore(ResultStore):
         try:
             if rows:
                 db.executemany(sql, rows)
+            self._counted = 0
             for name, count in (("hits", self._hits), ("misses", self._misses)):
                 if count:
+                    self._counted += 1
                     db.execute(
                         "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
                         "value = value + excluded.value",
@@ -200,11 +263,11 @@ class LocalStore(ResultStore):
             return self._delete_locked([check_id(i) for i in ids])
 
     def _delete_locked(self, ids: list[str]) -> int:
-        gone = 0
+        gone = {row[0] for row in self._rows(self._db, ids, "id")}
         for request_id in ids:
             try:
                 self.path(request_id).unlink()
-                gone += 1
+                gone.add(request_id)
             except FileNotFoundError:
                 pass
         for start in range(0, len(ids), 500):
@@ -212,7 +275,7 @@ class LocalStore(ResultStore):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(f"DELETE FROM objects WHERE id IN ({','.join('?' * len(page))})", page)
             self._db.execute("COMMIT")
-        return gone
+        return len(gone)
 
     # -- the catalogue ------------------------------------------------------------
     def iterate(self, *, details: bool = True) -> Iterator[Meta]:
@@ -268,3 +331,5 @@ class LocalStore(ResultStore):
             if self._hits or self._misses:
                 self._write("", [])
             self._db.close()
+        with self._read_lock:
+            self._reader.close()

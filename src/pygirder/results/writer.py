@@ -24,6 +24,7 @@ log = logging.getLogger("pygirder.results")
 __all__ = ["WriteBehind"]
 
 BATCH = 256
+LINGER_S = 0.05
 
 
 class WriteBehind:
@@ -49,6 +50,7 @@ class WriteBehind:
         self._pending_bytes = 0
         self._busy = False
         self._closed = False
+        self._flushing = 0  # callers of flush(): no lingering while they wait
         self.stored = 0  # results written (or found already stored)
         self.failed = 0  # results that could not be written
         self.seconds = 0.0  # time spent writing
@@ -82,7 +84,12 @@ class WriteBehind:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything offered so far is stored (or failed); False on time-out."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            finally:
+                self._flushing -= 1
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Store what is queued (up to ``timeout``), then stop the thread."""
@@ -104,6 +111,13 @@ class WriteBehind:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
+                # let a batch gather for a moment: one index transaction (and one round
+                # trip for the TTLs) per batch, not per result, and less lock contention
+                # between the processes sharing a folder
+                self._cond.wait_for(
+                    lambda: len(self._queue) >= BATCH or self._closed or self._flushing,
+                    LINGER_S,
+                )
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
                 self._busy = True
             started = time.perf_counter()

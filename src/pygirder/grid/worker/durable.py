@@ -76,11 +76,15 @@ class DurableTier:
         """Complete the entries the store answers; returns the others, in order."""
         if not entries:
             return []
+        ids = [e[0] for e in entries]
+        present = self.store.present(ids)
+        if present is not None:
+            if not present:
+                return list(entries)
+            ids = present
         loop = asyncio.get_running_loop()
         try:
-            found = await loop.run_in_executor(
-                self._lookups, self.store.fetch, [e[0] for e in entries]
-            )
+            found = await loop.run_in_executor(self._lookups, self.store.fetch, ids)
         except Exception as exc:  # the store unreadable: compute, never fail for it
             log.warning("result store %s: lookup failed (%s); computing instead",
                         self.store.url, exc)  # fmt: skip
