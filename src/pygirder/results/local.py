@@ -163,7 +163,8 @@ class LocalStore(ResultStore):
 
     # -- writing ------------------------------------------------------------------
     def put_many(self, items: Sequence[Item]) -> int:
-        rows = []
+        rows: list[tuple[object, ...]] = []
+        inline_bytes = 0
         now = time.time()
         objects, tmp = str(self.objects), str(self.tmp)
         for n, item in enumerate(items):
@@ -181,6 +182,7 @@ class LocalStore(ResultStore):
                             fingerprint=item.fingerprint, created=now, deps=item.deps)  # fmt: skip
                 rows.append((item.id, item.function, item.fingerprint, size, now, now,
                              item.body[:1] == b"E", data))  # fmt: skip
+                inline_bytes += size
                 continue
             rows.append((item.id, item.function, item.fingerprint, size, now, now,
                          item.body[:1] == b"E", None))  # fmt: skip
@@ -211,7 +213,7 @@ class LocalStore(ResultStore):
             )
             # new rows: results nobody had stored (the counters' upserts count too)
             written = self._db.total_changes - before - self._counted
-            self._since_check += sum(r[3] for r in rows if r[7] is not None)
+            self._since_check += inline_bytes
             if self.max_bytes and self._since_check >= min(RECHECK_BYTES, self.max_bytes // 10):
                 self._since_check = 0
                 self._enforce_cap_locked()
