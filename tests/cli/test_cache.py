@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pygirder.cli.main import app
 from pygirder.errors import RemoteError
-from pygirder.grid.runtime import encode_error, encode_ok
+from pygirder.grid.protocol import encode_error, encode_ok
 from pygirder.results import Item
 from pygirder.results.local import LocalStore
 

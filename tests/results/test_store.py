@@ -235,7 +235,7 @@ def test_a_signed_pickle_keeps_its_signature(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pygirder.errors import CodecError
-    from pygirder.grid.runtime import decode_envelope, encode_ok
+    from pygirder.grid.protocol import decode_envelope, encode_ok
 
     monkeypatch.setenv("PYGIRDER_SECRET", "a-shared-secret-of-32-bytes-or-more!")
     request_id = rid(7)

@@ -285,7 +285,7 @@ def get(
     A signed pickled result needs the grid's PYGIRDER_SECRET.
     """
     from ..errors import RemoteError
-    from ..grid.runtime import decode_envelope
+    from ..grid.protocol import decode_envelope
     from ..results.record import check_id
 
     try:

@@ -33,17 +33,11 @@ from ... import codec, settings
 from ...calls import Call
 from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
 from ...results import open_store
+from ..connection import connect_redis
 from ..context import RequestContext, current_request
-from ..runtime import (
-    Runtime,
-    connect_redis,
-    decode_envelope,
-    describe_exception,
-    encode_error,
-    encode_ok,
-    new_process_id,
-    summarize,
-)
+from ..protocol import decode_envelope, encode_error, encode_ok, summarize
+from ..runtime import Runtime, new_process_id
+from ..translate import describe_exception
 from .baton import Baton, Threads
 from .cycle_checks import CycleChecks, Parked
 from .durable import DurableTier

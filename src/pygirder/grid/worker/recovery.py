@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from ...errors import CallLink, RemoteError
 from ...store import scripts
 from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 

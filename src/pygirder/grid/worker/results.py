@@ -17,7 +17,8 @@ from redis import exceptions as redis_errors
 from ... import settings
 from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from ...errors import CallLink, RemoteError
 from ...store import scripts
 from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
