@@ -77,6 +77,16 @@ class WriteBehind:
             )
 
     @property
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return self._pending_bytes
+
+    @property
+    def behind(self) -> bool:
+        """More is waiting than ``max_pending_bytes``: the producer should wait_room()."""
+        return self.pending_bytes > self.max_pending_bytes
+
+    @property
     def pending(self) -> int:
         with self._cond:
             return len(self._queue) + (1 if self._busy else 0)

@@ -21,7 +21,6 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any
 
 from ... import calls as calls_mod
 from ... import codec, settings
@@ -182,7 +181,7 @@ class DurableTier:
 
     async def room(self) -> None:
         """Wait (off the loop) while the writer is too far behind."""
-        if self.writer._pending_bytes > self.writer.max_pending_bytes:
+        if self.writer.behind:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.wait_room)
 
     async def close(self, timeout: float) -> None:
@@ -195,7 +194,3 @@ class DurableTier:
     def flush_now(self, timeout: float) -> None:
         """From any thread (the watchdog, before the process is replaced)."""
         self.writer.flush(timeout)
-
-    def status(self) -> dict[str, Any]:
-        return {"store": self.store.url, "restored": self.restored, "stale": self.stale,
-                "written": self.writer.stored, "write_failures": self.writer.failed}  # fmt: skip
