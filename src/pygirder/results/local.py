@@ -84,7 +84,8 @@ class LocalStore(ResultStore):
                                        isolation_level=None)  # fmt: skip
         self._read_lock = threading.Lock()
         self._hits = self._misses = 0  # not yet added to the counters table
-        self._counted = 0  # counter rows the last write changed
+        self._counted = 0  # counter rows and access times the last write changed
+        self._touched: dict[str, tuple[object, ...]] = {}  # hits whose access time waits
         self._shards: set[str] = set()  # shard folders known to exist
         self._serial = 0  # names this process's temporary files
         self._since_check = RECHECK_BYTES  # look at the true total at the first put
@@ -151,14 +152,10 @@ class LocalStore(ResultStore):
             self._misses += len(ids) - len(found)
             if bad:
                 self._delete_locked(bad)
-            if metas:
-                self._write(
-                    "INSERT INTO objects (id, function, fingerprint, size, created, accessed, "
-                    "error) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                    "accessed = excluded.accessed",
-                    [(m.id, m.function, m.fingerprint, m.size, m.created, now, m.error)
-                     for m in metas],
-                )  # fmt: skip
+            # the access times go with the next write: a read takes no write lock
+            for m in metas:
+                self._touched[m.id] = (m.id, m.function, m.fingerprint, m.size, m.created,
+                                       now, m.error)  # fmt: skip
         return found
 
     # -- writing ------------------------------------------------------------------
@@ -226,7 +223,14 @@ class LocalStore(ResultStore):
         try:
             if rows:
                 db.executemany(sql, rows)
-            self._counted = 0
+            self._counted = len(self._touched)
+            if self._touched:  # files read before their row was written get one too
+                db.executemany(
+                    "INSERT INTO objects (id, function, fingerprint, size, created, accessed, "
+                    "error) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "accessed = excluded.accessed",
+                    list(self._touched.values()),
+                )
             for name, count in (("hits", self._hits), ("misses", self._misses)):
                 if count:
                     self._counted += 1
@@ -240,6 +244,7 @@ class LocalStore(ResultStore):
             db.execute("ROLLBACK")
             raise
         self._hits = self._misses = 0
+        self._touched.clear()
 
     def _enforce_cap_locked(self) -> None:
         """Over the cap: drop the least recently used results down to PRUNE_TO of it."""
@@ -282,6 +287,8 @@ class LocalStore(ResultStore):
     # -- the catalogue ------------------------------------------------------------
     def iterate(self, *, details: bool = True) -> Iterator[Meta]:
         with self._lock:
+            if self._touched:
+                self._write("", [])
             rows = self._db.execute(
                 "SELECT id, function, fingerprint, size, created, accessed, error FROM objects "
                 "ORDER BY created"
@@ -330,7 +337,7 @@ class LocalStore(ResultStore):
 
     def close(self) -> None:
         with self._lock:
-            if self._hits or self._misses:
+            if self._hits or self._misses or self._touched:
                 self._write("", [])
             self._db.close()
         with self._read_lock:

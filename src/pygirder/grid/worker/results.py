@@ -185,38 +185,45 @@ class Results:
                 await asyncio.sleep(1.0)
 
     async def _complete(self, batch: list[Any], *, retries: int) -> None:
-        delay = 0.05
-        for attempt in range(retries):
-            try:
-                await self.runtime.script(
-                    "complete",
-                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *batch],
-                )
-                break
-            except Exception as exc:
-                if attempt + 1 >= retries:
-                    raise
-                log.warning("storing %d results failed (%s); retrying in %.2fs",
-                            len(batch) // FIELDS, exc, delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 4)
         ids = batch[::FIELDS]
+        # restored results are counted before the script makes them visible, so whoever
+        # sees one sees it counted (and undone below when the batch fails)
+        counted = await self._count_restored(ids)
+        delay = 0.05
+        try:
+            for attempt in range(retries):
+                try:
+                    await self.runtime.script(
+                        "complete",
+                        [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *batch],
+                    )
+                    break
+                except Exception as exc:
+                    if attempt + 1 >= retries:
+                        raise
+                    log.warning("storing %d results failed (%s); retrying in %.2fs",
+                                len(batch) // FIELDS, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 4)
+        except BaseException:
+            self._restored.update(counted)  # counted again when they are stored
+            self._uncounted -= len(counted)
+            raise
         for request_id in ids:
             self._names.pop(request_id, None)
-        await self._count_restored(ids)
         for hook in self.on_completed:
             hook(ids)
 
-    async def _count_restored(self, ids: list[str]) -> None:
-        """The script counts every completion as executed: move the restored ones.
-
-        A server out of memory refuses even this; the count is then kept and added
-        with the next batch (or at the end, by ``drain``).
+    async def _count_restored(self, ids: list[str]) -> list[str]:
+        """The script counts every completion as executed: move the restored ones (the
+        ids returned) to ``restored``.  A server out of memory refuses even this; the
+        count is then kept and added with the next batch (or at the end, by ``drain``).
         """
-        self._uncounted += sum(1 for i in ids if i in self._restored)
-        self._restored.difference_update(ids)
+        counted = [i for i in ids if i in self._restored]
+        self._restored.difference_update(counted)
+        self._uncounted += len(counted)
         if not self._uncounted:
-            return
+            return counted
         assert self.runtime.redis is not None
         restored = self._uncounted
         try:
@@ -227,3 +234,4 @@ class Results:
             self._uncounted -= restored
         except Exception as exc:  # only the counters are behind
             log.debug("could not count %d restored results yet: %s", restored, exc)
+        return counted
