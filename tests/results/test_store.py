@@ -277,3 +277,26 @@ def test_fetch_returns_the_header_with_the_functions_a_result_waited_on(store: A
     meta, body = store.fetch([rid(3)])[rid(3)]
     assert body == b"O\x03"
     assert (meta.function, meta.fingerprint, meta.deps) == ("mod:top", "fp-top", deps)
+
+
+def _open_and_store(root: str, start: Any, k: int) -> None:
+    start.wait()
+    for n in range(20):  # twenty new folders, all processes on the same one at once
+        with LocalStore(os.path.join(root, str(n))) as store:
+            store.put_many([Item(rid(1000 + k), b"Ok", "mod:f", "fp")])
+
+
+def test_processes_opening_new_folders_at_once(tmp_path: Path) -> None:
+    root = str(tmp_path / "fresh")
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_open_and_store, args=(root, start, k)) for k in range(6)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    for n in range(20):
+        with LocalStore(os.path.join(root, str(n))) as store:
+            assert store.stats().objects == 6

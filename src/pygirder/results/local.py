@@ -59,6 +59,22 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+def _setup(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """WAL mode and the schema.  Processes opening a new folder at once (the workers of
+    a grid) contend for it, and switching to WAL does not wait for a busy database as
+    other statements do: try again for a while."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or attempt + 1 == attempts:
+                raise
+            time.sleep(0.05 + 0.002 * attempt)
+
+
 class LocalStore(ResultStore):
     """Results in a folder on this machine (``max_bytes``: the size cap, 0 for none)."""
 
@@ -75,9 +91,7 @@ class LocalStore(ResultStore):
         self._lock = threading.Lock()
         self._db = sqlite3.connect(index, timeout=30, check_same_thread=False,
                                    isolation_level=None)  # fmt: skip
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        _setup(self._db)
         # reads from the grid's event loop (present) never wait for a write transaction:
         # their own connection, which WAL lets read while another one writes
         self._reader = sqlite3.connect(index, timeout=30, check_same_thread=False,
