@@ -161,8 +161,25 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None:
+    import threading
+
     import gridfuncs as gf
-    from test_reliability import run_in_thread, tree_size
+
+    def tree_size(depth: int, fanout: int) -> int:
+        return sum(fanout**d for d in range(depth + 1))
+
+    box: dict[str, Any] = {}
+
+    def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # reported by the test
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread, box
 
     port, store, log = _free_port(), tmp_path / "store", str(tmp_path / "exec.log")
     server = EmbeddedServer(port=port).start()
