@@ -74,6 +74,14 @@ def worker(
             "@fn(max_runtime=...) overrides it.",
         ),
     ] = 0.0,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="PYGIRDER_STORE",
+            help="Durable result store: a folder, s3://bucket/prefix, or off (default: the "
+            "user cache folder). Calls it holds are answered without running.",
+        ),
+    ] = "",
 ) -> dict:
     """Serve a pool: run grid calls from its queue (one process per core with 'auto')."""
     from ..grid.supervisor import Supervisor, child_command, parse_processes
@@ -97,7 +105,10 @@ def worker(
             argv += ["--main-path", main_path]
         if max_runtime:
             argv += ["--max-runtime", str(max_runtime)]
-        supervisor = Supervisor(child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis})
+        env = {**os.environ, "PYGIRDER_REDIS": redis}
+        if store:
+            env["PYGIRDER_STORE"] = store
+        supervisor = Supervisor(child_command(argv), n, env=env)
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     import signal
@@ -111,7 +122,7 @@ def worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allowed,
         main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
-        max_runtime=max_runtime,
+        max_runtime=max_runtime, store=store,
     )  # fmt: skip
     return stats
 
@@ -357,6 +368,9 @@ def _mount() -> None:
     app.command("inspect")(inspect_command)
     app.command("logs")(logs_command)
     app.command("dashboard")(dashboard_command)
+    from .cache import app as cache_app
+
+    app.add_typer(cache_app, name="cache")
     from ..cloud.cli import app as cloud_app
 
     app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")

@@ -155,6 +155,7 @@ class RunOptions:
     max_restarts: int = 5
     stop_timeout_s: float = 30.0
     region: str | None = None
+    store: str = ""  # a worker's durable result store (PYGIRDER_STORE of its service)
 
 
 def _redis_service(
@@ -208,6 +209,8 @@ def run_service(
                 command, probe = _redis_service(opts, meta, password, Path(tmp))
             else:
                 env.update(service_environment(opts.role, opts.redis, password))
+                if opts.store:
+                    env["PYGIRDER_STORE"] = opts.store
                 command = service_command(
                     opts.role, pool=opts.pool, parent=opts.parent, imports=opts.imports,
                     processes=opts.processes,
@@ -373,6 +376,9 @@ def run(
         list[str] | None, typer.Option("--import", help="Module with grid functions (repeat).")
     ] = None,
     processes: Annotated[str, typer.Option(help="Worker processes, or auto.")] = "auto",
+    store: Annotated[
+        str, typer.Option(help="Workers' durable result store (s3://bucket/results).")
+    ] = "",
     ttl: Annotated[
         float | None, typer.Option(help="Seconds until the instance shuts down.")
     ] = None,
@@ -400,7 +406,7 @@ def run(
         redis=redis, port=port, pool=pool, parent=parent, imports=tuple(imports or ()),
         processes=processes, expires=resolve_expiry(ttl, expires),
         shutdown_command=shutdown_command, spot_interval_s=spot_interval,
-        ready_grace_s=ready_grace, max_restarts=max_restarts, region=region,
+        ready_grace_s=ready_grace, max_restarts=max_restarts, region=region, store=store,
     )  # fmt: skip
     status = run_service(opts)
     if status:
