@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from pygirder.cloud import instance as instance_package
 from pygirder.cloud.account import setup
 from pygirder.cloud.cli import app
-from pygirder.cloud.config import CloudConfigError
+from pygirder.cloud.errors import CloudConfigError
 from pygirder.cloud.image import (
     ImageError,
     build_image,

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PygirderError
+from .errors import ArtifactError, ArtifactIntegrityError
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -81,24 +81,6 @@ _EPOCH = 315532800
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIP_DIRS = {"__pycache__", "tests", "test", "build", "dist", "venv", "node_modules"}
 _SKIP_MODULES = {"setup.py", "conftest.py"}
-
-
-class ArtifactError(PygirderError):
-    """An artifact cannot be built, uploaded, downloaded or installed."""
-
-
-class ArtifactIntegrityError(ArtifactError):
-    """A downloaded artifact does not have the expected SHA-256: it was not installed."""
-
-    def __init__(self, uri: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"artifact {uri} has sha256 {actual}, expected {expected}: refusing to install it "
-            "(the object was changed after it was pushed, or the user-data names another "
-            "artifact); push the artifact again and relaunch"
-        )
-        self.uri = uri
-        self.expected = expected
-        self.actual = actual
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from ..errors import ConfigError
+from .errors import CloudConfigError
 from .tags import RESERVED_PREFIXES
 
 CONFIG_ENV = "PYGIRDER_CONFIG"
@@ -44,17 +44,6 @@ PYGIRDER_KEY = Path("~/.pygirder/keys/pygirder-ed25519")
 # ssh_from may be at most this wide (a /16: 65,536 addresses) unless
 # allow_ssh_from_anywhere is set.
 WIDEST_SSH_PREFIX = 16
-
-
-class CloudConfigError(ConfigError):
-    """``[cloud]`` in pygirder.toml is missing or invalid.
-
-    ``problems`` holds one ``(key, value, what is allowed)`` triple per invalid key.
-    """
-
-    def __init__(self, message: str, *, problems: list[tuple[str, Any, str]] | None = None):
-        super().__init__(message)
-        self.problems = problems or []
 
 
 class CloudConfig(BaseModel):

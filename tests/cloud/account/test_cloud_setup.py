@@ -32,9 +32,10 @@ from pygirder.cloud.account import (
     stop_nat,
     teardown,
 )
-from pygirder.cloud.config import CloudConfigError, config_from_dict
+from pygirder.cloud.config import config_from_dict
 from pygirder.cloud.errors import (
     AccessDeniedError,
+    CloudConfigError,
     CloudTimeoutError,
     FleetAliveError,
     NotSetUpError,

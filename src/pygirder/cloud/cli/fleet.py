@@ -495,7 +495,7 @@ def rehearse(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole flow on a local moto server and the local data plane, with a timeline."""
-    from ..sim.rehearse import RehearsalError
+    from ..errors import RehearsalError
     from ..sim.rehearse import rehearse as run_rehearsal
 
     started = datetime.now(UTC)

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..aws import Aws
-from ..config import CloudConfig, CloudConfigError
-from ..errors import CloudError, ImageError
+from ..config import CloudConfig
+from ..errors import CloudConfigError, CloudError, ImageError
 from ..instance import bake_template, boot_robot
 from ..leftovers import terminate
 from ..tags import (

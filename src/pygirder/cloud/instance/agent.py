@@ -74,6 +74,7 @@ import typer
 
 from ...errors import ConfigError
 from ...service import service
+from ..errors import AgentError
 from .announce import (
     Announcement,
     Announcer,
@@ -87,7 +88,6 @@ from .common import (
     DEFAULT_REDIS_PORT,
     DEFAULT_SHUTDOWN_COMMAND,
     DEFAULT_SPOT_INTERVAL_S,
-    AgentError,
     Event,
     Role,
     _iso,

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import ARTIFACT_FORMAT, ArtifactError, download_artifact, parse_s3_uri, sha256_file
+from ..artifacts import ARTIFACT_FORMAT, download_artifact, parse_s3_uri, sha256_file
+from ..errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

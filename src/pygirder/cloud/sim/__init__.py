@@ -9,13 +9,3 @@ IMDSv2 each one sees, :mod:`.siminit` their init process and :mod:`.shutdown` th
 """
 
 from __future__ import annotations
-
-from ...errors import PygirderError
-
-
-class SimulatorError(PygirderError):
-    """The data plane cannot do what was asked (endpoint unreachable, unknown instance, ...)."""
-
-
-class SimulatorTimeout(SimulatorError, TimeoutError):
-    """:meth:`Simulator.wait_for` ran out of time; the message holds the instance's logs."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import PygirderError
-from . import SimulatorError
+from ..errors import SimulatorError
 
 DEFAULT_STATE_DIR = Path("~/.pygirder/simulate")
 LOCK_FILE = "simulator.lock"

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, PygirderError
+from ..errors import RehearsalError
 
 __all__ = [
     "JOB_MODULE",
@@ -78,14 +79,6 @@ _ENV_KEYS = (
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "PYGIRDER_CONFIG",
 )  # fmt: skip
-
-
-class RehearsalError(PygirderError):
-    """A step of the rehearsal failed; the timeline so far is in ``report``."""
-
-    def __init__(self, message: str, report: RehearsalReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass

@@ -71,9 +71,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SimulatorError, SimulatorTimeout
 from ..instance import boot_robot
 from ..tags import MANAGED_VALUE, TAG_MANAGED, TAG_NAME, from_tag_list
-from . import SimulatorError, SimulatorTimeout
 from .control import (
     DEFAULT_STATE_DIR,
     lock_state_dir,
