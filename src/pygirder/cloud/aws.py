@@ -494,7 +494,12 @@ def translate_client_error(
 ) -> CloudError:
     """Turn one AWS error response into the most specific :class:`CloudError`."""
     where = f"{service}:{operation}"
-    info = {"service": service, "operation": operation, "code": code, "status": status}
+    info: dict[str, Any] = {
+        "service": service,
+        "operation": operation,
+        "code": code,
+        "status": status,
+    }
     short = _shorten(message)
     if code in EXPIRED_CODES:
         return CredentialsError(
@@ -535,7 +540,7 @@ def translate_botocore_error(
     """Turn a botocore client-side failure (no credentials, no network) into an error."""
     from botocore import exceptions as bce
 
-    info = {"service": service, "operation": operation, "code": type(exc).__name__}
+    info: dict[str, Any] = {"service": service, "operation": operation, "code": type(exc).__name__}
     where = f"{service}:{operation}"
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return CredentialsError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -173,7 +174,8 @@ class InstanceRole(Kind):
             result = self.create(ctx)
             for profile in profiles:
                 ctx.retry_codes(
-                    lambda profile=profile: ctx.call(
+                    functools.partial(
+                        ctx.call,
                         "iam",
                         "add_role_to_instance_profile",
                         InstanceProfileName=profile,

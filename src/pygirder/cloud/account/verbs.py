@@ -204,21 +204,22 @@ def setup(
             f"setup stopped before changing anything:\n{lines}", items=conflicts
         )
     deletions = []
-    for kind, item, found, drift in rows:
+    for kind, item, matches, drift in rows:
         if item.action is Action.DELETE:
-            deletions.append((kind, item, found[0]))
+            deletions.append((kind, item, matches[0]))
             continue
         if item.action is Action.NONE:
             report.items.append(item)
             continue
-        ctx.say(f"{_VERB[item.action]} {kind.title} {item.name}")
+        verb = _VERB.get(item.action, "changing") if item.action else "changing"
+        ctx.say(f"{verb} {kind.title} {item.name}")
         if item.action is Action.CREATE:
             result = kind.create(ctx)
         elif item.action is Action.REPLACE:
-            kind.delete(ctx, found[0])
+            kind.delete(ctx, matches[0])
             result = kind.create(ctx)
         else:
-            result = kind.update(ctx, found[0], drift)
+            result = kind.update(ctx, matches[0], drift)
         ctx.found[kind.key] = [result]
         item.id, item.state = result.id, result.state
         item.name = result.name or item.name

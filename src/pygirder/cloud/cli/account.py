@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -356,7 +357,9 @@ def _plan_table(report: Report, *, title: str, done: bool = False) -> Table:
 _PAST = {"create": "created", "update": "updated", "replace": "replaced", "delete": "deleted"}
 
 
-def _table(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]], keep: int) -> Table:
+def _table(
+    title: str, headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], keep: int
+) -> Table:
     """A table without the columns that are empty in every row (beyond the first
     ``keep``), so what matters gets the width; only the last column wraps."""
     shown = [i for i in range(len(headers)) if i < keep or any(row[i] for row in rows)]

@@ -125,7 +125,7 @@ def write_known_hosts(fleet: str, members: Sequence[Member]) -> Path:
     """
     path = known_hosts_path(fleet)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lines = []
+    lines: list[str] = []
     for member in members:
         hosts = ",".join(h for h in (member.public_ip, member.private_ip) if h)
         if hosts:

@@ -443,7 +443,7 @@ def _create_image(
             "Tags": as_tag_list(_tags(config, COMPONENT_SNAPSHOT, name)),
         },
     ]
-    params = {"InstanceId": builder, "Name": name, "Description": description[:255]}
+    params: dict[str, Any] = {"InstanceId": builder, "Name": name, "Description": description[:255]}
     try:
         return aws.call("ec2", "create_image", TagSpecifications=specs, **params)["ImageId"]
     except (CloudError, ResponseParserError) as exc:

@@ -240,9 +240,8 @@ def run_service(
 
         def on_expiry() -> None:
             expired.set()
-            announcer.send(
-                Event.GOING_AWAY, f"time-to-live ran out at {_iso(opts.expires)}", once=True
-            )
+            at = _iso(opts.expires) if opts.expires is not None else "its deadline"
+            announcer.send(Event.GOING_AWAY, f"time-to-live ran out at {at}", once=True)
             supervisor.stop("time-to-live ran out")
 
         watchers: list[_Watcher] = []
@@ -277,8 +276,8 @@ def run_service(
         finally:
             for watcher in watchers:
                 watcher.cancel()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             for sender in senders:
                 sender.join(60)
     if expired.is_set():

@@ -99,7 +99,7 @@ def run(command: Sequence[str], grace: float) -> int:
         if not ending and os.getppid() != parent:  # the simulator died
             deadline = time.monotonic() + grace
             signal_tree(signal.SIGTERM)
-        elif ending and time.monotonic() >= deadline:
+        elif deadline is not None and time.monotonic() >= deadline:
             signal_tree(signal.SIGKILL)
             deadline = time.monotonic() + 1.0
         wait = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.monotonic()))
