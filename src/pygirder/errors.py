@@ -121,6 +121,23 @@ class CallLookupError(PygirderError, LookupError):
         self.matches = matches
 
 
+class NotStored(PygirderError, LookupError):
+    """The durable result store holds no usable result of a call, and nothing will compute it.
+
+    Raised by :meth:`pygirder.results.ResultStore.result` on a miss, and to the waiters
+    of a grid without workers (``connect(store=..., workers=0)``) for a call its store
+    cannot answer.  ``reason`` says why: ``"missing"`` (never stored, or pruned),
+    ``"stale"`` (a function it waited on has other code now), ``"error"`` (an error,
+    kept only with ``@pygirder.fn(cache_errors=True)``) or ``"unreadable"`` (the store
+    could not be read).  A :class:`LookupError`, as ``KeyError`` is.
+    """
+
+    def __init__(self, message: str, *, call_id: str = "", reason: str = "missing") -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.reason = reason
+
+
 class ImportRefused(PygirderError):
     """A request named a module this worker may not import."""
 
