@@ -584,7 +584,10 @@ def connect(
     grid there, and a call it holds is answered without running.  Default:
     ``PYGIRDER_STORE``, else a folder in the user's cache folder (see
     :func:`pygirder.results.default_location`); a folder, ``s3://bucket/prefix``, or
-    None to turn it off.  Workers started elsewhere have their own ``--store``.
+    None to turn it off.  Workers started elsewhere have their own ``--store``.  A
+    private grid with ``workers=0`` runs nothing: the store answers its calls, and a
+    call it cannot answer raises :class:`pygirder.NotStored` at once (until
+    ``add_workers``).
     """
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
