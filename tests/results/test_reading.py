@@ -8,50 +8,21 @@ S3 (server mode), real worker processes for the grids that compute.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_durable_grid import JOB, run_job
 
 import pygirder
 from pygirder import codec
 from pygirder.grid.protocol import encode_error
 from pygirder.results import Item, open_store
 
-SCRIPT = """
-import json, os, sys
-import pygirder
-
-LOG = os.environ["JOB_LOG"]
-
-
-def record(what):
-    with open(LOG, "a") as fh:
-        fh.write(what + "\\n")
-
-
-@pygirder.fn
-def leaf(i):
-    record(f"leaf:{i}")
-    return i * i
-
-
-@pygirder.fn
-def total(n):
-    record(f"total:{n}")
-    return sum(pygirder.wait(*[leaf(i) for i in range(n)]))
-
-
-@pygirder.fn(cache_errors=True)
-def fails_for_good(i):
-    record(f"fails_for_good:{i}")
-    raise ValueError(f"never {i}")
-
-
+# the job of test_durable_grid (leaf, total, fails_for_good, ...), with another main
+SCRIPT = (
+    JOB.partition('if __name__ == "__main__":')[0]
+    + """
 def outcome(grid, call):
     try:
         return {"value": grid.run(call, timeout=60)}
@@ -62,33 +33,24 @@ def outcome(grid, call):
 
 
 if __name__ == "__main__":
-    workers = int(sys.argv[1])
+    workers = int(os.environ["READER_WORKERS"])
     with pygirder.connect(workers=workers) as grid:
         out = {
             "total": outcome(grid, total(6)),
-            "leaves": grid.map(leaf, [(i,) for i in range(6)], timeout=60) if workers else None,
             "error": outcome(grid, fails_for_good(1)),
             "missing": outcome(grid, leaf(99)),
             "stats": grid.stats(),
         }
     print(json.dumps(out))
 """
+)
 
 
 def run_script(
     tmp_path: Path, workers: int, source: str = SCRIPT
 ) -> tuple[dict[str, Any], list[str]]:
     """Run the script once in its own process; returns its output and what it executed."""
-    script = tmp_path / "reader_job.py"
-    script.write_text(source)
-    log = tmp_path / "exec.log"
-    before = log.read_text().splitlines() if log.exists() else []
-    env = {**os.environ, "JOB_LOG": str(log), "PYGIRDER_STORE": str(tmp_path / "store")}
-    out = subprocess.run([sys.executable, str(script), str(workers)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    after = log.read_text().splitlines() if log.exists() else []
-    return json.loads(out.stdout.strip().splitlines()[-1]), after[len(before) :]
+    return run_job(tmp_path, source, READER_WORKERS=str(workers))
 
 
 @pytest.mark.slow
