@@ -14,6 +14,8 @@
      ├── GridOutOfMemory         the server reached its maxmemory and refused a write
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
      ├── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── NotStored               the result store has no usable result of a call that nothing
+     │                           will compute (also a LookupError)
      ├── CallLookupError         an id prefix names no call, or several (also a LookupError;
      │                           raised by the status reader behind `inspect` and the dashboard)
      └── ImportRefused           a request named a module this worker may not import (the
