@@ -14,6 +14,8 @@
      ├── GridOutOfMemory         the server reached its maxmemory and refused a write
      ├── GridConnectionError     the Redis-protocol server cannot be reached or refused us
      ├── ConfigError             invalid configuration (names the key, the value, what is allowed)
+     ├── NotStored               the result store has no usable result of a call that nothing
+     │                           will compute (also a LookupError)
      ├── CallLookupError         an id prefix names no call, or several (also a LookupError;
      │                           raised by the status reader behind `inspect` and the dashboard)
      └── ImportRefused           a request named a module this worker may not import (the
@@ -119,6 +121,23 @@ class CallLookupError(PygirderError, LookupError):
         super().__init__(message)
         self.prefix = prefix
         self.matches = matches
+
+
+class NotStored(PygirderError, LookupError):
+    """The durable result store holds no usable result of a call, and nothing will compute it.
+
+    Raised by :meth:`pygirder.results.ResultStore.result` on a miss, and to the waiters
+    of a grid without workers (``connect(store=..., workers=0)``) for a call its store
+    cannot answer.  ``reason`` says why: ``"missing"`` (never stored, or pruned),
+    ``"stale"`` (a function it waited on has other code now), ``"error"`` (an error,
+    kept only with ``@pygirder.fn(cache_errors=True)``) or ``"unreadable"`` (the store
+    could not be read).  A :class:`LookupError`, as ``KeyError`` is.
+    """
+
+    def __init__(self, message: str, *, call_id: str = "", reason: str = "missing") -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.reason = reason
 
 
 class ImportRefused(PygirderError):

@@ -29,6 +29,7 @@ from ..server import EmbeddedServer, random_password
 from . import context
 from .loading import stop_if_loading_script
 from .protocol import decode_envelope
+from .restore import StoreOnlyAnswers
 from .runtime import Runtime, new_process_id
 from .supervisor import Supervisor
 
@@ -140,6 +141,7 @@ class Grid:
         self._log_dir: Path | None = None
         self._loop: _LoopThread | None = None
         self.runtime: Runtime | None = None
+        self._answers: StoreOnlyAnswers | None = None
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -164,6 +166,14 @@ class Grid:
             if self._n_workers:
                 self._start_workers(self._n_workers)
                 self.wait_for_workers(self._n_workers, timeout=self.start_timeout)
+            elif self._server is not None:
+                # nothing but this client will ever see its private server: the store
+                # answers its calls, and what it cannot answer fails at once
+                from ..results import open_store
+
+                store = open_store(self.store) if self.store is not None else None
+                self._answers = StoreOnlyAnswers(self.runtime, store)
+                self.runtime.answer_queued = self._answers
         except BaseException:
             self.close()
             raise
@@ -210,6 +220,8 @@ class Grid:
 
     def add_workers(self, n: int = 1) -> None:
         """Start ``n`` more local worker processes."""
+        if self.runtime is not None:
+            self.runtime.answer_queued = None  # the workers run what the store cannot answer
         if self._supervisor is None:
             self._start_workers(n)
         else:
@@ -272,6 +284,9 @@ class Grid:
         self._closed = True
         context.pop_default(self)
         if self.runtime is not None and self._loop is not None:
+            if self._answers is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.run(self._answers.close(), timeout=10)
             try:
                 self._loop.run(self.runtime.close(), timeout=10)
             except Exception:
@@ -569,7 +584,10 @@ def connect(
     grid there, and a call it holds is answered without running.  Default:
     ``PYGIRDER_STORE``, else a folder in the user's cache folder (see
     :func:`pygirder.results.default_location`); a folder, ``s3://bucket/prefix``, or
-    None to turn it off.  Workers started elsewhere have their own ``--store``.
+    None to turn it off.  Workers started elsewhere have their own ``--store``.  A
+    private grid with ``workers=0`` runs nothing: the store answers its calls, and a
+    call it cannot answer raises :class:`pygirder.NotStored` at once (until
+    ``add_workers``).
     """
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(

@@ -16,7 +16,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -79,6 +79,10 @@ class Runtime:
         self._finished: list[str] = []  # waited-for ids to trim from the server's record
         self._records_waits = False  # set by the first submission without an owner
         self.listener_restarts = 0
+        # called with the calls a submission queued as new, before it returns, where no
+        # worker would ever take them (a private grid without workers: its store answers
+        # them, or they fail); None where workers take them
+        self.answer_queued: Callable[[list[Call[Any]]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
@@ -425,6 +429,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
+        sent_calls: list[Call[Any]] = []
         items: list[scripts.Submission] = []
         for call in calls:
             request_id = call.id
@@ -444,9 +449,11 @@ class Runtime:
                     items.append(scripts.Submission(request_id, payload, pool, local,
                                                     call.function.name, summary))  # fmt: skip
                     sent.append((request_id, payload, "l" if local else "q"))
+                    sent_calls.append(call)
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []
         shared: list[str] = []
+        queued: list[Call[Any]] = []
         if not sent:
             return futures, new_local, shared
         self._records_waits = self._records_waits or not owner
@@ -466,25 +473,39 @@ class Runtime:
                 if start:
                     await asyncio.shield(self._take_back(owner, sent[:start]))
                 raise
-            for (request_id, payload, mode), reply in zip(chunk, replies, strict=True):
+            for (request_id, payload, mode), call, reply in zip(
+                chunk, sent_calls[start : start + step], replies, strict=True
+            ):
                 if isinstance(reply, bytes):
                     self.resolve(request_id, reply)
                 elif reply == 1 and mode == "l":
                     new_local.append((request_id, payload))
+                elif reply == 1:
+                    queued.append(call)
                 elif reply == 0:
                     shared.append(request_id)
+        if queued and self.answer_queued is not None:
+            try:
+                await self.answer_queued(queued)
+            except Exception as exc:  # nothing may be left waiting for what nobody runs
+                for call in queued:
+                    self.fail(call.id, exc)
         return futures, new_local, shared
 
     def _fail_submitted(self, sent: Sequence[tuple[str, bytes, str]], exc: BaseException) -> None:
         """Fail the futures a failed submission created: its caller gets ``exc`` and
         waits for none of them."""
         for request_id, _, _ in sent:
-            self._resubmit.pop(request_id, None)
-            fut = self._waiting.pop(request_id, None)
-            self._stop_waiting(request_id)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else GridTimeout("cancelled"))
-                fut.exception()  # mark retrieved; the caller sees `exc` directly
+            self.fail(request_id, exc if isinstance(exc, Exception) else GridTimeout("cancelled"))
+
+    def fail(self, request_id: str, exc: Exception) -> None:
+        """Fail every local waiter of a request that will get no result."""
+        self._resubmit.pop(request_id, None)
+        fut = self._waiting.pop(request_id, None)
+        self._stop_waiting(request_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: a waiter that gave up is not an error
 
     async def _take_back(self, owner: str, sent: Sequence[tuple[str, bytes, str]]) -> None:
         """Undo submissions whose caller failed before it could wait for them."""

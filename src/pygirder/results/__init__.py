@@ -4,7 +4,8 @@ Valkey is the grid's coordination layer and hot tier; this store is the memo's l
 memory.  A worker that takes a call unknown to Valkey looks it up here first, and every
 result it computes is written through here, so results outlive processes, server
 restarts and fleets.  ``open_store(spec)`` opens one: a local folder (the default, in
-the user's cache folder), ``s3://bucket/prefix``, or nothing for ``"off"``.
+the user's cache folder), ``s3://bucket/prefix``, or nothing for ``"off"``; its
+``result(call)`` reads one value with no grid at all.
 """
 
 from .base import OFF, Item, PruneReport, ResultStore, StoreStats, default_location, open_store

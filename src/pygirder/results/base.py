@@ -16,9 +16,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotStored
 from .record import Meta
+
+if TYPE_CHECKING:
+    from ..calls import Call
+
+R = TypeVar("R")
 
 log = logging.getLogger("pygirder.results")
 
@@ -103,6 +109,38 @@ class ResultStore(ABC):
 
     def get(self, request_id: str) -> bytes | None:
         return self.get_many([request_id]).get(request_id)
+
+    def result(self, call: Call[R]) -> R:
+        """The stored value of ``call``, read without any grid: what ``grid.run(call)``
+        would return, or raise the stored error (kept only with ``cache_errors=True``).
+
+        ``call`` names its request id locally (function, code and arguments), so this
+        reads results a fleet computed, long after it is gone.  The grid's rules apply: a
+        stored error of a function that does not keep errors, or a stale result (a
+        function it waited on has other code here), is refused.  Raises
+        :class:`pygirder.NotStored` when there is no usable result.
+        """
+        from ..grid.protocol import decode_envelope
+        from .rules import refusal
+
+        name = call.function.name
+        hit = self.fetch([call.id]).get(call.id)
+        if hit is None:
+            raise NotStored(
+                f"{self.url} holds no result of {name} (request {call.id}): it was never "
+                "stored there, or was pruned; check the store URL, or run the call on a grid",
+                call_id=call.id,
+            )
+        meta, body = hit
+        refused = refusal(meta, body, call.function)
+        if refused is not None:
+            raise NotStored(
+                f"{self.url} holds a result of {name} (request {call.id}) that must not be "
+                f"used: {refused.reason}; run the call on a grid to compute it again",
+                call_id=call.id, reason=refused.kind,
+            )  # fmt: skip
+        value: R = decode_envelope(body, call.id)
+        return value
 
     @abstractmethod
     def put_many(self, items: Sequence[Item]) -> int:

@@ -1,11 +1,12 @@
 """The worker's side of the durable result store: read through on take, write behind.
 
 A request this worker takes (from the pool queue, or onto its stack as a sub-call) is
-looked up in the store first, in one batch per take or per wait; a hit completes the
-request as an execution would (the result stored in Valkey, every waiter notified)
-and counts as ``restored``.  A hit is refused, and the call runs, when it is an error
-and the function does not ask for ``cache_errors``, or when a function the call waited
-on has other code now than when the result was computed (a stale result).
+looked up in the store first, in one batch per take or per wait (``grid.restore``); a
+hit completes the request as an execution would (the result stored in Valkey, every
+waiter notified) and counts as ``restored``.  A hit is refused, and the call runs, when
+it is an error and the function does not ask for ``cache_errors``, or when a function
+the call waited on has other code now than when the result was computed (a stale
+result; ``results.rules``).  The worker imports a function's module to check it.
 
 Every result this worker computes goes to the store after Valkey has it, from a
 thread (``results.writer``), off the path to its waiters.  Once the store holds a
@@ -20,20 +21,21 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
+from typing import Any
 
 from ... import calls as calls_mod
 from ... import codec, settings
-from ...results import Item, Meta, ResultStore
+from ...calls import GridFunction
+from ...results import Item, ResultStore
 from ...results.writer import WriteBehind
+from ..restore import Restorer
 from ..runtime import Runtime
-from .functions import Functions, RefusedRequest
+from .functions import Functions
 from .results import Results
 from .sharing import StackEntry
 
 log = logging.getLogger("pygirder.worker")
-
-ERR = b"E"
 
 
 class DurableTier:
@@ -53,7 +55,8 @@ class DurableTier:
         self.functions = functions
         self.threads = threads
         self.hot_ttl = settings.hot_result_ttl()
-        self._lookups = ThreadPoolExecutor(2, thread_name_prefix="pygirder-store-read")
+        self.reader = Restorer(store, runtime, results, function_of=self._function_of,
+                               current=self._current)  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
         self._computed: dict[str, Item] = {}  # results on their way to Valkey
         self.writer = WriteBehind(store, on_stored=self._stored)
@@ -64,8 +67,6 @@ class DurableTier:
         self._durable: deque[tuple[str, int]] = deque(maxlen=100_000)
         self._sizes: dict[str, int] = {}
         self.dropped = 0
-        self.restored = 0
-        self.stale = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -73,60 +74,27 @@ class DurableTier:
     # -- read-through ---------------------------------------------------------------
     async def restore(self, entries: Sequence[StackEntry]) -> list[StackEntry]:
         """Complete the entries the store answers; returns the others, in order."""
-        if not entries:
-            return []
-        ids = [e[0] for e in entries]
-        present = self.store.present(ids)
-        if present is not None:
-            if not present:
-                return list(entries)
-            ids = present
-        loop = asyncio.get_running_loop()
         try:
-            found = await loop.run_in_executor(self._lookups, self.store.fetch, ids)
+            misses, _ = await self.reader.restore(entries)
         except Exception as exc:  # the store unreadable: compute, never fail for it
             log.warning("result store %s: lookup failed (%s); computing instead",
                         self.store.url, exc)  # fmt: skip
             return list(entries)
-        if not found:
-            return list(entries)
-        misses: list[StackEntry] = []
-        for entry in entries:
-            hit = found.get(entry[0])
-            if hit is None or not await self._usable(entry, *hit):
-                misses.append(entry)
-                continue
-            request_id, body = entry[0], hit[1]
-            self.restored += 1
-            self.runtime.resolve(request_id, body)
-            self.results.add(request_id, hit[0].function, body, self.hot_ttl, 0.0,
-                             "restored from the result store", restored=True)  # fmt: skip
         return misses
 
-    async def _usable(self, entry: StackEntry, meta: Meta, body: bytes) -> bool:
-        """A stored error only if its function keeps errors; nothing that is stale."""
-        if body[:1] != ERR and not meta.deps:
-            return True
-        try:
-            name, fingerprint, args_bytes = codec.decode(entry[1], path="request payload")
-            gf = await self.functions.load(name, fingerprint, args_bytes, self.threads)
-        except Exception:  # refused or undecodable: running it reports why
-            return False
-        if body[:1] == ERR and not gf.cache_errors:
-            return False
-        for dep, dep_fingerprint in meta.deps:
-            current = calls_mod.lookup(dep)
-            if current is None:
-                try:
-                    current = self.functions.lookup(dep, dep_fingerprint)
-                except (RefusedRequest, Exception):
-                    current = None
-            if current is None or current.fingerprint != dep_fingerprint:
-                self.stale += 1
-                log.info("stored result of %s [%s] is stale (%s has other code now); "
-                         "computing it again", name, entry[0][:12], dep)  # fmt: skip
-                return False
-        return True
+    async def _function_of(self, request_id: str, payload: bytes) -> GridFunction[..., Any]:
+        name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
+        return await self.functions.load(name, fingerprint, args_bytes, self.threads)
+
+    def _current(self, name: str, fingerprint: str) -> GridFunction[..., Any] | None:
+        """A function a stored result waited on, imported (as a request would) if need be."""
+        current = calls_mod.lookup(name)
+        if current is None:
+            try:
+                current = self.functions.lookup(name, fingerprint)
+            except Exception:  # RefusedRequest included: it cannot be checked
+                current = None
+        return current
 
     # -- write-behind ---------------------------------------------------------------
     def computed(
@@ -188,7 +156,7 @@ class DurableTier:
         """Store what is still queued (up to ``timeout``), then let the store go."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.writer.close, timeout)
-        self._lookups.shutdown(wait=False)
+        self.reader.close()
         await loop.run_in_executor(None, self.store.close)
 
     def flush_now(self, timeout: float) -> None:
