@@ -1,9 +1,9 @@
 """pygirder under benchmark: a private Valkey, two worker processes we start, one client.
 
 The workers are plain ``python -m pygirder worker`` processes started here (not by
-``connect()``), so the crash benchmark knows their pids; after it kills one, a
-replacement is started half a second later, as ``pygirder worker --processes N``'s
-supervisor would.
+``connect()``), so the crash benchmark knows their pids; after it kills one, its
+requests are requeued at once and a replacement is started half a second later, as
+``pygirder worker --processes N``'s supervisor does.
 """
 
 from __future__ import annotations
@@ -140,7 +140,16 @@ class PygirderSystem(harness.System):
         return next(p.pid for p in self.workers if p.poll() is None)
 
     def after_kill(self, pid: int) -> None:
-        time.sleep(0.5)  # the supervisor's first restart backoff
+        # What `pygirder worker --processes N` does: reap the child, requeue its requests
+        # at once (not when its heartbeat expires), restart it after its first backoff.
+        next(p for p in self.workers if p.pid == pid).wait()
+        try:
+            from pygirder.grid.recovery import DeadChildRecovery
+        except ImportError:  # older code: the heartbeat TTL is all there is
+            pass
+        else:
+            DeadChildRecovery(self.url, NAMESPACE)(pid)
+        time.sleep(0.5)
         self._spawn_worker()
 
     def blobs(self, salt: str, n: int, size: int, timeout: float) -> list[bytes]:

@@ -97,7 +97,12 @@ def worker(
             argv += ["--main-path", main_path]
         if max_runtime:
             argv += ["--max-runtime", str(max_runtime)]
-        supervisor = Supervisor(child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis})
+        from ..grid.recovery import DeadChildRecovery
+
+        supervisor = Supervisor(
+            child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis},
+            on_death=DeadChildRecovery(redis, namespace),
+        )  # fmt: skip
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     import signal

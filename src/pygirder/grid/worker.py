@@ -44,7 +44,7 @@ from ..calls import Call, GridFunction
 from ..errors import CallLink, CodecError, ConfigError, GridCycleError, RemoteError
 from ..store import scripts
 from ..store.scripts import INLINE_RESULT_LIMIT
-from . import loading
+from . import loading, recovery
 from .context import RequestContext, current_request
 from .cycles import STEP_BUDGET, CycleSearch
 from .runtime import (
@@ -1043,19 +1043,11 @@ class Worker:
             alive = await pipe.execute()
         dead = [w for w, a in zip(ids, alive, strict=True) if not a and w != self.id]
         for worker_id in dead:
-            info = json.loads(workers[worker_id.encode()])
-            requeued, poisoned = await self._requeue_all(worker_id, dead=True)
-            for request_id in poisoned:
-                await self._fail_poison(request_id, worker_id)
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.keys.workers, worker_id)
-                pipe.hdel(self.keys.idle(info.get("pool", self.pool)), worker_id)
-                if info.get("parent"):  # a distributor also stood in for its parent pool
-                    pipe.hdel(self.keys.idle(info["parent"]), worker_id)
-                pipe.hincrby(self.keys.stats, "dead_workers", 1)
-                await pipe.execute()
-            log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",
-                        worker_id, requeued, len(poisoned))  # fmt: skip
+            await recovery.retire_dead_worker(
+                redis, self.runtime.script, self.keys, worker_id,
+                json.loads(workers[worker_id.encode()]),
+                max_attempts=self.runtime.liveness.max_attempts, error_ttl=self.error_ttl,
+            )  # fmt: skip
         return dead
 
     async def _requeue_ids(self, ids: list[str]) -> None:
@@ -1065,38 +1057,15 @@ class Worker:
             await self.runtime.script("requeue", [self.keys.prefix, self.id, 0, 0, *chunk])
 
     async def _requeue_all(self, worker_id: str, *, dead: bool) -> tuple[int, list[str]]:
-        """Hand back everything a worker owns or has in flight, a bounded page per
-        script call (a dead worker's stack may hold 100,000 entries).  Returns how many
-        were requeued and the poison requests the caller must fail."""
-        attempts = self.runtime.liveness.max_attempts if dead else 0
-        requeued, poisoned, left = 0, [], 1
-        while left:
-            reply = await self.runtime.script(
-                "requeue", [self.keys.prefix, worker_id, int(dead), attempts]
-            )
-            requeued, left = requeued + reply[0], reply[1]
-            poisoned += [p.decode() for p in reply[2:]]
-        return requeued, poisoned
+        attempts = self.runtime.liveness.max_attempts
+        return await recovery.requeue_all(
+            self.runtime.script, self.keys, worker_id, dead=dead, max_attempts=attempts
+        )
 
     async def _fail_poison(self, request_id: str, worker_id: str) -> None:
-        assert self.runtime.redis is not None
-        fn = await self.runtime.redis.hget(self.keys.call(request_id), "fn")
-        name = fn.decode() if fn else "?"
-        attempts = self.runtime.liveness.max_attempts
-        error = RemoteError(
-            "pygirder.PoisonRequest",
-            f"{name} was started {attempts} times and its worker died each time (last: "
-            f"{worker_id}); it is failed instead of retried. Look for a crash, an abort or "
-            "memory exhaustion in it; raise PYGIRDER_MAX_ATTEMPTS if workers die for other "
-            "reasons",
-            "",
-            [CallLink(request_id, name)],
-        )
-        await self.runtime.script(
-            "complete",
-            [self.keys.prefix, worker_id, INLINE_RESULT_LIMIT, request_id, encode_error(error),
-             self.error_ttl, time.time(), f"PoisonRequest: killed {attempts} workers"],
-        )  # fmt: skip
+        await recovery.fail_poison(self.runtime.redis, self.runtime.script, self.keys, request_id,
+                                   worker_id, max_attempts=self.runtime.liveness.max_attempts,
+                                   error_ttl=self.error_ttl)  # fmt: skip
 
     # -- shutdown -----------------------------------------------------------------
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
