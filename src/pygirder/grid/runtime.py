@@ -203,10 +203,8 @@ async def connect_redis(
         supported_errors=(redis_errors.ConnectionError,),
     )
     read_timeout = settings.socket_timeout() + block
-    return aioredis.Redis.from_url(
-        url,
+    options: dict[str, Any] = dict(
         decode_responses=False,
-        max_connections=max_connections,
         health_check_interval=30,
         socket_timeout=read_timeout,
         socket_connect_timeout=min(read_timeout, 10.0),
@@ -214,6 +212,15 @@ async def connect_redis(
         retry=retry,
         retry_on_error=[redis_errors.ConnectionError],
     )
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **options)
+    # A bounded pool makes concurrent commands wait for a connection instead of
+    # opening one more (each new one costs HELLO and CLIENT SETINFO on the server, and
+    # a grid of a thousand workers holds every connection they ever opened).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def out_of_memory(url: str, action: str) -> GridOutOfMemory:
@@ -265,8 +272,10 @@ class Runtime:
         process_id: str | None = None,
         cache_size: int = 4096,
         call_graph: bool = True,
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
+        self.max_connections = max_connections  # of the command client (None: as needed)
         self.keys = Keys(namespace)
         self.process_id = process_id or new_process_id("proc")
         self.inbox = self.keys.inbox(self.process_id)
@@ -296,7 +305,7 @@ class Runtime:
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
-        self.redis = await connect_redis(self.url)
+        self.redis = await connect_redis(self.url, max_connections=self.max_connections)
         self._listener_client = await connect_redis(
             self.url, max_connections=1, block=self._inbox_block
         )

@@ -60,6 +60,8 @@ from .runtime import (
 
 log = logging.getLogger("pygirder.worker")
 
+COMMAND_CONNECTIONS = 1  # connections of a worker's command client (see Worker.__init__)
+
 
 class Baton:
     """The right to run Python code for a request.  Resuming requests go first.
@@ -294,7 +296,12 @@ class Worker:
     ) -> None:
         self.id = worker_id or new_process_id("worker")
         self.pool = pool
-        self.runtime = Runtime(url, namespace=namespace, process_id=self.id)
+        # One connection for every command of this process (they wait for it in turn),
+        # one for the blocking take and one for the inbox: a fixed number, so a large
+        # grid neither grows its connections under load nor re-opens them.
+        self.runtime = Runtime(
+            url, namespace=namespace, process_id=self.id, max_connections=COMMAND_CONNECTIONS
+        )
         self.keys = self.runtime.keys
         self.imports = imports
         self.auto_import = auto_import
