@@ -145,7 +145,7 @@ def test_scripts_are_not_resent_after_a_socket_time_out(redis_url):
     """A reply later than the socket time-out fails the command; it is never resent."""
     import asyncio
 
-    from pygirder.grid.runtime import connect_redis
+    from pygirder.grid.connection import connect_redis
 
     async def go() -> tuple[type[BaseException], int]:
         os.environ["PYGIRDER_SOCKET_TIMEOUT"] = "2"

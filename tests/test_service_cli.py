@@ -375,7 +375,7 @@ QUICK_LINES = [
 
 @pytest.mark.parametrize("args", QUICK_LINES)
 def test_quick_path_gives_the_function_what_typer_gives(args, capsys, monkeypatch) -> None:
-    from pygirder.cli.service import run_quickly
+    from pygirder.service import run_quickly
 
     monkeypatch.setenv("QUICK_LABEL", "from-env")
     assert run_quickly(quick_app, ["collect", *args]) == 0
@@ -391,7 +391,7 @@ def test_quick_path_gives_the_function_what_typer_gives(args, capsys, monkeypatc
      ["--n"], ["--fail=1"], ["--log-level", "LOUD"], ["positional"]],
 )  # fmt: skip
 def test_quick_path_leaves_everything_else_to_typer(args) -> None:
-    from pygirder.cli.service import run_quickly
+    from pygirder.service import run_quickly
 
     assert run_quickly(quick_app, ["collect", *args]) is None
     assert run_quickly(quick_app, ["unknown-command"]) is None

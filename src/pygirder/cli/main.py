@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from ..errors import PygirderError
+from ..service import run_quickly
 from .oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
-from .service import ServiceContext, run_quickly, service
+from .service import ServiceContext, service
 
 _app = typer.Typer(
     name="pygirder",
@@ -171,7 +172,7 @@ def server(
     import shutil
     import tempfile
 
-    from ..grid.runtime import redact
+    from ..grid.connection import redact
     from ..server import EmbeddedServer, random_password
 
     own_dir = dir is None
@@ -250,8 +251,8 @@ def gc(
     import redis as redis_lib
 
     from ..errors import ConfigError, GridConnectionError
+    from ..grid.connection import redact
     from ..grid.maintenance import collect_garbage, parse_age
-    from ..grid.runtime import redact
 
     try:
         age = parse_age(older_than)

@@ -454,7 +454,7 @@ def _decode_result(data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
     from ..codec import decode
-    from ..grid.runtime import summarize
+    from ..grid.protocol import summarize
 
     kind = data[:1]
     try:
