@@ -162,11 +162,10 @@ class PygirderSystem(harness.System):
         """Measure what the run left behind, then free it.
 
         Results have no TTL by default (they are the memo), and every process -- the
-        client and each worker -- keeps the last 4096 results it saw whatever their size
-        (``Runtime._cache``).  Left alone, six runs of 200 x 10 MB would hold 12 GB in
-        Valkey, 12 GB in this client and 6 GB in each worker, so after recording how much
-        was retained this deletes the results, empties the client cache and restarts the
-        workers (outside the measured time).
+        client and each worker -- keeps recent results it saw, up to 64 MiB
+        (``PYGIRDER_CACHE_BYTES``).  Left alone, six runs of 200 x 10 MB would hold 12 GB
+        in Valkey, so after recording how much was retained this deletes the results,
+        empties the client cache and restarts the workers (outside the measured time).
         """
         import redis
 
@@ -187,7 +186,7 @@ class PygirderSystem(harness.System):
             client.close()
         runtime = self.g.runtime
         assert runtime is not None
-        runtime._cache.clear()  # private: the harness, not users, needs to do this
+        runtime.forget_cached()
         self.restart_workers()
         return retained
 
