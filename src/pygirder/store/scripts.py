@@ -167,7 +167,9 @@ return out
 
 COMPLETE = """
 -- ARGV: prefix, worker, inline limit, then groups of 5: id, encoded result, ttl seconds
---       (0: none), time the run started, one-line summary of the result or error
+--       (0: none), time the run started, one-line summary of the result or error.
+--       An empty result: the caller stored it under res:<id> itself (a large one,
+--       sent as a plain SET rather than copied through the script's arguments).
 -- Stores each result, pushes a completion message to every waiting inbox, and drops
 -- the request's pending state, all in one step: no waiter can miss it.
 -- Bounded: a worker sends at most 64 results per call, and a request's waiters are
@@ -190,13 +192,15 @@ for i = 4, #ARGV, 5 do
     redis.call('HSET', c, 'state', state, 'worker', worker, 'started', ARGV[i + 3],
                'finished', t, 'summary', ARGV[i + 4])
   end
-  if ttl > 0 then
+  if result == '' then
+    result = false
+  elseif ttl > 0 then
     redis.call('SET', p .. 'res:' .. id, result, 'EX', ttl)
   else
     redis.call('SET', p .. 'res:' .. id, result)
   end
   local msg
-  if #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
+  if result and #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
   local wt = p .. 'wt:' .. id
   for _, box in ipairs(redis.call('SMEMBERS', wt)) do
     redis.call('LPUSH', box, msg)

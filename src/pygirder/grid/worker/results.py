@@ -16,7 +16,7 @@ from redis import exceptions as redis_errors
 from ... import settings
 from ...errors import CallLink, RemoteError
 from ...store.scripts import INLINE_RESULT_LIMIT
-from ..protocol import encode_error
+from ..protocol import ERR, encode_error
 from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
@@ -24,6 +24,9 @@ log = logging.getLogger("pygirder.worker")
 # A completion is five flattened fields, the arguments of the `complete` script:
 # request id, envelope, ttl, time the run started, summary.
 FIELDS = 5
+# Results larger than this go to the server as a SET of their own, not as an argument
+# of the `complete` script.
+OUTSIDE_BYTES = 64 * 1024
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -147,13 +150,29 @@ class Results:
                 self._pending.extend(small)
                 await asyncio.sleep(1.0)
 
+    async def _store_outside(self, batch: list[Any]) -> list[Any]:
+        """Store the large results of ``batch`` with plain SETs; the batch for the
+        script, with those results left empty.  Copied through a script's arguments a
+        value is copied twice more inside the server, and a crash between the SET and
+        the script only leaves a result that a re-run writes again."""
+        out = list(batch)
+        assert self.runtime.redis is not None
+        for i in range(0, len(batch), FIELDS):
+            request_id, envelope, ttl = batch[i : i + 3]
+            if len(envelope) > OUTSIDE_BYTES and envelope[:1] != ERR:
+                key = self.runtime.keys.result(request_id)
+                await self.runtime.redis.set(key, envelope, ex=int(ttl) or None)
+                out[i + 1] = b""
+        return out
+
     async def _complete(self, batch: list[Any], *, retries: int) -> None:
         delay = 0.05
         for attempt in range(retries):
             try:
+                args = await self._store_outside(batch)
                 await self.runtime.script(
                     "complete",
-                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *batch],
+                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *args],
                 )
                 break
             except Exception as exc:
