@@ -186,7 +186,11 @@ class PygirderSystem(harness.System):
             client.close()
         runtime = self.g.runtime
         assert runtime is not None
-        runtime.forget_cached()
+        forget = getattr(runtime, "forget_cached", None)
+        if forget is None:  # older code, without a public way
+            runtime._cache.clear()
+        else:
+            forget()
         self.restart_workers()
         return retained
 
