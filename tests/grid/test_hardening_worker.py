@@ -23,7 +23,7 @@ from pygirder.grid.worker import Threads, Worker, WorkerOptions
 from pygirder.server import EmbeddedServer
 from pygirder.store.keys import Keys
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 
 
 @pytest.fixture(autouse=True)
