@@ -4,15 +4,11 @@ SETINFO, and a fleet of a thousand workers would hold every one it ever opened).
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import psutil
 
-TESTS = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, TESTS)  # the grid functions the workers import live there
-import gridfuncs as gf  # noqa: E402
+import gridfuncs as gf
 
 
 def _server_sockets(pid: int, port: int) -> set[tuple[str, int]]:

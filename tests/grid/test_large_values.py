@@ -3,17 +3,12 @@ arguments of the completion script; small ones still ride inside it."""
 
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import redis
 
+import gridfuncs as gf
 from pygirder.store.keys import Keys
-
-TESTS = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, TESTS)  # the grid functions the workers import live there
-import gridfuncs as gf  # noqa: E402
 
 
 def _monitor(url: str, events: list[dict], ready: threading.Event, stop: threading.Event) -> None:

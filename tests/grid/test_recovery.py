@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
+import gridfuncs as gf
 import pygirder
 
 TESTS = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, TESTS)  # the grid functions the workers import live there
-import gridfuncs as gf  # noqa: E402
 
 LONG_TTL = "300"
 
