@@ -219,6 +219,13 @@ class Resp:
         self.writer.close()
 
 
+class _Capture:
+    """A script runner that runs nothing: it returns what it would send."""
+
+    def run_script(self, script: Any, keys: list[Any], args: list[Any]) -> tuple[Any, ...]:
+        return script, keys, args
+
+
 class SimulatedWorker:
     """The command mix of an idle pygirder worker, on its three connections."""
 
@@ -244,10 +251,12 @@ class SimulatedWorker:
 
     async def _take_loop(self, cmd: Resp, block: Resp, stop: asyncio.Event) -> None:
         k = self.keys
+        # the worker's TAKE, with the keys and arguments the grid's own helper gives it
+        script, keys, args = scripts.take(_Capture(), k, pool=SIM_POOL, worker=self.id, max=16)
         await asyncio.sleep(random.random())
         while not stop.is_set():
             started = time.perf_counter()
-            await cmd.call("EVALSHA", self.shas["take"], 0, k.prefix, SIM_POOL, self.id, 16)
+            await cmd.call("EVALSHA", script.sha, len(keys), *keys, *args)
             self.take_latencies.append(time.perf_counter() - started)
             await block.call("BLMOVE", k.queue(SIM_POOL), k.inflight(self.id), "RIGHT", "LEFT", 1)
 
@@ -314,7 +323,7 @@ def fleet(url: str, sizes: list[int], seconds: float) -> list[dict[str, Any]]:
     parts = urlsplit(url)
     addr = (parts.hostname or "127.0.0.1", parts.port or 6379, parts.password)
     admin = redis.Redis.from_url(url)
-    shas = {s.name: admin.script_load(s.source) for s in scripts.ALL}
+    shas = {s.name: admin.script_load(s.source) for s in scripts.ALL}  # loaded up front
     procs = [spawn_worker(url) for _ in range(2)]
     grid = pygirder.connect(url, workers=0, namespace=NAMESPACE)
     rows = []

@@ -10,15 +10,18 @@ import redis
 import gridfuncs as gf
 from pygirder.store.keys import Keys
 
+END = "end-of-the-test"
 
-def _monitor(url: str, events: list[dict], ready: threading.Event, stop: threading.Event) -> None:
+
+def _monitor(url: str, events: list[dict], ready: threading.Event) -> None:
+    """Every command the server runs, until someone sends ``ECHO end-of-the-test``."""
     client = redis.Redis.from_url(url)
     with client.monitor() as mon:
         ready.set()
         for event in mon.listen():
-            events.append(event)
-            if stop.is_set():
+            if END in event["command"]:
                 break
+            events.append(event)
     client.close()
 
 
@@ -26,17 +29,16 @@ def test_large_results_are_stored_outside_the_script(grid_factory, valkey_server
     grid = grid_factory(workers=1)
     big, small = gf.big_bytes(300_000), gf.big_bytes(1000)
     events: list[dict] = []
-    ready, stop = threading.Event(), threading.Event()
-    watcher = threading.Thread(target=_monitor, args=(valkey_server.url, events, ready, stop))
+    ready = threading.Event()
+    watcher = threading.Thread(target=_monitor, args=(valkey_server.url, events, ready))
     watcher.start()
     ready.wait(10)
     try:
         assert grid.run(big) == b"x" * 300_000
         assert grid.run(small) == b"x" * 1000
     finally:
-        stop.set()
-        redis.Redis.from_url(valkey_server.url).ping()  # one more event ends the listen
-        watcher.join(10)
+        redis.Redis.from_url(valkey_server.url).echo(END)
+        watcher.join(30)
     keys = Keys(grid.namespace)
     words = [(e["command"].split(" ", 2), e["client_type"]) for e in events]
     sets = {w[1]: kind for w, kind in words if w[0].upper() == "SET" and len(w) > 1}

@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
@@ -71,7 +70,6 @@ class Runtime:
         # what is needed to submit a waited-for request again after a server restart
         self._resubmit: dict[str, tuple[bytes, str, str]] = {}
         self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._scripts: dict[str, Any] = {}
         self._beat: asyncio.Task[None] | None = None
         self._server_run_id: str | None = None
         self.liveness = settings.liveness()
@@ -98,13 +96,11 @@ class Runtime:
         self._beat = asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat")
 
     async def connect(self, reconnect_timeout: float | None = None) -> None:
-        """Open the command client and register the scripts: enough to run scripts,
-        with no heartbeat, inbox or listener (``start`` adds those)."""
+        """Open the command client: enough to run scripts, with no heartbeat, inbox
+        or listener (``start`` adds those)."""
         self.redis = await connect_redis(
             self.url, max_connections=self.max_connections, reconnect_timeout=reconnect_timeout
         )
-        for script in scripts.ALL:
-            self._scripts[script.name] = self.redis.register_script(script.source)
 
     async def _run_id(self) -> str | None:
         """The server's run id: it changes when the server restarts."""
@@ -159,8 +155,8 @@ class Runtime:
         for pid in (p for p, a in zip(procs, alive, strict=True) if not a):
             withdrawn = dropped = 0
             while budget > 0:
-                handled, gone, left = await self.script(
-                    "withdraw", [self.keys.prefix, pid, min(budget, 256)]
+                handled, gone, left = await scripts.withdraw(
+                    self, self.keys, process=pid, max=min(budget, 256)
                 )
                 budget -= max(1, handled)
                 withdrawn, dropped = withdrawn + handled, dropped + gone
@@ -204,20 +200,24 @@ class Runtime:
         ids = [i for i in self._waiting if i in self._resubmit]
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
-            items: list[Any] = []
             self._records_waits = True  # submitted without an owner: recorded
+            items = []
             for request_id in batch:
                 payload, pool, name = self._resubmit[request_id]
-                items += [request_id, payload, pool, "q", name, ""]
-            replies = await self.script("submit", self._submit_args("", "", items))
+                items.append(scripts.Submission(request_id, payload, pool, False, name, ""))
+            replies = await self._submit(items, owner="", parent="")
             for request_id, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, bytes):
                     self.resolve(request_id, reply)
 
-    def _submit_args(self, owner: str, parent: str, items: list[Any]) -> list[Any]:
-        # msgpack "raw" (no bin type): the server's Lua cmsgpack reads it as strings
-        blob = msgpack.packb(items, use_bin_type=False)
-        return [self.keys.prefix, self.inbox, owner, parent, self.graph_ttl, blob]
+    async def _submit(
+        self, items: Sequence[scripts.Submission], *, owner: str, parent: str
+    ) -> list[Any]:
+        reply: list[Any] = await scripts.submit(
+            self, self.keys, items, process=self.process_id, owner=owner, parent=parent,
+            graph_ttl=self.graph_ttl,
+        )  # fmt: skip
+        return reply
 
     async def cancel(self, request_ids: Sequence[str]) -> list[str]:
         """Stop waiting for these requests; those nobody else waits for and that have not
@@ -233,7 +233,7 @@ class Runtime:
         # in chunks: one script call per chunk keeps the server free for everyone else
         for start in range(0, len(request_ids), scripts.CANCEL_CHUNK):
             chunk = request_ids[start : start + scripts.CANCEL_CHUNK]
-            reply = await self.script("cancel", [self.keys.prefix, self.inbox, *chunk])
+            reply = await scripts.cancel(self, self.keys, chunk, process=self.process_id)
             dropped += [d.decode() for d in reply]
         return dropped
 
@@ -271,13 +271,18 @@ class Runtime:
                     except Exception as exc:  # closing what is left is the loop's job
                         log.debug("closing a server connection failed: %s", exc)
 
-    async def script(self, name: str, args: Sequence[Any]) -> Any:
+    async def run_script(
+        self, script: scripts.Script, keys: list[str | bytes], args: list[scripts.Arg]
+    ) -> Any:
+        """Run one server-side script (the functions of ``store.scripts`` call this):
+        counted in ``round_trips``, and an out-of-memory refusal explained."""
+        assert self.redis is not None
         self.round_trips += 1
         try:
-            return await self._scripts[name](keys=[], args=list(args))
+            return await script.run(self.redis, keys, args)
         except redis_errors.ResponseError as exc:
             if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
-                raise out_of_memory(self.url, name) from None
+                raise out_of_memory(self.url, script.name) from None
             raise
 
     # -- results -------------------------------------------------------------
@@ -432,7 +437,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
-        items: list[Any] = []
+        items: list[scripts.Submission] = []
         for call in calls:
             request_id = call.id
             fut = self._waiting.get(request_id)
@@ -444,12 +449,13 @@ class Runtime:
                 else:
                     self._waiting[request_id] = fut
                     pool = call.pool or local_pool
-                    mode = "l" if owner and pool == local_pool else "q"
+                    local = bool(owner) and pool == local_pool
                     payload = call.payload()
                     self._resubmit[request_id] = (payload, pool, call.function.name)
                     summary = call_summary(call) if self.graph_ttl else ""
-                    items += [request_id, payload, pool, mode, call.function.name, summary]
-                    sent.append((request_id, payload, mode))
+                    items.append(scripts.Submission(request_id, payload, pool, local,
+                                                    call.function.name, summary))  # fmt: skip
+                    sent.append((request_id, payload, "l" if local else "q"))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []
         shared: list[str] = []
@@ -461,8 +467,8 @@ class Runtime:
         for start in range(0, len(sent), step):
             chunk = sent[start : start + step]
             try:
-                batch = items[6 * start : 6 * (start + step)]
-                replies = await self.script("submit", self._submit_args(owner, parent, batch))
+                replies = await self._submit(items[start : start + step], owner=owner,
+                                             parent=parent)  # fmt: skip
             except BaseException as exc:
                 # the caller gets the error and waits for none of these: fail every
                 # future of this submission, and take back what earlier chunks put on
@@ -498,7 +504,7 @@ class Runtime:
         try:
             for start in range(0, len(local), scripts.REQUEUE_PAGE):
                 chunk = local[start : start + scripts.REQUEUE_PAGE]
-                await self.script("requeue", [self.keys.prefix, owner, 0, 0, *chunk])
+                await scripts.requeue(self, self.keys, chunk, worker=owner)
             await self.cancel([request_id for request_id, _, _ in sent])
         except Exception as exc:  # the grid keeps them; they just run
             log.warning("could not take back %d submitted calls: %s", len(sent), exc)

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from redis import exceptions as redis_errors
 
 from ... import settings
 from ...errors import CallLink, RemoteError
-from ...store.scripts import INLINE_RESULT_LIMIT
+from ...store import scripts
+from ...store.scripts import Completion
 from ..protocol import ERR, encode_error
 from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
-# A completion is five flattened fields, the arguments of the `complete` script:
-# request id, envelope, ttl, time the run started, summary.
-FIELDS = 5
+# Results per `complete` call: one call stays short however many finished at once.
+BATCH = 64
 # Results larger than this go to the server as a SET of their own, not as an argument
 # of the `complete` script.
 OUTSIDE_BYTES = 64 * 1024
@@ -44,7 +43,7 @@ class Results:
         self.worker_id = worker_id
         self.error_ttl = error_ttl
         self.retries = settings.store_retries()
-        self._pending: list[Any] = []  # flattened (id, envelope, ttl, started, summary)
+        self._pending: list[Completion] = []
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
@@ -54,7 +53,7 @@ class Results:
     ) -> None:
         """Queue a result; a send starts at once unless one is in flight."""
         self._names[request_id] = name
-        self._pending.extend((request_id, envelope, ttl, started, summary))
+        self._pending.append(Completion(request_id, envelope, ttl, started, summary))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.flush())
 
@@ -70,11 +69,11 @@ class Results:
         are rare each still goes out at once.
         """
         while self._pending:
-            batch = self._pending[: FIELDS * 64]
-            del self._pending[: FIELDS * 64]
+            batch = self._pending[:BATCH]
+            del self._pending[:BATCH]
             await self._store(batch)
 
-    async def _store(self, batch: list[Any]) -> None:
+    async def _store(self, batch: list[Completion]) -> None:
         """Store a batch of results so that none is dropped.
 
         A failing batch is retried with backoff (a BUSY server, a lost connection), then
@@ -93,13 +92,13 @@ class Results:
         # timeout can also come from the batch itself, such as a huge result).
         if _transient(error) and self._transient_rounds < 10:
             self._transient_rounds += 1
-            log.error("could not store %d results (%s); retrying", len(batch) // FIELDS, error)
+            log.error("could not store %d results (%s); retrying", len(batch), error)
             self._pending[0:0] = batch
             await asyncio.sleep(1.0)
             return
         self._transient_rounds = 0
-        if len(batch) > FIELDS:
-            half = (len(batch) // (2 * FIELDS)) * FIELDS
+        if len(batch) > 1:
+            half = len(batch) // 2
             for part in (batch[:half], batch[half:]):
                 try:
                     await self._complete(part, retries=1)
@@ -108,18 +107,18 @@ class Results:
             return
         await self._store_each(batch, error)
 
-    async def _store_each(self, batch: list[Any], error: Exception | None = None) -> None:
-        for i in range(0, len(batch), FIELDS):
-            request_id, envelope, _ttl, started, _summary = batch[i : i + FIELDS]
+    async def _store_each(self, batch: list[Completion], error: Exception | None = None) -> None:
+        for i, done in enumerate(batch):
+            request_id, envelope, started = done.id, done.result, done.started
             if error is None or i > 0:
                 try:
-                    await self._complete(batch[i : i + FIELDS], retries=1)
+                    await self._complete([done], retries=1)
                     continue
                 except Exception as exc:
                     error = exc
             if _transient(error) and self._transient_rounds < 10:
                 self._transient_rounds += 1
-                self._pending.extend(batch[i : i + FIELDS])
+                self._pending.append(done)
                 continue
             name = self._names.get(request_id, "?")
             log.error("could not store the result of %s (%s, %d bytes): %s",
@@ -132,55 +131,52 @@ class Results:
                 "",
                 [CallLink(request_id, name)],
             )
-            small = [request_id, encode_error(failure), self.error_ttl, started,
-                     f"ResultNotStored: {error}"[:200]]  # fmt: skip
+            small = Completion(request_id, encode_error(failure), self.error_ttl, started,
+                               f"ResultNotStored: {error}"[:200])  # fmt: skip
             try:
-                await self._complete(small, retries=self.retries)
+                await self._complete([small], retries=self.retries)
                 continue
             except Exception as exc:
                 log.error("could not store an error for %s either (%s): handing it back",
                           request_id, exc)  # fmt: skip
             try:
-                await self.runtime.script(
-                    "requeue", [self.runtime.keys.prefix, self.worker_id, 0, 0, request_id]
+                await scripts.requeue(
+                    self.runtime, self.runtime.keys, [request_id], worker=self.worker_id
                 )
                 self._names.pop(request_id, None)
             except Exception as exc:  # server unreachable: keep it, try again later
                 log.error("could not hand back %s (%s); retrying", request_id, exc)
-                self._pending.extend(small)
+                self._pending.append(small)
                 await asyncio.sleep(1.0)
 
-    async def _store_outside(self, batch: list[Any]) -> list[Any]:
+    async def _store_outside(self, batch: list[Completion]) -> list[Completion]:
         """Store the large results of ``batch`` with plain SETs; the batch for the
         script, with those results left empty.  Copied through a script's arguments a
         value is copied twice more inside the server, and a crash between the SET and
         the script only leaves a result that a re-run writes again."""
-        out = list(batch)
+        out = []
         assert self.runtime.redis is not None
-        for i in range(0, len(batch), FIELDS):
-            request_id, envelope, ttl = batch[i : i + 3]
-            if len(envelope) > OUTSIDE_BYTES and envelope[:1] != ERR:
-                key = self.runtime.keys.result(request_id)
-                await self.runtime.redis.set(key, envelope, ex=int(ttl) or None)
-                out[i + 1] = b""
+        for done in batch:
+            if len(done.result) > OUTSIDE_BYTES and done.result[:1] != ERR:
+                key = self.runtime.keys.result(done.id)
+                await self.runtime.redis.set(key, done.result, ex=int(done.ttl) or None)
+                done = done._replace(result=b"")
+            out.append(done)
         return out
 
-    async def _complete(self, batch: list[Any], *, retries: int) -> None:
+    async def _complete(self, batch: list[Completion], *, retries: int) -> None:
         delay = 0.05
         for attempt in range(retries):
             try:
-                args = await self._store_outside(batch)
-                await self.runtime.script(
-                    "complete",
-                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *args],
-                )
+                sent = await self._store_outside(batch)
+                await scripts.complete(self.runtime, self.runtime.keys, sent, worker=self.worker_id)
                 break
             except Exception as exc:
                 if attempt + 1 >= retries:
                     raise
                 log.warning("storing %d results failed (%s); retrying in %.2fs",
-                            len(batch) // FIELDS, exc, delay)  # fmt: skip
+                            len(batch), exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 4)
-        for i in range(0, len(batch), FIELDS):
-            self._names.pop(batch[i], None)
+        for done in batch:
+            self._names.pop(done.id, None)
