@@ -25,6 +25,7 @@ EXAMPLE_TIMEOUT_S = 120
 def run_as_script(example: Example) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYGIRDER_")}
     with tempfile.TemporaryDirectory(prefix="pygirder-doc-") as tmp:
+        env["PYGIRDER_STORE"] = str(Path(tmp, "results"))  # the default, out of ~/.cache
         script = Path(tmp, f"{Path(example.path).stem}_line{example.line}.py")
         script.write_text(str(example.parsed))
         out = subprocess.run(

@@ -386,10 +386,12 @@ def log_dir(system: str) -> str:
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for worker processes: ``bench/`` importable, nothing else changed."""
+    """Environment for worker processes: ``bench/`` importable and the durable result
+    store off (a run must not be answered from an earlier one), nothing else changed."""
     env = dict(os.environ)
     paths = [BENCH_DIR, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYGIRDER_STORE"] = "off"  # runs compare the grid alone; bench/durable.py the store
     env.update(extra or {})
     return env
 

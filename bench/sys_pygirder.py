@@ -33,7 +33,8 @@ class PygirderSystem(harness.System):
     # Commands pygirder's processes send themselves (scripts' own commands excluded).
     round_trip_commands = frozenset({"evalsha", "eval", "fcall", "blmove", "blmpop", "mget"})
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+        self.extra_env = dict(extra_env or {})  # for the workers (bench/durable.py: a store)
         self.server: EmbeddedServer | None = None
         self.url = ""
         self.grid: pygirder.Grid | None = None
@@ -56,7 +57,7 @@ class PygirderSystem(harness.System):
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=harness.bench_env(),
+                env=harness.bench_env(self.extra_env),
             )  # fmt: skip
         finally:
             log.close()

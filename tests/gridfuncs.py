@@ -287,3 +287,11 @@ def noisy(i: int) -> int:
     logging.getLogger("gridfuncs").warning("hello from call %d", i)
     time.sleep(0.1)
     return i
+
+
+@pygirder.fn
+def sized(i: int, size: int, pause: float, log: str) -> bytes:
+    """A result of ``size`` bytes after ``pause`` seconds (the durable store's memory test)."""
+    record(log, f"sized:{i}")
+    time.sleep(pause)
+    return bytes([i % 256]) * size

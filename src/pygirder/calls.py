@@ -106,6 +106,7 @@ class GridFunction(Generic[P, R]):
         pool: str | None = None,
         timeout: float | None = None,
         max_runtime: float | None = None,
+        cache_errors: bool = False,
     ) -> None:
         _check_definable(func)
         if max_runtime is not None and not (
@@ -133,6 +134,8 @@ class GridFunction(Generic[P, R]):
         self.pool = pool
         self.timeout = timeout
         self.max_runtime = max_runtime  # not part of the id: a limit does not change results
+        # errors are kept in the durable store only when asked: most are transient
+        self.cache_errors = bool(cache_errors)
         functools.update_wrapper(self, func)
         existing = _REGISTRY.get(self.name)
         if existing is not None and existing.fingerprint != self.fingerprint:
@@ -200,6 +203,7 @@ def fn(
     pool: str | None = None,
     timeout: float | None = None,
     max_runtime: float | None = None,
+    cache_errors: bool = False,
 ) -> Callable[[Callable[P, R]], GridFunction[P, R]]: ...
 def fn(
     func: Callable[P, R] | None = None,
@@ -209,6 +213,7 @@ def fn(
     pool: str | None = None,
     timeout: float | None = None,
     max_runtime: float | None = None,
+    cache_errors: bool = False,
 ) -> Any:
     """Make a pure function a grid function: ``@pygirder.fn`` or ``@pygirder.fn(version="2")``.
 
@@ -221,14 +226,18 @@ def fn(
     (``PYGIRDER_MAX_RUNTIME``).  A call over it fails with ``pygirder.MaxRuntimeExceeded``
     and is not retried; Python cannot stop a running thread, so the worker process
     running it hands back its other calls and restarts.  It does not change request ids.
+
+    ``cache_errors=True`` keeps the function's errors in the durable result store too,
+    so a rerun raises them again without computing; by default only results outlive the
+    grid (an error may come from a passing condition: a full disk, a killed worker).
     """
     if func is not None:
         return GridFunction(func, version=version, pool=pool, timeout=timeout,
-                            max_runtime=max_runtime)  # fmt: skip
+                            max_runtime=max_runtime, cache_errors=cache_errors)  # fmt: skip
 
     def decorate(f: Callable[P, R]) -> GridFunction[P, R]:
         return GridFunction(f, version=version, pool=pool, timeout=timeout,
-                            max_runtime=max_runtime)  # fmt: skip
+                            max_runtime=max_runtime, cache_errors=cache_errors)  # fmt: skip
 
     return decorate
 

@@ -53,6 +53,7 @@ __all__ = [
     "MAX_EMPTY_ITEMS",
     "MAX_HASH_COLLISIONS",
     "MAX_NDIM",
+    "VERSION",
     "Codec",
     "MsgpackCodec",
     "PickleCodec",
@@ -60,6 +61,11 @@ __all__ = [
     "encode",
     "register",
 ]
+
+#: Version of the wire format (extension types, envelopes).  Results kept in the
+#: durable store record it; bump it with any change that makes old bytes decode
+#: differently, so stored results of the old format are recomputed, never misread.
+VERSION = 1
 
 #: Size limits in bytes of one encoded value.  Redis strings hold at most 512 MB.
 DEFAULT_LIMITS: dict[str, int] = {

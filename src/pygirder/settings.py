@@ -126,3 +126,38 @@ def thread_idle_s() -> float:
 def store_retries() -> int:
     """Attempts to store a batch of results before it is split (``PYGIRDER_STORE_RETRIES``)."""
     return int(_env_float("PYGIRDER_STORE_RETRIES", 4, minimum=1))
+
+
+def store_max_bytes() -> int:
+    """Size cap of a local result store (``PYGIRDER_STORE_MAX_BYTES``: bytes or a size
+    such as ``5gb``; 0: no cap).  Past it the least recently used results are pruned."""
+    from .results.local import DEFAULT_MAX_BYTES
+
+    raw = os.environ.get("PYGIRDER_STORE_MAX_BYTES", "")
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    from .server import parse_memory
+
+    try:
+        return parse_memory(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"PYGIRDER_STORE_MAX_BYTES: {exc}") from None
+
+
+def store_spec() -> str:
+    """Where results are kept durably (``PYGIRDER_STORE``: a folder, ``s3://bucket/prefix``
+    or ``off``); empty means the default, a folder in the user's cache folder."""
+    return os.environ.get("PYGIRDER_STORE", "")
+
+
+def hot_result_ttl() -> int:
+    """Seconds Valkey keeps a result once the durable store has it (``PYGIRDER_HOT_TTL``;
+    0: for ever).  Later calls are answered from the store, so Valkey holds the recent
+    results only and its memory stays bounded however many results a grid computes."""
+    return int(_env_float("PYGIRDER_HOT_TTL", 3600, minimum=0))
+
+
+def store_flush_s() -> float:
+    """Seconds a stopping worker waits for its last results to reach the durable store
+    (``PYGIRDER_STORE_FLUSH_S``); what is left after that is only in Valkey."""
+    return _env_float("PYGIRDER_STORE_FLUSH_S", 20.0, minimum=0.0)

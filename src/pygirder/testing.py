@@ -99,7 +99,8 @@ def aws(moto_server: MotoEndpoint, monkeypatch: pytest.MonkeyPatch) -> MotoEndpo
 @pytest.fixture
 def grid_factory(valkey_server: EmbeddedServer) -> Iterator[Any]:
     """Factory for grids on the session Valkey, each in its own namespace with its own
-    local worker processes; all are closed at the end of the test.
+    local worker processes (the durable result store off unless ``store=`` is given);
+    all are closed at the end of the test.
 
     ``grid = grid_factory(workers=2)``
     """
@@ -111,6 +112,7 @@ def grid_factory(valkey_server: EmbeddedServer) -> Iterator[Any]:
 
     def make(*, workers: int = 2, namespace: str | None = None, **options: Any) -> Grid:
         ns = namespace or f"test-{uuid.uuid4().hex[:10]}"
+        options.setdefault("store", None)  # each test starts from an empty memo
         grid = connect(valkey_server.url, workers=workers, namespace=ns, **options)
         grids.append(grid)
         return grid

@@ -129,7 +129,7 @@ def test_a_custom_bucket_name_is_added_to_the_policy() -> None:
     assert "arn:aws:s3:::team-artifacts/*" in statements["Artifacts"]["Resource"]
 
 
-def test_the_instance_role_can_do_exactly_three_things() -> None:
+def test_the_instance_role_can_do_exactly_four_things() -> None:
     policy = instance_role_policy(
         name="t",
         region="eu-west-1",
@@ -145,6 +145,10 @@ def test_the_instance_role_can_do_exactly_three_things() -> None:
     }
     assert allowed == {
         ("s3:GetObject", '"arn:aws:s3:::b/artifacts/*"'),
+        *{
+            (a, '"arn:aws:s3:::b/results/*"')
+            for a in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject")
+        },
         ("s3:ListBucket", '"arn:aws:s3:::b"'),
         ("sns:Publish", '"arn:aws:sns:eu-west-1:123456789012:pygirder-t-status"'),
         *{
@@ -157,7 +161,7 @@ def test_the_instance_role_can_do_exactly_three_things() -> None:
         },
     }
     listing = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucket")
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["artifacts/*"]}}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["artifacts/*", "results/*"]}}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 

@@ -75,6 +75,14 @@ def worker(
             "@fn(max_runtime=...) overrides it.",
         ),
     ] = 0.0,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="PYGIRDER_STORE",
+            help="Durable result store: a folder, s3://bucket/prefix, or off (default: the "
+            "user cache folder). Calls it holds are answered without running.",
+        ),
+    ] = "",
 ) -> dict:
     """Serve a pool: run grid calls from its queue (one process per core with 'auto')."""
     from ..grid.supervisor import Supervisor, child_command, parse_processes
@@ -100,10 +108,12 @@ def worker(
             argv += ["--max-runtime", str(max_runtime)]
         from ..grid.recovery import DeadChildRecovery
 
+        env = {**os.environ, "PYGIRDER_REDIS": redis}
+        if store:
+            env["PYGIRDER_STORE"] = store
         supervisor = Supervisor(
-            child_command(argv), n, env={**os.environ, "PYGIRDER_REDIS": redis},
-            on_death=DeadChildRecovery(redis, namespace),
-        )  # fmt: skip
+            child_command(argv), n, env=env, on_death=DeadChildRecovery(redis, namespace)
+        )
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     import signal
@@ -117,7 +127,7 @@ def worker(
         redis, pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allowed,
         main_path=main_path, result_ttl=result_ttl, log_level=ctx.log_level,
-        max_runtime=max_runtime,
+        max_runtime=max_runtime, store=store,
     )  # fmt: skip
     return stats
 
@@ -356,7 +366,7 @@ def demo(
 # Commands that live in their own modules, mounted only when the command line names
 # one of them (or asks for help): `pygirder worker` then starts without importing the
 # cloud code, pydantic or rich, which would double its start-up time.
-_LAZY_COMMANDS = ("status", "inspect", "logs", "dashboard", "cloud")
+_LAZY_COMMANDS = ("status", "inspect", "logs", "dashboard", "cache", "cloud")
 _mounted = False
 
 
@@ -374,6 +384,9 @@ def _mount_all() -> typer.Typer:
     _app.command("inspect")(inspect_command)
     _app.command("logs")(logs_command)
     _app.command("dashboard")(dashboard_command)
+    from .cache import app as cache_app
+
+    _app.add_typer(cache_app, name="cache")
     from ..cloud.cli import app as cloud_app
 
     _app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from ..errors import ConfigError
+from .errors import CloudConfigError
 from .tags import RESERVED_PREFIXES
 
 CONFIG_ENV = "PYGIRDER_CONFIG"
@@ -30,6 +30,9 @@ _REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
 _ZONE_SUFFIX_RE = re.compile(r"^(?:[a-z]|(?:-[a-z0-9]+)+[a-z]?)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Where fleets keep their durable results in the bucket (the instance role may write
+# there and nowhere else; a lifecycle rule expires them after result_retention_days).
+RESULT_PREFIX = "results/"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9!_.*'()-]+(?:/[A-Za-z0-9!_.*'()-]+)*/$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -41,17 +44,6 @@ PYGIRDER_KEY = Path("~/.pygirder/keys/pygirder-ed25519")
 # ssh_from may be at most this wide (a /16: 65,536 addresses) unless
 # allow_ssh_from_anywhere is set.
 WIDEST_SSH_PREFIX = 16
-
-
-class CloudConfigError(ConfigError):
-    """``[cloud]`` in pygirder.toml is missing or invalid.
-
-    ``problems`` holds one ``(key, value, what is allowed)`` triple per invalid key.
-    """
-
-    def __init__(self, message: str, *, problems: list[tuple[str, Any, str]] | None = None):
-        super().__init__(message)
-        self.problems = problems or []
 
 
 class CloudConfig(BaseModel):
@@ -91,6 +83,8 @@ class CloudConfig(BaseModel):
     """Artifact bucket; ``None`` means ``pygirder-<name>-<account id>-<region>``."""
     artifact_prefix: str = "artifacts/"
     artifact_retention_days: int = Field(default=30, ge=1, le=3650)
+    result_retention_days: int = Field(default=30, ge=1, le=3650)
+    """Days the fleet's durable results (``results/`` in the bucket) are kept."""
 
     alarm_thresholds_usd: tuple[float, ...] = (1.0, 10.0, 100.0)
     budget_usd: float = Field(default=25.0, gt=0, le=1_000_000)
@@ -199,6 +193,8 @@ class CloudConfig(BaseModel):
             raise ValueError(
                 "must be a relative S3 key prefix ending with '/', such as 'artifacts/'"
             )
+        if value.startswith(RESULT_PREFIX) or RESULT_PREFIX.startswith(value):
+            raise ValueError(f"must not overlap {RESULT_PREFIX!r}, where fleets keep results")
         return value
 
     @field_validator("alarm_thresholds_usd", mode="before")
@@ -449,6 +445,7 @@ public_key_file = "~/.ssh/id_ed25519.pub"
 # bucket = "my-bucket-name"
 artifact_prefix = "artifacts/"
 artifact_retention_days = 30    # older artifacts are deleted by a lifecycle rule
+result_retention_days = 30      # fleets' durable results (results/) expire after this
 
 # Billing.  CloudWatch alarms on the account's estimated charges (USD) and a monthly
 # budget with actual and forecast alerts.  Alerts go to this address when set.

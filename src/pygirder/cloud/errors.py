@@ -14,23 +14,29 @@
           └── FleetError            a fleet command cannot do what was asked
                ├── NoFleetError       no fleet (or no single fleet) matches
                └── FleetNotReadyError fewer instances became ready than required
+     ├── ArtifactError              an artifact cannot be built, pushed, fetched or installed
+     │    └── ArtifactIntegrityError  a fetched artifact's SHA-256 is not the pushed one
+     ├── AgentError                 the instance agent cannot do its job (on the instance)
+     ├── SimulatorError             the local data plane cannot do what was asked
+     │    └── SimulatorTimeout      a wait for a simulated instance ran out (a TimeoutError)
+     └── RehearsalError             a rehearsal step failed: .report holds the timeline
+    ConfigError (core)
+     └── CloudConfigError           ``[cloud]`` in pygirder.toml is missing or invalid
 
-Errors that are not about AWS calls live next to their concept and derive from
-:class:`~pygirder.errors.PygirderError` directly: ``CloudConfigError`` (a
-``ConfigError``, in :mod:`.config`), ``ArtifactError`` (:mod:`.artifacts`),
-``AgentError`` (on the instance), ``RehearsalError`` and ``SimulatorError`` (the
-simulator).  This module imports nothing but the core's errors, so every part of
-the cloud (the instance code too) can raise and catch these.
+The modules that raise them re-export them (``pygirder.cloud.config.CloudConfigError``
+and so on).  This module imports nothing but the core's errors, so every part of the
+cloud (the instance code too) can raise and catch these.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PygirderError
+from ..errors import ConfigError, PygirderError
 
 if TYPE_CHECKING:
     from .account.model import Item
+    from .sim.rehearse import RehearsalReport
 
 
 class CloudError(PygirderError):
@@ -136,3 +142,52 @@ class FleetNotReadyError(FleetError):
         self.ready = ready
         self.requested = requested
         self.details = details
+
+
+class CloudConfigError(ConfigError):
+    """``[cloud]`` in pygirder.toml is missing or invalid.
+
+    ``problems`` holds one ``(key, value, what is allowed)`` triple per invalid key.
+    """
+
+    def __init__(self, message: str, *, problems: list[tuple[str, Any, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class ArtifactError(PygirderError):
+    """An artifact cannot be built, uploaded, downloaded or installed."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A downloaded artifact does not have the expected SHA-256: it was not installed."""
+
+    def __init__(self, uri: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"artifact {uri} has sha256 {actual}, expected {expected}: refusing to install it "
+            "(the object was changed after it was pushed, or the user-data names another "
+            "artifact); push the artifact again and relaunch"
+        )
+        self.uri = uri
+        self.expected = expected
+        self.actual = actual
+
+
+class AgentError(PygirderError):
+    """The agent cannot do its job (metadata unreachable, service keeps crashing, ...)."""
+
+
+class SimulatorError(PygirderError):
+    """The data plane cannot do what was asked (endpoint unreachable, unknown instance, ...)."""
+
+
+class SimulatorTimeout(SimulatorError, TimeoutError):
+    """:meth:`Simulator.wait_for` ran out of time; the message holds the instance's logs."""
+
+
+class RehearsalError(PygirderError):
+    """A step of the rehearsal failed; the timeline so far is in ``report``."""
+
+    def __init__(self, message: str, report: RehearsalReport) -> None:
+        super().__init__(message)
+        self.report = report

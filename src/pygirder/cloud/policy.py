@@ -456,8 +456,10 @@ def instance_role_policy(
     bucket: str,
     artifact_prefix: str,
     topic_arn: str,
+    result_prefix: str = "results/",
 ) -> dict[str, Any]:
-    """Least privilege for an instance: artifacts, status topic, its own parameters."""
+    """Least privilege for an instance: read artifacts, read and write the durable
+    results, publish status, read its own parameters."""
     p = partition(region)
     parameters = f"arn:{p}:ssm:{region}:{account_id}:parameter/pygirder/{name}"
     return {
@@ -470,11 +472,20 @@ def instance_role_policy(
                 "Resource": f"arn:{p}:s3:::{bucket}/{artifact_prefix}*",
             },
             {
+                "Sid": "ReadWriteResults",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                "Resource": f"arn:{p}:s3:::{bucket}/{result_prefix}*",
+            },
+            {
+                # listing lets a read of a missing result say 404, not 403
                 "Sid": "ListArtifacts",
                 "Effect": "Allow",
                 "Action": "s3:ListBucket",
                 "Resource": f"arn:{p}:s3:::{bucket}",
-                "Condition": {"StringLike": {"s3:prefix": [f"{artifact_prefix}*"]}},
+                "Condition": {
+                    "StringLike": {"s3:prefix": [f"{artifact_prefix}*", f"{result_prefix}*"]}
+                },
             },
             {
                 "Sid": "PublishStatus",
@@ -496,10 +507,11 @@ def boundary_policy(partition_name: str = "aws") -> dict[str, Any]:
     """The permissions boundary of every role pygirder creates, in any setup.
 
     The ceiling of :func:`instance_role_policy` for every ``[cloud] name``: read
-    objects of this account's buckets, publish to ``pygirder-*`` topics, read
-    parameters under ``/pygirder/``.  A role's effective rights are the intersection
-    of this and its inline policy, so even an operator who rewrites the inline policy
-    cannot make an instance (or anyone passing its role) more than that.
+    objects of this account's buckets, write and delete them under ``results/`` only,
+    publish to ``pygirder-*`` topics, read parameters under ``/pygirder/``.  A role's
+    effective rights are the intersection of this and its inline policy, so even an
+    operator who rewrites the inline policy cannot make an instance (or anyone passing
+    its role) more than that.
     """
     p = partition_name
     own_account = {"StringEquals": {"aws:ResourceAccount": "${aws:PrincipalAccount}"}}
@@ -511,6 +523,13 @@ def boundary_policy(partition_name: str = "aws") -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:ListBucket"],
                 "Resource": [f"arn:{p}:s3:::*", f"arn:{p}:s3:::*/*"],
+                "Condition": own_account,
+            },
+            {
+                "Sid": "WriteResultsOfThisAccount",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:DeleteObject"],
+                "Resource": f"arn:{p}:s3:::*/results/*",
                 "Condition": own_account,
             },
             {

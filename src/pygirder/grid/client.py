@@ -120,9 +120,15 @@ class Grid:
         namespace: str = "default",
         pool: str = "default",
         start_timeout: float = 60.0,
+        store: str | os.PathLike[str] | None = _UNSET,
     ) -> None:
         if workers is not None and workers < 0:
             raise ConfigError(f"workers={workers!r}: must be 0 or more")
+        from ..results import resolve_store
+
+        # the durable result store of the local workers: resolved here, so a relative
+        # folder means the same one whatever directory the workers start in
+        self.store = resolve_store("off" if store is None else (None if store is _UNSET else store))
         self.namespace = namespace
         self.pool = pool
         self.start_timeout = start_timeout
@@ -181,6 +187,7 @@ class Grid:
             cmd += ["--allow-module", package]
         env = dict(os.environ)
         env["PYGIRDER_REDIS"] = self.url  # not in argv, where `ps` shows the password
+        env["PYGIRDER_STORE"] = self.store or "off"
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
         log_dir = self._log_dir
@@ -554,15 +561,24 @@ def connect(
     namespace: str = "default",
     pool: str = "default",
     start_timeout: float = 60.0,
+    store: str | os.PathLike[str] | None = _UNSET,
 ) -> Grid:
     """Open a grid.  No URL: a private Valkey plus ``workers`` local worker processes
     (default: one per core).  With a URL: connect to that server (Redis 7+/Valkey;
-    ``redis://user:password@host:port/db`` or ``rediss://`` for TLS)."""
+    ``redis://user:password@host:port/db`` or ``rediss://`` for TLS).
+
+    ``store`` is the durable result store of the local workers: results outlive the
+    grid there, and a call it holds is answered without running.  Default:
+    ``PYGIRDER_STORE``, else a folder in the user's cache folder (see
+    :func:`pygirder.results.default_location`); a folder, ``s3://bucket/prefix``, or
+    None to turn it off.  Workers started elsewhere have their own ``--store``.
+    """
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
             f"url={url!r}: expected redis://host:port/db, rediss:// (TLS) or unix:// "
             "(leave it out for a private local grid)"
         )
     return Grid(
-        url, workers=workers, namespace=namespace, pool=pool, start_timeout=start_timeout
-    ).start()
+        url, workers=workers, namespace=namespace, pool=pool, start_timeout=start_timeout,
+        store=store,
+    ).start()  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..calls import Call, register_waiter
@@ -26,6 +26,8 @@ class RequestContext:
     worker: Worker
     request_id: str
     function: str
+    # grid functions it waited on -> their fingerprints (kept with its durable result)
+    deps: dict[str, str] = field(default_factory=dict)
 
 
 current_request: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

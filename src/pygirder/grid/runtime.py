@@ -69,6 +69,7 @@ class Runtime:
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
         # what is needed to submit a waited-for request again after a server restart
         self._resubmit: dict[str, tuple[bytes, str, str]] = {}
+        self._lost: dict[str, int] = {}  # waited-for results that expired before a fetch
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._beat: asyncio.Task[None] | None = None
         self._server_run_id: str | None = None
@@ -197,7 +198,10 @@ class Runtime:
         After a restart without persistence the server has forgotten the requests, their
         queues and their waiters; this puts back what is still needed.
         """
-        ids = [i for i in self._waiting if i in self._resubmit]
+        await self._submit_again([i for i in self._waiting if i in self._resubmit])
+
+    async def _submit_again(self, ids: list[str]) -> None:
+        """Submit these waited-for requests again (as a client would, to the pool queue)."""
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
             self._records_waits = True  # submitted without an owner: recorded
@@ -310,6 +314,7 @@ class Runtime:
         """A result arrived (from the inbox, a submit reply, or this process's own worker)."""
         self._remember(request_id, data)
         self._resubmit.pop(request_id, None)
+        self._lost.pop(request_id, None)
         fut = self._waiting.pop(request_id, None)
         if fut is not None:
             self._stop_waiting(request_id)
@@ -403,10 +408,16 @@ class Runtime:
         assert self.redis is not None
         self.round_trips += 1
         values = await self.redis.mget([self.keys.result(i) for i in ids])
+        again: list[str] = []
         for request_id, data in zip(ids, values, strict=True):
             if data is not None:
                 self.resolve(request_id, data)
-            else:  # expired between completion and fetch: ask for a re-run
+            elif request_id in self._resubmit and self._lost.get(request_id, 0) < 3:
+                # expired between completion and fetch (the hot tier lets results go once
+                # the durable store has them): ask again; a worker restores or re-runs it
+                self._lost[request_id] = self._lost.get(request_id, 0) + 1
+                again.append(request_id)
+            else:  # expired again and again: ask for a longer TTL
                 self._resubmit.pop(request_id, None)
                 fut = self._waiting.pop(request_id, None)
                 self._stop_waiting(request_id)
@@ -414,10 +425,12 @@ class Runtime:
                     fut.set_exception(
                         GridTimeout(
                             f"the result of request {request_id} expired before it was read; "
-                            "raise the result TTL",
+                            "raise the result TTL (--result-ttl, PYGIRDER_HOT_TTL)",
                             call_ids=(request_id,),
                         )
                     )
+        if again:
+            await self._submit_again(again)
 
     # -- submission ----------------------------------------------------------
     async def submit(

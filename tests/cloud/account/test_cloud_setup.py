@@ -32,9 +32,10 @@ from pygirder.cloud.account import (
     stop_nat,
     teardown,
 )
-from pygirder.cloud.config import CloudConfigError, config_from_dict
+from pygirder.cloud.config import config_from_dict
 from pygirder.cloud.errors import (
     AccessDeniedError,
+    CloudConfigError,
     CloudTimeoutError,
     FleetAliveError,
     NotSetUpError,
@@ -78,8 +79,11 @@ def test_setup_from_empty_creates_everything_as_configured(done, boto) -> None:
         for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
     )
     assert actions_granted == [
+        "s3:DeleteObject",  # results/ only: the durable result store
+        "s3:GetObject",
         "s3:GetObject",
         "s3:ListBucket",
+        "s3:PutObject",
         "sns:Publish",
         "ssm:GetParameter",
         "ssm:GetParameters",
@@ -95,9 +99,11 @@ def test_setup_from_empty_creates_everything_as_configured(done, boto) -> None:
     assert all(block.values()) and len(block) == 4
     rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
-    (rule,) = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
-    assert rule["Filter"] == {"Prefix": "artifacts/"}
-    assert rule["Expiration"] == {"Days": 30}
+    rules = {r["Filter"]["Prefix"]: r for r in s3.get_bucket_lifecycle_configuration(
+        Bucket=bucket)["Rules"]}  # fmt: skip
+    assert set(rules) == {"artifacts/", "results/"}  # durable results expire too
+    assert rules["artifacts/"]["Expiration"] == {"Days": 30}
+    assert rules["results/"]["Expiration"] == {"Days": 30}
     tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}
     assert tags[TAG_NAME] == "t" and tags[TAG_COMPONENT] == "bucket"
 
@@ -622,6 +628,10 @@ def test_status_shows_states_and_the_idle_cost(done, make_aws, boto) -> None:
     assert items["launch-templates"].detail.endswith("left over: teardown removes it")
     assert items["bucket"].detail == "0 objects, 0 B"
     assert report.total_monthly_usd == pytest.approx(1.20 + 0.20)
+    bucket = items["bucket"].name
+    boto("s3").put_object(Bucket=bucket, Key="results/" + "ab" * 20, Body=b"x" * 2_000_000)
+    detail = {i.key: i for i in status(config, aws=aws_).items}["bucket"].detail
+    assert detail.startswith("1 objects") and "results: 1, " in detail and "/month" in detail
     assert "nat-gateway" not in items  # not wanted, not there: not shown
     json.dumps(report.to_dict())  # the CLI's --json works
 

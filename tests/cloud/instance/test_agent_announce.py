@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import ClientError
 
+from pygirder.cloud.errors import AgentError
 from pygirder.cloud.instance import agent, announce, common
 from pygirder.cloud.instance.announce import Announcement
-from pygirder.cloud.instance.common import AgentError, Event, mask_url
+from pygirder.cloud.instance.common import Event, mask_url
 
 
 def _agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from pygirder.cloud.instance.common import AgentError
+from pygirder.cloud.errors import AgentError
 from pygirder.cloud.instance.metadata import ImdsClient
 from pygirder.cloud.sim.imds import ImdsEmulator
 

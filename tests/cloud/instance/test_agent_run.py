@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from pygirder.cloud.errors import AgentError
 from pygirder.cloud.instance import agent, supervisor
 from pygirder.cloud.instance.agent import RunOptions, run_service
-from pygirder.cloud.instance.common import AgentError, Role
+from pygirder.cloud.instance.common import Role
 from pygirder.cloud.instance.supervisor import (
     Supervisor,
     alive_for,

@@ -78,6 +78,10 @@ def test_user_data_holds_the_launch_settings_and_no_secrets() -> None:
     for secret in ("aws_secret", "aws_access_key", "aws_session_token", "requirepass", "://:"):
         assert secret not in lowered
     assert "--port 6379" in render_user_data(**BASE, **ROLES["redis"])
+    # workers keep durable results next to the artifacts, where every fleet finds them
+    bucket = BASE["artifact_uri"][len("s3://") :].split("/")[0]
+    assert f"--store s3://{bucket}/results" in script
+    assert "--store" not in render_user_data(**BASE, **ROLES["redis"])
 
 
 def test_ttl_is_made_absolute_at_render_time() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..config import RESULT_PREFIX
 from ..policy import (
     BOUNDARY_NAME,
     BOUNDARY_PATH,
@@ -105,6 +106,7 @@ class InstanceRole(Kind):
             bucket=ctx.bucket,
             artifact_prefix=ctx.config.artifact_prefix,
             topic_arn=ctx.status_topic_arn,
+            result_prefix=RESULT_PREFIX,
         )
 
     def find(self, ctx: Ctx) -> list[Found]:

@@ -8,7 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..config import CloudConfig, CloudConfigError
+from ..config import CloudConfig
+from ..errors import CloudConfigError
 from ..tags import (
     from_tag_list,
     is_owned,

@@ -34,6 +34,7 @@ Progress = Callable[[str], None]
 BILLING_REGION = "us-east-1"
 INLINE_POLICY_NAME = "pygirder-instance"
 LIFECYCLE_RULE_ID = "pygirder-expire-old-artifacts"
+RESULTS_RULE_ID = "pygirder-expire-old-results"
 
 # Bounded waits: (timeout in seconds, poll interval in seconds).
 WAIT_PROFILE = (90.0, 3.0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from ..config import CloudConfig, CloudConfigError
-from ..errors import CloudError
+from ..config import CloudConfig
+from ..errors import CloudConfigError, CloudError
 from ..leftovers import instance_monthly_usd
 from ..pricing import HOURS_PER_MONTH, PRICE_NAT_GATEWAY_HOUR, PRICE_PUBLIC_IPV4_HOUR
 from ..tags import (

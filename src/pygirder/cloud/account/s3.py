@@ -1,9 +1,15 @@
-"""The artifact bucket: private, encrypted, versioned, old artifacts expire."""
+"""The artifact bucket: private, encrypted, versioned, old artifacts and results expire.
+
+It also holds the fleets' durable result store under ``results/``: kept across
+``pygirder cloud down`` (the next fleet answers calls from it), expired after
+``result_retention_days`` by a lifecycle rule, deleted with the bucket at teardown.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..config import RESULT_PREFIX
 from ..errors import AccessDeniedError, CloudError, ResourceConflictError
 from ..pricing import PRICE_S3_GB_MONTH
 from ..tags import (
@@ -11,7 +17,7 @@ from ..tags import (
     from_tag_list,
     is_owned,
 )
-from .kind import LIFECYCLE_RULE_ID, Ctx, Kind
+from .kind import LIFECYCLE_RULE_ID, RESULTS_RULE_ID, Ctx, Kind
 from .model import Action, Drift, Found, human_bytes
 
 # Listing a huge bucket to price it is not worth it: stop counting after this many.
@@ -63,6 +69,16 @@ class Bucket(Kind):
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
         }
 
+    def _results_lifecycle(self, ctx: Ctx) -> dict[str, Any]:
+        return {
+            "ID": RESULTS_RULE_ID,
+            "Status": "Enabled",
+            "Filter": {"Prefix": RESULT_PREFIX},
+            "Expiration": {"Days": ctx.config.result_retention_days},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+        }
+
     def check(self, ctx: Ctx, found: Found) -> list[Drift]:
         name = found.id
         drift = []
@@ -98,6 +114,9 @@ class Bucket(Kind):
             or rule.get("Filter", {}).get("Prefix") != ctx.config.artifact_prefix
         ):
             drift.append(Drift(Action.UPDATE, "artifact lifecycle rule missing or different"))
+        rule, want = rules.get(RESULTS_RULE_ID), self._results_lifecycle(ctx)
+        if rule is None or any(rule.get(k) != want[k] for k in ("Expiration", "Filter")):
+            drift.append(Drift(Action.UPDATE, "results lifecycle rule missing or different"))
         return drift
 
     def create(self, ctx: Ctx) -> Found:
@@ -156,12 +175,15 @@ class Bucket(Kind):
             Bucket=name,
             ignore=("NoSuchLifecycleConfiguration",),
         )
-        others = [r for r in (lc or {}).get("Rules", []) if r.get("ID") != LIFECYCLE_RULE_ID]
+        ours = (LIFECYCLE_RULE_ID, RESULTS_RULE_ID)
+        others = [r for r in (lc or {}).get("Rules", []) if r.get("ID") not in ours]
         ctx.call(
             "s3",
             "put_bucket_lifecycle_configuration",
             Bucket=name,
-            LifecycleConfiguration={"Rules": [*others, self._lifecycle(ctx)]},
+            LifecycleConfiguration={
+                "Rules": [*others, self._lifecycle(ctx), self._results_lifecycle(ctx)]
+            },
         )
         return found
 
@@ -196,7 +218,7 @@ class Bucket(Kind):
             ctx.say(f"  emptied bucket {name} ({deleted} object versions)")
         ctx.delete("s3", "delete_bucket", Bucket=name)
 
-    def _size(self, ctx: Ctx, name: str) -> tuple[int, int, bool]:
+    def _size(self, ctx: Ctx, name: str, prefix: str = "") -> tuple[int, int, bool]:
         count = size = 0
         for page in ctx.aws.pages(
             "s3",
@@ -204,6 +226,7 @@ class Bucket(Kind):
             token="ContinuationToken",
             next_token="NextContinuationToken",
             Bucket=name,
+            Prefix=prefix,
         ):
             for obj in page.get("Contents", []):
                 count += 1
@@ -218,7 +241,13 @@ class Bucket(Kind):
 
     def describe(self, ctx: Ctx, found: Found) -> str:
         count, size, more = self._size(ctx, found.id)
-        return f"{count}{'+' if more else ''} objects, {human_bytes(size)}"
+        text = f"{count}{'+' if more else ''} objects, {human_bytes(size)}"
+        results, rsize, rmore = self._size(ctx, found.id, RESULT_PREFIX)
+        if results:
+            cost = rsize / 1e9 * PRICE_S3_GB_MONTH
+            text += (f"; results: {results}{'+' if rmore else ''}, {human_bytes(rsize)}, "
+                     f"${cost:.2f}/month")  # fmt: skip
+        return text
 
 
 _PUBLIC_ACCESS_BLOCK = (

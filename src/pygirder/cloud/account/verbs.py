@@ -10,8 +10,14 @@ import re
 from typing import Any
 
 from ..aws import Aws
-from ..config import CloudConfig, CloudConfigError
-from ..errors import CloudError, CredentialsError, FleetAliveError, ResourceConflictError
+from ..config import CloudConfig
+from ..errors import (
+    CloudConfigError,
+    CloudError,
+    CredentialsError,
+    FleetAliveError,
+    ResourceConflictError,
+)
 from ..leftovers import INSTANCES, KINDS, Scope
 from ..tags import (
     TAG_MANAGED,

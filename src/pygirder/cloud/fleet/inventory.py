@@ -280,7 +280,8 @@ def _to_expiry(row: InstanceRow, now: datetime) -> float | None:
 def dashboard_instances() -> list[dict[str, Any]] | None:
     """The dashboard's fleet section: every live fleet instance of ./pygirder.toml's
     setup, or None when there is no cloud configuration (or no boto3)."""
-    from ..config import CloudConfigError, load_config
+    from ..config import load_config
+    from ..errors import CloudConfigError
 
     try:
         config = load_config()

@@ -24,7 +24,7 @@ What it talks to:
   ``failed``) on the fleet's status topic, whose region is read from the topic ARN.
 - **SSM**: the Redis password, a SecureString at ``/pygirder/<name>/<fleet>/redis-password``,
   read at run time with the instance role and never written to a log or argv of ours.
-- **S3**: the artifact (see ``artifacts.py``).
+- **S3**: the artifact (see :mod:`.install`).
 
 ``run ROLE`` supervises one child, started as ``<this python> -m pygirder <role command>``
 (so running the agent from the artifact's venv runs the artifact's pygirder):
@@ -51,8 +51,9 @@ announces ``going-away``, stops the child and runs ``--shutdown-command`` (defau
 explicit ``--shutdown-command`` is.
 
 The parts: :mod:`.common` (roles, events, seams), :mod:`.metadata` (IMDSv2),
-:mod:`.announce` (announcements, SNS and SSM calls), :mod:`.supervisor` (the child and
-its watchers); this module runs them and is the command line.
+:mod:`.announce` (announcements, SNS and SSM calls), :mod:`.install` (the artifact's
+virtual environment), :mod:`.supervisor` (the child and its watchers); this module
+runs them and is the command line.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ import typer
 
 from ...errors import ConfigError
 from ...service import service
+from ..errors import AgentError
 from .announce import (
     Announcement,
     Announcer,
@@ -86,7 +88,6 @@ from .common import (
     DEFAULT_REDIS_PORT,
     DEFAULT_SHUTDOWN_COMMAND,
     DEFAULT_SPOT_INTERVAL_S,
-    AgentError,
     Event,
     Role,
     _iso,
@@ -154,6 +155,7 @@ class RunOptions:
     max_restarts: int = 5
     stop_timeout_s: float = 30.0
     region: str | None = None
+    store: str = ""  # a worker's durable result store (PYGIRDER_STORE of its service)
 
 
 def _redis_service(
@@ -208,6 +210,8 @@ def run_service(
                 command, probe = _redis_service(opts, meta, password, Path(tmp))
             else:
                 env.update(service_environment(opts.role, opts.redis, password))
+                if opts.store:
+                    env["PYGIRDER_STORE"] = opts.store
                 command = service_command(
                     opts.role, pool=opts.pool, parent=opts.parent, imports=opts.imports,
                     processes=opts.processes,
@@ -349,7 +353,7 @@ def fetch_artifact(
     venv: Annotated[Path, typer.Option("--venv", help="Virtual environment to install into.")],
 ) -> dict[str, Any]:
     """Download the artifact, verify its hash and install it into a virtual environment."""
-    from ..artifacts import install_artifact
+    from .install import install_artifact
 
     _quiet_aws_loggers()
     manifest = install_artifact(uri, sha256, venv)
@@ -377,6 +381,9 @@ def run(
         list[str] | None, typer.Option("--import", help="Module with grid functions (repeat).")
     ] = None,
     processes: Annotated[str, typer.Option(help="Worker processes, or auto.")] = "auto",
+    store: Annotated[
+        str, typer.Option(help="Workers' durable result store (s3://bucket/results).")
+    ] = "",
     ttl: Annotated[
         float | None, typer.Option(help="Seconds until the instance shuts down.")
     ] = None,
@@ -404,7 +411,7 @@ def run(
         redis=redis, port=port, pool=pool, parent=parent, imports=tuple(imports or ()),
         processes=processes, expires=resolve_expiry(ttl, expires),
         shutdown_command=shutdown_command, spot_interval_s=spot_interval,
-        ready_grace_s=ready_grace, max_restarts=max_restarts, region=region,
+        ready_grace_s=ready_grace, max_restarts=max_restarts, region=region, store=store,
     )  # fmt: skip
     status = run_service(opts)
     if status:

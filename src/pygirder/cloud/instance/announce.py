@@ -18,10 +18,10 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..aws import client_config, is_transient
+from ..errors import AgentError
 from .common import (
     ANNOUNCEMENT_SCHEMA,
     AWS_RETRY,
-    AgentError,
     Event,
     _iso,
     _utcnow,

@@ -11,7 +11,6 @@ import logging
 import os
 from datetime import UTC, datetime
 
-from ...errors import PygirderError
 from ..aws import RetryPolicy
 
 log = logging.getLogger("pygirder.agent")
@@ -27,10 +26,6 @@ ANNOUNCEMENT_SCHEMA = 1
 # AWS calls: the operator's retry policy and error codes (aws.py), with waits short
 # enough for a boot.
 AWS_RETRY = RetryPolicy(attempts=6, base_delay=0.5, max_delay=8.0)
-
-
-class AgentError(PygirderError):
-    """The agent cannot do its job (metadata unreachable, service keeps crashing, ...)."""
 
 
 class Event(enum.StrEnum):

@@ -12,7 +12,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .common import AgentError, _backoff, imds_endpoint
+from ..errors import AgentError
+from .common import _backoff, imds_endpoint
 
 
 # -- IMDSv2 ----------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from ...errors import ConfigError
+from ..errors import AgentError
 from .common import (
     DEFAULT_REDIS_PORT,
     DEFAULT_SHUTDOWN_COMMAND,
     DEFAULT_SPOT_INTERVAL_S,
-    AgentError,
     Role,
     _backoff,
     _iso,

@@ -72,6 +72,7 @@ def render_user_data(
     expires: datetime | None = None,
     spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S,
     base_python: str = DEFAULT_BASE_PYTHON,
+    store: str | None = None,
 ) -> str:
     """The bash user-data of one instance.
 
@@ -80,7 +81,8 @@ def render_user_data(
     tag); exactly one of the two is required.  ``redis`` (``redis://HOST:PORT/DB``,
     no password) is required for workers and distributors, ``parent`` for
     distributors.  ``spot_interval_s`` is how often the agent asks IMDS for a spot
-    interruption notice.
+    interruption notice.  Workers keep durable results in ``store`` (default:
+    ``results/`` in the artifact's bucket, where every fleet of the setup finds them).
     """
     role = Role(role)
     if (ttl is None) == (expires is None):
@@ -130,6 +132,8 @@ def render_user_data(
         run_args.append(f"--parent {q(_check_token('parent', parent))}")
     if role is Role.WORKER:
         run_args.append(f"--processes {q(processes)}")
+        bucket = artifact_uri[len("s3://") :].partition("/")[0]
+        run_args.append(f"--store {q(_check_token('store', store or f's3://{bucket}/results'))}")
         run_args.extend(f"--import {q(m)}" for m in imports)
     if spot_interval_s != DEFAULT_SPOT_INTERVAL_S:
         run_args.append(f"--spot-interval {float(spot_interval_s):g}")

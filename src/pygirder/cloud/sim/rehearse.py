@@ -5,9 +5,11 @@ in this process, points boto3 at it, and then runs, for real, what a user runs
 against AWS: account setup, the image (when the image command is installed), an
 artifact push, ``up`` (one redis node, one distributor, N workers), a re-entrant job
 through the fleet's grid with a spot interruption of one worker while it runs,
-``exec`` on every worker, ``down``, the proof that nothing of the fleet is left, and
-the account teardown.  Each instance is a local process tree run by the
-:class:`~pygirder.cloud.sim.simulator.Simulator`: the very user-data a real instance gets,
+``exec`` on every worker, ``down``, the proof that nothing of the fleet is left, a
+second fleet that answers the same job from the first fleet's durable results in S3
+without executing anything, its ``down``, and the account teardown.  Each instance
+is a local process tree run by the :class:`~pygirder.cloud.sim.simulator.Simulator`:
+the very user-data a real instance gets,
 with its own IMDSv2, on its own loopback address, announcing itself through SNS to
 the status queue.  Only the operating system image is not exercised.
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, PygirderError
+from ..errors import RehearsalError
 
 __all__ = [
     "JOB_MODULE",
@@ -78,14 +81,6 @@ _ENV_KEYS = (
 )  # fmt: skip
 
 
-class RehearsalError(PygirderError):
-    """A step of the rehearsal failed; the timeline so far is in ``report``."""
-
-    def __init__(self, message: str, report: RehearsalReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-
 @dataclass
 class Step:
     """One line of the timeline: when it started (s after the start), how long it took."""
@@ -108,6 +103,7 @@ class RehearsalReport:
     leftovers: dict[str, list[str]] = field(default_factory=dict)
     exec_output: dict[str, str] = field(default_factory=dict)
     fleet: str = ""
+    job_args: tuple[Any, ...] = ()  # the job's call, asked again of the second fleet
 
     @property
     def seconds(self) -> float:
@@ -472,6 +468,7 @@ def _rehearse(
                     else f"LEFT: {left}"
                 )
                 step.ok = not left
+        _second_fleet(report, timeline, config, aws, image, distributors, deadline_s)
     finally:
         with timeline.step("data plane stop") as step:
             simulator.stop()
@@ -487,6 +484,54 @@ def _rehearse(
                 else f"STILL TAGGED: {torn.remaining}"
             )
             step.ok = not torn.remaining
+
+
+def _second_fleet(
+    report: RehearsalReport,
+    timeline: _Timeline,
+    config: Any,
+    aws: Any,
+    image: str,
+    distributors: int,
+    deadline_s: float,
+) -> None:
+    """A fleet brought up after the first one is gone asks for the same job: its workers
+    find the results in the setup's S3 store (``results/``) and execute nothing."""
+    import pygirder
+
+    from ..fleet import UpOptions, down, fleet_leftovers, grid_url, up
+
+    jobs = importlib.import_module(JOB_MODULE)
+    with timeline.step("second fleet up") as step:
+        summary = up(
+            config,
+            UpOptions(
+                workers=2, distributors=distributors, instance_types=INSTANCE_TYPES,
+                image_id=image, processes="1", deadline_s=deadline_s, ttl_s=3600,
+                min_workers=2, spot_interval_s=1.0, backoff_s=(0.5, 5.0),
+            ),
+            aws=aws,
+        )  # fmt: skip
+        counts = ", ".join(f"{summary.ready(r)} {r}" for r in summary.requested)
+        step.detail = f"fleet {summary.fleet}: {counts} ready"
+    try:
+        with timeline.step("job from the store") as step:
+            started = time.monotonic()
+            with grid_url(config, summary.fleet, aws=aws) as url, pygirder.connect(url) as grid:
+                result = grid.run(jobs.tree_sum(*report.job_args), timeout=120)
+                stats = grid.stats()
+            restored, executed = stats.get("restored", 0), stats.get("executed", 0)
+            step.detail = (
+                f"tree_sum = {result} in {time.monotonic() - started:.1f}s: {restored} "
+                f"restored from the first fleet's results in S3 (results/), {executed} executed"
+            )
+            step.ok = result == report.expected and restored >= 1 and executed == 0
+    finally:
+        with timeline.step("second down") as step:
+            done_down = down(config, all_fleets=True, aws=aws, wait_interval=0.5)
+            left = {k: v for k, v in fleet_leftovers(config, summary.fleet, aws=aws).items() if v}
+            step.detail = "nothing of the second fleet is left" if not left else f"LEFT: {left}"
+            step.ok = not left and not done_down.failures
 
 
 def _job(
@@ -511,6 +556,7 @@ def _job(
     workers = [m for m in summary.members if m.role == "worker"]
     leaf_s = round(job_seconds * len(workers) / leaves, 4)
     report.expected = leaves * (leaves - 1) // 2
+    report.job_args = (depth, 0, leaf_s)
     with grid_url(config, summary.fleet, aws=aws) as url, pygirder.connect(url) as grid:
         started = time.monotonic()
         future = grid.submit(jobs.tree_sum(depth, 0, leaf_s))

@@ -52,6 +52,7 @@ def run_worker(
     result_ttl: int = 0,
     log_level: str | None = "INFO",
     max_runtime: float | None = None,
+    store: str = "",
 ) -> dict[str, Any]:
     """Run one worker in this process until SIGTERM/SIGINT; returns what it did.
 
@@ -59,14 +60,16 @@ def run_worker(
     code's included, tagged with the request they ran for) also go to the grid's log
     stream, where `pygirder logs` reads them.  ``max_runtime`` is the default limit
     of a call's computing time (None: ``PYGIRDER_MAX_RUNTIME``; 0: none); a call over
-    its limit fails and the process re-executes itself.
+    its limit fails and the process re-executes itself.  ``store`` is the durable
+    result store (a folder, ``s3://bucket/prefix`` or ``off``; empty: ``PYGIRDER_STORE``,
+    else the user cache folder).
     """
     if result_ttl < 0:
         raise ConfigError(f"--result-ttl {result_ttl}: must be 0 (keep) or a number of seconds")
     options = WorkerOptions(
         pool=pool, namespace=namespace, imports=imports, auto_import=auto_import,
         allow_modules=allow_modules, main_path=main_path, worker_id=worker_id,
-        result_ttl=result_ttl, max_runtime=max_runtime,
+        result_ttl=result_ttl, max_runtime=max_runtime, store=store,
     )  # fmt: skip
     worker = Worker(url, options)
 

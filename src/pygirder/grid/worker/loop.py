@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from ... import codec, settings
 from ...calls import Call
 from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
+from ...results import open_store
 from ...store import scripts
 from ..connection import connect_redis
 from ..context import RequestContext, current_request
@@ -40,6 +41,7 @@ from ..runtime import Runtime, new_process_id
 from ..translate import describe_exception
 from .baton import Baton, Threads
 from .cycle_checks import CycleChecks, Parked
+from .durable import DurableTier
 from .functions import Functions, RefusedRequest
 from .options import WorkerOptions
 from .recovery import Recovery
@@ -161,8 +163,19 @@ class Worker:
         )
         self.watchdog = Watchdog(
             self.runtime, worker_id=self.id, pool=self.pool, error_ttl=options.error_ttl,
-            stopping=self._stopping, restart=options.restart or reexec,
+            stopping=self._stopping, restart=self._restart,
         )  # fmt: skip
+        self.durable: DurableTier | None = None
+        store = open_store(options.store or None)
+        if store is not None:
+            self.durable = DurableTier(store, self.runtime, self.results, self.functions,
+                                       self.threads)  # fmt: skip
+
+    def _restart(self) -> None:
+        """Replace the process (``max_runtime``), after storing what is still queued."""
+        if self.durable is not None:
+            self.durable.flush_now(5.0)
+        (self.options.restart or reexec)()
 
     @property
     def stack(self) -> list[StackEntry]:
@@ -183,7 +196,10 @@ class Worker:
             asyncio.create_task(self.cycles.run(), name="pygirder-cycles"),
         ]
         self.watchdog.start(self.loop)
-        log.info("worker %s serving pool %r", self.id, self.pool)
+        if self.durable is not None:
+            self.durable.start(self.loop)
+        log.info("worker %s serving pool %r (result store: %s)", self.id, self.pool,
+                 self.durable.store.url if self.durable else "off")  # fmt: skip
         try:
             await self._schedule()
         except BaseException:
@@ -336,8 +352,11 @@ class Worker:
                 await self._drop_junk_id(raw, reply[i + 1], exc)
                 continue
             items.append((request_id, reply[i + 1], reply[i + 2] != b"0"))
+        taken = len(items)
+        if self.durable is not None:
+            items = await self.durable.restore(items)
         self.stack.extend(reversed(items))
-        return len(items)
+        return taken
 
     async def _drop_junk_id(self, raw: bytes, payload: bytes, exc: Exception) -> None:
         """An id that is not text was never made by pygirder: dead-letter it and forget it
@@ -351,8 +370,10 @@ class Worker:
 
     # -- running one request ----------------------------------------------------
     async def _execute(self, request_id: str, payload: bytes) -> None:
-        name = "?"
+        name = fingerprint = "?"
         ttl = self.options.result_ttl
+        durable = False  # the outcome goes to the durable store too
+        ctx: RequestContext | None = None
         started = time.time()
         summary = ""
         try:
@@ -365,6 +386,7 @@ class Worker:
                         "undecodable request", f"request {request_id}: {exc}"
                     ) from None
                 gf = await self.functions.load(name, fingerprint, args_bytes, self.threads)
+                durable = gf.cache_errors  # errors from here on are the function's own
                 arguments = codec.decode(args_bytes, path=f"{name} arguments")
                 args, kwargs = gf.bind_payload(arguments)
                 ctx = RequestContext(self, request_id, name)
@@ -386,7 +408,9 @@ class Worker:
                     value, name=name, limit=self.max_result_bytes, request_id=request_id
                 )
                 summary = summarize(value)
+                durable = True
             except RefusedRequest as exc:
+                durable = False
                 log.warning("refused %s: %s", request_id, exc)
                 envelope = encode_error(RemoteError(exc.kind, str(exc), "", []))
                 ttl = self.options.error_ttl
@@ -411,7 +435,12 @@ class Worker:
             return  # it returned after all, but it is queued again: the rerun answers
         self.processed += 1
         self.runtime.resolve(request_id, envelope)  # local waiters need not wait for the inbox
+        if durable and self.durable is not None:
+            deps = tuple(sorted(ctx.deps.items())) if ctx is not None else ()
+            self.durable.computed(request_id, name, fingerprint, envelope, deps)
         self.results.add(request_id, name, envelope, ttl, started, summary)
+        if self.durable is not None:
+            await self.durable.room()  # a store far behind slows the worker, not its memory
 
     async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
         """Keep what could not be decoded for inspection, and never crash over it."""
@@ -434,11 +463,16 @@ class Worker:
                     f"cycle: {ctx.function}[{ctx.request_id[:12]}] waits on itself",
                     cycle=(ctx.request_id, ctx.request_id),
                 )
+        for call in calls:
+            ctx.deps[call.function.name] = call.function.fingerprint
         futures, new_local, shared = await self.runtime.submit(
             calls, owner=self.id, local_pool=self.pool, parent=ctx.request_id
         )
-        if new_local:
-            self.stack.extend((rid, payload, False) for rid, payload in reversed(new_local))
+        entries = [(rid, payload, False) for rid, payload in new_local]
+        if entries and self.durable is not None:
+            entries = await self.durable.restore(entries)
+        if entries:
+            self.stack.extend(reversed(entries))
             if len(self.stack) > self.options.max_stack:
                 await self.sharing.share(len(self.stack) - self.options.max_stack, force=True)
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
@@ -486,6 +520,11 @@ class Worker:
         except Exception as exc:  # server gone: the reaper requeues our work instead
             log.warning("could not hand back work on shutdown: %s", exc)
         finally:
+            if self.durable is not None:
+                try:  # before the connection goes: stored results then get their TTL
+                    await self.durable.close(settings.store_flush_s())
+                except Exception as exc:
+                    log.warning("could not finish writing to the result store: %s", exc)
             for task in background:
                 task.cancel()
             if self._blocking is not None:

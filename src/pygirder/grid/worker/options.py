@@ -26,3 +26,6 @@ class WorkerOptions:
     max_stack: int = 100_000  # local stack entries beyond which it shares at once
     max_runtime: float | None = None  # None: PYGIRDER_MAX_RUNTIME; 0: no limit
     restart: Callable[[], None] | None = None  # replaces the process (None: reexec)
+    # the durable result store: a folder, s3://bucket/prefix, "off"; "" PYGIRDER_STORE
+    # or the default folder in the user's cache folder
+    store: str = ""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from redis import exceptions as redis_errors
 
 from ... import settings
-from ...errors import CallLink, RemoteError
+from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store import scripts
 from ...store.scripts import Completion
 from ..protocol import ERR, encode_error
@@ -23,6 +24,9 @@ log = logging.getLogger("pygirder.worker")
 
 # Results per `complete` call: one call stays short however many finished at once.
 BATCH = 64
+# ... and about this many bytes of them: the server holds a call's arguments in memory
+# while it runs, and counts them against its maxmemory
+BATCH_BYTES = 4 * 1024**2
 # Results larger than this go to the server as a SET of their own, not as an argument
 # of the `complete` script.
 OUTSIDE_BYTES = 64 * 1024
@@ -47,12 +51,29 @@ class Results:
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
+        self._restored: set[str] = set()  # answered from the durable store, not executed
+        self._uncounted = 0  # restored results not yet moved from executed to restored
+        # called with the ids of each batch the server has stored (the durable tier)
+        self.on_completed: list[Callable[[list[str]], None]] = []
+        # frees at least the given bytes of the server's memory, returns what it freed
+        # (the durable tier drops results the store holds); None: nothing to free
+        self.make_room: Callable[[int], Awaitable[int]] | None = None
 
     def add(
-        self, request_id: str, name: str, envelope: bytes, ttl: int, started: float, summary: str
+        self,
+        request_id: str,
+        name: str,
+        envelope: bytes,
+        ttl: int,
+        started: float,
+        summary: str,
+        *,
+        restored: bool = False,
     ) -> None:
         """Queue a result; a send starts at once unless one is in flight."""
         self._names[request_id] = name
+        if restored:
+            self._restored.add(request_id)
         self._pending.append(Completion(request_id, envelope, ttl, started, summary))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.flush())
@@ -61,6 +82,8 @@ class Results:
         """Wait for the send in flight (and what queued behind it) to finish."""
         if self._flusher is not None:
             await self._flusher
+        if self._uncounted:
+            await self._count_restored([])
 
     async def flush(self) -> None:
         """Send finished results, batching those that finish while a send is in flight.
@@ -69,8 +92,12 @@ class Results:
         are rare each still goes out at once.
         """
         while self._pending:
-            batch = self._pending[:BATCH]
-            del self._pending[:BATCH]
+            end, size = 0, 0
+            while end < min(len(self._pending), BATCH) and (not end or size < BATCH_BYTES):
+                size += len(self._pending[end].result)
+                end += 1
+            batch = self._pending[:end]
+            del self._pending[:end]
             await self._store(batch)
 
     async def _store(self, batch: list[Completion]) -> None:
@@ -88,6 +115,15 @@ class Results:
             return
         except Exception as exc:
             error = exc
+        # Out of memory: results the durable store holds may leave the server for these.
+        while isinstance(error, GridOutOfMemory) and self.make_room is not None:
+            if not await self.make_room(sum(len(done.result) for done in batch)):
+                break
+            try:
+                await self._complete(batch, retries=1)
+                return
+            except Exception as exc:
+                error = exc
         # The server busy or away: keep the results and try later, for a while (a
         # timeout can also come from the batch itself, such as a huge result).
         if _transient(error) and self._transient_rounds < 10:
@@ -165,18 +201,53 @@ class Results:
         return out
 
     async def _complete(self, batch: list[Completion], *, retries: int) -> None:
+        ids = [done.id for done in batch]
+        # restored results are counted before the script makes them visible, so whoever
+        # sees one sees it counted (and undone below when the batch fails)
+        counted = await self._count_restored(ids)
         delay = 0.05
-        for attempt in range(retries):
-            try:
-                sent = await self._store_outside(batch)
-                await scripts.complete(self.runtime, self.runtime.keys, sent, worker=self.worker_id)
-                break
-            except Exception as exc:
-                if attempt + 1 >= retries:
-                    raise
-                log.warning("storing %d results failed (%s); retrying in %.2fs",
-                            len(batch), exc, delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 4)
-        for done in batch:
-            self._names.pop(done.id, None)
+        try:
+            for attempt in range(retries):
+                try:
+                    sent = await self._store_outside(batch)
+                    await scripts.complete(
+                        self.runtime, self.runtime.keys, sent, worker=self.worker_id
+                    )
+                    break
+                except Exception as exc:
+                    if attempt + 1 >= retries:
+                        raise
+                    log.warning("storing %d results failed (%s); retrying in %.2fs",
+                                len(batch), exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 4)
+        except BaseException:
+            self._restored.update(counted)  # counted again when they are stored
+            self._uncounted -= len(counted)
+            raise
+        for request_id in ids:
+            self._names.pop(request_id, None)
+        for hook in self.on_completed:
+            hook(ids)
+
+    async def _count_restored(self, ids: list[str]) -> list[str]:
+        """The script counts every completion as executed: move the restored ones (the
+        ids returned) to ``restored``.  A server out of memory refuses even this; the
+        count is then kept and added with the next batch (or at the end, by ``drain``).
+        """
+        counted = [i for i in ids if i in self._restored]
+        self._restored.difference_update(counted)
+        self._uncounted += len(counted)
+        if not self._uncounted:
+            return counted
+        assert self.runtime.redis is not None
+        restored = self._uncounted
+        try:
+            async with self.runtime.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.runtime.keys.stats, "executed", -restored)
+                pipe.hincrby(self.runtime.keys.stats, "restored", restored)
+                await pipe.execute()
+            self._uncounted -= restored
+        except Exception as exc:  # only the counters are behind
+            log.debug("could not count %d restored results yet: %s", restored, exc)
+        return counted
