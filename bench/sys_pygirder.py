@@ -1,9 +1,9 @@
 """pygirder under benchmark: a private Valkey, two worker processes we start, one client.
 
 The workers are plain ``python -m pygirder worker`` processes started here (not by
-``connect()``), so the crash benchmark knows their pids; after it kills one, a
-replacement is started half a second later, as ``pygirder worker --processes N``'s
-supervisor would.
+``connect()``), so the crash benchmark knows their pids; after it kills one, its
+requests are requeued at once and a replacement is started half a second later, as
+``pygirder worker --processes N``'s supervisor does.
 """
 
 from __future__ import annotations
@@ -141,7 +141,16 @@ class PygirderSystem(harness.System):
         return next(p.pid for p in self.workers if p.poll() is None)
 
     def after_kill(self, pid: int) -> None:
-        time.sleep(0.5)  # the supervisor's first restart backoff
+        # What `pygirder worker --processes N` does: reap the child, requeue its requests
+        # at once (not when its heartbeat expires), restart it after its first backoff.
+        next(p for p in self.workers if p.pid == pid).wait()
+        try:
+            from pygirder.grid.recovery import DeadChildRecovery
+        except ImportError:  # older code: the heartbeat TTL is all there is
+            pass
+        else:
+            DeadChildRecovery(self.url, NAMESPACE)(pid)
+        time.sleep(0.5)
         self._spawn_worker()
 
     def blobs(self, salt: str, n: int, size: int, timeout: float) -> list[bytes]:
@@ -154,11 +163,10 @@ class PygirderSystem(harness.System):
         """Measure what the run left behind, then free it.
 
         Results have no TTL by default (they are the memo), and every process -- the
-        client and each worker -- keeps the last 4096 results it saw whatever their size
-        (``Runtime._cache``).  Left alone, six runs of 200 x 10 MB would hold 12 GB in
-        Valkey, 12 GB in this client and 6 GB in each worker, so after recording how much
-        was retained this deletes the results, empties the client cache and restarts the
-        workers (outside the measured time).
+        client and each worker -- keeps recent results it saw, up to 64 MiB
+        (``PYGIRDER_CACHE_BYTES``).  Left alone, six runs of 200 x 10 MB would hold 12 GB
+        in Valkey, so after recording how much was retained this deletes the results,
+        empties the client cache and restarts the workers (outside the measured time).
         """
         import redis
 
@@ -179,7 +187,11 @@ class PygirderSystem(harness.System):
             client.close()
         runtime = self.g.runtime
         assert runtime is not None
-        runtime._cache.clear()  # private: the harness, not users, needs to do this
+        forget = getattr(runtime, "forget_cached", None)
+        if forget is None:  # older code, without a public way
+            runtime._cache.clear()
+        else:
+            forget()
         self.restart_workers()
         return retained
 

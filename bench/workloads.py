@@ -1,4 +1,4 @@
-"""The eight workloads, written once against ``harness.System`` and run for every system.
+"""The workloads, written once against ``harness.System`` and run for every system.
 
 Each ``bN`` function takes a started system and returns ``{workload key: outcome}``;
 an outcome is ``{"status", "value", "unit", "median", "runs", ...}`` or a status other
@@ -76,6 +76,39 @@ def guarded(ctx: Context, keys: list[str], body: Callable[[], dict[str, Outcome]
         }
     except CannotExpress as exc:
         return {k: failed("cannot express", str(exc)) for k in keys}
+
+
+# -- B0 -----------------------------------------------------------------------------
+def b0(ctx: Context) -> dict[str, Outcome]:
+    """Start to first result: a fresh process starts the system and makes one call."""
+    sz = ctx.sizes
+    script = os.path.join(harness.BENCH_DIR, "first_result.py")
+
+    def run(_i: int) -> dict[str, Any]:
+        proc = subprocess.Popen(
+            [sys.executable, script, ctx.system.name, str(sz.run_limit_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness.bench_env(),
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=sz.run_limit_s + 60)
+        except subprocess.TimeoutExpired:
+            harness.stop_processes(harness.process_tree(proc.pid), grace=2)
+            proc.communicate()
+            raise DidNotComplete(f"no first result within {sz.run_limit_s + 60:.0f}s") from None
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise DidNotComplete(f"the fresh process failed: {err.strip()[-800:]}")
+        got = json.loads(lines[-1])
+        if got.get("status") != "ok":
+            raise DidNotComplete(got.get("reason", "the fresh process failed"))
+        return {k: got[k] for k in ("first_s", "start_s", "correct")}
+
+    def body() -> dict[str, Outcome]:
+        result = harness.repeat(run, sizes=sz, sampler=ctx.sampler)
+        return {"B0": ok(result, "first_s", "s")}
+
+    return guarded(ctx, ["B0"], body)
 
 
 # -- B1 -----------------------------------------------------------------------------
@@ -438,5 +471,5 @@ def b8(ctx: Context) -> dict[str, Outcome]:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6, "B7": b7, "B8": b8,
+    "B0": b0, "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6, "B7": b7, "B8": b8,
 }  # fmt: skip

@@ -60,6 +60,16 @@ def gated(x: int, gate: str, log: str) -> int:
 
 
 @pygirder.fn
+def gated_pid(x: int, gate: str, log: str) -> int:
+    """``gated`` that records the pid of each process that starts it."""
+    record(log, f"pid:{os.getpid()}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x * 10
+
+
+@pygirder.fn
 def wait_slow(i: int, x: int, seconds: float, log: str) -> int:
     record(log, f"wait_slow:{i}")
     return slow(x, seconds, log).result() + i

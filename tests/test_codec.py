@@ -760,3 +760,49 @@ class Boom:
 
 def _explode() -> None:
     raise AssertionError("a forged pickle was loaded")
+
+
+def _general(value):
+    """The encoding of the general path (one value walked by the packer)."""
+    from pygirder import codec as c
+
+    return c._enc(value, c._packers.packer, 0)
+
+
+@pytest.mark.parametrize("size", [65535, 65536, 65537, 1 << 20])
+def test_large_bytes_encode_as_the_general_path_does(size):
+    value = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert codec.encode(value) == _general(value)
+    assert codec.encode(value, prefix=b"O") == b"O" + _general(value)
+    assert codec.decode(memoryview(codec.encode(value, prefix=b"O"))[1:]) == value
+
+
+def test_large_numpy_arrays_encode_as_the_general_path_does():
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(7)
+    values = [
+        rng.random((300, 100)),  # float64, 240 KB
+        rng.integers(0, 1 << 30, size=70_000, dtype=np.int32),
+        rng.random((400, 400))[::2, ::3],  # not contiguous
+        rng.random(20_000).astype(">f8"),  # big-endian: the general path swaps it
+        np.array([np.nan] * 10_000),  # NaNs: made canonical on the general path
+        (rng.random(70_000) > 0.5),  # bool
+        np.array(["abcd"] * 5_000),  # <U4
+        np.arange(0, 10_000, dtype="datetime64[s]"),  # no buffer format
+        np.zeros((0, 100_000)),  # empty: the general path
+    ]
+    for value in values:
+        encoded = codec.encode(value, prefix=b"O")
+        assert encoded == b"O" + _general(value), value.dtype
+        back = codec.decode(memoryview(encoded)[1:])
+        assert back.dtype.newbyteorder("=") == value.dtype.newbyteorder("=")
+        assert np.array_equal(back, value, equal_nan=value.dtype.kind in "fc")
+
+
+def test_the_limit_counts_the_encoding_of_a_large_value_not_the_prefix():
+    value = b"v" * 100_000
+    size = len(_general(value))
+    assert len(codec.encode(value, limit=size, prefix=b"O")) == size + 1
+    with pytest.raises(PayloadTooLarge) as err:
+        codec.encode(value, limit=size - 1, path="result of f")
+    assert err.value.size == size and "result of f" in str(err.value)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import typer
@@ -344,3 +344,54 @@ def test_example_prints_envelope_before_hanging_and_stops_on_sigterm() -> None:
         hanging.kill()
         hanging.wait()
         hanging.stdout.close()
+
+
+quick_app = typer.Typer()
+
+
+@service(quick_app, name="collect")
+def collect(
+    ctx: ServiceContext,
+    n: int = 2,
+    ratio: float = 0.5,
+    fail: bool = False,
+    name: Annotated[str, typer.Option("--label", envvar="QUICK_LABEL")] = "x",
+    extra: Annotated[list[str] | None, typer.Option("--extra")] = None,
+    maybe: str | None = None,
+) -> None:
+    """Prints what it was given, as JSON on stdout (the quick path prints no result)."""
+    got = {"n": n, "ratio": ratio, "fail": fail, "name": name, "extra": extra,
+           "maybe": maybe, "level": ctx.log_level, "id": ctx.id}  # fmt: skip
+    print(json.dumps(got))
+
+
+QUICK_LINES = [
+    [],
+    ["--n", "5", "--ratio=0.25", "--fail"],
+    ["--no-fail", "--label", "y", "--extra", "a", "--extra=b", "--maybe", "m"],
+    ["--log-level", "debug", "--id", "me", "--n=7"],
+]
+
+
+@pytest.mark.parametrize("args", QUICK_LINES)
+def test_quick_path_gives_the_function_what_typer_gives(args, capsys, monkeypatch) -> None:
+    from pygirder.service import run_quickly
+
+    monkeypatch.setenv("QUICK_LABEL", "from-env")
+    assert run_quickly(quick_app, ["collect", *args]) == 0
+    quick = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = CliRunner().invoke(quick_app, args, env={"QUICK_LABEL": "from-env"})
+    assert result.exit_code == 0, result.output
+    assert quick == json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["--json"], ["--opts", "{}"], ["--hang", "1"], ["--n", "two"], ["--nope"],
+     ["--n"], ["--fail=1"], ["--log-level", "LOUD"], ["positional"]],
+)  # fmt: skip
+def test_quick_path_leaves_everything_else_to_typer(args) -> None:
+    from pygirder.service import run_quickly
+
+    assert run_quickly(quick_app, ["collect", *args]) is None
+    assert run_quickly(quick_app, ["unknown-command"]) is None

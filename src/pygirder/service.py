@@ -79,6 +79,7 @@ import threading
 import time
 import tomllib
 import traceback
+import types
 import typing
 from collections import deque
 from collections.abc import Callable
@@ -579,7 +580,7 @@ class _ServiceCommand(TyperCommand):
 
 
 def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
-    """Run the function once with the shared options; returns the exit code."""
+    """Run the function once with the shared options Typer parsed; returns the exit code."""
     click_ctx = kwargs.pop(_P + "click_ctx")
     common = {name: kwargs.pop(_P + name) for name in _RESERVED}
     explicit = set()
@@ -587,6 +588,12 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
         source = click_ctx.get_parameter_source(p.name)
         if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
             explicit.add(p.name[len(_P) :] if p.name.startswith(_P) else p.name)
+    return _execute(spec, kwargs, common, explicit, click_ctx.command_path)
+
+
+def _execute(
+    spec: _Spec, kwargs: dict[str, Any], common: dict[str, Any], explicit: set, command_path: str
+) -> int:
     json_mode = bool(common.pop("json"))
     opts_text = common.pop("opts")
     common["log_level"] = LogLevel(common["log_level"]).value
@@ -671,7 +678,7 @@ def _run(spec: _Spec, kwargs: dict[str, Any]) -> int:
             elif usage:
                 typer.echo(
                     f"error: {failure.format_message()}\n"  # type: ignore[attr-defined]
-                    f"Try '{click_ctx.command_path} --help' for help.",
+                    f"Try '{command_path} --help' for help.",
                     err=True,
                 )
             else:
@@ -816,6 +823,128 @@ def service(
         spec = _Spec.inspect(fn, cmd_name, stop, render)
         callback = _callback(spec)
         app.command(name, cls=_ServiceCommand, **command_kwargs)(callback)
+        _SERVICES.setdefault(id(app), {})[cmd_name] = spec
         return fn
 
     return decorate
+
+
+# -- the quick path -----------------------------------------------------------------------
+# Typer converts every option through a pydantic TypeAdapter, which costs a process
+# about 0.1 s of imports before the function runs: too much for a worker that a
+# supervisor or an autoscaler starts often.  A command line made only of the function's
+# own options of plain types (str, int, float, bool, lists of str) plus --log-level and
+# --id is parsed here instead; anything else (--help, --json, --opts, --hang, an
+# unknown option, a value that does not convert) goes to Typer, which parses it or says
+# what is wrong exactly as before.
+_SERVICES: dict[int, dict[str, _Spec]] = {}  # id(app) -> command name -> spec
+_PLAIN = {str: str, int: int, float: float}
+
+
+def _option_names(p: inspect.Parameter) -> tuple[list[str], Any, str | None] | None:
+    """(option strings, base type, envvar) of a parameter, or None if it is not plain."""
+    annotation = p.annotation
+    info = None
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *meta = typing.get_args(annotation)
+        infos = [m for m in meta if isinstance(m, typer.models.OptionInfo)]
+        if len(infos) != 1 or len(meta) != 1:
+            return None
+        info = infos[0]
+    if p.default is inspect.Parameter.empty:
+        return None  # a required argument: Typer's
+    decls = list(info.param_decls) if info is not None else []
+    if info is not None and isinstance(info.default, str) and info.default.startswith("-"):
+        decls.insert(0, info.default)  # typer.Option("--name", ...) inside Annotated
+    if any("/" in d or not d.startswith("--") for d in decls):
+        return None  # secondary or short names: Typer's
+    names = decls or ["--" + p.name.replace("_", "-")]
+    envvar = info.envvar if info is not None else None
+    if envvar is not None and not isinstance(envvar, str):
+        return None
+    return names, annotation, envvar
+
+
+def _convert(kind: Any, text: str) -> Any:
+    """``text`` as ``kind`` (a plain type, or ``T | None``); ValueError if it is not."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        kind = args[0]
+    if kind not in _PLAIN:
+        raise ValueError(kind)
+    return _PLAIN[kind](text)
+
+
+def _list_item(kind: Any) -> Any:
+    """T for ``list[T]`` or ``list[T] | None``, else None."""
+    lists = [a for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is list]
+    return typing.get_args(lists[0])[0] if lists else None
+
+
+def run_quickly(app: typer.Typer, argv: list[str]) -> int | None:
+    """Run ``argv`` (a command of ``app`` and its options) without Typer's parsing;
+    the exit code, or None when the command line needs Typer."""
+    if not argv or argv[0] not in _SERVICES.get(id(app), {}):
+        return None
+    spec = _SERVICES[id(app)][argv[0]]
+    by_option: dict[str, tuple[str, Any]] = {}
+    values: dict[str, Any] = {}
+    for p in spec.params:
+        described = _option_names(p)
+        if described is None:
+            return None
+        names, kind, envvar = described
+        values[p.name] = p.default
+        if kind is bool:
+            for name in names:
+                by_option[name] = (p.name, True)
+                by_option["--no-" + name[2:]] = (p.name, False)
+            if envvar is not None:
+                return None  # Typer's rules for boolean variables
+            continue
+        by_option.update({name: (p.name, kind) for name in names})
+        if envvar is not None and envvar in os.environ:
+            try:
+                values[p.name] = _convert(kind, os.environ[envvar])
+            except ValueError:
+                return None
+    common: dict[str, Any] = {"log_level": "INFO", "id": None, "hang": 0.0, "opts": None,
+                              "json": False}  # fmt: skip
+    explicit: set[str] = set()
+    args = iter(argv[1:])
+    for arg in args:
+        name, eq, text = arg.partition("=")
+        if name in ("--log-level", "--id"):
+            value = text if eq else next(args, None)
+            if value is None:
+                return None
+            if name == "--id":
+                common["id"] = value
+            elif value.upper() in LOG_LEVELS:
+                common["log_level"] = value.upper()
+            else:
+                return None
+            continue
+        if name not in by_option:
+            return None
+        target, kind = by_option[name]
+        if isinstance(kind, bool):
+            if eq:
+                return None
+            values[target] = kind
+            explicit.add(target)
+            continue
+        value = text if eq else next(args, None)
+        if value is None:
+            return None
+        item = _list_item(kind)
+        try:
+            if item is not None:  # repeatable: the first one replaces the default
+                earlier = values[target] if target in explicit else []
+                values[target] = [*earlier, _convert(item, value)]
+            else:
+                values[target] = _convert(kind, value)
+        except ValueError:
+            return None
+        explicit.add(target)
+    return _execute(spec, values, common, explicit, f"pygirder {argv[0]}")

@@ -69,6 +69,12 @@ def inbox_block() -> float:
     return _env_float("PYGIRDER_INBOX_BLOCK", 5.0, minimum=0.1)
 
 
+def cache_bytes() -> int:
+    """Bytes of recent results each process keeps in memory (``PYGIRDER_CACHE_BYTES``,
+    default 64 MiB; 0: none).  A result larger than a quarter of it is not kept."""
+    return int(_env_float("PYGIRDER_CACHE_BYTES", 64 << 20, minimum=0))
+
+
 def max_result_bytes() -> int:
     """Largest encoded result a worker stores (``PYGIRDER_MAX_RESULT_BYTES``)."""
     from .codec import DEFAULT_LIMITS

@@ -302,3 +302,44 @@ def test_demo_sizes_are_checked_before_a_grid_starts():
     assert out.returncode == 2 and "--depth" in out.stderr and "2 or more" in out.stderr
     out = pygirder_cmd("demo", "--steps", "0", "--json")
     assert out.returncode == 2 and "--steps" in envelope_of(out)["error"]["message"]
+
+
+WORKER_PATH_PROBE = """
+import json, sys, runpy
+from pygirder.grid import worker
+
+async def report(self):
+    print(json.dumps(sorted(sys.modules)), flush=True)
+
+worker.Worker.run = report
+sys.argv = ["pygirder", *sys.argv[1:]]
+runpy.run_module("pygirder", run_name="__main__")
+"""
+
+
+def test_worker_command_path_stays_light(redis_url):
+    # `pygirder worker` is started by supervisors and fleets: it must not pay for the
+    # cloud commands, pydantic (Typer's option parsing) or rich before it serves.
+    # Worker.run is replaced by a probe that lists what the process has imported.
+    argv = ["worker", "--redis", redis_url, "--namespace", "light", "--processes", "1",
+            "--pool", "default", "--log-level", "WARNING", "--result-ttl", "0"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", WORKER_PATH_PROBE, *argv], capture_output=True,
+                          text=True, timeout=60, cwd=TESTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    modules = set(json.loads(proc.stdout.splitlines()[0]))
+    assert "pygirder.grid.worker" in modules and "pygirder.cli.main" in modules
+    heavy = {m for m in modules if m.split(".")[0] in ("pydantic", "pydantic_core", "rich", "boto3",
+                                                       "botocore")}  # fmt: skip
+    heavy |= {m for m in modules if m.startswith(("pygirder.cloud", "typer._adapters"))}
+    assert not heavy, sorted(heavy)
+
+
+def test_full_command_tree_still_mounts_for_other_commands():
+    proc = subprocess.run([sys.executable, "-m", "pygirder", "--help"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in proc.stdout for name in ("worker", "status", "logs", "cloud"))
+    # a worker command line Typer must parse (an unknown option) still gets its message
+    bad = subprocess.run([sys.executable, "-m", "pygirder", "worker", "--no-such-option"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "no-such-option" in bad.stderr

@@ -9,10 +9,11 @@ from typing import Annotated
 import typer
 
 from ..errors import PygirderError
+from ..service import run_quickly
 from .oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
 from .service import ServiceContext, service
 
-app = typer.Typer(
+_app = typer.Typer(
     name="pygirder",
     help="Run pure Python functions on a grid of workers coordinated by Valkey/Redis.",
     no_args_is_help=True,
@@ -31,7 +32,7 @@ NamespaceOpt = Annotated[
 ]
 
 
-@service(app, stop="flag")
+@service(_app, stop="flag")
 def worker(
     ctx: ServiceContext,
     redis: RedisOpt = DEFAULT_URL,
@@ -105,10 +106,14 @@ def worker(
             argv += ["--main-path", main_path]
         if max_runtime:
             argv += ["--max-runtime", str(max_runtime)]
+        from ..grid.recovery import DeadChildRecovery
+
         env = {**os.environ, "PYGIRDER_REDIS": redis}
         if store:
             env["PYGIRDER_STORE"] = store
-        supervisor = Supervisor(child_command(argv), n, env=env)
+        supervisor = Supervisor(
+            child_command(argv), n, env=env, on_death=DeadChildRecovery(redis, namespace)
+        )
         code = supervisor.run()
         return {"processes": n, "restarts": supervisor.restarts, "exit": code}
     import signal
@@ -127,7 +132,7 @@ def worker(
     return stats
 
 
-@service(app, stop="flag")
+@service(_app, stop="flag")
 def distributor(
     ctx: ServiceContext,
     redis: RedisOpt = DEFAULT_URL,
@@ -144,7 +149,7 @@ def distributor(
     return run_distributor(redis, pool=pool, parent=parent, namespace=namespace)
 
 
-@service(app, stop="flag")
+@service(_app, stop="flag")
 def server(
     ctx: ServiceContext,
     port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = 6379,
@@ -239,7 +244,7 @@ def _print_gc(report: dict) -> None:
     Console().print(table)
 
 
-@service(app, render=_print_gc)
+@service(_app, render=_print_gc)
 def gc(
     older_than: Annotated[
         str, typer.Option(help="Drop what nobody touched for this long: 90s, 30m, 2h, 7d.")
@@ -281,7 +286,7 @@ def gc(
     }
 
 
-@service(app, render=print_json)
+@service(_app, render=print_json)
 def submit(
     ctx: ServiceContext,
     target: TargetArg,
@@ -320,7 +325,7 @@ def _print_demo(report: dict) -> None:
     print_demo(report)
 
 
-@service(app, render=_print_demo)
+@service(_app, render=_print_demo)
 def demo(
     ctx: ServiceContext,
     depth: Annotated[int, typer.Option(help="Depth of the fan-out tree (2 or more).")] = 6,
@@ -358,32 +363,59 @@ def demo(
     return report
 
 
-def _mount() -> None:
-    """Commands that live in their own modules (each imports its heavy parts lazily)."""
+# Commands that live in their own modules, mounted only when the command line names
+# one of them (or asks for help): `pygirder worker` then starts without importing the
+# cloud code, pydantic or rich, which would double its start-up time.
+_LAZY_COMMANDS = ("status", "inspect", "logs", "dashboard", "cache", "cloud")
+_mounted = False
+
+
+def _mount_all() -> typer.Typer:
+    """The whole command tree (each module imports its heavy parts lazily)."""
+    global _mounted
+    if _mounted:
+        return _app
+    _mounted = True
     from .dashboard import dashboard_command
     from .logs import logs_command
     from .status import inspect_command, status_command
 
-    app.command("status")(status_command)
-    app.command("inspect")(inspect_command)
-    app.command("logs")(logs_command)
-    app.command("dashboard")(dashboard_command)
+    _app.command("status")(status_command)
+    _app.command("inspect")(inspect_command)
+    _app.command("logs")(logs_command)
+    _app.command("dashboard")(dashboard_command)
     from .cache import app as cache_app
 
-    app.add_typer(cache_app, name="cache")
+    _app.add_typer(cache_app, name="cache")
     from ..cloud.cli import app as cloud_app
 
-    app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")
+    _app.add_typer(cloud_app, name="cloud", help="AWS: account setup, image, artifacts, fleet.")
+    return _app
 
 
-_mount()
+def _app_for(argv: list[str]) -> typer.Typer:
+    """The command tree ``argv`` needs: the services alone for one of them."""
+    command = argv[0] if argv else ""
+    eager = {c.name or c.callback.__name__ for c in _app.registered_commands if c.callback}
+    return _app if command in eager else _mount_all()
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `from pygirder.cli.main import app` (tests, embedding programs): the whole tree
+    if name == "app":
+        return _mount_all()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
     from ..errors import PygirderError
 
+    argv = sys.argv[1:]
     try:
-        app()
+        code = run_quickly(_app, argv)
+        if code is not None:
+            sys.exit(code)
+        _app_for(argv)()
     except PygirderError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)

@@ -182,6 +182,7 @@ class Grid:
 
     def _start_workers(self, n: int) -> None:
         """Local worker processes, restarted when they die (as `pygirder worker` does)."""
+        from .recovery import DeadChildRecovery
         from .supervisor import Supervisor
 
         self._log_dir = Path(tempfile.mkdtemp(prefix="pygirder-workers-"))
@@ -207,6 +208,7 @@ class Grid:
             output=lambda i: open(log_dir / f"worker-{i}.log", "ab"),  # noqa: SIM115 (closed by Supervisor)
             # with a private server gone there is nothing to hand work back to
             death_signal=signal.SIGKILL if self._server is not None else signal.SIGTERM,
+            on_death=DeadChildRecovery(self.url, self.namespace),
         )
         self._supervisor.start()
         self._monitor = threading.Thread(target=self._watch_workers, daemon=True,

@@ -8,6 +8,7 @@ reconnect window, and a reply slower than the socket time-out fails its command.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -73,10 +74,8 @@ async def connect_redis(
         supported_errors=(redis_errors.ConnectionError,),
     )
     read_timeout = settings.socket_timeout() + block
-    return aioredis.Redis.from_url(
-        url,
+    options: dict[str, Any] = dict(
         decode_responses=False,
-        max_connections=max_connections,
         health_check_interval=30,
         socket_timeout=read_timeout,
         socket_connect_timeout=min(read_timeout, 10.0),
@@ -84,6 +83,15 @@ async def connect_redis(
         retry=retry,
         retry_on_error=[redis_errors.ConnectionError],
     )
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **options)
+    # A bounded pool makes concurrent commands wait for a connection instead of
+    # opening one more (each new one costs HELLO and CLIENT SETINFO on the server, and
+    # a grid of a thousand workers holds every connection they ever opened).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def redact(url: str) -> str:

@@ -27,7 +27,7 @@ def encode_ok(value: Any, *, name: str, limit: int | None, request_id: str | Non
     """The OK envelope of a result; a pickled one is signed for ``request_id`` (by
     default the request the calling task runs), so it cannot pass for another's."""
     try:
-        return OK + codec.encode(value, path=f"result of {name}", limit=limit)
+        return codec.encode(value, path=f"result of {name}", limit=limit, prefix=OK)
     except PayloadTooLarge:
         raise
     except CodecError:

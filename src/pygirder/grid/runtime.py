@@ -51,12 +51,17 @@ class Runtime:
         process_id: str | None = None,
         cache_size: int = 4096,
         call_graph: bool = True,
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
+        self.max_connections = max_connections  # of the command client (None: as needed)
         self.keys = Keys(namespace)
         self.process_id = process_id or new_process_id("proc")
         self.inbox = self.keys.inbox(self.process_id)
         self.cache_size = cache_size
+        # results are bounded by bytes too: 4,096 results of 10 MB would be 40 GB
+        self.cache_bytes = settings.cache_bytes()
+        self._cached_bytes = 0
         self.graph_ttl = CALL_GRAPH_TTL_S if call_graph else 0
         self.redis: aioredis.Redis | None = None
         self._listener_client: aioredis.Redis | None = None
@@ -86,7 +91,7 @@ class Runtime:
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
-        self.redis = await connect_redis(self.url)
+        await self.connect()
         self._listener_client = await connect_redis(
             self.url, max_connections=1, block=self._inbox_block
         )
@@ -94,6 +99,13 @@ class Runtime:
         await self.beat()
         self._start_listener()
         self._beat = asyncio.create_task(self._heartbeat(), name="pygirder-heartbeat")
+
+    async def connect(self, reconnect_timeout: float | None = None) -> None:
+        """Open the command client: enough to run scripts, with no heartbeat, inbox
+        or listener (``start`` adds those)."""
+        self.redis = await connect_redis(
+            self.url, max_connections=self.max_connections, reconnect_timeout=reconnect_timeout
+        )
 
     async def _run_id(self) -> str | None:
         """The server's run id: it changes when the server restarts."""
@@ -283,11 +295,24 @@ class Runtime:
 
     # -- results -------------------------------------------------------------
     def _remember(self, request_id: str, data: bytes) -> None:
+        """Keep a result for later calls of this process, the oldest going first once
+        the cache holds ``cache_size`` results or ``cache_bytes`` bytes."""
         cache = self._cache
+        old = cache.pop(request_id, None)
+        if old is not None:
+            self._cached_bytes -= len(old)
+        if len(data) * 4 > self.cache_bytes:
+            return  # too big to keep: it would push out everything else
         cache[request_id] = data
-        cache.move_to_end(request_id)
-        if len(cache) > self.cache_size:
-            cache.popitem(last=False)
+        self._cached_bytes += len(data)
+        while len(cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+            _, dropped = cache.popitem(last=False)
+            self._cached_bytes -= len(dropped)
+
+    def forget_cached(self) -> None:
+        """Empty this process's cache of recent results."""
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def resolve(self, request_id: str, data: bytes) -> None:
         """A result arrived (from the inbox, a submit reply, or this process's own worker)."""

@@ -4,6 +4,9 @@
 child is a plain ``pygirder worker --processes 1``.  A child that keeps crashing is
 restarted with exponential backoff, so a poison import cannot spin the machine.
 Children die with the supervisor (see :mod:`pygirder.lifetime`), even after a SIGKILL.
+A child that dies is reported to ``on_death`` with its pid before its replacement starts:
+the worker commands pass :class:`pygirder.grid.recovery.DeadChildRecovery`, which requeues
+the dead worker's requests at once instead of after its heartbeat TTL.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ class Supervisor:
         env: dict[str, str] | None = None,
         output: Callable[[int], IO[bytes] | None] | None = None,
         death_signal: int = signal.SIGTERM,
+        on_death: Callable[[int], object] | None = None,
     ) -> None:
         self.command = list(command)
+        self.on_death = on_death  # called with the pid of each child that exited
         self.n = n
         self.max_backoff = max_backoff
         self.env = env
@@ -96,7 +101,9 @@ class Supervisor:
                 self._spawn(self.n - 1)
 
     def poll(self) -> None:
-        """Restart exited processes, with exponential backoff for repeat failures."""
+        """Restart exited processes, with exponential backoff for repeat failures; report
+        each exit to ``on_death`` first (the replacement starts at a later poll)."""
+        exited = []
         with self._lock:
             if self._stopping:
                 return
@@ -114,7 +121,11 @@ class Supervisor:
                 delay = min(self.max_backoff, 0.5 * 2 ** max(0, self.failures[i] - 1))
                 self.next_start[i] = now + delay
                 self.restarts += 1
+                exited.append(child.pid)
                 log.warning("worker process %d exited with %s; restarting in %.1fs", i, code, delay)
+        if self.on_death is not None:
+            for pid in exited:
+                self.on_death(pid)
 
     def pids(self) -> list[int]:
         with self._lock:

@@ -389,3 +389,45 @@ def test_a_worker_runs_the_real_grid_worker_and_stops_on_a_spot_notice(
             thread.join(30)
     assert outcome == [0]
     assert supervisors[0].starts == 1
+
+
+def test_a_killed_worker_under_the_agent_is_requeued_at_once(
+    imds, status, redis_url, tmp_path, monkeypatch
+) -> None:
+    # With a 300 s heartbeat TTL only the agent's own requeue, when it reaps its dead
+    # child, lets the call finish within the test's time-outs.
+    import pygirder
+
+    tests = str(Path(__file__).resolve().parents[2])
+    monkeypatch.syspath_prepend(tests)
+    monkeypatch.setenv("PYTHONPATH", tests)
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", "300")
+    import gridfuncs as gf
+
+    pool = f"agent-{os.getpid()}"
+    supervisors: list[Supervisor] = []
+    opts = _options(status, redis=redis_url, imports=("gridfuncs",), pool=pool, processes="1",
+                    ready_grace_s=1.0)  # fmt: skip
+    thread, outcome = _in_thread(
+        lambda: run_service(opts, handle_signals=False, supervisor_hook=supervisors.append)
+    )
+    grid = pygirder.connect(redis_url, workers=0, pool=pool)
+    log, gate = str(tmp_path / "exec.log"), tmp_path / "gate"
+    try:
+        future = grid.submit(gf.gated_pid(2, str(gate), log))
+        started = lambda: [t for t in gf.count(log) if t.startswith("pid:")]  # noqa: E731
+        _wait(lambda: len(started()) == 1, timeout=60, what="the call to start")
+        victim = int(started()[0].split(":")[1])
+        assert victim == supervisors[0].pid  # the agent's child is the worker itself
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: len(started()) == 2, timeout=60, what="the call to run again")
+        gate.touch()
+        assert future.result(timeout=60) == 20
+        assert supervisors[0].starts == 2
+        assert grid.stats().get("dead_workers", 0) == 1
+    finally:
+        grid.close()
+        if supervisors:
+            supervisors[0].stop("test over")
+        thread.join(30)
+    assert outcome == [0]

@@ -202,6 +202,7 @@ def run_service(
     with tempfile.TemporaryDirectory(prefix="pygirder-agent-") as tmp:
         password = None
         env = dict(os.environ)
+        on_exit: Callable[[int], object] | None = None
         if command is None and opts.name and opts.fleet:
             password = read_redis_password(opts.name, opts.fleet, region=region)
         if command is None:
@@ -216,6 +217,9 @@ def run_service(
                     processes=opts.processes,
                 )  # fmt: skip
                 probe = alive_for(opts.ready_grace_s)
+                from ...grid.recovery import DeadChildRecovery
+
+                on_exit = DeadChildRecovery(env["PYGIRDER_REDIS"])
             ready_probe = ready_probe or probe
         supervisor = Supervisor(
             command,
@@ -224,6 +228,7 @@ def run_service(
             on_ready=lambda: announcer.send(Event.READY, "service is up", once=True),
             max_restarts=opts.max_restarts,
             stop_timeout_s=opts.stop_timeout_s,
+            on_exit=on_exit,
         )
         if supervisor_hook is not None:
             supervisor_hook(supervisor)

@@ -139,8 +139,12 @@ class Supervisor:
         stable_after_s: float = 60.0,
         stop_timeout_s: float = 30.0,
         poll_s: float = 0.1,
+        on_exit: Callable[[int], object] | None = None,
     ) -> None:
         self.command = list(command)
+        # called with the pid of every child that exited, before any restart: a grid
+        # worker's requests are requeued then, not when its heartbeat expires
+        self.on_exit = on_exit
         self.env = dict(env) if env is not None else None
         self.ready_probe = ready_probe or alive_for(2.0)
         self.on_ready = on_ready
@@ -209,6 +213,10 @@ class Supervisor:
                 pass
             return proc.wait()
 
+    def _exited(self, proc: subprocess.Popen) -> None:
+        if self.on_exit is not None:
+            self.on_exit(proc.pid)
+
     def run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
@@ -232,8 +240,10 @@ class Supervisor:
                 self._signal_child()
                 status = self._finish(proc)
                 log.info("service exited with status %s", status)
+                self._exited(proc)
                 return
             status = proc.wait()
+            self._exited(proc)
             ran = time.monotonic() - started
             failures = 1 if ran >= self.stable_after_s else failures + 1
             if failures > self.max_restarts:

@@ -51,6 +51,8 @@ from .watchdog import Watchdog, reexec
 
 log = logging.getLogger("pygirder.worker")
 
+COMMAND_CONNECTIONS = 1  # connections of a worker's command client (see Worker.__init__)
+
 
 class HandedBack(BaseException):
     """Raised inside a parked request when its worker shuts down and requeues it.
@@ -111,7 +113,13 @@ class Worker:
         self.options = options
         self.id = options.worker_id or new_process_id("worker")
         self.pool = options.pool
-        self.runtime = Runtime(url, namespace=options.namespace, process_id=self.id)
+        # One connection for every command of this process (they wait for it in turn),
+        # one for the blocking take and one for the inbox: a fixed number, so a large
+        # grid neither grows its connections under load nor re-opens them.
+        self.runtime = Runtime(
+            url, namespace=options.namespace, process_id=self.id,
+            max_connections=COMMAND_CONNECTIONS,
+        )  # fmt: skip
         self.keys = self.runtime.keys
         self.max_result_bytes = options.max_result_bytes or settings.max_result_bytes()
         # default limit on the time one call holds the baton (0: none); @fn(max_runtime=)

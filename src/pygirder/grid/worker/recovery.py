@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
@@ -89,20 +90,28 @@ class Recovery:
             alive = await pipe.execute()
         dead = [w for w, a in zip(ids, alive, strict=True) if not a and w != self.worker_id]
         for worker_id in dead:
-            info = json.loads(workers[worker_id.encode()])
-            requeued, poisoned = await self.requeue_all(worker_id, dead=True)
-            for request_id in poisoned:
-                await self.fail_poison(request_id, worker_id)
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(keys.workers, worker_id)
-                pipe.hdel(keys.idle(info.get("pool", self.pool)), worker_id)
-                if info.get("parent"):  # a distributor also stood in for its parent pool
-                    pipe.hdel(keys.idle(info["parent"]), worker_id)
-                pipe.hincrby(keys.stats, "dead_workers", 1)
-                await pipe.execute()
-            log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",
-                        worker_id, requeued, len(poisoned))  # fmt: skip
+            await self.retire(worker_id, json.loads(workers[worker_id.encode()]))
         return dead
+
+    async def retire(self, worker_id: str, info: dict[str, Any]) -> None:
+        """Requeue a dead worker's requests, fail its poison requests, unregister it.
+        ``info`` is its entry in the worker table.  The reaper calls this when the
+        heartbeat lapsed; a supervisor as soon as it reaped the process."""
+        assert self.runtime.redis is not None
+        keys = self.runtime.keys
+        requeued, poisoned = await self.requeue_all(worker_id, dead=True)
+        for request_id in poisoned:
+            await self.fail_poison(request_id, worker_id)
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.workers, worker_id)
+            pipe.hdel(keys.idle(info.get("pool", self.pool)), worker_id)
+            if info.get("parent"):  # a distributor also stood in for its parent pool
+                pipe.hdel(keys.idle(info["parent"]), worker_id)
+            pipe.delete(keys.heartbeat(worker_id))
+            pipe.hincrby(keys.stats, "dead_workers", 1)
+            await pipe.execute()
+        log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",
+                    worker_id, requeued, len(poisoned))  # fmt: skip
 
     async def requeue_ids(self, ids: list[str] | list[bytes]) -> None:
         """Hand these requests back to their pools, a bounded chunk per script call."""

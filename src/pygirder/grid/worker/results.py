@@ -17,7 +17,7 @@ from ... import settings
 from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store import scripts
 from ...store.scripts import Completion
-from ..protocol import encode_error
+from ..protocol import ERR, encode_error
 from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
@@ -27,6 +27,9 @@ BATCH = 64
 # ... and about this many bytes of them: the server holds a call's arguments in memory
 # while it runs, and counts them against its maxmemory
 BATCH_BYTES = 4 * 1024**2
+# Results larger than this go to the server as a SET of their own, not as an argument
+# of the `complete` script.
+OUTSIDE_BYTES = 64 * 1024
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -182,6 +185,21 @@ class Results:
                 self._pending.append(small)
                 await asyncio.sleep(1.0)
 
+    async def _store_outside(self, batch: list[Completion]) -> list[Completion]:
+        """Store the large results of ``batch`` with plain SETs; the batch for the
+        script, with those results left empty.  Copied through a script's arguments a
+        value is copied twice more inside the server, and a crash between the SET and
+        the script only leaves a result that a re-run writes again."""
+        out = []
+        assert self.runtime.redis is not None
+        for done in batch:
+            if len(done.result) > OUTSIDE_BYTES and done.result[:1] != ERR:
+                key = self.runtime.keys.result(done.id)
+                await self.runtime.redis.set(key, done.result, ex=int(done.ttl) or None)
+                done = done._replace(result=b"")
+            out.append(done)
+        return out
+
     async def _complete(self, batch: list[Completion], *, retries: int) -> None:
         ids = [done.id for done in batch]
         # restored results are counted before the script makes them visible, so whoever
@@ -191,8 +209,9 @@ class Results:
         try:
             for attempt in range(retries):
                 try:
+                    sent = await self._store_outside(batch)
                     await scripts.complete(
-                        self.runtime, self.runtime.keys, batch, worker=self.worker_id
+                        self.runtime, self.runtime.keys, sent, worker=self.worker_id
                     )
                     break
                 except Exception as exc:

@@ -11,7 +11,9 @@
 -- ARGV[2]  inline limit: results up to this size travel inside the wake-up message
 -- ARGV[3]  stem of inbox keys (Keys.inbox(''))
 -- then groups of 5: id, encoded result, TTL seconds (0: none), time the run started,
---          one-line summary of the result or error
+--          one-line summary of the result or error.  An empty result: the caller
+--          stored it under res:<id> itself (a large one, sent as a plain SET rather
+--          than copied through the arguments of this script).
 -- Derived keys: the inboxes to wake are the members of wt:<id>, which submit stored
 -- as the waiters' inbox keys (Keys.inbox(process)): they carry the namespace's hash
 -- tag, so they share the slot of KEYS.  A member that does not start with the inbox
@@ -45,13 +47,15 @@ for i = 4, #ARGV, 5 do
     redis.call('HSET', c, 'state', state, 'worker', worker, 'started', ARGV[i + 3],
                'finished', t, 'summary', ARGV[i + 4])
   end
-  if ttl > 0 then
+  if result == '' then
+    result = false
+  elseif ttl > 0 then
     redis.call('SET', res, result, 'EX', ttl)
   else
     redis.call('SET', res, result)
   end
   local msg
-  if #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
+  if result and #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
   for _, box in ipairs(redis.call('SMEMBERS', wt)) do
     if string.sub(box, 1, #inbox_stem) == inbox_stem then
       redis.call('LPUSH', box, msg)
