@@ -853,7 +853,7 @@ def _option_names(p: inspect.Parameter) -> tuple[list[str], Any, str | None] | N
         info = infos[0]
     if p.default is inspect.Parameter.empty:
         return None  # a required argument: Typer's
-    decls = list(info.param_decls) if info is not None else []
+    decls = list(info.param_decls or ()) if info is not None else []
     if info is not None and isinstance(info.default, str) and info.default.startswith("-"):
         decls.insert(0, info.default)  # typer.Option("--name", ...) inside Annotated
     if any("/" in d or not d.startswith("--") for d in decls):

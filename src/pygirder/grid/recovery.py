@@ -62,7 +62,7 @@ class DeadChildRecovery:
                 except ValueError:
                     continue
                 if info.get("pid") == pid and info.get("host") == self.host:
-                    mine[raw_id.decode()] = info
+                    mine[raw_id.decode() if isinstance(raw_id, bytes) else raw_id] = info
             for worker_id, info in mine.items():
                 recovery = Recovery(runtime, worker_id=worker_id, pool=info.get("pool", "default"),
                                     error_ttl=ERROR_TTL_S)  # fmt: skip
