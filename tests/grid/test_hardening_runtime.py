@@ -430,9 +430,10 @@ def test_a_dead_clients_waits_are_withdrawn_and_counted_abandoned(
 ):
     monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", "1.0")
     grid = grid_factory(workers=1)
-    log = str(tmp_path / "log")
-    busy = grid.submit(gf.slow(0, 3.0, log))
-    poll(lambda: "slow:0" in gf.count(log), what="the worker is busy")
+    log, gate = str(tmp_path / "log"), tmp_path / "gate"
+    # the one worker stays busy until the gate opens, however slowly the client starts
+    busy = grid.submit(gf.gated(0, str(gate), log))
+    poll(lambda: "gated:0" in gf.count(log), what="the worker is busy")
     code = (
         "import sys, time, pygirder, gridfuncs as gf\n"
         f"g = pygirder.connect({grid.url!r}, workers=0, namespace={grid.namespace!r})\n"
@@ -458,10 +459,11 @@ def test_a_dead_clients_waits_are_withdrawn_and_counted_abandoned(
         assert inbox not in server.smembers(keys.waiters(shared.call.id))
         assert not server.exists(keys.waits(dead), inbox)
         assert dead.encode() not in server.smembers(keys.waiting_processes)
+        gate.touch()
         assert busy.result(timeout=20) == 0
         assert shared.result(timeout=20) == 10
         poll(lambda: server.llen(keys.queue("default")) == 0, what="queue entries dropped")
-        assert set(gf.count(log)) == {"slow:0", "slow:1"}  # the abandoned ones never ran
+        assert set(gf.count(log)) == {"gated:0", "slow:1"}  # the abandoned ones never ran
     finally:
         if client.poll() is None:
             client.kill()
