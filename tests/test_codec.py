@@ -289,9 +289,9 @@ def test_int_range(number: int, native: bool) -> None:
 
 def test_big_ints_use_minimal_bytes() -> None:
     assert encode(2**64) == b"\xc7\x09\x01" + (2**64).to_bytes(9, "big", signed=True)
-    assert codec._big_int_bytes(-128) == b"\x80"
-    assert codec._big_int_bytes(128) == b"\x00\x80"
-    assert codec._big_int_bytes(-129) == b"\xff\x7f"
+    assert codec.encoding._big_int_bytes(-128) == b"\x80"
+    assert codec.encoding._big_int_bytes(128) == b"\x00\x80"
+    assert codec.encoding._big_int_bytes(-129) == b"\xff\x7f"
 
 
 @given(st.integers())
@@ -303,7 +303,7 @@ def test_any_int_round_trips(number: int) -> None:
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 8, 15, 16, 17, 255, 256, 65535, 65536])
 def test_extension_headers_match_msgpack(size: int) -> None:
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-    assert codec._ext(7, payload) == msgpack.packb(msgpack.ExtType(7, payload))
+    assert codec.encoding._ext(7, payload) == msgpack.packb(msgpack.ExtType(7, payload))
 
 
 def test_container_fast_paths_agree_with_the_walk() -> None:
@@ -371,8 +371,8 @@ def test_registered_dataclasses_round_trip() -> None:
 
 
 def test_registered_names() -> None:
-    assert codec._BY_CLASS[Point] == f"{__name__}:Point"
-    assert codec._BY_CLASS[Box] == "tests.codec:Box"
+    assert codec.registry._BY_CLASS[Point] == f"{__name__}:Point"
+    assert codec.registry._BY_CLASS[Box] == "tests.codec:Box"
     assert b"tests.codec:Box" in encode(Box(1))
 
 
@@ -381,12 +381,12 @@ def test_mp_main_is_registered_as_main() -> None:
     cls.__module__ = "__mp_main__"
     try:
         register(cls)
-        assert codec._BY_CLASS[cls] == "__main__:MainThing"
+        assert codec.registry._BY_CLASS[cls] == "__main__:MainThing"
         assert b"__main__:MainThing" in encode(cls(1))
         assert decode(encode(cls(1))) == cls(1)
     finally:
-        codec._BY_NAME.pop("__main__:MainThing", None)
-        codec._BY_CLASS.pop(cls, None)
+        codec.registry._BY_NAME.pop("__main__:MainThing", None)
+        codec.registry._BY_CLASS.pop(cls, None)
 
 
 def test_register_same_class_twice_is_fine() -> None:
@@ -403,7 +403,7 @@ def test_register_rejects_a_second_class_under_a_taken_name() -> None:
         register(name="tests.codec:Box")(Impostor)
     with pytest.raises(GridFunctionError, match="already registered as"):
         register(name="tests.codec:OtherBox")(Box)
-    assert codec._BY_NAME["tests.codec:Box"] is Box
+    assert codec.registry._BY_NAME["tests.codec:Box"] is Box
 
 
 @pytest.mark.parametrize("thing", [Opaque, 42, collections.namedtuple("NT", "a")])
@@ -415,7 +415,7 @@ def test_register_refuses_non_dataclasses(thing: Any) -> None:
 def test_unknown_class_on_decode_says_which_module_to_import() -> None:
     payload = msgpack.packb(["somewhere.models:Ghost", {"x": 1}])
     with pytest.raises(CodecError, match="import the module") as info:
-        decode(codec._ext(5, payload), path="result")
+        decode(codec.encoding._ext(5, payload), path="result")
     assert "somewhere.models:Ghost" in str(info.value)
     assert "'somewhere.models'" in str(info.value)
     assert info.value.path == "result"
@@ -424,7 +424,7 @@ def test_unknown_class_on_decode_says_which_module_to_import() -> None:
 def test_changed_class_on_decode_is_a_codec_error() -> None:
     payload = msgpack.packb([f"{__name__}:Point", {"x": 1, "zz": 2}])
     with pytest.raises(CodecError, match="same version of the class"):
-        decode(codec._ext(5, payload))
+        decode(codec.encoding._ext(5, payload))
 
 
 # --------------------------------------------------------------------------- errors
@@ -610,7 +610,7 @@ def test_truncated_and_corrupted_messages(value: Any, data: st.DataObject) -> No
 def nested_extensions(levels: int, code: int = 2) -> bytes:
     data = msgpack.packb([1])
     for _ in range(levels):
-        data = b"\x91" + codec._ext(code, data)
+        data = b"\x91" + codec.encoding._ext(code, data)
     return data
 
 
@@ -637,13 +637,13 @@ def test_legal_nesting_decodes_in_a_thread() -> None:
     [
         b"",
         b"\xc1",  # never used in msgpack
-        codec._ext(99, b"\x01"),
-        codec._ext(1, b""),
-        codec._ext(2, b"\x01"),  # a tuple of a non-array
-        codec._ext(3, b"\x91\x90"),  # a set holding a list
-        codec._ext(5, msgpack.packb([1, 2])),
-        codec._ext(5, msgpack.packb(["x"])),
-        codec._ext(6, msgpack.packb(["<f8", [2], b"\x00" * 8])),
+        codec.encoding._ext(99, b"\x01"),
+        codec.encoding._ext(1, b""),
+        codec.encoding._ext(2, b"\x01"),  # a tuple of a non-array
+        codec.encoding._ext(3, b"\x91\x90"),  # a set holding a list
+        codec.encoding._ext(5, msgpack.packb([1, 2])),
+        codec.encoding._ext(5, msgpack.packb(["x"])),
+        codec.encoding._ext(6, msgpack.packb(["<f8", [2], b"\x00" * 8])),
         b"\x81\x91\x01\x02",  # a map keyed by a list
         b"\xa2\xff\xfe",  # invalid UTF-8
         b"\xdd\xff\xff\xff\xff",  # an array claiming 4 billion items
@@ -689,7 +689,7 @@ def test_numpy_object_arrays_are_refused() -> None:
     assert err.path == "value[0]"
     assert "object" in str(err)
     with pytest.raises(CodecError):
-        decode(codec._ext(6, msgpack.packb(["|O", [1], b"\x00" * 8])))
+        decode(codec.encoding._ext(6, msgpack.packb(["|O", [1], b"\x00" * 8])))
 
 
 # --------------------------------------------------------------------------- pickle
@@ -764,7 +764,7 @@ def _explode() -> None:
 
 def _general(value):
     """The encoding of the general path (one value walked by the packer)."""
-    from pygirder import codec as c
+    from pygirder.codec import encoding as c
 
     return c._enc(value, c._packers.packer, 0)
 

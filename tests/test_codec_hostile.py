@@ -52,7 +52,7 @@ _PACK = msgpack.Packer(use_bin_type=True)
 
 
 def ext(code: int, payload: bytes) -> bytes:
-    return codec._ext(code, payload)
+    return codec.encoding._ext(code, payload)
 
 
 def array_of(items: list[bytes]) -> bytes:
@@ -64,7 +64,7 @@ def map_of(pairs: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def bigint(value: int) -> bytes:
-    return ext(codec._EXT_BIGINT, codec._big_int_bytes(value))
+    return ext(codec.wire._EXT_BIGINT, codec.encoding._big_int_bytes(value))
 
 
 def colliding_bigints(count: int) -> list[int]:
@@ -108,18 +108,18 @@ def colliding_pairs(count: int, target: int = 12345) -> list[tuple[int, int]]:
 
 
 def tuple_bytes(pair: tuple[int, int]) -> bytes:
-    return ext(codec._EXT_TUPLE, _PACK.pack(list(pair)))
+    return ext(codec.wire._EXT_TUPLE, _PACK.pack(list(pair)))
 
 
 def nested_tuples(levels: int) -> bytes:
     data = _PACK.pack(0)
     for _ in range(levels):
-        data = ext(codec._EXT_TUPLE, array_of([data]))
+        data = ext(codec.wire._EXT_TUPLE, array_of([data]))
     return data
 
 
 def ndarray(dtype: str, shape: list[int], data: bytes = b"") -> bytes:
-    return ext(codec._EXT_NDARRAY, _PACK.pack([dtype, shape, data]))
+    return ext(codec.wire._EXT_NDARRAY, _PACK.pack([dtype, shape, data]))
 
 
 @register(name="tests.hostile:Small")
@@ -132,7 +132,7 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
     return {
         # The first four found: seconds of CPU, gigabytes, a crash.
         "set-of-20000-colliding-bigints": lambda: ext(
-            codec._EXT_SET, array_of([bigint(v) for v in colliding_bigints(20_000)])
+            codec.wire._EXT_SET, array_of([bigint(v) for v in colliding_bigints(20_000)])
         ),
         "ndarray-40000-dims": lambda: ndarray("<f8", [2**63 - 1] * 40_000),
         "ndarray-S0-huge-shape": lambda: ndarray("|S0", [2**31]),
@@ -142,7 +142,7 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
             [(tuple_bytes(p), b"\x00") for p in colliding_pairs(10_000)]
         ),
         "frozenset-of-10000-colliding-tuples": lambda: ext(
-            codec._EXT_FROZENSET, array_of([tuple_bytes(p) for p in colliding_pairs(10_000)])
+            codec.wire._EXT_FROZENSET, array_of([tuple_bytes(p) for p in colliding_pairs(10_000)])
         ),
         "dict-of-15000-colliding-bigint-keys": lambda: map_of(
             [(bigint(v), b"\xc0") for v in colliding_bigints(15_000)]
@@ -151,7 +151,7 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
             map_of([(tuple_bytes(p), b"\x00") for p in colliding_pairs(10_000)]), 5
         ),
         "set-of-256-colliding-tuples-and-40000-copies": lambda: ext(
-            codec._EXT_SET,
+            codec.wire._EXT_SET,
             array_of(
                 [tuple_bytes(p) for p in colliding_pairs(MAX_HASH_COLLISIONS)]
                 + [tuple_bytes(colliding_pairs(MAX_HASH_COLLISIONS)[-1])] * 40_000
@@ -160,7 +160,7 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
         # Many small extensions: each costs a call of the extension hook.
         "list-of-163840-distinct-3-tuples": lambda: array_of(
             [
-                ext(codec._EXT_TUPLE, bytes((0x93, a, b, c)))
+                ext(codec.wire._EXT_TUPLE, bytes((0x93, a, b, c)))
                 for a in range(10)
                 for b in range(128)
                 for c in range(128)
@@ -172,7 +172,7 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
         "lists-nested-100000-deep": lambda: b"\x91" * 100_000 + b"\x00",
         "extension-header-of-4-gigabytes": lambda: b"\xc9\xff\xff\xff\xff\x02\x90",
         "set-of-lists": lambda: ext(
-            codec._EXT_SET, array_of([_PACK.pack([i]) for i in range(100)])
+            codec.wire._EXT_SET, array_of([_PACK.pack([i]) for i in range(100)])
         ),
         # Big payloads nested deep: each level's payload is a copy of the rest.
         "1mb-bytes-in-500-nested-tuples": lambda: _wrap_tuples(
@@ -191,18 +191,18 @@ def _hostile() -> dict[str, Callable[[], bytes]]:
         "ndarray-data-shorter-than-shape": lambda: ndarray("<f8", [2**20, 2**20], b"\x00" * 8),
         # Dataclasses: unknown names and field maps.
         "dataclass-with-100000-fields": lambda: ext(
-            codec._EXT_DATACLASS,
+            codec.wire._EXT_DATACLASS,
             _PACK.pack(["tests.hostile:Small", {f"f{i}": 0 for i in range(100_000)}]),
         ),
         "dataclass-with-a-huge-name": lambda: ext(
-            codec._EXT_DATACLASS, _PACK.pack(["x" * 100_000, {}])
+            codec.wire._EXT_DATACLASS, _PACK.pack(["x" * 100_000, {}])
         ),
     }
 
 
 def _wrap_tuples(data: bytes, levels: int) -> bytes:
     for _ in range(levels):
-        data = ext(codec._EXT_TUPLE, array_of([data]))
+        data = ext(codec.wire._EXT_TUPLE, array_of([data]))
     return data
 
 
@@ -344,7 +344,7 @@ def test_unhashable_set_members_say_so() -> None:
     with pytest.raises(CodecError, match="a set member is unhashable"):
         decode(HOSTILE["set-of-lists"]())
     with pytest.raises(CodecError, match="a set member is unhashable"):
-        decode(ext(codec._EXT_SET, array_of([_PACK.pack([1])])))
+        decode(ext(codec.wire._EXT_SET, array_of([_PACK.pack([1])])))
 
 
 def test_dataclass_with_unknown_fields_gives_a_short_error() -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pygirder
 from pygirder import calls, codec, hashing
 from pygirder.grid import context
-
-SRC = Path(pygirder.__file__).parent
 
 
 def test_request_ids_are_stable_across_releases():
@@ -46,24 +42,6 @@ def test_fingerprint_ignores_the_docstring_but_not_the_code():
         return x + 2
 
     assert hashing.fingerprint(a) == hashing.fingerprint(b) != hashing.fingerprint(c)
-
-
-def _imports(module: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = "." * node.level + (node.module or "")
-            names.update(f"{base}.{a.name}" if not node.module else base for a in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return names
-
-
-def test_the_data_model_imports_nothing_from_grid():
-    for name in ("calls.py", "hashing.py", "codec.py", "errors.py"):
-        found = _imports(SRC / name)
-        bad = {n for n in found if "grid" in n.split(".") or n.startswith("pygirder.grid")}
-        assert not bad, f"{name} imports {bad}: the data model must not depend on grid/"
 
 
 class _Recorder:
