@@ -163,6 +163,9 @@ def _condition_holds(condition: dict[str, Any], context: dict[str, str]) -> bool
             elif operator == "StringEquals":
                 if have is None or have not in values:
                     return False
+            elif operator == "StringEqualsIfExists":
+                if have is not None and have not in values:
+                    return False
             elif operator == "StringLike":
                 if have is None or not any(fnmatch.fnmatchcase(have, v) for v in values):
                     return False

@@ -231,7 +231,11 @@ def pick_surplus(instances: list[dict[str, Any]], count: int) -> list[dict[str, 
 
 
 class Drainer:
-    """Drains instances through the grid's Redis, then terminates them."""
+    """Drains instances through the grid's Redis, then terminates them.
+
+    :meth:`start` and :meth:`poll` are the steps (the controller takes one per round);
+    :meth:`drain` runs them until every instance has ended.
+    """
 
     def __init__(
         self,
@@ -249,45 +253,64 @@ class Drainer:
         self.say = say
         self.timeout_s = drain_timeout_s() if timeout_s is None else timeout_s
         self.clock = clock
+        self.pending: dict[str, float] = {}
+        """Instance id -> when its drain times out."""
+
+    def start(self, client: Any, ids: list[str], reason: str) -> None:
+        from ..instance.drain import request_drain
+
+        ids = [iid for iid in ids if iid not in self.pending]
+        if not ids:
+            return
+        request_drain(client, self.fleet, ids, reason)
+        self.say(f"draining {len(ids)} instance(s) ({reason}): {', '.join(ids)}")
+        deadline = self.clock() + self.timeout_s
+        self.pending.update({iid: deadline for iid in ids})
+
+    def poll(self, client: Any) -> dict[str, str]:
+        """Terminate what has drained or timed out; instance id -> how it ended."""
+        from ..instance.drain import drained, forget
+
+        if not self.pending:
+            return {}
+        now = self.clock()
+        done = set(drained(client, self.fleet)) & set(self.pending)
+        late = {iid for iid, until in self.pending.items() if until <= now} - done
+        ended = {iid: "drained" for iid in done} | {iid: "drain timed out" for iid in late}
+        if done:
+            self.say(f"drained: {', '.join(sorted(done))}; terminating")
+        if late:
+            self.say(
+                f"{len(late)} instance(s) did not confirm the drain within "
+                f"{self.timeout_s:.0f}s; terminating them (their calls are requeued): "
+                + ", ".join(sorted(late))
+            )
+        if ended:
+            terminate(self.aws, sorted(ended))
+            forget(client, self.fleet, ended)
+            for iid in ended:
+                del self.pending[iid]
+        return ended
 
     def drain(self, ids: list[str], reason: str) -> dict[str, str]:
-        """Drain and terminate ``ids``; instance id -> how it ended (drained / timed out)."""
-        from ..instance import drain as protocol
-
+        """Drain and terminate ``ids``; instance id -> how it ended."""
         if not ids:
             return {}
         outcome: dict[str, str] = {}
-        try:
-            opened = self.connect() if self.connect else None
-        except FleetError as exc:
-            opened = None
-            self.say(f"cannot reach the grid to drain ({exc}); terminating without a drain")
-        if opened is None:
-            terminate(self.aws, ids)
-            return {iid: "terminated without a drain" for iid in ids}
-        with opened as client:
-            protocol.request_drain(client, self.fleet, ids, reason)
-            self.say(f"draining {len(ids)} instance(s): {', '.join(ids)}")
-            deadline = self.clock() + self.timeout_s
-            waiting = set(ids)
-            while waiting and self.clock() < deadline:
-                done = set(protocol.drained(client, self.fleet)) & waiting
-                if done:
-                    terminate(self.aws, sorted(done))
-                    for iid in done:
-                        outcome[iid] = "drained"
-                    waiting -= done
-                    self.say(f"drained and terminated: {', '.join(sorted(done))}")
-                if waiting:
+        with contextlib.ExitStack() as stack:
+            try:
+                client = stack.enter_context(self.connect()) if self.connect else None
+            except FleetError as exc:
+                client = None
+                self.say(f"cannot reach the grid to drain ({exc}); terminating without a drain")
+            if client is None:
+                terminate(self.aws, ids)
+                return {iid: "terminated without a drain" for iid in ids}
+            self.start(client, ids, reason)
+            while self.pending:
+                outcome.update(self.poll(client))
+                if self.pending:
                     time.sleep(0.5)
-            if waiting:
-                self.say(
-                    f"{len(waiting)} instance(s) did not confirm the drain within "
-                    f"{self.timeout_s:.0f}s; terminating them (their calls are requeued)"
-                )
-                terminate(self.aws, sorted(waiting))
-                outcome.update({iid: "drain timed out" for iid in waiting})
-            protocol.forget(client, self.fleet, ids)
         return outcome
 
 
