@@ -41,8 +41,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from ...cli.service import ServiceContext, service
 from ..aws import CAPACITY_CODES, POOL_UNUSABLE_CODES, Aws, is_quota_code
 from ..config import CloudConfig
 from ..errors import CloudError
@@ -221,7 +224,8 @@ class Controller:
                 continue
             if a.fleet != self.fleet or a.event != "going-away":
                 continue
-            if a.instance_id in ours and a.instance_id not in self.leaving:
+            drained = a.detail.startswith("drained")  # asked for by a shrink: not a loss
+            if not drained and a.instance_id in ours and a.instance_id not in self.leaving:
                 self.leaving[a.instance_id] = (self.clock(), a.detail)
                 self.say(f"{a.role} {a.instance_id} is going away ({a.detail}): replacing it")
             self.aws.call(
@@ -552,3 +556,65 @@ def controller_policy(
              "Resource": f"arn:{p}:ssm:{region}:{account_id}:parameter/pygirder/{name}/{fleet}/*"},
         ],
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the command
+
+app = typer.Typer(
+    name="pygirder-controller",
+    help="The fleet controller (run by the agent on a fleet's redis node).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@service(app, stop="flag")
+def run(
+    ctx: ServiceContext,
+    fleet: Annotated[str, typer.Option("--fleet", help="Id of the fleet to keep.")],
+    name: Annotated[str, typer.Option("--name", help="Deployment name (tags, SSM path).")],
+    region: Annotated[str, typer.Option("--region", help="The fleet's region.")],
+    queue_url: Annotated[
+        str | None, typer.Option("--queue-url", help="The status queue (announcements).")
+    ] = None,
+    redis_url: Annotated[
+        str, typer.Option("--redis", help="redis://HOST:PORT/DB of the grid (no password).")
+    ] = "redis://127.0.0.1:6379/0",
+    interval: Annotated[
+        float | None, typer.Option(help="Seconds between rounds (default 10).")
+    ] = None,
+) -> dict[str, int]:
+    """Keep the fleet at its target until SIGTERM; the Redis password comes from SSM."""
+    import redis
+
+    from ..instance.announce import read_redis_password
+    from ..instance.supervisor import with_password
+    from .naming import check_fleet_id
+
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    check_fleet_id(fleet)
+    password = read_redis_password(name, fleet, region=region)
+    grid = redis.Redis.from_url(
+        with_password(redis_url, password), socket_timeout=10, socket_connect_timeout=5
+    )
+    config = CloudConfig(name=name, region=region)
+    control = Controller(config, fleet, aws=Aws(config), queue_url=queue_url, grid=grid)
+    stopper = threading.Thread(
+        target=lambda: (ctx.stopping.wait(), control.stop()), name="stop-watch", daemon=True
+    )
+    stopper.start()
+    try:
+        control.run(interval)
+    finally:
+        grid.close()
+    return {"rounds": control.rounds}
+
+
+def main() -> None:
+    app(prog_name="python -m pygirder.cloud.fleet.controller")
+
+
+if __name__ == "__main__":
+    main()

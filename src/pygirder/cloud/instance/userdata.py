@@ -72,6 +72,7 @@ def render_user_data(
     expires: datetime | None = None,
     spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S,
     base_python: str = DEFAULT_BASE_PYTHON,
+    controller_queue_url: str | None = None,
 ) -> str:
     """The bash user-data of one instance.
 
@@ -80,7 +81,8 @@ def render_user_data(
     tag); exactly one of the two is required.  ``redis`` (``redis://HOST:PORT/DB``,
     no password) is required for workers and distributors, ``parent`` for
     distributors.  ``spot_interval_s`` is how often the agent asks IMDS for a spot
-    interruption notice.
+    interruption notice.  ``controller_queue_url`` (redis role only) runs the fleet
+    controller beside the server, reading announcements from that queue.
     """
     role = Role(role)
     if (ttl is None) == (expires is None):
@@ -121,6 +123,9 @@ def render_user_data(
     ]  # fmt: skip
     if role is Role.REDIS:
         run_args.append(f"--port {int(port)}")
+        if controller_queue_url:
+            url = _check_token("controller_queue_url", controller_queue_url)
+            run_args.append(f"--controller-queue-url {q(url)}")
     else:
         assert redis is not None
         run_args.append(f"--redis {q(_check_token('redis', redis))}")
