@@ -7,14 +7,14 @@ fills a private Valkey with raw pipelined commands, then measures three phases:
 1. cancel ``--cancel`` calls of ``--queued`` queued ones (``Runtime.cancel``);
 2. take the queue empty, as a worker does (the TAKE script, 16 per call), which
    also drops the entries the cancel left behind;
-3. a cycle check (``Worker._check_cycle``, round after round, as the worker's cycle
+3. a cycle check (``CycleChecks.check``, round after round, as the worker's cycle
    loop runs it) of a request waiting on a call with ``--children`` unfinished
    children, one of which waits on the request;
 4. a client submitting ``--submit`` calls in one wait (``Runtime.submit``);
 5. the reaper requeueing a dead worker that owned ``--stack`` stack entries (and a
-   few in flight): ``Worker._reap_workers``;
+   few in flight): ``Recovery.reap_workers``;
 6. a worker over its ``max_stack`` forcing ``--share`` stack entries onto the pool
-   queue (``Worker._share(..., force=True)``).
+   queue (``Sharing.share(..., force=True)``).
 
 For each phase it prints the longest script as Valkey's SLOWLOG timed it (the
 server is started with ``slowlog-log-slower-than 0``, so every command is logged),
@@ -46,7 +46,7 @@ import redis
 
 import pygirder
 from pygirder.grid.runtime import Runtime
-from pygirder.grid.worker import Worker, _Parked
+from pygirder.grid.worker import Parked, Worker, WorkerOptions
 from pygirder.server import EmbeddedServer
 from pygirder.store import scripts
 from pygirder.store.keys import Keys
@@ -242,11 +242,11 @@ async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[d
     kids = new_ids(args.children)
     fill_children(client, keys, child, kids)
     client.sadd(keys.children(kids[len(kids) // 2]), request)  # the way back: a cycle
-    worker = Worker(url, namespace=NAMESPACE)
+    worker = Worker(url, WorkerOptions(namespace=NAMESPACE))
     await worker.runtime.start()
     try:
         loop = asyncio.get_running_loop()
-        parked = _Parked(children=[child], since=time.monotonic(),
+        parked = Parked(children=[child], since=time.monotonic(),
                          cycle=loop.create_future(), next_check=0.0)  # fmt: skip
         name = f"cycle check through a call with {args.children:,} children"
         with Phase(client, url, name) as ph:
@@ -254,7 +254,7 @@ async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[d
             deadline = time.monotonic() + args.time_limit
             while not parked.cycle.done() and time.monotonic() < deadline:
                 try:
-                    await worker._check_cycle(request, parked)
+                    await worker.cycles.check(request, parked)
                 except Exception:  # the worker's cycle loop logs it and carries on
                     errors += 1
                 rounds += 1
@@ -296,11 +296,11 @@ async def run_bulk(args: argparse.Namespace, url: str, client: redis.Redis) -> l
         client.hset(keys.state(request_id), mapping=state)
     client.lpush(keys.inflight(dead), *inflight)
     client.hset(keys.workers, dead, json.dumps({"pool": "default"}))  # no heartbeat: dead
-    worker = Worker(url, namespace=NAMESPACE)
+    worker = Worker(url, WorkerOptions(namespace=NAMESPACE))
     await worker.runtime.start()
     try:
         with Phase(client, url, f"reap a dead worker owning {args.stack:,}") as ph:
-            reaped = await worker._reap_workers()
+            reaped = await worker.recovery.reap_workers()
         queued = client.llen(keys.queue("default"))
         ph.row["note"] = f"{len(reaped)} reaped, {queued:,} requeued"
         rows.append(ph.row)
@@ -308,9 +308,9 @@ async def run_bulk(args: argparse.Namespace, url: str, client: redis.Redis) -> l
 
         shared = new_ids(args.share)
         fill_owned(client, keys, worker.id, shared)
-        worker.stack = [(request_id, PAYLOAD, False) for request_id in shared]
+        worker.stack[:] = [(request_id, PAYLOAD, False) for request_id in shared]
         with Phase(client, url, f"forced share of {args.share:,} stack entries") as ph:
-            moved = await worker._share(len(worker.stack), force=True)
+            moved = await worker.sharing.share(len(worker.stack), force=True)
         ph.row["note"] = f"{moved:,} moved, {len(worker.stack):,} kept"
         rows.append(ph.row)
     finally:

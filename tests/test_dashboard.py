@@ -174,3 +174,10 @@ def test_page_shows_workers_and_updates_while_a_job_runs(grid_factory):
             assert problems == []
         finally:
             browser.close()
+
+
+def test_the_default_fleet_source_is_the_cloud_fleets_rows() -> None:
+    from pygirder.cloud.fleet import dashboard_instances
+    from pygirder.dashboard import default_fleet_source
+
+    assert default_fleet_source() is dashboard_instances

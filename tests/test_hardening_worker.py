@@ -19,7 +19,7 @@ import redis
 
 import hostilefuncs as hf
 import pygirder
-from pygirder.grid.worker import Worker, _Threads
+from pygirder.grid.worker import Threads, Worker, WorkerOptions
 from pygirder.server import EmbeddedServer
 from pygirder.store.keys import Keys
 
@@ -90,7 +90,7 @@ def test_sync_chain_deeper_than_the_kept_threads_completes(grid_factory, monkeyp
 
 
 def test_threads_start_when_none_is_free_and_idle_ones_expire():
-    threads = _Threads(keep=2, idle_s=0.2)
+    threads = Threads(keep=2, idle_s=0.2)
     release = threading.Event()
     started = []
     futures = [threads.submit(lambda i=i: (started.append(i), release.wait(10))) for i in range(20)]
@@ -113,7 +113,9 @@ class InProcessWorker:
 
     def __init__(self, url: str, namespace: str) -> None:
         # no execution limit: a call over one would re-execute this (the test) process
-        self.worker = Worker(url, namespace=namespace, imports=("hostilefuncs",), max_runtime=0)
+        self.worker = Worker(
+            url, WorkerOptions(namespace=namespace, imports=("hostilefuncs",), max_runtime=0)
+        )
         self.thread = threading.Thread(target=lambda: asyncio.run(self.worker.run()), daemon=True)
 
     def __enter__(self) -> Worker:

@@ -21,7 +21,7 @@ import gridfuncs as gf
 from pygirder.cli.status import app
 from pygirder.errors import GridCycleError
 from pygirder.grid.cycles import CycleSearch
-from pygirder.grid.worker import Worker, _Parked
+from pygirder.grid.worker import Parked, Worker, WorkerOptions
 from pygirder.observe.status import FailureScanner, collect_status
 from pygirder.store import scripts
 from pygirder.store.keys import Keys
@@ -142,11 +142,11 @@ def fill_children(client: redis.Redis, keys: Keys, parent: str, kids: list[str])
     pipe.execute()
 
 
-async def rounds_to_find(worker: Worker, request_id: str, parked: _Parked, rounds: int) -> int:
-    """Rounds of ``_check_cycle`` (as the worker's cycle loop runs them) until the
+async def rounds_to_find(worker: Worker, request_id: str, parked: Parked, rounds: int) -> int:
+    """Rounds of ``CycleChecks.check`` (as the worker's cycle loop runs them) until the
     cycle is found; the number of rounds."""
     for n in range(1, rounds + 1):
-        await worker._check_cycle(request_id, parked)
+        await worker.cycles.check(request_id, parked)
         if parked.cycle.done():
             return n
     return rounds
@@ -168,12 +168,12 @@ def test_cycle_through_a_node_with_many_children_is_found_in_bounded_steps(redis
     client.hset(keys.call(child), "fn", "mod:wide")
 
     async def main() -> tuple[int, GridCycleError]:
-        worker = Worker(redis_url, namespace=keys.namespace)
-        worker.cycle_step_budget, worker.cycle_steps, worker.cycle_step_target = 5000, 3, None
+        worker = Worker(redis_url, WorkerOptions(namespace=keys.namespace))
+        worker.cycles.step_budget, worker.cycles.steps, worker.cycles.step_target = 5000, 3, None
         await worker.runtime.start()
         try:
             loop = asyncio.get_running_loop()
-            parked = _Parked(children=[child], since=time.monotonic(),
+            parked = Parked(children=[child], since=time.monotonic(),
                              cycle=loop.create_future(), next_check=0.0)  # fmt: skip
             rounds = await rounds_to_find(worker, request, parked, 50)
             assert parked.cycle.done(), "the cycle was not found"
@@ -380,11 +380,11 @@ def test_a_dead_worker_with_thousands_of_requests_has_each_requeued_once(redis_u
     client.hset(keys.workers, dead, '{"pool": "default"}')
 
     async def main() -> list[str]:
-        worker = Worker(redis_url, namespace=keys.namespace)
+        worker = Worker(redis_url, WorkerOptions(namespace=keys.namespace))
         await worker.runtime.start()
         try:
             before = worker.runtime.round_trips
-            reaped = await worker._reap_workers()
+            reaped = await worker.recovery.reap_workers()
             pages = worker.runtime.round_trips - before
             assert pages >= (len(owned) + len(running)) // scripts.REQUEUE_PAGE
             return reaped
@@ -412,15 +412,15 @@ def test_a_dead_worker_with_thousands_of_requests_has_each_requeued_once(redis_u
 def test_a_forced_share_moves_the_whole_surplus_in_chunks(redis_url, client):
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
 
-    worker = Worker(redis_url, namespace=keys.namespace)
+    worker = Worker(redis_url, WorkerOptions(namespace=keys.namespace))
     ids = owned_requests(client, keys, worker.id, 3 * scripts.SHARE_CHUNK + 1)
 
     async def main() -> tuple[int, int]:
         await worker.runtime.start()
         try:
-            worker.stack = [(i, b"x", False) for i in ids]
+            worker.stack[:] = [(i, b"x", False) for i in ids]
             before = worker.runtime.round_trips
-            moved = await worker._share(len(ids), force=True)
+            moved = await worker.sharing.share(len(ids), force=True)
             return moved, worker.runtime.round_trips - before
         finally:
             await worker.runtime.close()
@@ -440,8 +440,8 @@ def test_a_worker_closed_right_after_a_share_closes_at_once(redis_url, client):
 
     async def main(worker: Worker, ids: list[str]) -> None:
         await worker.runtime.start()
-        worker.stack = [(i, b"x", False) for i in ids]
-        assert await worker._share(len(ids), force=True) == len(ids)
+        worker.stack[:] = [(i, b"x", False) for i in ids]
+        assert await worker.sharing.share(len(ids), force=True) == len(ids)
         closing = asyncio.ensure_future(worker.runtime.close())
         done, _ = await asyncio.wait({closing}, timeout=10)
         worker.threads.shutdown(wait=False)
@@ -449,6 +449,6 @@ def test_a_worker_closed_right_after_a_share_closes_at_once(redis_url, client):
 
     for _ in range(12):
         keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
-        worker = Worker(redis_url, namespace=keys.namespace)
+        worker = Worker(redis_url, WorkerOptions(namespace=keys.namespace))
         ids = owned_requests(client, keys, worker.id, scripts.SHARE_CHUNK + 1)
         asyncio.run(main(worker, ids))

@@ -396,6 +396,35 @@ class Aws:
                 self.sleep(delay)
                 attempt += 1
 
+    def delete(
+        self,
+        service: str,
+        operation: str,
+        *,
+        region: str | None = None,
+        keep_going: Callable[[], bool] = lambda: True,
+        on_retry: Callable[[CloudError, float, int], None] | None = None,
+        **params: Any,
+    ) -> Any:
+        """A delete call: "already gone" is success (``None``), and a refusal while AWS
+        still sees dependents (:data:`DEPENDENCY_CODES`) is retried with
+        :data:`DEPENDENCY_RETRY`, the one policy for every delete pygirder makes."""
+        try:
+            return self.call_retrying(
+                service,
+                operation,
+                region=region,
+                codes=DEPENDENCY_CODES,
+                policy=DEPENDENCY_RETRY,
+                keep_going=keep_going,
+                on_retry=on_retry,
+                **params,
+            )
+        except CloudError as exc:
+            if is_not_found(exc.code):
+                return None
+            raise
+
     def backoff(self, attempt: int) -> None:
         """Sleep before retry ``attempt`` (1-based) of a transient failure."""
         self.sleep(self.retry.delay(attempt))

@@ -10,6 +10,8 @@ a resource exists untagged.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 # Present (value "true") on every resource pygirder created.  Resources without it are
 # never adopted, modified or deleted, even when their name matches.
@@ -63,3 +65,45 @@ def ec2_filters(name: str, component: str | None = None) -> list[dict]:
     if component:
         filters.append({"Name": f"tag:{TAG_COMPONENT}", "Values": [component]})
     return filters
+
+
+def fleet_filters(name: str | None, fleet: str | None = None) -> list[dict[str, Any]]:
+    """EC2 filters for what a fleet (or any fleet of setup ``name``, or of any setup
+    when ``name`` is None) created."""
+    if name is None:
+        filters = [{"Name": f"tag:{TAG_MANAGED}", "Values": [MANAGED_VALUE]}]
+    else:
+        filters = ec2_filters(name)
+    if fleet:
+        filters.append({"Name": f"tag:{TAG_FLEET}", "Values": [fleet]})
+    else:
+        filters.append({"Name": "tag-key", "Values": [TAG_FLEET]})
+    return filters
+
+
+# ---------------------------------------------------- times in tags (pygirder:expires)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def stamp(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def as_utc(value: Any) -> datetime | None:
+    """A boto3 timestamp (datetime) or an ISO string as an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return parse_time(value)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import importlib
 import json
 import logging
 import socket
@@ -85,20 +84,19 @@ FleetSource = Callable[[], "list[dict[str, Any]] | None"]
 
 
 def default_fleet_source() -> FleetSource | None:
-    """``pygirder.cloud.fleet.dashboard_instances`` when the cloud code provides it.
+    """:func:`pygirder.cloud.fleet.dashboard_instances`: the live instances of
+    ./pygirder.toml's setup, or None without a ``[cloud]`` configuration or boto3.
 
-    The fleet section is pluggable: the dashboard never imports boto3 itself, and a
-    checkout without fleet code simply shows "no fleet configured".
+    Imported when asked for, not with this module: the fleet package loads the whole
+    AWS tooling (config, adaptor, launch, access), which a dashboard of a local grid
+    never needs, and cloud code that fails to import must not take the dashboard down.
     """
     try:
-        module = importlib.import_module("pygirder.cloud.fleet")
-    except ImportError:
-        return None
-    except Exception as exc:  # broken cloud code must not take the dashboard down
+        from ..cloud.fleet import dashboard_instances
+    except Exception as exc:  # broken cloud code: show "no fleet configured", say why
         log.warning("pygirder.cloud.fleet failed to import: %s", exc)
         return None
-    source = getattr(module, "dashboard_instances", None)
-    return source if callable(source) else None
+    return dashboard_instances
 
 
 class Monitor:

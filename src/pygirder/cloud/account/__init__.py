@@ -3,7 +3,7 @@
 The engine is :mod:`.kind` (the Kind protocol and the run context) and :mod:`.model`
 (the report); one module per service family holds its kinds (:mod:`.iam`, :mod:`.s3`,
 :mod:`.messaging`, :mod:`.keys`, :mod:`.network`, :mod:`.nat`, :mod:`.billing`);
-:mod:`.leftovers` finds what fleet and image commands left behind; :mod:`.verbs`
+:mod:`pygirder.cloud.leftovers` finds what fleet and image commands left behind; :mod:`.verbs`
 holds the commands and :mod:`.resources` what the fleet needs from a set-up account.
 
 Every resource kind is a small class with the same verbs: ``find`` it by tag,

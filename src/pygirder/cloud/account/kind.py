@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..aws import DEPENDENCY_CODES, DEPENDENCY_RETRY, Aws, is_not_found
+from .. import leftovers
+from ..aws import DEPENDENCY_RETRY, Aws
 from ..config import CloudConfig
 from ..errors import CloudError, NotSetUpError
+from ..leftovers import INSTANCES, Scope, wait_terminated
 from ..policy import (
     partition,
 )
@@ -120,30 +122,28 @@ class Ctx:
         return out
 
     def delete(self, service: str, operation: str, *, region: str | None = None, **params):
-        """A delete call that treats "already gone" as success and retries while
-        AWS still sees dependents (``DependencyViolation``) with backoff."""
+        """:meth:`Aws.delete` (gone is fine, dependents are waited out), which stops
+        retrying once an earlier delete of this run failed."""
+        return self.aws.delete(
+            service,
+            operation,
+            region=region,
+            keep_going=lambda: not self.failed,
+            on_retry=self.retrying,
+            **params,
+        )
 
-        def retrying(exc: CloudError, delay: float, attempt: int) -> None:
-            self.say(
-                f"  {service}:{exc.operation}: {exc.code}, retrying in {delay:.0f}s "
-                f"(attempt {attempt}/{DEPENDENCY_RETRY.attempts})"
-            )
+    def retrying(self, exc: CloudError, delay: float, attempt: int) -> None:
+        """Say that a delete waits for dependents to go away."""
+        self.say(
+            f"  {exc.service}:{exc.operation}: {exc.code}, retrying in {delay:.0f}s "
+            f"(attempt {attempt}/{DEPENDENCY_RETRY.attempts})"
+        )
 
-        try:
-            return self.aws.call_retrying(
-                service,
-                operation,
-                region=region,
-                codes=DEPENDENCY_CODES,
-                policy=DEPENDENCY_RETRY,
-                keep_going=lambda: not self.failed,
-                on_retry=retrying,
-                **params,
-            )
-        except CloudError as exc:
-            if is_not_found(exc.code):
-                return None
-            raise
+    def terminate(self, ids: list[str]) -> None:
+        """Terminate instances and wait (bounded) until they are gone."""
+        INSTANCES.delete(self.aws, ids, keep_going=lambda: not self.failed, on_retry=self.retrying)
+        wait_terminated(self.aws, ids, *WAIT_INSTANCE)
 
     def retry_codes(
         self, fn: Callable[[], Any], *, codes: Iterable[str], what: str, wait: tuple[float, float]
@@ -229,6 +229,36 @@ class Kind:
             "or rename that resource yourself."
         )
         return []
+
+
+class LeftoverKind(Kind):
+    """A kind of :mod:`pygirder.cloud.leftovers` as the account engine sees it: found
+    for the whole setup (image builds too), never wanted, deleted by teardown."""
+
+    def __init__(self, kind: leftovers.Kind) -> None:
+        self.kind = kind
+        self.key = kind.key
+        self.title = kind.title
+
+    def wanted(self, config: CloudConfig) -> bool:
+        return False
+
+    def find(self, ctx: Ctx) -> list[Found]:
+        return [
+            Found(id=item.id, name=item.label, state=item.state, data=item.data)
+            for item in self.kind.find(ctx.aws, Scope.setup(ctx.name))
+        ]
+
+    def delete(self, ctx: Ctx, found: Found) -> None:
+        if self.kind is INSTANCES:
+            ctx.terminate([found.id])
+        else:
+            self.kind.delete(
+                ctx.aws, [found.id], keep_going=lambda: not ctx.failed, on_retry=ctx.retrying
+            )
+
+    def monthly_usd(self, ctx: Ctx, found: Found) -> float | None:
+        return self.kind.monthly_usd(ctx.aws, found.data)
 
 
 class Ec2Kind(Kind):

@@ -9,12 +9,12 @@ from typing import Any
 
 from ..config import CloudConfig, CloudConfigError
 from ..errors import CloudError
+from ..leftovers import instance_monthly_usd
 from ..pricing import HOURS_PER_MONTH, PRICE_NAT_GATEWAY_HOUR, PRICE_PUBLIC_IPV4_HOUR
 from ..tags import (
     ec2_filters,
 )
 from .kind import WAIT_INSTANCE, WAIT_NAT_GATEWAY, Ctx, Ec2Kind
-from .leftovers import instance_monthly_usd, terminate_instances
 from .model import Action, Drift, Found
 
 # ------------------------------------------------------------------------- NAT
@@ -220,10 +220,10 @@ class NatInstance(Ec2Kind):
         )
 
     def delete(self, ctx: Ctx, found: Found) -> None:
-        terminate_instances(ctx, [found.id])
+        ctx.terminate([found.id])
 
     def monthly_usd(self, ctx: Ctx, found: Found) -> float | None:
-        return instance_monthly_usd(ctx, found.data)
+        return instance_monthly_usd(ctx.aws, found.data)
 
     def describe(self, ctx: Ctx, found: Found) -> str:
         return str(found.data.get("InstanceType", ""))

@@ -9,28 +9,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..aws import LIVE_INSTANCE_STATES, Aws
+from ..aws import Aws
 from ..config import CloudConfig, CloudConfigError
 from ..errors import CloudError, CredentialsError, FleetAliveError, ResourceConflictError
+from ..leftovers import INSTANCES, KINDS, Scope
 from ..tags import (
-    TAG_FLEET,
     TAG_MANAGED,
     TAG_NAME,
 )
 from .billing import BillingAlarm, BillingEmail, Budget, OldBillingAlarms
 from .iam import InstanceProfile, InstanceRole, PermissionsBoundary
 from .keys import ClusterKey, UserKey, ensure_key_pair, read_public_key
-from .kind import BILLING_REGION, Ctx, Kind, Progress
-from .leftovers import (
-    FleetRequests,
-    Images,
-    Instances,
-    LaunchTemplates,
-    Parameters,
-    Snapshots,
-    SpotRequests,
-    Volumes,
-)
+from .kind import BILLING_REGION, Ctx, Kind, LeftoverKind, Progress
 from .messaging import BillingTopic, StatusQueue, StatusSubscription, StatusTopic
 from .model import Action, Drift, Found, Item, Report
 from .nat import NatAddress, NatGateway, NatInstance, S3Endpoint
@@ -78,16 +68,7 @@ def account_kinds(config: CloudConfig) -> list[Kind]:
 
 def leftover_kinds() -> list[Kind]:
     """What fleet and image commands create, in the order teardown removes it."""
-    return [
-        FleetRequests(),
-        SpotRequests(),
-        Instances(),
-        LaunchTemplates(),
-        Images(),
-        Snapshots(),
-        Volumes(),
-        Parameters(),
-    ]
+    return [LeftoverKind(kind) for kind in KINDS]
 
 
 # ------------------------------------------------------------------ commands
@@ -287,16 +268,7 @@ def fleet_instances(config: CloudConfig, *, aws: Aws | None = None) -> list[dict
 
 
 def _fleet_instances(ctx: Ctx) -> list[dict[str, Any]]:
-    reservations = ctx.describe(
-        "describe_instances",
-        "Reservations",
-        Filters=[
-            {"Name": f"tag:{TAG_NAME}", "Values": [ctx.name]},
-            {"Name": "tag-key", "Values": [TAG_FLEET]},
-            {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
-        ],
-    )
-    return [inst for r in reservations for inst in r.get("Instances", [])]
+    return [item.data for item in INSTANCES.find(ctx.aws, Scope(ctx.name))]
 
 
 def teardown(

@@ -488,8 +488,8 @@ def down(
     as_json: JsonOpt = False,
 ) -> None:
     """Terminate the fleet and remove everything it created, then prove it."""
-    from ..fleet import KINDS
     from ..fleet import down as run_down
+    from ..leftovers import FLEET_KINDS
 
     cfg = _load(config)
     try:
@@ -506,10 +506,10 @@ def down(
         table.add_column("Kind")
         table.add_column("Left", justify="right")
         table.add_column("Ids", overflow="fold")
-        for kind, title in KINDS.items():
-            ids = left.get(kind, [])
+        for kind in FLEET_KINDS:
+            ids = left.get(kind.key, [])
             mark = "[green]0[/]" if not ids else f"[bold red]{len(ids)}[/]"
-            table.add_row(title, mark, escape(", ".join(ids)))
+            table.add_row(kind.summary, mark, escape(", ".join(ids)))
         out.print(table)
     if not report.fleets:
         err.print(f"no fleet of {cfg.name!r} is up: nothing to remove.")

@@ -11,8 +11,8 @@ DescribeInstances.  Announcements count only for instances the fleet launched.
 The package is cut by concept: :mod:`.naming` (ids, tags, filters), :mod:`.launch`
 (``up``), :mod:`.sources` (image and artifact), :mod:`.inventory` (status, cost, the
 dashboard's rows), :mod:`.access` (routes to the grid, remote commands),
-:mod:`.leftovers` (finding and deleting what a fleet left) and :mod:`.teardown`
-(``down``, ``sweep`` and their proof).
+:mod:`.teardown` (``down``, ``sweep`` and their proof, over the kinds of
+:mod:`pygirder.cloud.leftovers` that the account ``teardown`` uses too).
 
 Reaching the grid is pluggable (:data:`ROUTES`): the redis node's private address
 directly when it answers (a rehearsal on 127.0.0.x, or a laptop inside the VPC), else
@@ -42,13 +42,11 @@ from .inventory import (
     live_fleets,
 )
 from .launch import FleetSummary, Member, MemberState, UpOptions, up
-from .leftovers import KINDS
 from .naming import DEFAULT_INSTANCE_TYPES, TAG_LAUNCH
 from .teardown import DownReport, Orphan, down, find_orphans, fleet_leftovers, sweep
 
 __all__ = [
     "DEFAULT_INSTANCE_TYPES",
-    "KINDS",
     "ROUTES",
     "TAG_LAUNCH",
     "DownReport",

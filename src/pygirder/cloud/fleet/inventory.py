@@ -11,22 +11,18 @@ from typing import Any
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import NoFleetError
+from ..leftovers import BY_KEY, Scope
 from ..tags import (
     TAG_EXPIRES,
     TAG_FLEET,
     TAG_ROLE,
+    as_utc,
     ec2_filters,
     from_tag_list,
-)
-from .leftovers import find_kind
-from .naming import (
-    as_utc,
-    check_fleet_id,
-    describe_instances,
-    instances_of,
     parse_time,
     utcnow,
 )
+from .naming import check_fleet_id, describe_instances, instances_of
 
 
 def live_fleets(config: CloudConfig, *, aws: Aws | None = None) -> dict[str, list[dict]]:
@@ -37,9 +33,9 @@ def live_fleets(config: CloudConfig, *, aws: Aws | None = None) -> dict[str, lis
     for inst in instances_of(aws, config.name):
         fleet = from_tag_list(inst.get("Tags")).get(TAG_FLEET, "")
         found.setdefault(fleet, []).append(inst)
-    for kind in ("ec2-fleets", "launch-templates"):
-        for item in find_kind(aws, kind, config.name, None):
-            found.setdefault(item["fleet"], [])
+    for key in ("ec2-fleets", "launch-templates"):
+        for item in BY_KEY[key].find(aws, Scope(config.name)):
+            found.setdefault(item.fleet, [])
     found.pop("", None)
     return dict(sorted(found.items()))
 

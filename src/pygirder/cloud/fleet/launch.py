@@ -33,18 +33,15 @@ from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
 from ..instance.announce import Announcement
 from ..instance.common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role
-from ..tags import (
-    as_tag_list,
-)
+from ..leftovers import terminate
+from ..tags import as_tag_list, fleet_filters
 from .access import write_known_hosts
 from .inventory import spot_prices
-from .leftovers import terminate
 from .naming import (
     DEFAULT_DEADLINE_S,
     DEFAULT_INSTANCE_TYPES,
     DEFAULT_TTL_S,
     TAG_LAUNCH,
-    fleet_filters,
     fleet_tags,
     instances_of,
     launch_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,13 @@ from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..instance.common import Role
 from ..tags import (
-    MANAGED_VALUE,
     TAG_EXPIRES,
     TAG_FLEET,
-    TAG_MANAGED,
     TAG_ROLE,
-    ec2_filters,
+    fleet_filters,
     ownership_tags,
+    stamp,
+    utcnow,
 )
 
 # The launch an instance belongs to: ``<fleet>-<role>``, also in its user-data, so an
@@ -49,31 +49,6 @@ FLEET_ID_RANDOM_BYTES = 8
 # ------------------------------------------------------------------------ helpers
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def stamp(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def as_utc(value: Any) -> datetime | None:
-    """A boto3 timestamp (datetime) or an ISO string as an aware UTC datetime."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return parse_time(value)
-
-
 def new_fleet_id(now: datetime | None = None) -> str:
     """``fl-YYYYMMDD-HHMM-<16 hex>``: sortable by launch time, and 64 random bits, so
     nobody guesses the id of the next fleet (its SSM path, its launch ids)."""
@@ -92,20 +67,6 @@ def check_fleet_id(fleet: str) -> str:
 
 def launch_id(fleet: str, role: Role | str) -> str:
     return f"{fleet}-{Role(role)}"
-
-
-def fleet_filters(name: str | None, fleet: str | None = None) -> list[dict[str, Any]]:
-    """EC2 filters for what a fleet (or any fleet of setup ``name``, or of any setup
-    when ``name`` is None) created."""
-    if name is None:
-        filters = [{"Name": f"tag:{TAG_MANAGED}", "Values": [MANAGED_VALUE]}]
-    else:
-        filters = ec2_filters(name)
-    if fleet:
-        filters.append({"Name": f"tag:{TAG_FLEET}", "Values": [fleet]})
-    else:
-        filters.append({"Name": "tag-key", "Values": [TAG_FLEET]})
-    return filters
 
 
 def fleet_tags(config: CloudConfig, fleet: str, expires: datetime, role: str | None = None) -> dict:

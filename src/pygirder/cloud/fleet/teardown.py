@@ -15,13 +15,13 @@ from typing import Any
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import CloudError, CloudTimeoutError, NoFleetError
-from ..tags import (
-    TAG_FLEET,
-    from_tag_list,
-)
+from ..leftovers import BY_KEY, FLEET_KINDS, Scope, find, wait_terminated
+from ..tags import TAG_FLEET, from_tag_list, stamp, utcnow
 from .inventory import live_fleets
-from .leftovers import KINDS, delete_kind, find_kind, wait_terminated
-from .naming import check_fleet_id, instances_of, stamp, utcnow
+from .naming import check_fleet_id, instances_of
+
+# down removes these first and waits for the instances, then the rest of FLEET_KINDS.
+_RUNNING = ("ec2-fleets", "instances", "spot-requests")
 
 
 def fleet_leftovers(
@@ -30,9 +30,8 @@ def fleet_leftovers(
     """What of a fleet could still cost money or clutter the account, asked afresh:
     kind -> ids (every list empty means the fleet is gone)."""
     aws = aws or Aws(config)
-    return {
-        kind: [item["id"] for item in find_kind(aws, kind, config.name, fleet)] for kind in KINDS
-    }
+    found = find(aws, Scope(config.name, fleet))
+    return {key: [item.id for item in items] for key, items in found.items()}
 
 
 @dataclass
@@ -84,9 +83,9 @@ def down(
         fleets = [check_fleet_id(fleet)]
     else:
         fleets = list(live_fleets(config, aws=aws))
-        for param in find_kind(aws, "parameters", config.name, None):
-            if param["fleet"] not in fleets:
-                fleets.append(param["fleet"])
+        for param in BY_KEY["ssm-parameters"].find(aws, Scope(config.name)):
+            if param.fleet not in fleets:
+                fleets.append(param.fleet)
         if len(fleets) > 1 and not all_fleets:
             raise NoFleetError(
                 f"{len(fleets)} fleets of {config.name!r} are up ({', '.join(fleets)}): "
@@ -95,23 +94,23 @@ def down(
             )
     report = DownReport(fleets=fleets)
     for fl in fleets:
-        ids: dict[str, list[str]] = {}
-        for kind in ("ec2-fleets", "spot-requests", "instances"):
-            ids[kind] = [item["id"] for item in find_kind(aws, kind, config.name, fl)]
+        scope = Scope(config.name, fl)
+        ids = {key: [item.id for item in BY_KEY[key].find(aws, scope)] for key in _RUNNING}
         # Spot requests of our instances, tagged or not (EC2 does not always copy tags).
         requests = {
             i.get("SpotInstanceRequestId")
             for i in instances_of(aws, config.name, fl, [*LIVE_INSTANCE_STATES, "terminated"])
         }
         ids["spot-requests"] = sorted(set(ids["spot-requests"]) | {r for r in requests if r})
-        for kind in ("ec2-fleets", "instances", "spot-requests"):
-            if ids[kind]:
-                say(f"{fl}: removing {len(ids[kind])} {KINDS[kind].split(' (')[0]}")
+        for key in _RUNNING:
+            kind = BY_KEY[key]
+            if ids[key]:
+                say(f"{fl}: removing {len(ids[key])} {kind.summary.split(' (')[0]}")
             try:
-                delete_kind(aws, kind, ids[kind])
-                report.removed.setdefault(kind, []).extend(ids[kind])
+                kind.delete(aws, ids[key])
+                report.removed.setdefault(key, []).extend(ids[key])
             except CloudError as exc:
-                report.failures.append(f"{fl} {kind}: {exc}")
+                report.failures.append(f"{fl} {key}: {exc}")
         terminated = [
             i["InstanceId"]
             for i in instances_of(aws, config.name, fl, [*LIVE_INSTANCE_STATES, "terminated"])
@@ -137,15 +136,17 @@ def down(
             except CloudError as exc:
                 report.failures.append(f"NAT instance: {exc}")
     for fl in fleets:
-        for kind in ("volumes", "launch-templates", "parameters"):
-            found = [item["id"] for item in find_kind(aws, kind, config.name, fl)]
+        for kind in FLEET_KINDS:
+            if kind.key in _RUNNING:
+                continue
+            found = [item.id for item in kind.find(aws, Scope(config.name, fl))]
             if found:
-                say(f"{fl}: deleting {len(found)} {KINDS[kind]}")
+                say(f"{fl}: deleting {len(found)} {kind.summary}")
             try:
-                delete_kind(aws, kind, found)
-                report.removed.setdefault(kind, []).extend(found)
+                kind.delete(aws, found)
+                report.removed.setdefault(kind.key, []).extend(found)
             except CloudError as exc:
-                report.failures.append(f"{fl} {kind}: {exc}")
+                report.failures.append(f"{fl} {kind.key}: {exc}")
         report.leftovers[fl] = fleet_leftovers(config, fl, aws=aws)
     return report
 
@@ -181,30 +182,31 @@ def find_orphans(
     """
     aws = aws or Aws(config)
     now = utcnow()
-    found = {kind: find_kind(aws, kind, None, None) for kind in KINDS}
+    found = find(aws, Scope(None))
     alive = {
-        (item["name"], item["fleet"]) for item in found["instances"]
-        if not (item["expires"] and item["expires"] < now)
+        (item.setup, item.fleet) for item in found["instances"]
+        if not (item.expires and item.expires < now)
     }  # fmt: skip
     out = []
     for kind, items in found.items():
         for item in items:
-            age = (now - item["created"]).total_seconds() if item["created"] else math.inf
-            expired = item["expires"] is not None and item["expires"] < now
+            age = (now - item.created).total_seconds() if item.created else math.inf
+            expires = item.expires
+            expired = expires is not None and expires < now
             if kind == "instances":
-                if expired:
-                    reason = f"its time-to-live ran out at {stamp(item['expires'])}"
-                elif item["expires"] is None and age > older_than_s:
+                if expires is not None and expired:
+                    reason = f"its time-to-live ran out at {stamp(expires)}"
+                elif expires is None and age > older_than_s:
                     reason = "no expiry tag and older than the limit"
                 else:
                     continue
-            elif (item["name"], item["fleet"]) in alive:
+            elif (item.setup, item.fleet) in alive:
                 continue
             elif expired or age > older_than_s:
                 reason = "its fleet has no live instance"
             else:
                 continue
-            out.append(Orphan(kind, item["id"], item["name"], item["fleet"], age, reason))
+            out.append(Orphan(kind, item.id, item.setup, item.fleet, age, reason))
     return out
 
 
@@ -232,16 +234,16 @@ def sweep(
     report = SweepReport(orphans, dry_run=not yes)
     if not yes:
         return report
-    for kind in KINDS:
-        ids = [o.id for o in orphans if o.kind == kind]
+    for kind in FLEET_KINDS:
+        ids = [o.id for o in orphans if o.kind == kind.key]
         if not ids:
             continue
-        say(f"removing {len(ids)} orphaned {KINDS[kind]}")
+        say(f"removing {len(ids)} orphaned {kind.summary}")
         try:
-            delete_kind(aws, kind, ids)
-            if kind == "instances":
+            kind.delete(aws, ids)
+            if kind is BY_KEY["instances"]:
                 wait_terminated(aws, ids, interval=wait_interval)
             report.deleted += ids
         except CloudError as exc:
-            report.failures.append(f"{kind}: {exc}")
+            report.failures.append(f"{kind.key}: {exc}")
     return report

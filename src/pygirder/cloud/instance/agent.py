@@ -11,7 +11,7 @@ Every pygirder instance runs this from its user-data (see ``userdata.py``)::
     # after a failure:
     python -m pygirder.cloud.instance.agent wait-expiry --expires 2026-01-01T12:00:00Z
 
-Each command is a service of the shared CLI helper (``pygirder.cli.service``): it takes
+Each command is a service (:mod:`pygirder.service`, the wrapper every process uses): it takes
 ``--log-level``, ``--id``, ``--opts`` and ``--json``, and a failure ends with
 ``error: <type>: <message>`` on stderr and exit status 1 (2 for bad options).
 
@@ -72,8 +72,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ...cli.service import service
 from ...errors import ConfigError
+from ...service import service
 from .announce import (
     Announcement,
     Announcer,

@@ -323,21 +323,10 @@ def simulated_runner(source: Any) -> Callable[..., Any]:
 
 
 def _image(config: Any, aws: Any, step: Step) -> str | None:
-    """The image command's AMI when it is installed and works here, else None."""
-    try:
-        image_mod = importlib.import_module("pygirder.cloud.image")
-    except ImportError:
-        step.detail = (
-            "pygirder.cloud.image is not installed: a simulated instance needs no image "
-            "(PYGIRDER_PYTHON stands in for it), launching from moto's stock AMI"
-        )
-        return None
-    build = getattr(image_mod, "build_image", None)
-    if build is None:
-        step.detail = "pygirder.cloud.image has no build_image(): launching from moto's stock AMI"
-        return None
-    result = build(config, aws=aws)
-    ami = result if isinstance(result, str) else getattr(result, "image_id", None)
+    """The image command's AMI, baked on a simulated builder like on EC2."""
+    from ..image import build_image
+
+    ami = build_image(config, aws=aws).image_id
     step.detail = f"built {ami}"
     return ami
 

@@ -1,0 +1,523 @@
+"""The worker: one asyncio loop per process, one request running Python at a time.
+
+This module is the execution loop: take requests from the pool queue, run them
+under the baton (``baton``), store what they return (``results``), park those that
+wait on sub-calls, and hand work back on shutdown.  Around it run collaborators,
+each with its own module: ``sharing`` offers the oldest local work to idle workers
+of the pool, ``cycle_checks`` fails parked requests caught in a cycle, ``recovery``
+requeues the work of dead workers and fails poison, ``watchdog`` enforces
+``max_runtime``, and ``functions`` finds the function a request names.
+
+Sub-calls go on the worker's local stack and are popped depth first.  Sync functions
+run in threads (one per waiting request, reused), async ones as tasks on the loop.
+User code is hostile: whatever it raises (``SystemExit`` and other BaseExceptions
+included) becomes an error for its callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ... import codec, settings
+from ...calls import Call
+from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
+from ..context import RequestContext, current_request
+from ..runtime import (
+    Runtime,
+    connect_redis,
+    decode_envelope,
+    describe_exception,
+    encode_error,
+    encode_ok,
+    new_process_id,
+    summarize,
+)
+from .baton import Baton, Threads
+from .cycle_checks import CycleChecks, Parked
+from .functions import Functions, RefusedRequest
+from .options import WorkerOptions
+from .recovery import Recovery
+from .results import Results
+from .sharing import Sharing, StackEntry
+from .watchdog import Watchdog, reexec
+
+log = logging.getLogger("pygirder.worker")
+
+
+class HandedBack(BaseException):
+    """Raised inside a parked request when its worker shuts down and requeues it.
+
+    A BaseException, so user code's ``except Exception`` does not swallow it.
+    """
+
+
+class _UserExit(Exception):
+    """Carries a BaseException raised by user code (``sys.exit()``, ``KeyboardInterrupt``,
+    ``GeneratorExit``...) out of it as an ordinary error, so it fails the call and never
+    reaches the event loop, which would stop the worker."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+def _guarded(run: Callable[[], Any]) -> Any:
+    """Run sync user code in its thread; what it raises comes back as an Exception.
+
+    A BaseException set on the executor's future would be re-raised inside the event
+    loop's task, and asyncio lets SystemExit and KeyboardInterrupt end the loop.
+    """
+    try:
+        return run()
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _UserExit(exc) from None
+
+
+async def _guarded_async(coro: Any) -> Any:
+    """Await async user code; its BaseExceptions become :class:`_UserExit`.
+
+    ``HandedBack`` is the worker's own and passes through, as does a CancelledError
+    when this task really was cancelled; one that user code raised on its own is an
+    error of the call.
+    """
+    try:
+        return await coro
+    except (Exception, HandedBack):
+        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _UserExit(exc) from None
+    except BaseException as exc:
+        raise _UserExit(exc) from None
+
+
+class Worker:
+    """One worker process's runtime.  ``await worker.run()`` until ``stop()``."""
+
+    def __init__(self, url: str, options: WorkerOptions | None = None) -> None:
+        options = options or WorkerOptions()
+        self.options = options
+        self.id = options.worker_id or new_process_id("worker")
+        self.pool = options.pool
+        self.runtime = Runtime(url, namespace=options.namespace, process_id=self.id)
+        self.keys = self.runtime.keys
+        self.max_result_bytes = options.max_result_bytes or settings.max_result_bytes()
+        # default limit on the time one call holds the baton (0: none); @fn(max_runtime=)
+        # overrides it per function
+        self.max_runtime = (
+            settings.max_runtime() if options.max_runtime is None else options.max_runtime
+        )
+        if self.max_runtime < 0:
+            raise ConfigError(f"max_runtime {self.max_runtime}: give seconds > 0, or 0 for none")
+        self._stack: list[StackEntry] = []
+        self._careful: set[str] = set()  # requests suspected of an earlier worker death
+        self.parked: dict[str, Parked] = {}
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._handed_back: set[str] = set()  # parked requests requeued on shutdown
+        self.baton = Baton()
+        self.threads = Threads(settings.idle_threads(), settings.thread_idle_s())
+        self.processed = 0
+        self.started = time.time()
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._abnormal = False  # the loop ended by an error, not by stop()
+        self._fetch: asyncio.Task[Any] | None = None
+        self._blocking: aioredis.Redis | None = None
+        self._idle_marked = False
+        self._taking = 0
+        self._beats = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.functions = Functions(
+            worker_id=self.id, pool=self.pool, imports=options.imports,
+            allow_modules=options.allow_modules, auto_import=options.auto_import,
+            main_path=options.main_path,
+        )  # fmt: skip
+        self.results = Results(self.runtime, worker_id=self.id, error_ttl=options.error_ttl)
+        self.sharing = Sharing(
+            self.runtime, pool=self.pool, worker_id=self.id, stack=self._stack,
+            wake=self._wake, period=options.share_period,
+        )  # fmt: skip
+        self.cycles = CycleChecks(self.runtime, self.parked)
+        self.recovery = Recovery(
+            self.runtime, worker_id=self.id, pool=self.pool, error_ttl=options.error_ttl
+        )
+        self.watchdog = Watchdog(
+            self.runtime, worker_id=self.id, pool=self.pool, error_ttl=options.error_ttl,
+            stopping=self._stopping, restart=options.restart or reexec,
+        )  # fmt: skip
+
+    @property
+    def stack(self) -> list[StackEntry]:
+        """Requests to run here, newest last: changed in place only (``sharing`` holds it)."""
+        return self._stack
+
+    # -- main loop ------------------------------------------------------------
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.functions.load_code()
+        self.runtime.beat_hooks.append(self._register)
+        self.runtime.on_server_restart.append(self._after_server_restart)
+        await self.runtime.start()
+        self._blocking = await connect_redis(self.runtime.url, max_connections=1)
+        background = [
+            asyncio.create_task(self.sharing.run(lambda: self.processed), name="pygirder-share"),
+            asyncio.create_task(self.recovery.reap_loop(), name="pygirder-reaper"),
+            asyncio.create_task(self.cycles.run(), name="pygirder-cycles"),
+        ]
+        self.watchdog.start(self.loop)
+        log.info("worker %s serving pool %r", self.id, self.pool)
+        try:
+            await self._schedule()
+        except BaseException:
+            # The loop was torn down (an exit raised outside any call's own code): what
+            # held the baton is blamed as if the process had died with it.
+            self._abnormal = not self._stopping.is_set()
+            raise
+        finally:
+            await self._shutdown(background)
+
+    def stop(self) -> None:
+        """Stop taking work; hand back what is queued here; finish what is running."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def reap(self) -> list[str]:
+        """Requeue the work of dead workers and withdraw dead clients (see ``recovery``)."""
+        return await self.recovery.reap()
+
+    async def _after_server_restart(self) -> None:
+        """A fresh server has forgotten our idle mark: set it again when next idle."""
+        self._idle_marked = False
+
+    async def _register(self) -> None:
+        """Publish who we are and what we do; runs at every heartbeat."""
+        assert self.runtime.redis is not None
+        info = {
+            "id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool,
+            "started": self.started, "beat": time.time(), "processed": self.processed,
+            "running": len(self.running), "parked": len(self.parked), "stack": len(self.stack),
+            "current": self.watchdog.holder, "current_fn": self.watchdog.holder_fn,
+            "state": "busy" if self.baton.held or self.stack else "idle",
+        }  # fmt: skip
+        await self.runtime.redis.hset(self.keys.workers, self.id, json.dumps(info))
+        self._beats += 1
+        if self._beats % 4 == 0:
+            await self.recovery.requeue_strays(self._known)
+
+    def _known(self) -> set[bytes] | None:
+        """The ids this worker holds, or None while a take is under way."""
+        if self._taking or self._fetch is not None:
+            return None
+        return {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
+
+    async def _schedule(self) -> None:
+        while not self._stopping.is_set():
+            await self.baton.acquire()
+            if self._stopping.is_set():
+                self.baton.release()
+                break
+            if self.stack:
+                request_id, payload, careful = self.stack.pop()
+                self._start(request_id, payload, careful)  # the new task owns the baton
+                continue
+            self.baton.release()
+            try:
+                await self._idle()
+            except Exception as exc:  # a server error must not end the worker
+                log.warning("taking from pool %r failed: %s", self.pool, exc)
+                await asyncio.sleep(0.2)
+
+    async def _mark_current(self, request_id: str | None) -> None:
+        """Name the suspect holding the baton, so a repeat death is blamed on it alone."""
+        assert self.runtime.redis is not None
+        if request_id is None:
+            await self.runtime.redis.delete(self.keys.current(self.id))
+        else:
+            await self.runtime.redis.set(self.keys.current(self.id), request_id)
+
+    def _start(self, request_id: str, payload: bytes, careful: bool) -> None:
+        if careful:
+            self._careful.add(request_id)
+        task = asyncio.create_task(self._execute(request_id, payload))
+        self.running[request_id] = task
+        task.add_done_callback(lambda _t, rid=request_id: self._finished(rid))
+
+    def _finished(self, request_id: str) -> None:
+        self.running.pop(request_id, None)
+        self._careful.discard(request_id)
+        self.watchdog.forget(request_id)
+        self._handed_back.discard(request_id)
+
+    async def _idle(self) -> None:
+        """Nothing local to do: take from the pool queue, or block until work appears.
+
+        ``_wake`` is cleared before the first await: a request that resumes while we
+        talk to the server and pushes sub-calls sets it again, and we must see that.
+        """
+        self._wake.clear()
+        if self._fetch is None:
+            if await self._take() or self._wake.is_set():
+                return
+            await self._mark_idle(True)
+            if self._wake.is_set():
+                await self._mark_idle(False)
+                return
+            assert self._blocking is not None
+            self._fetch = asyncio.create_task(
+                self._blocking.blmove(
+                    self.keys.queue(self.pool), self.keys.inflight(self.id), 1.0, "RIGHT", "LEFT"
+                )
+            )
+        waker = asyncio.create_task(self._wake.wait())
+        try:
+            await asyncio.wait({self._fetch, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+        if self._fetch.done():
+            fetch, self._fetch = self._fetch, None
+            try:
+                moved = fetch.result()
+            except Exception as exc:
+                log.warning("taking from pool %r failed: %s", self.pool, exc)
+                await asyncio.sleep(0.2)
+                return
+            if moved is not None:
+                await self._take(moved)  # bytes: a junk id need not be valid UTF-8
+        else:  # woken by local work while the blocking take is still outstanding
+            await self._mark_idle(False)
+
+    async def _mark_idle(self, idle: bool) -> None:
+        if idle == self._idle_marked:
+            return
+        assert self.runtime.redis is not None
+        key = self.keys.idle(self.pool)
+        if idle:
+            await self.runtime.redis.hset(key, self.id, str(time.time()))
+        else:
+            await self.runtime.redis.hdel(key, self.id)
+        self._idle_marked = idle
+
+    async def _take(self, moved: bytes | None = None) -> int:
+        self._taking += 1
+        try:
+            return await self._take_once(moved)
+        finally:
+            self._taking -= 1
+
+    async def _take_once(self, moved: bytes | None) -> int:
+        args: list[Any] = [self.keys.prefix, self.pool, self.id, self.options.take_batch]
+        if moved is not None:
+            args.append(moved)
+        reply = await self.runtime.script("take", args)
+        if reply:
+            self._idle_marked = False  # the script cleared our idle mark
+        items = []
+        for i in range(0, len(reply), 3):
+            raw = reply[i]
+            try:
+                request_id = raw.decode()
+            except UnicodeDecodeError as exc:
+                await self._drop_junk_id(raw, reply[i + 1], exc)
+                continue
+            items.append((request_id, reply[i + 1], reply[i + 2] != b"0"))
+        self.stack.extend(reversed(items))
+        return len(items)
+
+    async def _drop_junk_id(self, raw: bytes, payload: bytes, exc: Exception) -> None:
+        """An id that is not text was never made by pygirder: dead-letter it and forget it
+        (put back on the queue, it would come back again and again)."""
+        assert self.runtime.redis is not None
+        await self._dead_letter(f"<undecodable id {raw[:64].hex()}>", payload, exc)
+        prefix = self.keys.prefix.encode()
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.keys.inflight(self.id), 0, raw)
+            pipe.delete(prefix + b"st:" + raw)
+            await pipe.execute()
+
+    # -- running one request ----------------------------------------------------
+    async def _execute(self, request_id: str, payload: bytes) -> None:
+        name = "?"
+        ttl = self.options.result_ttl
+        started = time.time()
+        summary = ""
+        try:
+            try:
+                try:
+                    name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
+                except (CodecError, ValueError, TypeError) as exc:
+                    await self._dead_letter(request_id, payload, exc)
+                    raise RefusedRequest(
+                        "undecodable request", f"request {request_id}: {exc}"
+                    ) from None
+                gf = await self.functions.load(name, fingerprint, args_bytes, self.threads)
+                arguments = codec.decode(args_bytes, path=f"{name} arguments")
+                args, kwargs = gf.bind_payload(arguments)
+                ctx = RequestContext(self, request_id, name)
+                current_request.set(ctx)  # this task's own context
+                limit = gf.max_runtime or self.max_runtime
+                if limit:
+                    self.watchdog.limit(request_id, limit)
+                self.watchdog.hold(request_id, name)
+                if request_id in self._careful:
+                    await self._mark_current(request_id)
+                if gf.is_async:
+                    value = await _guarded_async(gf.func(*args, **kwargs))
+                else:
+                    run = functools.partial(gf.func, *args, **kwargs)
+                    value = await self.loop.run_in_executor(  # type: ignore[union-attr]
+                        self.threads, contextvars.copy_context().run, _guarded, run
+                    )
+                envelope = encode_ok(
+                    value, name=name, limit=self.max_result_bytes, request_id=request_id
+                )
+                summary = summarize(value)
+            except RefusedRequest as exc:
+                log.warning("refused %s: %s", request_id, exc)
+                envelope = encode_error(RemoteError(exc.kind, str(exc), "", []))
+                ttl = self.options.error_ttl
+                summary = f"{exc.kind}: {exc}"[:200]
+            except HandedBack:
+                return  # requeued for another worker: this run's outcome must not count
+            except Exception as exc:
+                if request_id in self._handed_back:
+                    return  # user code turned the hand-back into an error of its own
+                cause = exc.original if isinstance(exc, _UserExit) else exc
+                error = describe_exception(cause, request_id, name)
+                envelope = encode_error(error)
+                ttl = self.options.error_ttl
+                summary = f"{error.remote_type}: {error.message}"[:200]
+        finally:
+            if request_id in self._careful:
+                await self._mark_current(None)
+            self.watchdog.hold(None)
+            self.baton.release()
+            self._wake.set()
+        if request_id in self._handed_back:
+            return  # it returned after all, but it is queued again: the rerun answers
+        self.processed += 1
+        self.runtime.resolve(request_id, envelope)  # local waiters need not wait for the inbox
+        self.results.add(request_id, name, envelope, ttl, started, summary)
+
+    async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
+        """Keep what could not be decoded for inspection, and never crash over it."""
+        assert self.runtime.redis is not None
+        log.error("undecodable request %s moved to the dead-letter list: %s", request_id, exc)
+        entry = json.dumps({"id": request_id, "worker": self.id, "time": time.time(),
+                            "error": str(exc)[:500], "payload": payload[:256].hex()})  # fmt: skip
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.dead_letters, entry)
+            pipe.ltrim(self.keys.dead_letters, 0, 999)
+            await pipe.execute()
+
+    # -- waiting inside a request ---------------------------------------------
+    async def gather(
+        self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
+    ) -> list[Any]:
+        for call in calls:
+            if call.id == ctx.request_id:
+                raise GridCycleError(
+                    f"cycle: {ctx.function}[{ctx.request_id[:12]}] waits on itself",
+                    cycle=(ctx.request_id, ctx.request_id),
+                )
+        futures, new_local, shared = await self.runtime.submit(
+            calls, owner=self.id, local_pool=self.pool, parent=ctx.request_id
+        )
+        if new_local:
+            self.stack.extend((rid, payload, False) for rid, payload in reversed(new_local))
+            if len(self.stack) > self.options.max_stack:
+                await self.sharing.share(len(self.stack) - self.options.max_stack, force=True)
+        if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
+            return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        parked = Parked(
+            children=shared,  # a new request cannot reach us: only shared ones can cycle
+            since=now, cycle=loop.create_future(), next_check=now + self.cycles.check_after,
+        )  # fmt: skip
+        self.parked[ctx.request_id] = parked
+        careful = ctx.request_id in self._careful
+        if careful:
+            await self._mark_current(None)
+        self.watchdog.hold(None)
+        self.baton.release()
+        self._wake.set()
+        waiter = asyncio.ensure_future(self.runtime.wait(futures, calls, timeout))
+        try:
+            await asyncio.wait({waiter, parked.cycle}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                exc = parked.cycle.exception() or parked.cycle.result()
+                raise exc
+            return waiter.result()
+        finally:
+            self.parked.pop(ctx.request_id, None)
+            await self.baton.acquire(high=True)
+            self.watchdog.hold(ctx.request_id, ctx.function)
+            if careful:
+                await self._mark_current(ctx.request_id)
+
+    def wait_from_thread(
+        self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
+    ) -> list[Any]:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(
+            self.gather(calls, ctx, timeout), self.loop
+        ).result()
+
+    # -- shutdown -----------------------------------------------------------------
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        try:
+            await asyncio.wait_for(self._hand_back(), self.options.shutdown_grace + 10)
+        except Exception as exc:  # server gone: the reaper requeues our work instead
+            log.warning("could not hand back work on shutdown: %s", exc)
+        finally:
+            for task in background:
+                task.cancel()
+            if self._blocking is not None:
+                await self._blocking.aclose()
+            await self.runtime.close()
+            self.threads.shutdown(wait=False)
+
+    async def _hand_back(self) -> None:
+        redis = self.runtime.redis
+        assert redis is not None
+        if self._fetch is not None:
+            self._fetch.cancel()
+        if self._abnormal:
+            await self.recovery.hand_back_after_crash(self.watchdog.holder, self.results.flush)
+            return
+        # Hand back what has not started and what waits on sub-calls (it can be re-run
+        # anywhere); give the request that is computing time to finish.
+        waiting = [request_id for request_id, _, _ in self.stack]
+        self.stack.clear()
+        parked = list(self.parked)
+        if waiting or parked:
+            await self.recovery.requeue_ids([*waiting, *parked])
+        for request_id in parked:
+            entry = self.parked.get(request_id)
+            if entry is not None and not entry.cycle.done():
+                self._handed_back.add(request_id)
+                entry.cycle.set_exception(HandedBack())
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=self.options.shutdown_grace)
+        await self.results.drain()
+        await self.recovery.requeue_all(self.id, dead=False)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.keys.idle(self.pool), self.id)
+            pipe.hdel(self.keys.workers, self.id)
+            await pipe.execute()

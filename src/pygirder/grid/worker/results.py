@@ -1,0 +1,166 @@
+"""Storing results: finished calls go to the server in batches, and none is dropped.
+
+A request whose result is lost would stay `running` under a live worker, where no
+reaper helps; so a batch that fails is retried, split, replaced by a small error
+that says why, and as a last resort handed back to its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from ... import settings
+from ...errors import CallLink, RemoteError
+from ...store.scripts import INLINE_RESULT_LIMIT
+from ..runtime import Runtime, encode_error
+
+log = logging.getLogger("pygirder.worker")
+
+# A completion is five flattened fields, the arguments of the `complete` script:
+# request id, envelope, ttl, time the run started, summary.
+FIELDS = 5
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """An error that says "later", not "never" (the server unreachable, busy, loading)."""
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+        return True
+    return str(exc).startswith(("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"))
+
+
+class Results:
+    """The results of one worker on their way to the server."""
+
+    def __init__(self, runtime: Runtime, *, worker_id: str, error_ttl: int) -> None:
+        self.runtime = runtime
+        self.worker_id = worker_id
+        self.error_ttl = error_ttl
+        self.retries = settings.store_retries()
+        self._pending: list[Any] = []  # flattened (id, envelope, ttl, started, summary)
+        self._names: dict[str, str] = {}  # request -> function, while its result is stored
+        self._transient_rounds = 0  # flushes in a row that failed with a transient error
+        self._flusher: asyncio.Task[None] | None = None
+
+    def add(
+        self, request_id: str, name: str, envelope: bytes, ttl: int, started: float, summary: str
+    ) -> None:
+        """Queue a result; a send starts at once unless one is in flight."""
+        self._names[request_id] = name
+        self._pending.extend((request_id, envelope, ttl, started, summary))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self.flush())
+
+    async def drain(self) -> None:
+        """Wait for the send in flight (and what queued behind it) to finish."""
+        if self._flusher is not None:
+            await self._flusher
+
+    async def flush(self) -> None:
+        """Send finished results, batching those that finish while a send is in flight.
+
+        Under load this turns one round trip per call into one per batch; when calls
+        are rare each still goes out at once.
+        """
+        while self._pending:
+            batch = self._pending[: FIELDS * 64]
+            del self._pending[: FIELDS * 64]
+            await self._store(batch)
+
+    async def _store(self, batch: list[Any]) -> None:
+        """Store a batch of results so that none is dropped.
+
+        A failing batch is retried with backoff (a BUSY server, a lost connection), then
+        split in halves (a batch over the server's limits); a result that still cannot
+        be stored (out of memory) is replaced by a small error that says why; when even
+        that fails the request is handed back to its queue.  With the server unreachable
+        throughout, the batch stays pending and is tried again.
+        """
+        try:
+            await self._complete(batch, retries=self.retries)
+            self._transient_rounds = 0
+            return
+        except Exception as exc:
+            error = exc
+        # The server busy or away: keep the results and try later, for a while (a
+        # timeout can also come from the batch itself, such as a huge result).
+        if _transient(error) and self._transient_rounds < 10:
+            self._transient_rounds += 1
+            log.error("could not store %d results (%s); retrying", len(batch) // FIELDS, error)
+            self._pending[0:0] = batch
+            await asyncio.sleep(1.0)
+            return
+        self._transient_rounds = 0
+        if len(batch) > FIELDS:
+            half = (len(batch) // (2 * FIELDS)) * FIELDS
+            for part in (batch[:half], batch[half:]):
+                try:
+                    await self._complete(part, retries=1)
+                except Exception:
+                    await self._store_each(part)
+            return
+        await self._store_each(batch, error)
+
+    async def _store_each(self, batch: list[Any], error: Exception | None = None) -> None:
+        for i in range(0, len(batch), FIELDS):
+            request_id, envelope, _ttl, started, _summary = batch[i : i + FIELDS]
+            if error is None or i > 0:
+                try:
+                    await self._complete(batch[i : i + FIELDS], retries=1)
+                    continue
+                except Exception as exc:
+                    error = exc
+            if _transient(error) and self._transient_rounds < 10:
+                self._transient_rounds += 1
+                self._pending.extend(batch[i : i + FIELDS])
+                continue
+            name = self._names.get(request_id, "?")
+            log.error("could not store the result of %s (%s, %d bytes): %s",
+                      request_id, name, len(envelope), error)  # fmt: skip
+            failure = RemoteError(
+                "pygirder.ResultNotStored",
+                f"the result of {name} ({len(envelope)} bytes) could not be stored on the "
+                f"server: {error}. Raise the server's maxmemory (or free memory: `pygirder "
+                "gc`), or return a smaller result (PYGIRDER_MAX_RESULT_BYTES bounds it)",
+                "",
+                [CallLink(request_id, name)],
+            )
+            small = [request_id, encode_error(failure), self.error_ttl, started,
+                     f"ResultNotStored: {error}"[:200]]  # fmt: skip
+            try:
+                await self._complete(small, retries=self.retries)
+                continue
+            except Exception as exc:
+                log.error("could not store an error for %s either (%s): handing it back",
+                          request_id, exc)  # fmt: skip
+            try:
+                await self.runtime.script(
+                    "requeue", [self.runtime.keys.prefix, self.worker_id, 0, 0, request_id]
+                )
+                self._names.pop(request_id, None)
+            except Exception as exc:  # server unreachable: keep it, try again later
+                log.error("could not hand back %s (%s); retrying", request_id, exc)
+                self._pending.extend(small)
+                await asyncio.sleep(1.0)
+
+    async def _complete(self, batch: list[Any], *, retries: int) -> None:
+        delay = 0.05
+        for attempt in range(retries):
+            try:
+                await self.runtime.script(
+                    "complete",
+                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *batch],
+                )
+                break
+            except Exception as exc:
+                if attempt + 1 >= retries:
+                    raise
+                log.warning("storing %d results failed (%s); retrying in %.2fs",
+                            len(batch) // FIELDS, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 4)
+        for i in range(0, len(batch), FIELDS):
+            self._names.pop(batch[i], None)

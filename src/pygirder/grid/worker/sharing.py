@@ -1,0 +1,91 @@
+"""Sharing: offering the oldest entries of a worker's local stack to its pool.
+
+Sub-calls go on the worker's own stack and run depth first; the entries nearest the
+root are the biggest pieces of work, so those are what an idle worker of the pool
+gets.  The server moves an offer only while some worker of the pool is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ...store import scripts
+from ..runtime import Runtime
+
+log = logging.getLogger("pygirder.worker")
+
+# (request id, payload, careful): careful for suspects of an earlier worker death
+StackEntry = tuple[str, bytes, bool]
+
+
+class Sharing:
+    """Moves surplus entries of one worker's ``stack`` to the queue of its pool."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        pool: str,
+        worker_id: str,
+        stack: list[StackEntry],
+        wake: asyncio.Event,
+        period: float,
+    ) -> None:
+        self.runtime = runtime
+        self.pool = pool
+        self.worker_id = worker_id
+        self.stack = stack  # the worker's own list, changed in place only
+        self.wake = wake  # set when entries come back, for a scheduler gone idle
+        self.period = period
+
+    async def run(self, processed: Callable[[], int]) -> None:
+        """Offer surplus work to the pool: half of what this worker would not get
+        through in one period, and at least the oldest entry.  The period backs off (up
+        to 8x) while nobody takes anything, and snaps back when an offer is taken."""
+        last = processed()
+        period = self.period
+        while True:
+            await asyncio.sleep(period)
+            done = processed()
+            recent, last = done - last, done
+            if len(self.stack) < 2:
+                period = self.period
+                continue
+            # Offer at least the oldest entry: in a depth-first stack it is the biggest
+            # piece of work (nearest the root), so one entry can feed an idle worker for
+            # long; the server moves offers only while some worker of the pool is idle.
+            # At most a chunk per offer (the server moves it in one script call); an
+            # idle worker takes a fair share of it, and the next period offers more.
+            offer = min(scripts.SHARE_CHUNK, max(1, (len(self.stack) - recent) // 2))
+            moved = await self.share(min(offer, len(self.stack) - 1))
+            period = self.period if moved else min(2 * period, 8 * self.period)
+
+    async def share(self, count: int, *, force: bool = False) -> int:
+        """Offer the ``count`` oldest stack entries to the pool (all of them if ``force``)."""
+        candidates = self.stack[:count]
+        del self.stack[:count]
+        moved: set[bytes] = set()
+        # forced, in chunks: one script call per chunk keeps the server free for everyone
+        # else.  An offer (at most a chunk) is one call: the server weighs all of it
+        # against the queue.
+        step = scripts.SHARE_CHUNK if force else max(1, len(candidates))
+        prefix = self.runtime.keys.prefix
+        try:
+            for start in range(0, len(candidates), step):
+                reply = await self.runtime.script(
+                    "share",
+                    [prefix, self.pool, self.worker_id, "1" if force else "0",
+                     *(rid for rid, _, _ in candidates[start : start + step])],
+                )  # fmt: skip
+                moved.update(reply)
+        except Exception as exc:
+            log.warning("sharing failed: %s", exc)
+        finally:
+            kept = [item for item in candidates if item[0].encode() not in moved]
+            self.stack[0:0] = kept
+            if kept:
+                # the scheduler may have gone idle while these were out on offer
+                self.wake.set()
+        return len(moved)
