@@ -9,9 +9,8 @@ from test_policy_lint import ACCOUNT, allowed, lint
 
 from pygirder.cloud.fleet.controller import Controller, controller_policy
 from pygirder.cloud.fleet.converge import Target, target_parameter, write_target
-from pygirder.cloud.fleet.naming import utcnow
 from pygirder.cloud.policy import allows_action, iam_action
-from pygirder.cloud.tags import TAG_FLEET, TAG_MANAGED
+from pygirder.cloud.tags import TAG_FLEET, TAG_MANAGED, utcnow
 
 FLEET = "fl-20260101-0000-0123456789abcdef"
 WORKER_ROLE = f"arn:aws:iam::{ACCOUNT}:role/pygirder/pygirder-t-instance"

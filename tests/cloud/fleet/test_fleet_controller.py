@@ -16,7 +16,7 @@ from fleet_helpers import TYPES, Capacity, announce, fleet_instances, workers_of
 import pygirder
 from pygirder.cloud.fleet.controller import Controller, PoolBook, status_key
 from pygirder.cloud.fleet.converge import Target, write_target
-from pygirder.cloud.fleet.naming import utcnow
+from pygirder.cloud.tags import utcnow
 
 
 @pygirder.fn

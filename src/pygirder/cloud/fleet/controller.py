@@ -45,16 +45,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ...cli.service import ServiceContext, service
+from ...service import ServiceContext, service
 from ..aws import CAPACITY_CODES, POOL_UNUSABLE_CODES, Aws, is_quota_code
 from ..config import CloudConfig
 from ..errors import CloudError
 from ..instance.announce import Announcement
 from ..instance.common import Role
 from ..policy import POLICY_VERSION, partition
-from ..tags import TAG_FLEET, TAG_MANAGED, TAG_ROLE, as_tag_list, from_tag_list
+from ..tags import TAG_FLEET, TAG_MANAGED, TAG_ROLE, as_tag_list, from_tag_list, parse_time, utcnow
 from .converge import Drainer, Target, pick_surplus, read_target, role_templates
-from .naming import fleet_tags, instances_of, parse_time
+from .naming import fleet_tags, instances_of
 
 log = logging.getLogger("pygirder.controller")
 
@@ -372,8 +372,6 @@ class Controller:
 
     def _tags(self, role: Role, expires: Any) -> list[dict[str, str]]:
         from datetime import timedelta
-
-        from .naming import utcnow
 
         when = expires or utcnow() + timedelta(hours=1)
         return as_tag_list(fleet_tags(self.config, self.fleet, when, str(role)))

@@ -35,19 +35,19 @@ from ..aws import Aws
 from ..config import CloudConfig
 from ..errors import FleetError
 from ..instance.common import Role
-from ..tags import TAG_EXPIRES, TAG_ROLE, as_tag_list, from_tag_list
-from .launch import DEFAULT_INSTANCE_TYPES, Member, MemberState, Progress, UpOptions, _Launch, _Up
-from .leftovers import terminate
-from .naming import (
+from ..leftovers import terminate
+from ..tags import (
+    TAG_EXPIRES,
+    TAG_ROLE,
+    as_tag_list,
     as_utc,
-    check_fleet_id,
     fleet_filters,
-    fleet_tags,
-    instances_of,
-    launch_id,
+    from_tag_list,
     parse_time,
     utcnow,
 )
+from .launch import DEFAULT_INSTANCE_TYPES, Member, MemberState, Progress, UpOptions, _Launch, _Up
+from .naming import check_fleet_id, fleet_tags, instances_of, launch_id
 
 log = logging.getLogger("pygirder.fleet")
 
