@@ -76,3 +76,37 @@ def test_bad_targets_are_refused_before_anything_changes(fleet, boto) -> None:
         with pytest.raises(ConfigError, match=message):
             converge(config, fid, bad, aws=aws_)
     assert len(workers_of(boto, fid)) == 2
+
+
+def test_up_on_a_running_fleet_converges_it_and_fleet_shows_target_and_actual(
+    fleet, boto, tmp_path
+) -> None:
+    import json
+
+    from cloud_helpers import SSH_FROM
+    from typer.testing import CliRunner
+
+    from pygirder.cloud.cli import app
+
+    toml = tmp_path / "pygirder.toml"
+    toml.write_text(
+        f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
+        'cluster_key_file = "keys/cluster.pem"\nalert_email = "ops@example.com"\n'
+    )
+
+    def cloud(*args: str) -> dict:
+        result = CliRunner().invoke(app, [args[0], "--config", str(toml), *args[1:], "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    grown = cloud("up", "--workers", "3", "--instance-types", ",".join(TYPES),
+                  "--deadline", "20s")  # fmt: skip
+    assert grown["fleet"] == fleet["fleet"] and len(grown["launched"]["worker"]) == 1
+    assert len(workers_of(boto, fleet["fleet"])) == 3
+    again = cloud("up", "--workers", "3")
+    assert not again["changed"]
+    shown = cloud("fleet")
+    assert {r["role"]: (r["target"], r["live"]) for r in shown["roles"]} == {
+        "redis": (1, 1), "worker": (3, 3)}  # fmt: skip
+    bad = CliRunner().invoke(app, ["up", "--config", str(toml), "--min-workers", "1"])
+    assert bad.exit_code != 0 and "give both --min-workers and --max-workers" in bad.output

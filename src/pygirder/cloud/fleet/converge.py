@@ -381,16 +381,6 @@ class _Converge(_Up):
         )
         super().__init__(config, options, aws, say, progress, clock)
         self.fleet = fleet
-        # Client tokens of this run differ from those of earlier runs of the same launch.
-        self.round = secrets.token_hex(4)
-
-    def launch(self, launch: _Launch) -> None:
-        real = launch.launch_id
-        launch.launch_id = f"{real}-{self.round}"  # only the CreateFleet client token
-        try:
-            super().launch(launch)
-        finally:
-            launch.launch_id = real
 
 
 def _expires_of(instances: list[dict[str, Any]], templates: dict[str, dict[str, Any]]):
@@ -476,6 +466,7 @@ def converge(
                 continue
             launch = _Launch(role, wanted, launch_id(fleet, role), target.subnets[str(role)])
             launch.template_id = template["id"]
+            launch.token = f"{launch.launch_id}-{secrets.token_hex(4)}"
             for inst in live:
                 member = Member(inst["InstanceId"], str(role), state=MemberState.READY)
                 runner._update(member, inst)

@@ -118,9 +118,24 @@ class UpOptions:
     spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S
     backoff_s: tuple[float, float] = (2.0, 30.0)
     """Delay before asking again for a shortfall: first delay, cap."""
+    controller: bool = False
+    """Run the fleet controller on the redis node: it keeps the fleet at its target."""
+    scale: tuple[int, int] | None = None
+    """(fewest, most) workers: the controller follows the queue between them."""
+    idle_s: float = 600.0
+    """Seconds without queued or running calls before the controller scales down."""
+    launches_per_hour: int = 60
+    """The controller's launch budget."""
 
     def check(self) -> None:
         problems = []
+        if self.scale is not None:
+            low, high = self.scale
+            if not 0 <= low <= high or not low <= self.workers <= high:
+                problems.append(
+                    f"--min-workers ({low}) <= --workers ({self.workers}) <= --max-workers "
+                    f"({high}) must hold, with --min-workers at least 0"
+                )
         if self.workers < 1:
             problems.append("--workers must be at least 1")
         if self.distributors < 0:
@@ -154,6 +169,9 @@ class _Launch:
     next_at: float = 0.0
     stopped: str = ""
     errors: list[str] = field(default_factory=list)
+    token: str = ""
+    """Prefix of CreateFleet client tokens (default: the launch id); a later grow of
+    the same launch needs its own, or EC2 would answer with the first launch."""
 
     def in_state(self, *states: MemberState) -> list[Member]:
         return [m for m in self.members.values() if m.state in states]
@@ -252,6 +270,20 @@ class _Up:
             Tags=as_tag_list(fleet_tags(self.config, self.fleet, self.expires)),
         )
 
+    def store_target(self, launches: list[_Launch]) -> None:
+        """The sizes just launched, for ``up`` on this fleet and its controller."""
+        from .converge import Target, write_target
+
+        opts = self.options
+        low, high = opts.scale if opts.scale is not None else (None, None)
+        target = Target(
+            workers=opts.workers, distributors=opts.distributors, min_workers=low,
+            max_workers=high, idle_s=opts.idle_s, max_launches_per_hour=opts.launches_per_hour,
+            instance_types=tuple(opts.instance_types), max_price=opts.max_price,
+            subnets={str(lc.role): list(lc.subnet_ids) for lc in launches},
+        )  # fmt: skip
+        write_target(self.aws, self.config, self.fleet, target, self.expires)
+
     def template(self, launch: _Launch, image_id: str, user_data: str) -> None:
         """The launch template of one role: everything but the type and the subnet."""
         tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
@@ -304,6 +336,11 @@ class _Up:
             processes=self.options.processes,
             expires=self.expires,
             spot_interval_s=self.options.spot_interval_s,
+            controller_queue_url=(
+                self.res["queue_url"]
+                if launch.role is Role.REDIS and self.options.controller
+                else None
+            ),
         )
 
     # -- launching ----------------------------------------------------------------
@@ -327,10 +364,21 @@ class _Up:
             )
             return
         launch.attempts += 1
+        # The redis node holds the grid: on-demand unless the config says spot.
+        market = "spot"
+        capacity: dict[str, Any] = {
+            "SpotOptions": {
+                "AllocationStrategy": "capacity-optimized",
+                "InstanceInterruptionBehavior": "terminate",
+            }
+        }
+        if launch.role is Role.REDIS and self.config.redis_market == "on-demand":
+            market = "on-demand"
+            capacity = {"OnDemandOptions": {"AllocationStrategy": "lowest-price"}}
         overrides = []
         for instance_type, subnet in pools:
             override: dict[str, Any] = {"InstanceType": instance_type, "SubnetId": subnet}
-            if self.options.max_price is not None:
+            if self.options.max_price is not None and market == "spot":
                 override["MaxPrice"] = f"{self.options.max_price:.5f}"
             overrides.append(override)
         tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
@@ -341,7 +389,7 @@ class _Up:
                 Type="instant",
                 # Unique per attempt; Aws.call's retries of one attempt reuse it, so a
                 # retried request never launches twice.
-                ClientToken=f"{launch.launch_id}-{launch.attempts}"[:64],
+                ClientToken=f"{launch.token or launch.launch_id}-{launch.attempts}"[:64],
                 LaunchTemplateConfigs=[
                     {
                         "LaunchTemplateSpecification": {
@@ -353,12 +401,9 @@ class _Up:
                 ],
                 TargetCapacitySpecification={
                     "TotalTargetCapacity": wanted,
-                    "DefaultTargetCapacityType": "spot",
+                    "DefaultTargetCapacityType": market,
                 },
-                SpotOptions={
-                    "AllocationStrategy": "capacity-optimized",
-                    "InstanceInterruptionBehavior": "terminate",
-                },
+                **capacity,
                 TagSpecifications=[
                     {"ResourceType": "fleet", "Tags": tags},
                     {"ResourceType": "instance", "Tags": tags},
@@ -733,6 +778,7 @@ class _Up:
             }
             self.fail_if_short(second, minimum)
             self.pin_host_keys(self.launches)
+            self.store_target(second)
         except BaseException as exc:
             self.say(f"up failed ({type(exc).__name__}); removing fleet {self.fleet}")
             try:
