@@ -194,6 +194,25 @@ class FleetRequests(Kind):
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"FleetIds": ids, "TerminateInstances": True}
 
+    def delete(
+        self,
+        aws: Aws,
+        ids: Sequence[str],
+        *,
+        keep_going: Callable[[], bool] = lambda: True,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        """One fleet per call: a fleet whose instances are all gone already (a fleet
+        controller replaced them) may be refused with InvalidParameterCombination, "No
+        instances specified", after it was marked deleted; the others must not wait
+        on it."""
+        for fleet_id in ids:
+            try:
+                super().delete(aws, [fleet_id], keep_going=keep_going, on_retry=on_retry)
+            except CloudError as exc:
+                if exc.code != "InvalidParameterCombination":
+                    raise
+
 
 class SpotRequests(Kind):
     key = "spot-requests"

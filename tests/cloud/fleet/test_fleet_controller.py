@@ -181,3 +181,20 @@ def test_pool_back_off_doubles_per_failure_and_resets_on_success() -> None:
     assert book.failed(pool, "InvalidInstanceType", "no such type", 0.0) == float("inf")
     book.succeeded(pool)
     assert book.usable([pool], 0.0) == [pool]
+
+
+def test_distributors_are_not_counted_as_busy_workers(redis_url) -> None:
+    from pygirder.cloud.fleet.controller import grid_demand
+    from pygirder.store.keys import Keys
+
+    keys = Keys("default")
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset(keys.workers, "distributor-1", json.dumps({"kind": "distributor"}))
+        client.set(keys.heartbeat("distributor-1"), "1", ex=30)
+        client.hset(keys.workers, "worker-1", json.dumps({"pool": "workers"}))
+        client.set(keys.heartbeat("worker-1"), "1", ex=30)
+        client.hset(keys.workers, "worker-dead", json.dumps({"pool": "workers"}))
+        client.lpush(keys.queue("default"), "r1", "r2")
+        assert grid_demand(client) == {"queued": 2, "busy": 1, "alive": 1}
+        client.hset(keys.idle("workers"), "worker-1", "0")
+        assert grid_demand(client) == {"queued": 2, "busy": 0, "alive": 1}

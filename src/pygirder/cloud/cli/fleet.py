@@ -714,6 +714,13 @@ def rehearse(
         Path | None, typer.Option(help="Keep the instances' homes and logs here (default: temp).")
     ] = None,
     job_seconds: Annotated[float, typer.Option(help="About how long the job runs.")] = 8.0,
+    elastic: Annotated[
+        bool,
+        typer.Option(
+            help="Also rehearse the fleet controller: reclaim and replace, grow and shrink "
+            "mid-job, scale to zero and back."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole flow on a local moto server and the local data plane, with a timeline."""
@@ -723,7 +730,11 @@ def rehearse(
     started = datetime.now(UTC)
     try:
         report = run_rehearsal(
-            workers, state_dir=state_dir, job_seconds=job_seconds, say=None if as_json else _say
+            workers,
+            state_dir=state_dir,
+            job_seconds=job_seconds,
+            elastic=elastic,
+            say=None if as_json else _say,
         )
     except RehearsalError as exc:
         report = exc.report

@@ -54,6 +54,7 @@ from ..instance.common import Role
 from ..policy import POLICY_VERSION, partition
 from ..tags import TAG_FLEET, TAG_MANAGED, TAG_ROLE, as_tag_list, from_tag_list, parse_time, utcnow
 from .converge import Drainer, Target, pick_surplus, read_target, role_templates
+from .launch import instant_fleet
 from .naming import fleet_tags, instances_of
 
 log = logging.getLogger("pygirder.controller")
@@ -174,6 +175,40 @@ class Round:
         return dict(self.__dict__)
 
 
+def grid_demand(client: Any, namespace: str = "default") -> dict[str, int]:
+    """What the grid asks of the workers: queued calls, busy and live worker processes.
+
+    Distributors register beside the workers but run no calls: they are left out.
+    """
+    import json as json_
+
+    from ...store.keys import Keys
+
+    keys = Keys(namespace)
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.workers)
+    for pool in FLEET_POOLS:
+        pipe.llen(keys.queue(pool))
+        pipe.hkeys(keys.idle(pool))
+    raw, *replies = pipe.execute()
+    queued = sum(int(n) for n in replies[0::2])
+    idle = {(k.decode() if isinstance(k, bytes) else str(k)) for ks in replies[1::2] for k in ks}
+    workers = []
+    for key, value in raw.items():
+        try:
+            info = json_.loads(value)
+        except ValueError:
+            continue
+        if isinstance(info, dict) and info.get("kind") != "distributor":
+            workers.append(key.decode() if isinstance(key, bytes) else str(key))
+    pipe = client.pipeline(transaction=False)
+    for worker in workers:
+        pipe.exists(keys.heartbeat(worker))
+    alive = [w for w, up in zip(workers, pipe.execute(), strict=True) if up]
+    busy = sum(1 for w in alive if w not in idle)
+    return {"queued": queued, "busy": busy, "alive": len(alive)}
+
+
 class Controller:
     """One fleet's controller; :meth:`step` is one round, :meth:`run` loops."""
 
@@ -234,22 +269,14 @@ class Controller:
             )  # fmt: skip
 
     def _queue(self) -> dict[str, int] | None:
-        """Queued and running calls of the grid; None when it cannot be read."""
+        """Queued calls and busy and live worker processes; None when the grid is unreadable."""
         if self.grid is None:
             return None
-        from ...observe.status import collect_status
-
         try:
-            # The fleet's pools are known: no SCAN of the grid's keys each round.
-            walk = {"results": 0, "pending": 0, "calls": 0, "complete": False,
-                    "pools": list(FLEET_POOLS)}  # fmt: skip
-            status = collect_status(self.grid, "default", key_counts=walk)
+            return grid_demand(self.grid)
         except Exception as exc:  # a grid that cannot be read must not stop replacement
             log.warning("cannot read the grid's queue: %s", exc)
             return None
-        totals = status["totals"]
-        queued = max(0, int(totals["queued"]) - int(totals.get("stale", 0)))
-        return {"queued": queued, "busy": int(totals["busy"]), "alive": int(totals["alive"])}
 
     def wanted_workers(self, target: Target, live: int, queue: dict[str, int] | None) -> int:
         """Workers wanted now: the target, or what the queue needs between min and max."""
@@ -294,44 +321,15 @@ class Controller:
             key = (inst.get("InstanceType", ""), inst.get("SubnetId", ""))
             held[key] = held.get(key, 0) + 1
         usable.sort(key=lambda p: (held.get(p, 0), random.random()))
-        overrides = []
-        for instance_type, subnet in usable:
-            override: dict[str, Any] = {"InstanceType": instance_type, "SubnetId": subnet}
-            if target.max_price is not None:
-                override["MaxPrice"] = f"{target.max_price:.5f}"
-            overrides.append(override)
         expires = parse_time(
             from_tag_list(live[0].get("Tags")).get("pygirder:expires") if live else None
         )
-        tags = self._tags(role, expires)
         try:
-            got = self.aws.call(
-                "ec2",
-                "create_fleet",
-                Type="instant",
-                ClientToken=f"{self.fleet}-{role}-c{secrets.token_hex(6)}"[:64],
-                LaunchTemplateConfigs=[
-                    {
-                        "LaunchTemplateSpecification": {
-                            "LaunchTemplateId": template_id,
-                            "Version": "$Latest",
-                        },
-                        "Overrides": overrides,
-                    }
-                ],
-                TargetCapacitySpecification={
-                    "TotalTargetCapacity": count,
-                    "DefaultTargetCapacityType": "spot",
-                },
-                SpotOptions={
-                    "AllocationStrategy": "capacity-optimized",
-                    "InstanceInterruptionBehavior": "terminate",
-                },
-                TagSpecifications=[
-                    {"ResourceType": "fleet", "Tags": tags},
-                    {"ResourceType": "instance", "Tags": tags},
-                ],
-            )
+            got = instant_fleet(
+                self.aws, token=f"{self.fleet}-{role}-c{secrets.token_hex(6)}",
+                template_id=template_id, pools=usable, count=count,
+                tags=self._tags(role, expires), max_price=target.max_price,
+            )  # fmt: skip
         except CloudError as exc:
             if exc.code in CAPACITY_CODES or exc.code in POOL_UNUSABLE_CODES:
                 got = {"Errors": [{"ErrorCode": exc.code, "ErrorMessage": str(exc)}]}
@@ -396,6 +394,12 @@ class Controller:
             ours -= set(result.drained)
         if target is None:
             result.errors.append("no target stored for this fleet: nothing to keep")
+            return self._publish(result)
+        roles = {from_tag_list(i.get("Tags")).get(TAG_ROLE) for i in instances}
+        if str(Role.REDIS) not in roles:
+            # The redis node is shutting down (`down`, its time-to-live, a reclaim): the
+            # grid goes with it, so nothing is replaced, or `down` would race new launches.
+            result.errors.append("the redis node is going away: the fleet is not kept")
             return self._publish(result)
         queue = self._queue()
         if queue is not None:

@@ -83,6 +83,8 @@ class Target:
     max_price: float | None = None
     subnets: dict[str, list[str]] = field(default_factory=dict)
     """Role -> the subnets its instances launch into."""
+    controller: bool = False
+    """A controller on the redis node keeps this target: ``up`` only writes it and waits."""
 
     def check(self) -> None:
         problems = []
@@ -383,6 +385,18 @@ class _Converge(_Up):
         self.fleet = fleet
 
 
+def _wait_for_controller(
+    aws: Aws, name: str, fleet: str, target: Target, clock: Callable[[], float], wait_s: float
+) -> list[RoleSize]:
+    """Role sizes once the live instances match ``target`` (or at the deadline)."""
+    deadline = clock() + wait_s
+    while True:
+        sizes = role_sizes(aws, name, fleet)
+        if all(s.live == s.target for s in sizes) or clock() >= deadline:
+            return sizes
+        time.sleep(1.0)
+
+
 def _expires_of(instances: list[dict[str, Any]], templates: dict[str, dict[str, Any]]):
     times = [parse_time(from_tag_list(i.get("Tags")).get(TAG_EXPIRES)) for i in instances]
     times += [parse_time(t["tags"].get(TAG_EXPIRES)) for t in templates.values()]
@@ -442,9 +456,22 @@ def converge(
     for role in ("worker", "distributor"):
         target.subnets.setdefault(role, [res["private_subnet_id"]])
     expires = _expires_of(instances, templates)
+    old = read_target(aws, config.name, fleet)
+    target.controller = target.controller or bool(old and old.controller)
     write_target(aws, config, fleet, target, expires)
-
     report = ConvergeReport(fleet)
+    if target.controller:
+        # Two launchers for one target would each make up the same shortfall.
+        say("the fleet's controller converges it; waiting for it")
+        report.sizes = _wait_for_controller(aws, config.name, fleet, target, clock, deadline_s)
+        settled = {s.role: s.live == s.target for s in report.sizes if s.role != "redis"}
+        if not all(settled.values()):
+            report.problems.append(
+                "the controller has not reached the target within the deadline: "
+                + ", ".join(f"{s.role} {s.live} of {s.target}" for s in report.sizes)
+            )
+        return report
+
     runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s)
     runner.res = res
     runner.expires = expires

@@ -209,6 +209,63 @@ class FleetSummary:
         return sum(1 for m in self.members if m.role == role)
 
 
+def instant_fleet(
+    aws: Aws,
+    *,
+    token: str,
+    template_id: str,
+    pools: list[tuple[str, str]],
+    count: int,
+    tags: list[dict[str, str]],
+    market: str = "spot",
+    max_price: float | None = None,
+) -> dict[str, Any]:
+    """One CreateFleet of type ``instant`` from a launch template over (type, subnet) pools.
+
+    Spot capacity is asked for capacity-optimized and is terminated (not stopped) when
+    reclaimed; ``max_price`` caps a spot price.  What EC2 could not launch comes back
+    in the answer's ``Errors``, one per pool.
+    """
+    overrides = []
+    for instance_type, subnet in pools:
+        override: dict[str, Any] = {"InstanceType": instance_type, "SubnetId": subnet}
+        if max_price is not None and market == "spot":
+            override["MaxPrice"] = f"{max_price:.5f}"
+        overrides.append(override)
+    capacity: dict[str, Any] = {
+        "SpotOptions": {
+            "AllocationStrategy": "capacity-optimized",
+            "InstanceInterruptionBehavior": "terminate",
+        }
+    }
+    if market == "on-demand":
+        capacity = {"OnDemandOptions": {"AllocationStrategy": "lowest-price"}}
+    return aws.call(
+        "ec2",
+        "create_fleet",
+        Type="instant",
+        ClientToken=token[:64],
+        LaunchTemplateConfigs=[
+            {
+                "LaunchTemplateSpecification": {
+                    "LaunchTemplateId": template_id,
+                    "Version": "$Latest",
+                },
+                "Overrides": overrides,
+            }
+        ],
+        TargetCapacitySpecification={
+            "TotalTargetCapacity": count,
+            "DefaultTargetCapacityType": market,
+        },
+        **capacity,
+        TagSpecifications=[
+            {"ResourceType": "fleet", "Tags": tags},
+            {"ResourceType": "instance", "Tags": tags},
+        ],
+    )
+
+
 class Progress(Protocol):
     """Told after every change how many instances of each role are ready."""
 
@@ -281,6 +338,7 @@ class _Up:
             max_workers=high, idle_s=opts.idle_s, max_launches_per_hour=opts.launches_per_hour,
             instance_types=tuple(opts.instance_types), max_price=opts.max_price,
             subnets={str(lc.role): list(lc.subnet_ids) for lc in launches},
+            controller=opts.controller,
         )  # fmt: skip
         write_target(self.aws, self.config, self.fleet, target, self.expires)
 
@@ -365,50 +423,16 @@ class _Up:
             return
         launch.attempts += 1
         # The redis node holds the grid: on-demand unless the config says spot.
-        market = "spot"
-        capacity: dict[str, Any] = {
-            "SpotOptions": {
-                "AllocationStrategy": "capacity-optimized",
-                "InstanceInterruptionBehavior": "terminate",
-            }
-        }
-        if launch.role is Role.REDIS and self.config.redis_market == "on-demand":
-            market = "on-demand"
-            capacity = {"OnDemandOptions": {"AllocationStrategy": "lowest-price"}}
-        overrides = []
-        for instance_type, subnet in pools:
-            override: dict[str, Any] = {"InstanceType": instance_type, "SubnetId": subnet}
-            if self.options.max_price is not None and market == "spot":
-                override["MaxPrice"] = f"{self.options.max_price:.5f}"
-            overrides.append(override)
+        on_demand = launch.role is Role.REDIS and self.config.redis_market == "on-demand"
         tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
         try:
-            got = self.aws.call(
-                "ec2",
-                "create_fleet",
-                Type="instant",
-                # Unique per attempt; Aws.call's retries of one attempt reuse it, so a
-                # retried request never launches twice.
-                ClientToken=f"{launch.token or launch.launch_id}-{launch.attempts}"[:64],
-                LaunchTemplateConfigs=[
-                    {
-                        "LaunchTemplateSpecification": {
-                            "LaunchTemplateId": launch.template_id,
-                            "Version": "$Latest",
-                        },
-                        "Overrides": overrides,
-                    }
-                ],
-                TargetCapacitySpecification={
-                    "TotalTargetCapacity": wanted,
-                    "DefaultTargetCapacityType": market,
-                },
-                **capacity,
-                TagSpecifications=[
-                    {"ResourceType": "fleet", "Tags": tags},
-                    {"ResourceType": "instance", "Tags": tags},
-                ],
-            )
+            # The client token is unique per attempt; Aws.call's retries of one attempt
+            # reuse it, so a retried request never launches twice.
+            got = instant_fleet(
+                self.aws, token=f"{launch.token or launch.launch_id}-{launch.attempts}",
+                template_id=launch.template_id, pools=pools, count=wanted, tags=tags,
+                market="on-demand" if on_demand else "spot", max_price=self.options.max_price,
+            )  # fmt: skip
         except CloudError as exc:
             if exc.code in CAPACITY_CODES:
                 got = {"Errors": [{"ErrorCode": exc.code, "ErrorMessage": str(exc)}]}
