@@ -23,6 +23,7 @@ It prints a timeline of the steps and the peak memory of each simulated instance
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -594,8 +595,8 @@ def _elastic(
     size = summary.ready("worker")
     grow_to, shrink_to = size + 4, min(3, size)
     depth, leaves = 4, 4**4
-    # Long enough (about 15 x job_seconds on the first workers) to resize under it.
-    leaf_s = round(15 * job_seconds * size / leaves, 4)
+    # Long enough (about 12 x job_seconds on the first workers) to resize under it.
+    leaf_s = round(12 * job_seconds * size / leaves, 4)
 
     def expected(k: int) -> int:  # the leaves below node k are k*L .. (k+1)*L - 1
         return sum(range(k * leaves, (k + 1) * leaves))
@@ -642,7 +643,12 @@ def _elastic(
             resize(step, workers=shrink_to)
             step.detail += f"; drained {'while the job ran' if running else 'after the job'}"
         with timeline.step("elastic job") as step:
-            got = future.result(timeout=max(120.0, 10 * job_seconds))
+            try:
+                got = future.result(timeout=wait_s + 40 * job_seconds)
+            except concurrent.futures.TimeoutError:
+                raise PygirderError(
+                    f"the elastic job did not finish within {wait_s + 40 * job_seconds:.0f}s"
+                ) from None
             stack_ok = got == expected(1)
             step.detail = (
                 f"tree_sum(depth={depth}, k=1) = {got} ({'correct' if stack_ok else 'WRONG'})"
