@@ -80,6 +80,22 @@ def test_a_going_away_announcement_starts_the_replacement_early(fleet, boto, red
     assert not settled.launched and settled.live == {"worker": 2} and settled.leaving == []
 
 
+def test_a_worker_whose_boot_failed_is_terminated_and_replaced(fleet, boto, redis_url) -> None:
+    control, _ = _controller(fleet, redis_url, Target(workers=2, instance_types=TYPES))
+    broken = workers_of(boto, fleet["fleet"])[0]
+    announce(fleet["res"]["topic_arn"], broken, events=("failed",))
+    for _ in range(20):  # through SNS to SQS: a few rounds at most
+        result = control.step()
+        if result.launched:
+            break
+    assert len(result.launched["worker"]) == 1
+    state = boto("ec2").describe_instances(InstanceIds=[broken["InstanceId"]])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] in (
+        "shutting-down", "terminated")  # fmt: skip
+    assert len(workers_of(boto, fleet["fleet"])) == 2
+    assert not control.step().launched
+
+
 def test_capacity_errors_for_one_pool_shift_launches_to_the_others(fleet, boto, redis_url) -> None:
     capacity = Capacity(fleet["aws"].client("ec2"), empty_types={"c7a.large"})
     control, _ = _controller(fleet, redis_url, Target(workers=4, instance_types=TYPES))

@@ -8,7 +8,8 @@ instance role, which :func:`controller_policy` scopes to this one fleet.  Every
 1. **read** the target (:mod:`.converge`'s SSM parameter; ``up`` rewrites it), the
    fleet's live instances (EC2, by tag) and the status queue: a ``going-away``
    announcement of one of them (spot interruption notice, time-to-live) makes it
-   *leaving*, so its replacement starts before EC2 takes it back;
+   *leaving*, so its replacement starts before EC2 takes it back, and one that
+   announced a ``failed`` boot is terminated (it would wait for its time-to-live);
 2. **decide** the workers wanted: the target, or, when the target follows the queue
    (``min_workers``/``max_workers``), enough for the queued and running calls, and
    ``min_workers`` once nothing has been queued or running for ``idle_s``;
@@ -51,6 +52,7 @@ from ..config import CloudConfig
 from ..errors import CloudError
 from ..instance.announce import Announcement
 from ..instance.common import Role
+from ..leftovers import terminate
 from ..policy import POLICY_VERSION, partition
 from ..tags import TAG_FLEET, TAG_MANAGED, TAG_ROLE, as_tag_list, from_tag_list, parse_time, utcnow
 from .converge import Drainer, Target, pick_surplus, read_target, role_templates
@@ -236,6 +238,8 @@ class Controller:
         self.leaving: dict[str, tuple[float, str]] = {}
         """Instance id -> (when it announced going-away, why)."""
         self.idle_since: float | None = None
+        self.failed: set[str] = set()
+        """Instances terminated after announcing a failed boot."""
         self.rounds = 0
         self.stopped = threading.Event()
 
@@ -257,10 +261,17 @@ class Controller:
                 a = Announcement.from_message(message["Body"])
             except (ValueError, TypeError, KeyError):
                 continue
-            if a.fleet != self.fleet or a.event != "going-away":
+            if a.fleet != self.fleet or a.event not in ("going-away", "failed"):
                 continue
+            if a.event == "failed" and a.instance_id in ours:
+                # A broken boot waits for its time-to-live for inspection; here it would
+                # count as live and never be replaced: it is terminated instead.
+                self.say(f"{a.role} {a.instance_id} failed to boot ({a.detail}): replacing it")
+                terminate(self.aws, [a.instance_id])
+                self.failed.add(a.instance_id)
             drained = a.detail.startswith("drained")  # asked for by a shrink: not a loss
-            if not drained and a.instance_id in ours and a.instance_id not in self.leaving:
+            if (a.event == "going-away" and not drained and a.instance_id in ours
+                    and a.instance_id not in self.leaving):  # fmt: skip
                 self.leaving[a.instance_id] = (self.clock(), a.detail)
                 self.say(f"{a.role} {a.instance_id} is going away ({a.detail}): replacing it")
             self.aws.call(
@@ -383,6 +394,7 @@ class Controller:
         instances = instances_of(self.aws, self.config.name, self.fleet, ("pending", "running"))
         ours = {i["InstanceId"] for i in instances}
         self._announcements(ours)
+        ours -= self.failed
         # Leaving instances that EC2 took are gone; those still up after the grace count.
         self.leaving = {
             iid: (when, why) for iid, (when, why) in self.leaving.items()
