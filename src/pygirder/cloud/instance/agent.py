@@ -50,6 +50,13 @@ announces ``going-away``, stops the child and runs ``--shutdown-command`` (defau
 (``PYGIRDER_IMDS_ENDPOINT`` set) the default shutdown command is never run: only an
 explicit ``--shutdown-command`` is.
 
+A worker's or distributor's agent also polls the grid's Redis for a drain request
+(:mod:`.drain`): it SIGTERMs the service, announces ``going-away`` ("drained: ...")
+and, once the service has exited, records that it drained, so whoever shrinks the
+fleet may terminate the instance.  With ``--controller-queue-url`` the redis role
+runs the fleet controller (``python -m pygirder.cloud.fleet.controller``) as a second
+supervised child beside the server.
+
 The parts: :mod:`.common` (roles, events, seams), :mod:`.metadata` (IMDSv2),
 :mod:`.announce` (announcements, SNS and SSM calls), :mod:`.supervisor` (the child and
 its watchers); this module runs them and is the command line.
