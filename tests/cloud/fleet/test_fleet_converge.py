@@ -108,5 +108,7 @@ def test_up_on_a_running_fleet_converges_it_and_fleet_shows_target_and_actual(
     shown = cloud("fleet")
     assert {r["role"]: (r["target"], r["live"]) for r in shown["roles"]} == {
         "redis": (1, 1), "worker": (3, 3)}  # fmt: skip
+    following = cloud("up", "--workers", "3", "--min-workers", "0", "--max-workers", "4")
+    assert any("runs no controller" in p for p in following["problems"])
     bad = CliRunner().invoke(app, ["up", "--config", str(toml), "--min-workers", "1"])
     assert bad.exit_code != 0 and "give both --min-workers and --max-workers" in bad.output

@@ -319,6 +319,12 @@ def _converge(
         )  # fmt: skip
     except PygirderError as exc:
         raise _fail(exc) from None
+    if scale is not None and not target.controller:
+        report.problems.append(
+            f"fleet {fleet} runs no controller, so nothing follows the queue between "
+            "--min-workers and --max-workers: launch a fleet with them (`pygirder cloud up "
+            "--new --min-workers M --max-workers X`) for that"
+        )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
