@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import multiprocessing
 import random
@@ -86,7 +85,7 @@ class SlowlogReader(threading.Thread):
         self.client = redis.Redis.from_url(url, socket_timeout=600)
         self.period = period
         self.stop = threading.Event()
-        self.names = {hashlib.sha1(s.source.encode()).hexdigest(): s.name for s in scripts.ALL}
+        self.names = {s.sha: s.name for s in scripts.ALL}
         self.durations: dict[str, list[int]] = {}  # microseconds, per command or script
 
     def drain(self) -> None:
@@ -230,7 +229,8 @@ async def run(args: argparse.Namespace, url: str, client: redis.Redis) -> list[d
             taken = 0
             deadline = time.monotonic() + args.time_limit
             while client.llen(keys.queue("default")) and time.monotonic() < deadline:
-                reply = await runtime.script("take", [keys.prefix, "default", "bench-worker", 16])
+                reply = await scripts.take(runtime, keys, pool="default", worker="bench-worker",
+                                           max=16)  # fmt: skip
                 taken += len(reply) // 3
         left = client.llen(keys.queue("default"))
         ph.row["note"] = f"{taken:,} taken" + (f", {left:,} left (time limit)" if left else "")

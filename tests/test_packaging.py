@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from pygirder.store import scripts
+
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "src" / "pygirder"
 
@@ -100,7 +102,8 @@ def matched(globs: list[str], files: set[str]) -> dict[str, set[str]]:
 
 def test_the_scan_finds_the_files_the_code_opens():
     # A check on the checker: these are opened today, so the scan must see them.
-    opened = {"cloud/instance/image-bake.sh", "cloud/instance/pygirder-boot.sh", "dashboard/static"}
+    opened = {"cloud/instance/image-bake.sh", "cloud/instance/pygirder-boot.sh", "dashboard/static",
+              "store/lua"}  # fmt: skip
     assert opened <= opened_files()
 
 
@@ -146,6 +149,8 @@ def test_the_wheel_ships_every_source_file_and_data_file(built):
         assert hits, f"package-data glob {glob!r} matches nothing in the wheel"
     for path in opened_files():
         assert path in in_wheel or any(f.startswith(path + "/") for f in in_wheel), path
+    lua = {f for f in in_wheel if f.startswith("store/lua/")}
+    assert lua == {f"store/lua/{s.name}.lua" for s in scripts.ALL}, "the server-side scripts"
 
 
 @pytest.mark.slow
@@ -185,6 +190,9 @@ def test_the_installed_wheel_runs_the_demo_and_builds_an_artifact(built, tmp_pat
         " wheel_sha256='0' * 64)\n"
         "assert boot_robot_script().rstrip() in script\n"
         "print(sorted(p.name for p in STATIC_DIR.iterdir()))\n"
+        "from pygirder.store import scripts\n"
+        "print(sorted(s.name for s in scripts.ALL if s.source.startswith('#!lua')))\n"
     )
     static = _run([str(python), "-c", check], cwd=work, env=env).stdout
     assert "index.html" in static
+    assert str(sorted(s.name for s in scripts.ALL)) in static  # loaded from the wheel

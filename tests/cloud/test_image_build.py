@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from pygirder.cloud import image as image_module
+from pygirder.cloud import instance as instance_package
 from pygirder.cloud.account import setup
 from pygirder.cloud.cli import app
 from pygirder.cloud.config import CloudConfigError
@@ -32,11 +32,12 @@ from pygirder.cloud.image import (
     list_images,
     render_bake_script,
 )
+from pygirder.cloud.image import build as image_module
 from pygirder.cloud.sim.simulator import SimState, Simulator
 from pygirder.cloud.tags import TAG_COMPONENT, TAG_MANAGED, TAG_NAME, TAG_ROLE, from_tag_list
 
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
-SRC = Path(image_module.__file__).parent / "instance"
+SRC = Path(instance_package.__file__).parent
 SHA = "ab" * 32
 RENDER = dict(
     build_id="image-20300101-000000-abcdef",

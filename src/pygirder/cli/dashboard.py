@@ -17,7 +17,7 @@ from typing import Annotated
 import redis
 import typer
 
-from ..grid.runtime import unreachable
+from ..grid.connection import unreachable
 
 __all__ = ["app", "dashboard_command"]
 

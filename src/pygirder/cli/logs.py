@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..grid.runtime import unreachable
+from ..grid.connection import unreachable
 from ..observe.logs import LogEntry, follow_logs, last_entry_id, newer_id, parse_level, read_logs
 
 __all__ = ["app", "format_entry", "logs_command"]

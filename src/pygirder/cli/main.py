@@ -166,7 +166,7 @@ def server(
     import shutil
     import tempfile
 
-    from ..grid.runtime import redact
+    from ..grid.connection import redact
     from ..server import EmbeddedServer, random_password
 
     own_dir = dir is None
@@ -245,8 +245,8 @@ def gc(
     import redis as redis_lib
 
     from ..errors import ConfigError, GridConnectionError
+    from ..grid.connection import redact
     from ..grid.maintenance import collect_garbage, parse_age
-    from ..grid.runtime import redact
 
     try:
         age = parse_age(older_than)

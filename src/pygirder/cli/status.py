@@ -26,7 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..grid.runtime import unreachable
+from ..grid.connection import unreachable
 from ..observe.status import (
     MIN_PREFIX,
     CallLookupError,

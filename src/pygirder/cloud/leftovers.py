@@ -181,6 +181,7 @@ class FleetRequests(Kind):
     title = "EC2 fleet"
     summary = "EC2 fleets (active)"
     batch = 25
+    operation = "delete_fleets"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         return [
@@ -188,8 +189,6 @@ class FleetRequests(Kind):
             for f in self._pages(aws, "describe_fleets", "Fleets", Filters=scope.ec2_filters())
             if not str(f.get("FleetState", "")).startswith("deleted")
         ]
-
-    operation = "delete_fleets"
 
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"FleetIds": ids, "TerminateInstances": True}
@@ -219,6 +218,7 @@ class SpotRequests(Kind):
     title = "Spot request"
     summary = "spot requests (open or active)"
     batch = 100
+    operation = "cancel_spot_instance_requests"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         filters = [*scope.ec2_filters(), {"Name": "state", "Values": ["open", "active"]}]
@@ -236,8 +236,6 @@ class SpotRequests(Kind):
             for r in items
         ]
 
-    operation = "cancel_spot_instance_requests"
-
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"SpotInstanceRequestIds": ids}
 
@@ -249,6 +247,7 @@ class Instances(Kind):
     title = "Instance"
     summary = "instances (not terminated)"
     batch = 500
+    operation = "terminate_instances"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         filters = [
@@ -273,8 +272,6 @@ class Instances(Kind):
                 )
         return out
 
-    operation = "terminate_instances"
-
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"InstanceIds": ids}
 
@@ -286,6 +283,7 @@ class LaunchTemplates(Kind):
     key = "launch-templates"
     title = "Launch template"
     summary = "launch templates"
+    operation = "delete_launch_template"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         items = self._pages(
@@ -298,8 +296,6 @@ class LaunchTemplates(Kind):
             for t in items
         ]
 
-    operation = "delete_launch_template"
-
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"LaunchTemplateId": ids[0]}
 
@@ -309,6 +305,7 @@ class Images(Kind):
     title = "Image (AMI)"
     summary = "images"
     fleet = False
+    operation = "deregister_image"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         got = aws.call("ec2", "describe_images", Owners=["self"], Filters=scope.ec2_filters())
@@ -323,8 +320,6 @@ class Images(Kind):
             for i in got.get("Images", [])
         ]
 
-    operation = "deregister_image"
-
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"ImageId": ids[0]}
 
@@ -334,6 +329,7 @@ class Snapshots(Kind):
     title = "Snapshot"
     summary = "snapshots"
     fleet = False
+    operation = "delete_snapshot"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         items = self._pages(
@@ -350,8 +346,6 @@ class Snapshots(Kind):
             for s in items
         ]
 
-    operation = "delete_snapshot"
-
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"SnapshotId": ids[0]}
 
@@ -363,6 +357,7 @@ class Volumes(Kind):
     key = "volumes"
     title = "Detached volume"
     summary = "detached volumes"
+    operation = "delete_volume"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         filters = [*scope.ec2_filters(), {"Name": "status", "Values": ["available"]}]
@@ -372,8 +367,6 @@ class Volumes(Kind):
             )
             for v in self._pages(aws, "describe_volumes", "Volumes", Filters=filters)
         ]
-
-    operation = "delete_volume"
 
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"VolumeId": ids[0]}
@@ -390,6 +383,8 @@ class Parameters(Kind):
     title = "SSM parameter"
     summary = "SSM parameters"
     batch = 10
+    service = "ssm"
+    operation = "delete_parameters"
 
     def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
         out = []
@@ -409,9 +404,6 @@ class Parameters(Kind):
                         )
                     )
         return out
-
-    service = "ssm"
-    operation = "delete_parameters"
 
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"Names": ids}

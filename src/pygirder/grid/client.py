@@ -28,7 +28,8 @@ from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTi
 from ..server import EmbeddedServer, random_password
 from . import context
 from .loading import stop_if_loading_script
-from .runtime import Runtime, decode_envelope, new_process_id
+from .protocol import decode_envelope
+from .runtime import Runtime, new_process_id
 from .supervisor import Supervisor
 
 R = TypeVar("R")

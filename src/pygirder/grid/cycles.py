@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
+
+from ..store import scripts
+from ..store.keys import Keys
 
 # Nodes and set members one step looks at (about a microsecond of server time each).
 STEP_BUDGET = 2_000
@@ -27,13 +30,11 @@ STEP_NODES = 2_000
 # without an answer (it is tried again later, from scratch).
 MAX_NODES = 2_000_000
 
-Script = Callable[[str, Sequence[Any]], Awaitable[Any]]
-
 
 class CycleSearch:
     """Breadth-first search from the calls a request waits on, back to the request.
 
-    ``await search.step(script, prefix)`` advances it by one bounded server call and
+    ``await search.step(conn, keys)`` advances it by one bounded server call and
     returns the cycle (``[request, child, ..., request]``) once found; ``done`` turns
     true when the search is over without finding one (every unfinished call reachable
     was expanded, or the graph was larger than ``max_nodes``: ``gave_up``).
@@ -72,7 +73,7 @@ class CycleSearch:
     def done(self) -> bool:
         return self.gave_up or not self.frontier
 
-    async def step(self, script: Script, prefix: str) -> list[str] | None:
+    async def step(self, conn: scripts.Runner[Awaitable[Any]], keys: Keys) -> list[str] | None:
         """One bounded step; the cycle if it is found now, else None."""
         if self.done:
             return None
@@ -80,8 +81,8 @@ class CycleSearch:
         count = 1 if self.cursor != "0" else min(self.step_nodes, len(self.frontier))
         nodes = [self.frontier[i] for i in range(count)]
         started = time.perf_counter()
-        found, expanded, cursor, pending = await script(
-            "reach", [prefix, self.target, self.step_budget, self.cursor, *nodes]
+        found, expanded, cursor, pending = await scripts.reach(
+            conn, keys, nodes, target=self.target, budget=self.step_budget, cursor=self.cursor
         )
         self.steps += 1
         if self.target_s is not None:

@@ -4,7 +4,7 @@ A distributor is a small process (`pygirder distributor --pool CHILD --parent PA
 that volunteers its child pool's idle workers to the parent pool and passes the
 child's overflow up, where a sibling's distributor can take it.  Several levels
 (machine, rack or zone, cluster) are several distributors.  Each tick is one atomic
-script (``store.scripts.DISTRIBUTE``), so distributors never race workers or each other.
+script (``store/lua/distribute.lua``), so distributors never race workers or each other.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from ..errors import ConfigError
+from ..store import scripts
 from .runtime import Runtime, new_process_id
 
 log = logging.getLogger("pygirder.distributor")
@@ -68,11 +69,13 @@ class Distributor:
         self.runtime.beat_hooks.append(self._register)
         await self.runtime.start()
         log.info("distributor %s: pool %r under %r", self.id, self.pool, self.parent)
-        args = [self.keys.prefix, self.pool, self.parent, self.id, self.max_moves]
         try:
             while not self._stopping.is_set():
                 try:
-                    down, up = await self.runtime.script("distribute", args)
+                    down, up = await scripts.distribute(
+                        self.runtime, self.keys, child=self.pool, parent=self.parent,
+                        distributor=self.id, max_moves=self.max_moves,
+                    )  # fmt: skip
                 except Exception as exc:  # the server may be restarting: keep trying
                     log.warning("distribute tick failed: %s", exc)
                     down = up = 0

@@ -39,8 +39,10 @@ class GcReport:
         return sum(self.dropped.values())
 
 
-# kind of key -> SCAN pattern suffix
-_KINDS = {"results": "res:*", "call graph": "call:*", "children": "kids:*", "inboxes": "inbox:*"}
+def _idle_kinds(keys: Keys) -> dict[str, str]:
+    """What a collection drops when idle: kind -> the stem of its keys."""
+    return {"results": keys.result(""), "call graph": keys.call(""),
+            "children": keys.children(""), "inboxes": keys.inbox("")}  # fmt: skip
 
 
 def collect_garbage(
@@ -55,9 +57,9 @@ def collect_garbage(
         raise ConfigError(f"older_than={older_than}: must be 0 or more seconds")
     keys = Keys(namespace)
     report = GcReport(dry_run=dry_run)
-    for kind, suffix in _KINDS.items():
+    for kind, stem in _idle_kinds(keys).items():
         report.dropped[kind] = _drop_idle(
-            client, glob_escape(keys.prefix) + suffix, older_than, dry_run, batch, report
+            client, glob_escape(stem) + "*", older_than, dry_run, batch, report
         )
     report.dropped["abandoned requests"] = _drop_abandoned(client, keys, older_than, dry_run)
     if (
@@ -102,11 +104,12 @@ def _drop_chunk(
 def _drop_abandoned(client: Any, keys: Keys, older_than: float, dry_run: bool) -> int:
     """Pending requests idle for the age with no waiter left and no live owner."""
     dropped = 0
-    for key in client.scan_iter(match=glob_escape(keys.prefix) + "st:*", count=500):
+    stem = keys.state("")
+    for key in client.scan_iter(match=glob_escape(stem) + "*", count=500):
         idle = client.object("idletime", key) or 0
         if idle <= older_than:
             continue
-        request_id = key.decode().rsplit(":", 1)[1]
+        request_id = key.decode()[len(stem) :]
         if client.scard(keys.waiters(request_id)):
             continue
         owner = client.hget(key, "o")

@@ -1,9 +1,11 @@
-"""The async core every grid process shares: connection, scripts, inbox, futures, cache.
+"""The async core every grid process shares: scripts, inbox, futures, cache.
 
 Clients and workers both submit calls and wait for results the same way; only what
 happens to a new request differs (a client queues it on a pool, a worker keeps it on
 its own stack).  One inbox per process receives completion messages, and one future
-per request id per process is shared by every local waiter.
+per request id per process is shared by every local waiter.  The result wire format
+is in ``protocol``, opening clients in ``connection``, error translation in
+``translate``.
 """
 
 from __future__ import annotations
@@ -11,247 +13,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import reprlib
 import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
-import msgpack
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
-from .. import codec, settings
-from ..errors import (
-    CallLink,
-    CodecError,
-    GridConnectionError,
-    GridOutOfMemory,
-    GridTimeout,
-    PayloadTooLarge,
-    RemoteError,
-)
+from .. import settings
+from ..errors import GridTimeout
 from ..store import scripts
 from ..store.keys import CALL_GRAPH_TTL_S, Keys
+from .connection import connect_redis
+from .protocol import ID_LEN, call_summary, decode_envelope
+from .translate import out_of_memory
 
 if TYPE_CHECKING:
     from ..calls import Call
 
 log = logging.getLogger("pygirder.grid")
 
-ID_LEN = 40
-# A result envelope is one status byte followed by the codec's encoding of the value
-# (OK), of a value msgpack cannot carry, pickled and signed (PICKLED, only on grids
-# that share PYGIRDER_SECRET), or of the error's fields (ERR).
-OK, PICKLED, ERR = b"O", b"P", b"E"
-
 
 def new_process_id(kind: str) -> str:
     return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def encode_ok(value: Any, *, name: str, limit: int | None, request_id: str | None = None) -> bytes:
-    """The OK envelope of a result; a pickled one is signed for ``request_id`` (by
-    default the request the calling task runs), so it cannot pass for another's."""
-    try:
-        return OK + codec.encode(value, path=f"result of {name}", limit=limit)
-    except PayloadTooLarge:
-        raise
-    except CodecError:
-        pickler = settings.pickle_codec()
-        if pickler is None:
-            raise
-        if request_id is None:
-            from .context import current_request
-
-            ctx = current_request.get()
-            if ctx is None:
-                raise CodecError(
-                    f"cannot sign the pickled result of {name}: no request id to bind it to"
-                ) from None
-            request_id = ctx.request_id
-        return PICKLED + pickler.encode(
-            value, path=f"result of {name}", limit=limit, context=request_id
-        )
-
-
-def encode_error(error: RemoteError) -> bytes:
-    return ERR + codec.encode(error.to_dict())
-
-
-def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
-    """The value of a result envelope, or raise the RemoteError it holds.
-
-    A signed pickled result verifies only as the result of the request it was signed
-    for, so ``request_id`` is required to read one.
-    """
-    body = memoryview(data)[1:]
-    kind = data[:1]
-    if kind == OK:
-        return codec.decode(body, path="result")
-    if kind == ERR:
-        raise RemoteError.from_dict(codec.decode(body, path="error"))
-    if kind == PICKLED:
-        pickler = settings.pickle_codec()
-        if pickler is None:
-            raise CodecError(
-                "the result is a signed pickle, but this process has no PYGIRDER_SECRET: "
-                "set the grid's shared secret to read it"
-            )
-        if request_id is None:
-            raise CodecError("a signed pickled result can only be read with its request id")
-        return pickler.decode(body, path="result", context=request_id)
-    raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
-
-
-_short = reprlib.Repr()
-_short.maxstring = 60
-_short.maxother = 60
-_short.maxlevel = 3
-
-
-def summarize(value: Any, limit: int = 200) -> str:
-    """A bounded one-line repr for the call graph: never expensive, never huge."""
-    try:
-        text = _short.repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def call_summary(call: Call[Any]) -> str:
-    """The call graph's argument summary: plain repr when the arguments are small."""
-    if len(call.args_bytes) <= 160:
-        text = repr(call.arguments)
-        if len(text) <= 200:
-            return text
-    return summarize(call.arguments)
-
-
-def describe_exception(exc: BaseException, request_id: str, function: str) -> RemoteError:
-    """Turn an exception raised by user code into the error its callers will see."""
-    import traceback
-
-    link = CallLink(request_id, function)
-    if isinstance(exc, RemoteError):  # a sub-call failed and the caller let it through
-        return RemoteError(exc.remote_type, exc.message, exc.traceback, [*exc.chain, link])
-    etype = type(exc)
-    qual = (
-        etype.__qualname__
-        if etype.__module__ == "builtins"
-        else (f"{etype.__module__}.{etype.__qualname__}")
-    )
-    tb = "".join(traceback.format_exception(exc))
-    return RemoteError(qual, str(exc), tb, [link])
-
-
-async def connect_redis(
-    url: str,
-    *,
-    max_connections: int | None = None,
-    reconnect_timeout: float | None = None,
-    block: float = 0.0,
-) -> aioredis.Redis:
-    """Open a client and prove the server answers, with errors a person can act on.
-
-    The first contact fails fast; afterwards the client retries lost connections with
-    backoff for ``reconnect_timeout`` seconds, so a server restart is ridden out.  Only
-    connection errors are retried: a reply that takes longer than the socket time-out
-    (``block`` seconds more for a client that issues blocking reads) fails that command
-    instead of sending it again, because the server may have run it already.
-    """
-    timeout = (
-        settings.liveness().reconnect_timeout if reconnect_timeout is None else (reconnect_timeout)
-    )
-    probe = aioredis.Redis.from_url(url, decode_responses=False, max_connections=1)
-    try:
-        await probe.ping()
-    except redis_errors.AuthenticationError as exc:
-        if urlsplit(url).password is None:
-            raise GridConnectionError(
-                f"the server at {redact(url)} requires a password: "
-                "put it in the URL (redis://:password@host:port/db)"
-            ) from None
-        raise GridConnectionError(
-            f"the server at {redact(url)} refused the credentials ({exc}); "
-            "check the user and password in the URL (redis://user:password@host:port/db)"
-        ) from None
-    except redis_errors.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-            raise GridConnectionError(
-                f"the server at {redact(url)} requires a password: "
-                "put it in the URL (redis://:password@host:port/db)"
-            ) from None
-        raise
-    except (redis_errors.ConnectionError, OSError) as exc:
-        raise GridConnectionError(
-            f"cannot reach the Redis/Valkey server at {redact(url)}: {exc}. "
-            "Is it running? Start one with `pygirder server`, or use pygirder.connect() "
-            "without a URL for a private one"
-        ) from None
-    finally:
-        await probe.aclose()
-    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
-    # Retry only lost connections: redis-py also retries time-outs by default.
-    retry = Retry(
-        ExponentialBackoff(cap=0.5, base=0.02),
-        retries=max(1, int(timeout * 2)),
-        supported_errors=(redis_errors.ConnectionError,),
-    )
-    read_timeout = settings.socket_timeout() + block
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=False,
-        max_connections=max_connections,
-        health_check_interval=30,
-        socket_timeout=read_timeout,
-        socket_connect_timeout=min(read_timeout, 10.0),
-        socket_keepalive=True,
-        retry=retry,
-        retry_on_error=[redis_errors.ConnectionError],
-    )
-
-
-def out_of_memory(url: str, action: str) -> GridOutOfMemory:
-    """The error for a write the server refused because it reached its maxmemory."""
-    return GridOutOfMemory(
-        f"the grid's server at {redact(url)} is out of memory (it reached its maxmemory and "
-        f"never evicts grid state), so {action!r} was refused. Raise its limit "
-        "(`pygirder server --maxmemory 8gb`, PYGIRDER_MAXMEMORY for the private server of "
-        "connect(), or CONFIG SET maxmemory), drop results nobody needs "
-        "(`pygirder gc --older-than 1h`, grid.gc(3600)), or keep results for a while "
-        "only (`pygirder worker --result-ttl SECONDS`)"
-    )
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` (an error message, a log line) with the URL's password masked."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
-
-
-def unreachable(url: str, exc: BaseException) -> str:
-    """The command-line error for a server that cannot be reached, without its password."""
-    return f"error: cannot reach the grid's server at {redact(url)}: {scrub(str(exc), url)}"
 
 
 class Runtime:
@@ -279,7 +65,6 @@ class Runtime:
         # what is needed to submit a waited-for request again after a server restart
         self._resubmit: dict[str, tuple[bytes, str, str]] = {}
         self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._scripts: dict[str, Any] = {}
         self._beat: asyncio.Task[None] | None = None
         self._server_run_id: str | None = None
         self.liveness = settings.liveness()
@@ -300,8 +85,6 @@ class Runtime:
         self._listener_client = await connect_redis(
             self.url, max_connections=1, block=self._inbox_block
         )
-        for script in scripts.ALL:
-            self._scripts[script.name] = self.redis.register_script(script.source)
         self._server_run_id = await self._run_id()
         await self.beat()
         self._start_listener()
@@ -360,8 +143,8 @@ class Runtime:
         for pid in (p for p, a in zip(procs, alive, strict=True) if not a):
             withdrawn = dropped = 0
             while budget > 0:
-                handled, gone, left = await self.script(
-                    "withdraw", [self.keys.prefix, pid, min(budget, 256)]
+                handled, gone, left = await scripts.withdraw(
+                    self, self.keys, process=pid, max=min(budget, 256)
                 )
                 budget -= max(1, handled)
                 withdrawn, dropped = withdrawn + handled, dropped + gone
@@ -405,20 +188,24 @@ class Runtime:
         ids = [i for i in self._waiting if i in self._resubmit]
         for start in range(0, len(ids), 256):
             batch = ids[start : start + 256]
-            items: list[Any] = []
             self._records_waits = True  # submitted without an owner: recorded
+            items = []
             for request_id in batch:
                 payload, pool, name = self._resubmit[request_id]
-                items += [request_id, payload, pool, "q", name, ""]
-            replies = await self.script("submit", self._submit_args("", "", items))
+                items.append(scripts.Submission(request_id, payload, pool, False, name, ""))
+            replies = await self._submit(items, owner="", parent="")
             for request_id, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, bytes):
                     self.resolve(request_id, reply)
 
-    def _submit_args(self, owner: str, parent: str, items: list[Any]) -> list[Any]:
-        # msgpack "raw" (no bin type): the server's Lua cmsgpack reads it as strings
-        blob = msgpack.packb(items, use_bin_type=False)
-        return [self.keys.prefix, self.inbox, owner, parent, self.graph_ttl, blob]
+    async def _submit(
+        self, items: Sequence[scripts.Submission], *, owner: str, parent: str
+    ) -> list[Any]:
+        reply: list[Any] = await scripts.submit(
+            self, self.keys, items, process=self.process_id, owner=owner, parent=parent,
+            graph_ttl=self.graph_ttl,
+        )  # fmt: skip
+        return reply
 
     async def cancel(self, request_ids: Sequence[str]) -> list[str]:
         """Stop waiting for these requests; those nobody else waits for and that have not
@@ -434,7 +221,7 @@ class Runtime:
         # in chunks: one script call per chunk keeps the server free for everyone else
         for start in range(0, len(request_ids), scripts.CANCEL_CHUNK):
             chunk = request_ids[start : start + scripts.CANCEL_CHUNK]
-            reply = await self.script("cancel", [self.keys.prefix, self.inbox, *chunk])
+            reply = await scripts.cancel(self, self.keys, chunk, process=self.process_id)
             dropped += [d.decode() for d in reply]
         return dropped
 
@@ -472,13 +259,18 @@ class Runtime:
                     except Exception as exc:  # closing what is left is the loop's job
                         log.debug("closing a server connection failed: %s", exc)
 
-    async def script(self, name: str, args: Sequence[Any]) -> Any:
+    async def run_script(
+        self, script: scripts.Script, keys: list[str | bytes], args: list[scripts.Arg]
+    ) -> Any:
+        """Run one server-side script (the functions of ``store.scripts`` call this):
+        counted in ``round_trips``, and an out-of-memory refusal explained."""
+        assert self.redis is not None
         self.round_trips += 1
         try:
-            return await self._scripts[name](keys=[], args=list(args))
+            return await script.run(self.redis, keys, args)
         except redis_errors.ResponseError as exc:
             if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
-                raise out_of_memory(self.url, name) from None
+                raise out_of_memory(self.url, script.name) from None
             raise
 
     # -- results -------------------------------------------------------------
@@ -620,7 +412,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bytes]] = []
         sent: list[tuple[str, bytes, str]] = []
-        items: list[Any] = []
+        items: list[scripts.Submission] = []
         for call in calls:
             request_id = call.id
             fut = self._waiting.get(request_id)
@@ -632,12 +424,13 @@ class Runtime:
                 else:
                     self._waiting[request_id] = fut
                     pool = call.pool or local_pool
-                    mode = "l" if owner and pool == local_pool else "q"
+                    local = bool(owner) and pool == local_pool
                     payload = call.payload()
                     self._resubmit[request_id] = (payload, pool, call.function.name)
                     summary = call_summary(call) if self.graph_ttl else ""
-                    items += [request_id, payload, pool, mode, call.function.name, summary]
-                    sent.append((request_id, payload, mode))
+                    items.append(scripts.Submission(request_id, payload, pool, local,
+                                                    call.function.name, summary))  # fmt: skip
+                    sent.append((request_id, payload, "l" if local else "q"))
             futures.append(fut)
         new_local: list[tuple[str, bytes]] = []
         shared: list[str] = []
@@ -649,8 +442,8 @@ class Runtime:
         for start in range(0, len(sent), step):
             chunk = sent[start : start + step]
             try:
-                batch = items[6 * start : 6 * (start + step)]
-                replies = await self.script("submit", self._submit_args(owner, parent, batch))
+                replies = await self._submit(items[start : start + step], owner=owner,
+                                             parent=parent)  # fmt: skip
             except BaseException as exc:
                 # the caller gets the error and waits for none of these: fail every
                 # future of this submission, and take back what earlier chunks put on
@@ -686,7 +479,7 @@ class Runtime:
         try:
             for start in range(0, len(local), scripts.REQUEUE_PAGE):
                 chunk = local[start : start + scripts.REQUEUE_PAGE]
-                await self.script("requeue", [self.keys.prefix, owner, 0, 0, *chunk])
+                await scripts.requeue(self, self.keys, chunk, worker=owner)
             await self.cancel([request_id for request_id, _, _ in sent])
         except Exception as exc:  # the grid keeps them; they just run
             log.warning("could not take back %d submitted calls: %s", len(sent), exc)

@@ -117,20 +117,17 @@ def count_keys(client: redis.Redis, namespace: str, *, budget: int = 100_000) ->
     counts = {"results": 0, "pending": 0, "calls": 0}
     queues: set[str] = set()
     idles: set[str] = set()
-    prefix = keys.prefix
-    found, cursor = _scan(client, _glob_escape(prefix) + "*", budget=budget)
+    counted = {keys.result(""): "results", keys.state(""): "pending", keys.call(""): "calls"}
+    queue, idle = keys.queue(""), keys.idle("")
+    found, cursor = _scan(client, _glob_escape(keys.prefix) + "*", budget=budget)
     for key in found:
-        kind, _, rest = key[len(prefix) :].partition(":")
-        if kind == "res":
-            counts["results"] += 1
-        elif kind == "st":
-            counts["pending"] += 1
-        elif kind == "call":
-            counts["calls"] += 1
-        elif kind == "q":
-            queues.add(rest)
-        elif kind == "idle":
-            idles.add(rest)
+        kind = next((k for stem, k in counted.items() if key.startswith(stem)), None)
+        if kind is not None:
+            counts[kind] += 1
+        elif key.startswith(queue):
+            queues.add(key[len(queue) :])
+        elif key.startswith(idle):
+            idles.add(key[len(idle) :])
     return {
         **counts,
         "complete": cursor == 0,
@@ -377,11 +374,11 @@ class FailureScanner:
 
     def step(self) -> list[dict[str, Any]]:
         """Advance the walk by one bounded step and return the failures known now."""
-        pattern = _glob_escape(self.keys.prefix) + "call:*"
+        stem = self.keys.call("")
         found, self._cursor = _scan(
-            self.client, pattern, budget=self.step_keys, cursor=self._cursor
+            self.client, _glob_escape(stem) + "*", budget=self.step_keys, cursor=self._cursor
         )
-        ids = [k.rpartition("call:")[2] for k in found]
+        ids = [k[len(stem) :] for k in found]
         pipe = self.client.pipeline(transaction=False)
         for request_id in ids:
             pipe.hget(self.keys.call(request_id), "state")
@@ -436,12 +433,12 @@ def find_calls(client: redis.Redis, namespace: str, prefix: str, *, limit: int =
             pipe.exists(key)
         return [prefix] if any(pipe.execute()) else []
     found: set[str] = set()
-    for kind in ("call", "res", "st"):
-        pattern = _glob_escape(keys.prefix + f"{kind}:{prefix}") + "*"
+    for stem in (keys.call(""), keys.result(""), keys.state("")):
+        pattern = _glob_escape(stem + prefix) + "*"
         cursor = 0
         while True:
             cursor, batch = client.scan(cursor=cursor, match=pattern, count=10 * _SCAN_COUNT)
-            found.update((_s(k) or "").rpartition(":")[2] for k in batch)
+            found.update((_s(k) or "")[len(stem) :] for k in batch)
             if cursor == 0 or len(found) > limit:
                 break
         if found:  # call records cover results and pending states that still have one
@@ -454,7 +451,7 @@ def _decode_result(data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
     from ..codec import decode
-    from ..grid.runtime import summarize
+    from ..grid.protocol import summarize
 
     kind = data[:1]
     try:

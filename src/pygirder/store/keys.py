@@ -1,9 +1,53 @@
-"""Every key pygirder writes, in one place.
+"""Every key pygirder writes, in one place: the grid's only key schema.
 
 All keys of a grid share the prefix ``pg:{<namespace>}:`` so several grids can share
 one server and ``SCAN pg:{ns}:*`` finds everything of one grid.  The braces are a
-Redis Cluster hash tag: all keys of a namespace live in one slot, which the
-server-side scripts rely on (they touch keys computed inside the script).
+Redis Cluster hash tag: all keys of a namespace hash to one slot, so every server-side
+script (``store/lua/*.lua``) touches keys of one slot only, as a cluster requires.
+Scripts name no key themselves: they get the keys in KEYS, and build the keys they
+derive from data they read (an id popped off a queue) from the stems below passed in
+ARGV (``Keys.state("")`` is the stem of every ``st:<id>``), so a key always carries
+the tag.  ``tests/store`` checks both on a cluster-mode server.
+
+Per namespace (``<id>``: a request id, ``<proc>``: a process id, a worker's too)::
+
+    key              type     written by                                  expires
+    ---------------  -------  ------------------------------------------  ------------------
+    res:<id>         STRING   complete (a worker)                         result_ttl (0: no),
+                                                                          error_ttl for errors
+    st:<id>          HASH     submit; take, share, requeue update it;     no (gone once the
+                              complete, cancel, withdraw delete it        request is done)
+    wt:<id>          SET      submit adds inboxes; cancel, withdraw       deleted by complete
+                              remove them
+    q:<pool>         LIST     submit, share, requeue push; take pops;     no
+                              distribute moves between pools
+    idle:<pool>      HASH     a worker (idle mark); take clears it;       no
+                              distribute (a distributor standing in)
+    inbox:<proc>     LIST     complete pushes; the process reads it       INBOX_TTL_S, renewed
+                                                                          by every push
+    inflight:<proc>  LIST     take; complete and requeue remove           no
+    owned:<proc>     SET      submit (local calls); share, complete,      no
+                              requeue remove
+    cur:<proc>       STRING   a worker, for the request holding its       requeue of the dead
+                              baton when a death must be blamed           worker deletes it
+    waits:<proc>     SET      submit (clients); the client trims it;      INBOX_TTL_S
+                              withdraw pops it
+    wprocs           SET      submit adds clients; withdraw removes them  no
+    hb:<proc>        STRING   every process, each heartbeat               HEARTBEAT_TTL_S
+                                                                          (PYGIRDER_HEARTBEAT_TTL)
+    workers          HASH     workers and distributors register;          no
+                              the reaper removes dead ones
+    stats            HASH     the scripts (HINCRBY); the reaper           no
+    logs             STREAM   every process's log handler                 capped at about
+                                                                          LOG_STREAM_MAXLEN
+    failures         LIST     complete (failed requests)                  capped at 200
+    dead             LIST     a worker (undecodable payloads)             capped at 1,000
+    reaper           STRING   the one worker reaping dead processes       3 reaping periods
+    call:<id>        HASH     submit; take, complete, cancel, withdraw    CALL_GRAPH_TTL_S
+    kids:<id>        SET      submit (the calls a request made)           CALL_GRAPH_TTL_S
+
+``pygirder gc`` drops idle results, call records, children and inboxes, and pending
+requests nobody waits for.
 """
 
 from __future__ import annotations

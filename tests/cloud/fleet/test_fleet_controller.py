@@ -14,7 +14,8 @@ import redis
 from fleet_helpers import TYPES, Capacity, announce, fleet_instances, workers_of
 
 import pygirder
-from pygirder.cloud.fleet.controller import Controller, PoolBook, status_key
+from pygirder.cloud.fleet.capacity import PoolBook
+from pygirder.cloud.fleet.controller import Controller, status_key
 from pygirder.cloud.fleet.converge import Target, write_target
 from pygirder.cloud.tags import utcnow
 

@@ -16,11 +16,11 @@ from pygirder.cloud.artifacts import (
     ArtifactError,
     ArtifactIntegrityError,
     build_artifact,
-    install_artifact,
     list_artifacts,
     parse_s3_uri,
     push_artifact,
 )
+from pygirder.cloud.instance.install import install_artifact
 
 BUCKET = "pygirder-artifacts-test"
 

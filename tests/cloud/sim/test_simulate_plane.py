@@ -193,8 +193,11 @@ def test_an_instance_runs_its_user_data_with_its_own_imds_and_address(
     status, body = imds_get(url, "/latest/meta-data/spot/instance-action")
     assert status == 200 and json.loads(body) == {"action": "terminate", "time": stamp}
 
+    def sleeps() -> int:  # the user-data starts them after it touched "ready"
+        return len([p for p in tree(sim.instance(iid).pid or 0) if p.name() == "sleep"])
+
+    eventually(lambda: sleeps() == 2)  # one in its own session
     processes = tree(sim.instance(iid).pid or 0)
-    assert len([p for p in processes if p.name() == "sleep"]) == 2  # one in its own session
     assert sim.instance(iid).peak_rss_bytes
 
     ec2.terminate_instances(InstanceIds=[iid])

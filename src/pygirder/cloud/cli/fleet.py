@@ -4,7 +4,8 @@
 already names the account's resources and their idle cost, so the running fleet's
 table is ``pygirder cloud fleet``.  Like the rest of the cloud CLI this module
 imports without boto3; AWS code is imported inside the commands.  Tables go to
-stdout, progress and errors to stderr; ``--json`` prints machine-readable output.
+stdout (drawn by :mod:`.fleet_tables`), progress and errors to stderr; ``--json``
+prints machine-readable output.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ...cli.oneshot import ArgsOpt, KwargsOpt, TargetArg, print_json
 from ...cli.service import ServiceContext, service
 from ...errors import ConfigError, PygirderError
+from .fleet_tables import (
+    cost_table,
+    leftovers_table,
+    mem_available,
+    orphans_table,
+    rehearsal_tables,
+    sizes_table,
+    status_table,
+    summary_dict,
+    summary_table,
+)
 
 if TYPE_CHECKING:
     from ..config import CloudConfig
@@ -78,17 +89,6 @@ def _duration(text: str, option: str) -> float:
         return parse_age(text)
     except ConfigError as exc:
         raise _fail(ConfigError(f"{option} {text!r}: use e.g. 90s, 30m, 4h")) from exc
-
-
-def _money(value: float | None, digits: int = 4) -> str:
-    return "?" if value is None else f"${value:,.{digits}f}"
-
-
-def _uptime(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # --------------------------------------------------------------------------- up
@@ -221,47 +221,9 @@ def up(
     except PygirderError as exc:
         raise _fail(exc) from None
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "fleet": summary.fleet,
-                    "expires": summary.expires.isoformat(),
-                    "hourly_usd": summary.hourly_usd,
-                    "instances": [
-                        {
-                            **m.__dict__,
-                            "state": str(m.state),
-                            "spot_price": summary.prices.get(m.instance_id),
-                        }
-                        for m in summary.members
-                    ],
-                    "removed": [m.instance_id for m in summary.removed],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(summary_dict(summary), indent=2))
         return
-    table = Table(
-        title=f"fleet {summary.fleet} ({cfg.name!r} in {cfg.region})", title_justify="left"
-    )
-    for column in ("Role", "Instance", "Type", "Zone", "Private", "Public", "$/hour"):
-        table.add_column(column, no_wrap=True, justify="right" if column == "$/hour" else "left")
-    for m in summary.members:
-        price = summary.prices.get(m.instance_id)
-        table.add_row(
-            m.role,
-            m.instance_id,
-            m.instance_type,
-            m.zone,
-            m.private_ip,
-            m.public_ip or "-",
-            _money(price),
-        )
-    table.caption = (
-        f"{len(summary.members)} instances, {_money(summary.hourly_usd)} per hour at current "
-        f"spot prices; they shut themselves down at {summary.expires:%Y-%m-%d %H:%M} UTC"
-    )
-    out.print(table)
+    out.print(summary_table(summary, cfg.name, cfg.region))
     if summary.removed:
         err.print(
             f"[yellow]{len(summary.removed)} instance(s) were not ready in time and were "
@@ -328,24 +290,11 @@ def _converge(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    _print_sizes(fleet, report.sizes)
+    out.print(sizes_table(fleet, report.sizes))
     if not report.changed:
         err.print("already at the target: nothing changed")
     for problem in report.problems:
         err.print(f"[yellow]{escape(problem)}[/]")
-
-
-def _print_sizes(fleet: str, sizes: list[Any]) -> None:
-    table = Table(title=f"fleet {fleet}: target and actual", title_justify="left")
-    for column in ("Role", "Target", "Live", "Draining"):
-        table.add_column(column, justify="left" if column == "Role" else "right")
-    for size in sizes:
-        target = "-" if size.target is None else str(size.target)
-        live = str(size.live)
-        if size.role == "redis" and size.live == 0:
-            live = "[red]0: lost[/]"
-        table.add_row(size.role, target, live, str(size.draining))
-    out.print(table)
 
 
 # ----------------------------------------------------------------- fleet, cost
@@ -369,29 +318,8 @@ def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = F
     if as_json:
         print(json.dumps({**status.to_dict(), "roles": [s.to_dict() for s in sizes]}, indent=2))
         return
-    table = Table(title=f"fleet {status.fleet}", title_justify="left", show_footer=True)
-    table.add_column("Role", footer="Total")
-    table.add_column("Instance", no_wrap=True)
-    table.add_column("State")
-    table.add_column("Address", no_wrap=True)
-    table.add_column("Uptime", justify="right")
-    table.add_column("Spot $/h", justify="right", footer=_money(status.hourly_usd))
-    table.add_column("Cost so far", justify="right", footer=_money(status.cost_usd))
-    for r in status.rows:
-        address = r.address + (f"\n[dim]{r.public_ip}[/]" if r.public_ip else "")
-        table.add_row(
-            r.role,
-            f"{r.instance_id}\n[dim]{r.instance_type} {r.zone}[/]",
-            r.state,
-            address,
-            _uptime(r.uptime_s),
-            _money(r.spot_price),
-            _money(r.cost_usd),
-        )
-    expires = status.expires
-    table.caption = f"expires {expires:%Y-%m-%d %H:%M} UTC" if expires else None
-    out.print(table)
-    _print_sizes(status.fleet, sizes)
+    out.print(status_table(status))
+    out.print(sizes_table(status.fleet, sizes))
     if lost:
         err.print(
             f"[red]the redis node of fleet {status.fleet} is lost, and the grid with it: "
@@ -412,25 +340,7 @@ def cost(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = Fa
     if as_json:
         print(json.dumps(found, indent=2))
         return
-    table = Table(title=f"cost of fleet {found['fleet']}", title_justify="left")
-    for column in ("Role", "Instances", "$/hour", "So far", "Until expiry"):
-        table.add_column(column, justify="left" if column == "Role" else "right")
-    for role, entry in found["roles"].items():
-        table.add_row(
-            role,
-            str(entry["instances"]),
-            _money(entry["hourly_usd"]),
-            _money(entry["cost_usd"]),
-            _money(entry["to_expiry_usd"]),
-        )
-    if found["nat"]:
-        nat = found["nat"]
-        table.add_row(f"NAT ({nat['state']})", "1", _money(nat["hourly_usd"]), "", "")
-    table.caption = (
-        f"{_money(found['hourly_usd'])} per hour in all; spot prices change, EC2 bills per "
-        "second; data transfer and requests are extra"
-    )
-    out.print(table)
+    out.print(cost_table(found))
 
 
 # -------------------------------------------------------------- reaching the grid
@@ -618,7 +528,6 @@ def down(
 ) -> None:
     """Terminate the fleet and remove everything it created, then prove it."""
     from ..fleet import down as run_down
-    from ..leftovers import FLEET_KINDS
 
     cfg = _load(config)
     try:
@@ -629,17 +538,7 @@ def down(
         print(json.dumps(report.to_dict(), indent=2))
         raise typer.Exit(0 if report.clean else 1)
     for fl, left in report.leftovers.items():
-        table = Table(
-            title=f"fleet {fl}: what is left (asked again after down)", title_justify="left"
-        )
-        table.add_column("Kind")
-        table.add_column("Left", justify="right")
-        table.add_column("Ids", overflow="fold")
-        for kind in FLEET_KINDS:
-            ids = left.get(kind.key, [])
-            mark = "[green]0[/]" if not ids else f"[bold red]{len(ids)}[/]"
-            table.add_row(kind.summary, mark, escape(", ".join(ids)))
-        out.print(table)
+        out.print(leftovers_table(fl, left))
     if not report.fleets:
         err.print(f"no fleet of {cfg.name!r} is up: nothing to remove.")
     if report.nat:
@@ -683,17 +582,7 @@ def sweep(
     if not report.orphans:
         err.print(f"[green]no orphaned fleet resources in {cfg.region}[/]")
         return
-    table = Table(
-        title=f"orphans in {cfg.region}" + (" (dry run)" if report.dry_run else ""),
-        title_justify="left",
-    )
-    for column in ("Kind", "Id", "Setup", "Fleet", "Age", "Why"):
-        table.add_column(column, overflow="fold")
-    for o in report.orphans:
-        table.add_row(
-            o.kind, o.id, o.name, o.fleet, _uptime(o.age_s) if o.age_s < 1e9 else "?", o.reason
-        )
-    out.print(table)
+    out.print(orphans_table(report, cfg.region))
     for failure in report.failures:
         err.print(f"[bold red]failed:[/] {escape(failure)}")
     if report.dry_run:
@@ -748,36 +637,11 @@ def rehearse(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         raise typer.Exit(0 if report.ok else 1)
-    table = Table(
-        title=f"rehearsal with {workers} workers, {started:%Y-%m-%d %H:%M} UTC",
-        title_justify="left",
-    )
-    table.add_column("At", justify="right", no_wrap=True)
-    table.add_column("Step", no_wrap=True)
-    table.add_column("Took", justify="right", no_wrap=True)
-    table.add_column("What happened", overflow="fold")
-    for s in report.steps:
-        mark = "" if s.ok else "[bold red]✗ [/]"
-        table.add_row(f"{s.start_s:.1f}s", mark + s.name, f"{s.seconds:.1f}s", escape(s.detail))
-    table.caption = f"{report.seconds:.1f}s in all"
-    out.print(table)
+    for table in rehearsal_tables(report, workers, started):
+        out.print(table)
     if report.peak_rss:
-        mem = Table(
-            title="peak memory per simulated instance (RSS of its process tree)",
-            title_justify="left",
-        )
-        for column in ("Role", "Instances", "Peak (max)", "Peak (mean)"):
-            mem.add_column(column, justify="left" if column == "Role" else "right")
-        for role, values in sorted(report.peak_rss.items()):
-            mem.add_row(
-                role,
-                str(len(values)),
-                f"{max(values) / 2**20:.0f} MiB",
-                f"{sum(values) / len(values) / 2**20:.0f} MiB",
-            )
-        out.print(mem)
         worker_peak = max(report.peak_rss.get("worker", [0]))
-        available = _mem_available()
+        available = mem_available()
         if worker_peak and available:
             fits = int(available * 0.8 // worker_peak)
             err.print(
@@ -786,16 +650,6 @@ def rehearse(
             )
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 # ------------------------------------------------------------------------ mounting

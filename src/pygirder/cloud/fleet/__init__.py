@@ -9,8 +9,10 @@ tags (``pygirder:managed``, ``pygirder:name``, ``pygirder:fleet``, ``pygirder:ro
 DescribeInstances.  Announcements count only for instances the fleet launched.
 
 The package is cut by concept: :mod:`.naming` (ids, tags, filters), :mod:`.launch`
-(``up``), :mod:`.sources` (image and artifact), :mod:`.inventory` (status, cost, the
-dashboard's rows), :mod:`.access` (routes to the grid, remote commands),
+(``up``'s state machine) over :mod:`.members` (what it tracks), :mod:`.templates`
+(what the instances boot) and :mod:`.capacity` (spot requests), :mod:`.sources`
+(image and artifact), :mod:`.inventory` (status, cost, the dashboard's rows),
+:mod:`.access` (routes to the grid, remote commands) and
 :mod:`.teardown` (``down``, ``sweep`` and their proof, over the kinds of
 :mod:`pygirder.cloud.leftovers` that the account ``teardown`` uses too).
 
@@ -41,7 +43,8 @@ from .inventory import (
     fleet_status,
     live_fleets,
 )
-from .launch import FleetSummary, Member, MemberState, UpOptions, up
+from .launch import FleetSummary, UpOptions, up
+from .members import Member, MemberState
 from .naming import DEFAULT_INSTANCE_TYPES, TAG_LAUNCH
 from .teardown import DownReport, Orphan, down, find_orphans, fleet_leftovers, sweep
 

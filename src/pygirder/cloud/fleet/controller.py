@@ -55,16 +55,13 @@ from ..instance.common import Role
 from ..leftovers import terminate
 from ..policy import POLICY_VERSION, partition
 from ..tags import TAG_FLEET, TAG_MANAGED, TAG_ROLE, as_tag_list, from_tag_list, parse_time, utcnow
+from .capacity import DEFAULT_POOL_BACKOFF_S, Pool, PoolBook, instant_fleet
 from .converge import Drainer, Target, pick_surplus, read_target, role_templates
-from .launch import instant_fleet
 from .naming import fleet_tags, instances_of
 
 log = logging.getLogger("pygirder.controller")
 
 DEFAULT_INTERVAL_S = 10.0
-# First back-off of a pool after a capacity error, doubled per failure, capped.
-DEFAULT_POOL_BACKOFF_S = 60.0
-POOL_BACKOFF_CAP_S = 30 * 60.0
 # An instance that announced going-away and is still running after this long was not
 # reclaimed after all (or the message was not true): it counts again.
 LEAVING_GRACE_S = 180.0
@@ -81,57 +78,6 @@ def _env_float(name: str, default: float) -> float:
 
 def status_key(fleet: str) -> str:
     return f"pygirder:fleet:{{{fleet}}}:controller"
-
-
-Pool = tuple[str, str]  # (instance type, subnet id)
-
-
-@dataclass
-class PoolState:
-    failures: int = 0
-    blocked_until: float = 0.0
-    last_error: str = ""
-
-
-class PoolBook:
-    """Per-pool back-off after capacity errors (see the module docstring)."""
-
-    def __init__(self, base_s: float | None = None, cap_s: float = POOL_BACKOFF_CAP_S) -> None:
-        self.base_s = _env_float("PYGIRDER_POOL_BACKOFF_S", DEFAULT_POOL_BACKOFF_S)
-        if base_s is not None:
-            self.base_s = base_s
-        self.cap_s = max(cap_s, self.base_s)
-        self.pools: dict[Pool, PoolState] = {}
-
-    def usable(self, pools: Sequence[Pool], now: float) -> list[Pool]:
-        return [p for p in pools if self.pools.get(p, PoolState()).blocked_until <= now]
-
-    def failed(self, pool: Pool, code: str, message: str, now: float) -> float:
-        """Record a failure; returns how long the pool is left alone."""
-        state = self.pools.setdefault(pool, PoolState())
-        state.failures += 1
-        state.last_error = f"{code}: {message}"[:300]
-        if code in POOL_UNUSABLE_CODES:
-            state.blocked_until = math.inf
-            return math.inf
-        wait = min(self.cap_s, self.base_s * 2 ** min(state.failures - 1, 20))
-        wait *= random.uniform(0.8, 1.0)
-        state.blocked_until = now + wait
-        return wait
-
-    def succeeded(self, pool: Pool) -> None:
-        self.pools.pop(pool, None)
-
-    def to_dict(self, now: float) -> dict[str, Any]:
-        return {
-            f"{t}/{s}": {
-                "failures": st.failures,
-                "blocked_s": None if math.isinf(st.blocked_until)
-                else round(max(0.0, st.blocked_until - now), 1),
-                "last_error": st.last_error,
-            }
-            for (t, s), st in self.pools.items()
-        }  # fmt: skip
 
 
 class LaunchBudget:
@@ -232,7 +178,7 @@ class Controller:
         self.grid = grid
         self.clock = clock
         self.say = say or (lambda text: log.info("%s", text))
-        self.pools = PoolBook()
+        self.pools = PoolBook(_env_float("PYGIRDER_POOL_BACKOFF_S", DEFAULT_POOL_BACKOFF_S))
         self.budget = LaunchBudget(clock)
         self.drainer = Drainer(aws, fleet, None, self.say, clock=clock)
         self.leaving: dict[str, tuple[float, str]] = {}

@@ -46,8 +46,9 @@ from ..tags import (
     parse_time,
     utcnow,
 )
-from .launch import DEFAULT_INSTANCE_TYPES, Member, MemberState, Progress, UpOptions, _Launch, _Up
-from .naming import check_fleet_id, fleet_tags, instances_of, launch_id
+from .launch import Progress, UpOptions, _Up
+from .members import Member, MemberState, RoleLaunch, update
+from .naming import DEFAULT_INSTANCE_TYPES, check_fleet_id, fleet_tags, instances_of, launch_id
 
 log = logging.getLogger("pygirder.fleet")
 
@@ -373,6 +374,7 @@ class _Converge(_Up):
         progress: Progress | None,
         clock: Callable[[], float],
         deadline_s: float,
+        expires: datetime,
     ) -> None:
         options = UpOptions(
             workers=max(1, target.workers),
@@ -382,7 +384,9 @@ class _Converge(_Up):
             deadline_s=deadline_s,
         )
         super().__init__(config, options, aws, say, progress, clock)
-        self.fleet = fleet
+        # New instances join this fleet and keep its expiry (their tags say both).
+        self.fleet, self.expires = fleet, expires
+        self.capacity.fleet, self.capacity.expires = fleet, expires
 
 
 def _wait_for_controller(
@@ -472,9 +476,8 @@ def converge(
             )
         return report
 
-    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s)
+    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s, expires)
     runner.res = res
-    runner.expires = expires
     deadline = clock() + deadline_s
     connect = connect or (lambda: grid_client(config, fleet, aws))
     drainer = Drainer(aws, fleet, connect, say)
@@ -491,12 +494,12 @@ def converge(
             if template is None:
                 report.problems.append(f"no launch template for {role}s in fleet {fleet}")
                 continue
-            launch = _Launch(role, wanted, launch_id(fleet, role), target.subnets[str(role)])
+            launch = RoleLaunch(role, wanted, launch_id(fleet, role), target.subnets[str(role)])
             launch.template_id = template["id"]
             launch.token = f"{launch.launch_id}-{secrets.token_hex(4)}"
             for inst in live:
                 member = Member(inst["InstanceId"], str(role), state=MemberState.READY)
-                runner._update(member, inst)
+                update(member, inst)
                 launch.members[member.instance_id] = member
             before = set(launch.members)
             runner.launches = [launch]

@@ -9,40 +9,40 @@ instance counts as ready when its agent *announces* ``ready`` on the status queu
 agent knows that the artifact is installed and the service serves.  Stragglers are
 terminated at the deadline; too few ready instances is an error that removes the
 fleet before it is raised, so a failed ``up`` leaves nothing billable behind.
+
+This module is the state machine; :mod:`.members` holds what it tracks,
+:mod:`.templates` what the instances boot, and :mod:`.capacity` the spot requests.
 """
 
 from __future__ import annotations
 
-import base64
-import enum
 import logging
 import math
-import random
 import re
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from ...errors import ConfigError
-from ..aws import CAPACITY_CODES, LIVE_INSTANCE_STATES, POOL_UNUSABLE_CODES, Aws, is_quota_code
+from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
 from ..instance.announce import Announcement
 from ..instance.common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role
 from ..leftovers import terminate
-from ..tags import as_tag_list, fleet_filters
+from ..tags import fleet_filters
 from .access import write_known_hosts
+from .capacity import Capacity
 from .inventory import spot_prices
+from .members import ACTIVE, Member, MemberState, RoleLaunch, fill, update
 from .naming import (
     DEFAULT_DEADLINE_S,
     DEFAULT_INSTANCE_TYPES,
     DEFAULT_TTL_S,
     TAG_LAUNCH,
-    fleet_tags,
     instances_of,
     launch_id,
     new_fleet_id,
@@ -50,48 +50,17 @@ from .naming import (
 )
 from .sources import find_image, resolve_artifact
 from .teardown import down
+from .templates import Blueprint
 
 log = logging.getLogger("pygirder.fleet")
 
 
-# CreateFleet errors are sorted by ``aws.CAPACITY_CODES``, ``aws.POOL_UNUSABLE_CODES``
-# and ``aws.is_quota_code``; a pool out of capacity is tried again after this long.
-POOL_COOLDOWN_S = 60.0
 # How often the launch loop asks EC2 which of its instances died before announcing.
 REFRESH_INTERVAL_S = 5.0
 # Seconds one receive on the status queue may wait (long polling).
 QUEUE_WAIT_S = 2
 
 # ---------------------------------------------------------------------- up
-
-
-class MemberState(enum.StrEnum):
-    """Where one launched instance stands, as ``up`` sees it."""
-
-    LAUNCHED = "launched"  # EC2 gave us the instance; its agent has not spoken yet
-    BOOTING = "booting"  # announced ``up``: installing the artifact, starting its service
-    READY = "ready"  # announced ``ready``: its service serves
-    FAILED = "failed"  # announced ``failed`` (a broken boot is not replaced)
-    GONE = "gone"  # terminated, reclaimed or going away before the launch finished
-
-
-_ACTIVE = (MemberState.LAUNCHED, MemberState.BOOTING, MemberState.READY)
-
-
-@dataclass
-class Member:
-    """One instance of a launch."""
-
-    instance_id: str
-    role: str
-    state: MemberState = MemberState.LAUNCHED
-    instance_type: str = ""
-    subnet_id: str = ""
-    zone: str = ""
-    private_ip: str = ""
-    public_ip: str = ""
-    detail: str = ""
-    host_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -153,40 +122,6 @@ class UpOptions:
 
 
 @dataclass
-class _Launch:
-    """One role's launch: its template, its members and its retry state."""
-
-    role: Role
-    count: int
-    launch_id: str
-    subnet_ids: list[str]
-    pool: str = "default"
-    parent: str | None = None
-    template_id: str = ""
-    members: dict[str, Member] = field(default_factory=dict)
-    blocked: dict[tuple[str, str], float] = field(default_factory=dict)
-    attempts: int = 0
-    next_at: float = 0.0
-    stopped: str = ""
-    errors: list[str] = field(default_factory=list)
-    token: str = ""
-    """Prefix of CreateFleet client tokens (default: the launch id); a later grow of
-    the same launch needs its own, or EC2 would answer with the first launch."""
-
-    def in_state(self, *states: MemberState) -> list[Member]:
-        return [m for m in self.members.values() if m.state in states]
-
-    @property
-    def ready(self) -> int:
-        return len(self.in_state(MemberState.READY))
-
-    @property
-    def shortfall(self) -> int:
-        held = len(self.in_state(*_ACTIVE, MemberState.FAILED))
-        return max(0, self.count - held)
-
-
-@dataclass
 class FleetSummary:
     """What ``up`` built (ready members only) and what it had to remove."""
 
@@ -207,63 +142,6 @@ class FleetSummary:
 
     def ready(self, role: str) -> int:
         return sum(1 for m in self.members if m.role == role)
-
-
-def instant_fleet(
-    aws: Aws,
-    *,
-    token: str,
-    template_id: str,
-    pools: list[tuple[str, str]],
-    count: int,
-    tags: list[dict[str, str]],
-    market: str = "spot",
-    max_price: float | None = None,
-) -> dict[str, Any]:
-    """One CreateFleet of type ``instant`` from a launch template over (type, subnet) pools.
-
-    Spot capacity is asked for capacity-optimized and is terminated (not stopped) when
-    reclaimed; ``max_price`` caps a spot price.  What EC2 could not launch comes back
-    in the answer's ``Errors``, one per pool.
-    """
-    overrides = []
-    for instance_type, subnet in pools:
-        override: dict[str, Any] = {"InstanceType": instance_type, "SubnetId": subnet}
-        if max_price is not None and market == "spot":
-            override["MaxPrice"] = f"{max_price:.5f}"
-        overrides.append(override)
-    capacity: dict[str, Any] = {
-        "SpotOptions": {
-            "AllocationStrategy": "capacity-optimized",
-            "InstanceInterruptionBehavior": "terminate",
-        }
-    }
-    if market == "on-demand":
-        capacity = {"OnDemandOptions": {"AllocationStrategy": "lowest-price"}}
-    return aws.call(
-        "ec2",
-        "create_fleet",
-        Type="instant",
-        ClientToken=token[:64],
-        LaunchTemplateConfigs=[
-            {
-                "LaunchTemplateSpecification": {
-                    "LaunchTemplateId": template_id,
-                    "Version": "$Latest",
-                },
-                "Overrides": overrides,
-            }
-        ],
-        TargetCapacitySpecification={
-            "TotalTargetCapacity": count,
-            "DefaultTargetCapacityType": market,
-        },
-        **capacity,
-        TagSpecifications=[
-            {"ResourceType": "fleet", "Tags": tags},
-            {"ResourceType": "instance", "Tags": tags},
-        ],
-    )
 
 
 class Progress(Protocol):
@@ -293,15 +171,19 @@ class _Up:
         self.fleet = new_fleet_id()
         self.expires = utcnow() + timedelta(seconds=options.ttl_s)
         self.res: dict[str, Any] = {}
-        self.launches: list[_Launch] = []
+        self.launches: list[RoleLaunch] = []
         self.removed: list[Member] = []
         self.details: list[str] = []
         self.last_refresh = 0.0
         self.other_fleets: dict[str, bool] = {}
         self.strangers: set[str] = set()  # instance ids that are not this fleet's
+        self.capacity = Capacity(
+            aws, config, self.fleet, self.expires, options.instance_types,
+            options.max_price, options.backoff_s, say, clock,
+        )  # fmt: skip
 
     # -- preparation --------------------------------------------------------------
-    def prepare(self) -> tuple[str, str, str, tuple[str, ...]]:
+    def prepare(self) -> Blueprint:
         """Account resources, image, artifact and imports; fails before creating anything."""
         from ..account import account_resources
 
@@ -311,23 +193,12 @@ class _Up:
             self.res["bucket"], self.res["artifact_prefix"], self.options.artifact
         )
         imports = self.options.imports if self.options.imports is not None else tuple(modules)
-        return image, uri, sha, imports
+        return Blueprint(
+            self.aws, self.config, self.res, self.fleet, self.expires, image, uri, sha, imports,
+            self.options.processes, self.options.spot_interval_s, self.options.controller,
+        )  # fmt: skip
 
-    def store_password(self) -> None:
-        """The fleet's Redis password, a tagged SecureString only the fleet can read."""
-        from ..instance.announce import redis_password_parameter
-
-        self.aws.call(
-            "ssm",
-            "put_parameter",
-            Name=redis_password_parameter(self.config.name, self.fleet),
-            Description=f"Redis password of pygirder fleet {self.fleet}",
-            Value=secrets.token_urlsafe(32),
-            Type="SecureString",
-            Tags=as_tag_list(fleet_tags(self.config, self.fleet, self.expires)),
-        )
-
-    def store_target(self, launches: list[_Launch]) -> None:
+    def store_target(self, launches: list[RoleLaunch]) -> None:
         """The sizes just launched, for ``up`` on this fleet and its controller."""
         from .converge import Target, write_target
 
@@ -342,182 +213,11 @@ class _Up:
         )  # fmt: skip
         write_target(self.aws, self.config, self.fleet, target, self.expires)
 
-    def template(self, launch: _Launch, image_id: str, user_data: str) -> None:
-        """The launch template of one role: everything but the type and the subnet."""
-        tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
-        data = {
-            "ImageId": image_id,
-            "UserData": base64.b64encode(user_data.encode()).decode(),
-            "IamInstanceProfile": {"Arn": self.res["instance_profile_arn"]},
-            "SecurityGroupIds": [self.res["security_group_id"]],
-            "KeyName": self.res["key_name"],
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "MetadataOptions": {
-                "HttpTokens": "required",
-                "HttpEndpoint": "enabled",
-                "HttpPutResponseHopLimit": 1,
-                "InstanceMetadataTags": "enabled",
-            },
-            "TagSpecifications": [
-                {"ResourceType": kind, "Tags": tags}
-                for kind in ("instance", "volume", "network-interface", "spot-instances-request")
-            ],
-        }
-        got = self.aws.call(
-            "ec2",
-            "create_launch_template",
-            LaunchTemplateName=f"pygirder-{self.config.name}-{launch.launch_id}",
-            LaunchTemplateData=data,
-            ClientToken=f"{launch.launch_id}-lt"[:64],
-            TagSpecifications=[{"ResourceType": "launch-template", "Tags": tags}],
-        )
-        launch.template_id = got["LaunchTemplate"]["LaunchTemplateId"]
-
-    def user_data(
-        self, launch: _Launch, uri: str, sha: str, imports: tuple[str, ...], redis: str | None
-    ) -> str:
-        from ..instance.userdata import render_user_data
-
-        return render_user_data(
-            topic_arn=self.res["topic_arn"],
-            region=self.config.region,
-            launch_id=launch.launch_id,
-            fleet=self.fleet,
-            name=self.config.name,
-            role=launch.role,
-            artifact_uri=uri,
-            artifact_sha256=sha,
-            redis=redis,
-            pool=launch.pool,
-            parent=launch.parent,
-            imports=imports if launch.role is Role.WORKER else (),
-            processes=self.options.processes,
-            expires=self.expires,
-            spot_interval_s=self.options.spot_interval_s,
-            controller_queue_url=(
-                self.res["queue_url"]
-                if launch.role is Role.REDIS and self.options.controller
-                else None
-            ),
-        )
-
-    # -- launching ----------------------------------------------------------------
-    def pools(self, launch: _Launch) -> list[tuple[str, str]]:
-        now = self.clock()
-        every = [(t, s) for t in self.options.instance_types for s in launch.subnet_ids]
-        usable = [p for p in every if launch.blocked.get(p, 0.0) <= now]
-        if not usable:
-            # Every pool failed recently: forget the cool-downs, keep the permanent bans.
-            launch.blocked = {p: u for p, u in launch.blocked.items() if math.isinf(u)}
-            usable = [p for p in every if p not in launch.blocked]
-        return usable
-
-    def launch(self, launch: _Launch) -> None:
-        """One CreateFleet for the shortfall of ``launch``; errors shape the next try."""
-        wanted = launch.shortfall
-        pools = self.pools(launch)
-        if not pools:
-            launch.stopped = "no instance type can be launched in the subnets: " + "; ".join(
-                launch.errors[-3:]
-            )
-            return
-        launch.attempts += 1
-        # The redis node holds the grid: on-demand unless the config says spot.
-        on_demand = launch.role is Role.REDIS and self.config.redis_market == "on-demand"
-        tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
-        try:
-            # The client token is unique per attempt; Aws.call's retries of one attempt
-            # reuse it, so a retried request never launches twice.
-            got = instant_fleet(
-                self.aws, token=f"{launch.token or launch.launch_id}-{launch.attempts}",
-                template_id=launch.template_id, pools=pools, count=wanted, tags=tags,
-                market="on-demand" if on_demand else "spot", max_price=self.options.max_price,
-            )  # fmt: skip
-        except CloudError as exc:
-            if exc.code in CAPACITY_CODES:
-                got = {"Errors": [{"ErrorCode": exc.code, "ErrorMessage": str(exc)}]}
-            elif is_quota_code(exc.code):
-                launch.stopped = f"an account quota stops more launches: {exc}"
-                return
-            else:
-                raise
-        new: list[str] = []
-        for item in got.get("Instances", []):
-            lt = item.get("LaunchTemplateAndOverrides") or {}
-            override = lt.get("Overrides") or {}
-            for iid in item.get("InstanceIds", []):
-                if iid in launch.members:
-                    continue
-                launch.members[iid] = Member(
-                    instance_id=iid,
-                    role=str(launch.role),
-                    instance_type=item.get("InstanceType") or override.get("InstanceType", ""),
-                    subnet_id=override.get("SubnetId", ""),
-                )
-                new.append(iid)
-        self._errors(launch, got.get("Errors", []), pools)
-        if new:
-            self.say(f"{launch.role}: launched {len(new)} of {wanted} ({', '.join(new)})")
-            self._fill(launch, new)
-        if launch.shortfall and not launch.stopped:
-            first, cap = self.options.backoff_s
-            delay = min(cap, first * 2 ** (launch.attempts - 1)) * random.uniform(0.5, 1.0)
-            launch.next_at = self.clock() + delay
-            self.say(
-                f"{launch.role}: {launch.shortfall} short; asking again in {delay:.1f}s "
-                f"from other pools"
-            )
-
-    def _errors(self, launch: _Launch, errors: list[dict], pools: list[tuple[str, str]]) -> None:
-        now = self.clock()
-        fatal = []
-        for error in errors:
-            code = str(error.get("ErrorCode", ""))
-            message = str(error.get("ErrorMessage", ""))
-            override = (error.get("LaunchTemplateAndOverrides") or {}).get("Overrides") or {}
-            pool = (override.get("InstanceType", ""), override.get("SubnetId", ""))
-            where = f"{pool[0]} in {pool[1]}" if pool[0] else "all pools"
-            text = f"{code} ({where}): {message}"
-            launch.errors.append(text)
-            if code in CAPACITY_CODES or code in POOL_UNUSABLE_CODES:
-                until = math.inf if code in POOL_UNUSABLE_CODES else now + POOL_COOLDOWN_S
-                for p in [pool] if pool[0] else pools:
-                    launch.blocked[p] = until
-                self.say(f"{launch.role}: {text}")
-            elif is_quota_code(code):
-                launch.stopped = f"an account quota stops more launches: {text}"
-            else:
-                fatal.append(text)
-        if fatal:
-            raise FleetError(
-                f"EC2 refused to launch {launch.role} instances: {'; '.join(fatal)}",
-                code="CreateFleetError",
-            )
-
-    def _fill(self, launch: _Launch, ids: list[str]) -> None:
-        """Zone and addresses of new instances (EC2 may not list them yet: later then)."""
-        got = self.aws.call(
-            "ec2", "describe_instances", InstanceIds=ids, ignore=("InvalidInstanceID.NotFound",)
-        )
-        for reservation in (got or {}).get("Reservations", []):
-            for inst in reservation.get("Instances", []):
-                self._update(launch.members.get(inst["InstanceId"]), inst)
-
-    @staticmethod
-    def _update(member: Member | None, inst: dict[str, Any]) -> None:
-        if member is None:
-            return
-        member.zone = inst.get("Placement", {}).get("AvailabilityZone", member.zone)
-        member.subnet_id = inst.get("SubnetId", member.subnet_id)
-        member.instance_type = inst.get("InstanceType", member.instance_type)
-        member.public_ip = inst.get("PublicIpAddress", member.public_ip) or ""
-        member.private_ip = inst.get("PrivateIpAddress", member.private_ip) or ""
-
-    def refresh(self, launches: list[_Launch]) -> None:
+    def refresh(self, launches: list[RoleLaunch]) -> None:
         """Instances that ended before announcing ready are gone: their place is free."""
         self.last_refresh = self.clock()
         by_id = {iid: (lc, m) for lc in launches for iid, m in lc.members.items()}
-        waiting = [iid for iid, (_, m) in by_id.items() if m.state in _ACTIVE]
+        waiting = [iid for iid, (_, m) in by_id.items() if m.state in ACTIVE]
         if not waiting:
             return
         for inst in instances_of(
@@ -527,9 +227,9 @@ class _Up:
             if entry is None:
                 continue
             launch, member = entry
-            self._update(member, inst)
+            update(member, inst)
             state = inst["State"]["Name"]
-            if member.state in _ACTIVE and state in (
+            if member.state in ACTIVE and state in (
                 "shutting-down",
                 "terminated",
                 "stopping",
@@ -608,11 +308,11 @@ class _Up:
         member.instance_type = a.instance_type or member.instance_type
         if a.event == "up" and member.state is MemberState.LAUNCHED:
             member.state = MemberState.BOOTING
-        elif a.event == "ready" and member.state in _ACTIVE:
+        elif a.event == "ready" and member.state in ACTIVE:
             member.state = MemberState.READY
             member.host_keys = a.host_keys
             if not member.private_ip:
-                self._fill(launch, [member.instance_id])
+                fill(self.aws, launch, [member.instance_id])
             if a.private_ip and member.private_ip and a.private_ip != member.private_ip:
                 log.warning(
                     "%s announced address %s, EC2 says %s: using EC2's",
@@ -625,11 +325,11 @@ class _Up:
             self.details.append(f"{launch.role} {a.instance_id}: {a.detail}")
             self.say(f"{launch.role} {a.instance_id} failed to boot: {a.detail}")
             to_terminate.append(a.instance_id)
-        elif a.event == "going-away" and member.state in _ACTIVE:
+        elif a.event == "going-away" and member.state in ACTIVE:
             member.state, member.detail = MemberState.GONE, a.detail
             self.say(f"{launch.role} {a.instance_id} is going away: {a.detail}")
 
-    def _member(self, launch: _Launch, a: Announcement) -> Member | None:
+    def _member(self, launch: RoleLaunch, a: Announcement) -> Member | None:
         """The member an announcement speaks for, if this launch really started it."""
         member = launch.members.get(a.instance_id)
         if member is not None:
@@ -653,18 +353,18 @@ class _Up:
             self.strangers.add(a.instance_id)
             return None
         member = launch.members[a.instance_id] = Member(a.instance_id, str(launch.role))
-        self._update(member, found[0])
+        update(member, found[0])
         return member
 
     def report(self) -> None:
         if self.progress is None:
             return
         for launch in self.launches:
-            launched = len(launch.in_state(*_ACTIVE))
+            launched = len(launch.in_state(*ACTIVE))
             self.progress(str(launch.role), launch.ready, launch.count, launched)
 
     # -- the loop -----------------------------------------------------------------
-    def converge(self, launches: list[_Launch], deadline: float) -> None:
+    def converge(self, launches: list[RoleLaunch], deadline: float) -> None:
         """Launch shortfalls and read announcements until all are ready or time is up."""
         while True:
             now = self.clock()
@@ -672,7 +372,7 @@ class _Up:
                 return
             for launch in launches:
                 if launch.shortfall and not launch.stopped and now >= launch.next_at:
-                    self.launch(launch)
+                    self.capacity.request(launch)
             if now - self.last_refresh >= REFRESH_INTERVAL_S:
                 self.refresh(launches)
             left = deadline - self.clock()
@@ -687,7 +387,7 @@ class _Up:
                 terminate(self.aws, to_terminate)
             self.report()
 
-    def settle(self, launches: list[_Launch]) -> None:
+    def settle(self, launches: list[RoleLaunch]) -> None:
         """At the deadline: terminate what is not ready, so it stops costing money."""
         stragglers = [
             m for lc in launches for m in lc.in_state(MemberState.LAUNCHED, MemberState.BOOTING)
@@ -708,12 +408,12 @@ class _Up:
                 if m.state in (MemberState.GONE, MemberState.FAILED)
             )
 
-    def pin_host_keys(self, launches: list[_Launch]) -> Path:
+    def pin_host_keys(self, launches: list[RoleLaunch]) -> Path:
         """Write the fleet's known_hosts file from the host keys its instances announced."""
         members = [m for lc in launches for m in lc.in_state(MemberState.READY)]
         return write_known_hosts(self.fleet, members)
 
-    def fail_if_short(self, launches: list[_Launch], minimum: dict[Role, int]) -> None:
+    def fail_if_short(self, launches: list[RoleLaunch], minimum: dict[Role, int]) -> None:
         short = [lc for lc in launches if lc.ready < minimum.get(lc.role, lc.count)]
         if not short:
             return
@@ -741,11 +441,13 @@ class _Up:
     def run(self) -> FleetSummary:
         opts = self.options
         opts.check()
-        image, uri, sha, imports = self.prepare()
+        blueprint = self.prepare()
         deadline = self.clock() + opts.deadline_s
         public = [self.res["public_subnet_id"]]
         inner = public if opts.public_workers else [self.res["private_subnet_id"]]
-        self.say(f"fleet {self.fleet}: image {image}, artifact {uri}")
+        self.say(
+            f"fleet {self.fleet}: image {blueprint.image_id}, artifact {blueprint.artifact_uri}"
+        )
         try:
             if inner != public and self.config.nat == "instance":
                 from ..account import start_nat
@@ -754,17 +456,17 @@ class _Up:
                     "starting the NAT instance (private instances reach SNS and SSM through it)"
                 )
                 start_nat(self.config, aws=self.aws)
-            self.store_password()
-            redis = _Launch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public)
+            blueprint.store_password()
+            redis = RoleLaunch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public)
             self.launches = [redis]
-            self.template(redis, image, self.user_data(redis, uri, sha, imports, None))
+            blueprint.template(redis, None)
             self.report()
             self.converge([redis], deadline)
             self.settle([redis])
             self.fail_if_short([redis], {Role.REDIS: 1})
             node = redis.in_state(MemberState.READY)[0]
             if not node.private_ip:
-                self._fill(redis, [node.instance_id])
+                fill(self.aws, redis, [node.instance_id])
             if not node.private_ip:
                 raise FleetError(
                     f"EC2 lists no private address for the redis node {node.instance_id}",
@@ -772,11 +474,11 @@ class _Up:
                 )
             url = f"redis://{node.private_ip}:{DEFAULT_REDIS_PORT}/0"
             self.say(f"redis node {node.instance_id} is ready at {node.private_ip}")
-            second: list[_Launch] = []
+            second: list[RoleLaunch] = []
             pool = "workers" if opts.distributors else "default"
             if opts.distributors:
                 second.append(
-                    _Launch(
+                    RoleLaunch(
                         Role.DISTRIBUTOR,
                         opts.distributors,
                         launch_id(self.fleet, Role.DISTRIBUTOR),
@@ -786,13 +488,13 @@ class _Up:
                     )
                 )
             second.append(
-                _Launch(
+                RoleLaunch(
                     Role.WORKER, opts.workers, launch_id(self.fleet, Role.WORKER), inner, pool=pool
                 )
             )
             self.launches += second
             for launch in second:
-                self.template(launch, image, self.user_data(launch, uri, sha, imports, url))
+                blueprint.template(launch, url)
             self.report()
             self.converge(second, deadline)
             self.settle(second)

@@ -24,7 +24,7 @@ What it talks to:
   ``failed``) on the fleet's status topic, whose region is read from the topic ARN.
 - **SSM**: the Redis password, a SecureString at ``/pygirder/<name>/<fleet>/redis-password``,
   read at run time with the instance role and never written to a log or argv of ours.
-- **S3**: the artifact (see ``artifacts.py``).
+- **S3**: the artifact (see :mod:`.install`).
 
 ``run ROLE`` supervises one child, started as ``<this python> -m pygirder <role command>``
 (so running the agent from the artifact's venv runs the artifact's pygirder):
@@ -58,8 +58,9 @@ runs the fleet controller (``python -m pygirder.cloud.fleet.controller``) as a s
 supervised child beside the server.
 
 The parts: :mod:`.common` (roles, events, seams), :mod:`.metadata` (IMDSv2),
-:mod:`.announce` (announcements, SNS and SSM calls), :mod:`.supervisor` (the child and
-its watchers); this module runs them and is the command line.
+:mod:`.announce` (announcements, SNS and SSM calls), :mod:`.install` (the artifact's
+virtual environment), :mod:`.supervisor` (the child and its watchers); this module
+runs them and is the command line.
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ def fetch_artifact(
     venv: Annotated[Path, typer.Option("--venv", help="Virtual environment to install into.")],
 ) -> dict[str, Any]:
     """Download the artifact, verify its hash and install it into a virtual environment."""
-    from ..artifacts import install_artifact
+    from .install import install_artifact
 
     _quiet_aws_loggers()
     manifest = install_artifact(uri, sha256, venv)

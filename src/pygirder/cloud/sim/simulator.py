@@ -50,7 +50,6 @@ poll) is kept for memory reports.  Layout of the state directory::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import enum
@@ -67,16 +66,23 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import PygirderError
 from ..instance import boot_robot
 from ..tags import MANAGED_VALUE, TAG_MANAGED, TAG_NAME, from_tag_list
+from . import SimulatorError, SimulatorTimeout
+from .control import (
+    DEFAULT_STATE_DIR,
+    lock_state_dir,
+    request_interrupt,
+    serve_requests,
+    write_atomic,
+)
 from .imds import ImdsEmulator
+from .proctree import children_map, kill_tree, tree_rss
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -93,7 +99,6 @@ log = logging.getLogger("pygirder.simulate")
 
 # Set to "1" in every simulated instance: the one signal that it is not on EC2.
 SIMULATED_ENV = "PYGIRDER_SIMULATED"
-DEFAULT_STATE_DIR = Path("~/.pygirder/simulate")
 POLL_INTERVAL_S = 0.5
 # SIGTERM to SIGKILL when an instance stops; systemd waits 90 s, a simulation need not.
 STOP_GRACE_S = 10.0
@@ -103,14 +108,6 @@ DUMMY_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_SESSION_TOKEN": "testing",
 }
-
-
-class SimulatorError(PygirderError):
-    """The data plane cannot do what was asked (endpoint unreachable, unknown instance, ...)."""
-
-
-class SimulatorTimeout(SimulatorError, TimeoutError):
-    """:meth:`Simulator.wait_for` ran out of time; the message holds the instance's logs."""
 
 
 class SimState(enum.StrEnum):
@@ -285,7 +282,7 @@ class Simulator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "control").mkdir(exist_ok=True)
         (self.state_dir / "instances").mkdir(exist_ok=True)
-        self._lock_file = _lock(self.state_dir / "simulator.lock")
+        self._lock_file = lock_state_dir(self.state_dir)
         try:
             self._check_loopback()
             self._robot = self.state_dir / "pygirder-boot"
@@ -572,7 +569,7 @@ class Simulator:
         assert machine.emulator is not None
         user = os.environ.get("USER") or os.environ.get("LOGNAME") or "pygirder"
         shutdown = [
-            sys.executable, "-m", "pygirder.cloud.sim.simulator", "shutdown",
+            sys.executable, "-m", "pygirder.cloud.sim.shutdown",
             machine.instance_id, "--region", self.region,
         ]  # fmt: skip
         env = {
@@ -624,7 +621,7 @@ class Simulator:
         try:
             proc.wait(self.stop_grace + 5)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
             proc.wait(10)
         with self._cond:
             machine.exit_status = proc.returncode
@@ -636,7 +633,7 @@ class Simulator:
         """Notice finished user-data and sample each tree's memory."""
         with self._cond:
             machines = list(self._machines.values())
-        children = _children_map() if any(m.proc for m in machines) else {}
+        children = children_map() if any(m.proc for m in machines) else {}
         for machine in machines:
             proc = machine.proc
             if proc is None or machine.state is not SimState.RUNNING:
@@ -648,7 +645,7 @@ class Simulator:
                     machine.proc = None
                 self._set_state(machine, SimState.EXITED, f"user-data exited with status {status}")
                 continue
-            rss = _tree_rss(proc.pid, children)
+            rss = tree_rss(proc.pid, children)
             if rss is not None:
                 with self._cond:
                     machine.peak_rss = max(machine.peak_rss or 0, rss)
@@ -726,65 +723,10 @@ class Simulator:
         if text == self._last_status:
             return
         self._last_status = text
-        _write_atomic(self.state_dir / "instances.json", text)
+        write_atomic(self.state_dir / "instances.json", text)
 
     def _serve_control_requests(self) -> None:
-        control = self.state_dir / "control"
-        for request in sorted(control.glob("*.request.json")):
-            answer: dict[str, Any]
-            try:
-                body = json.loads(request.read_text())
-                if body.get("op") != "interrupt":
-                    raise SimulatorError(f"unknown request {body.get('op')!r}")
-                stamp = self.interrupt(
-                    str(body["instance_id"]),
-                    action=str(body.get("action", "terminate")),
-                    in_seconds=float(body.get("in_seconds", 120.0)),
-                    reclaim=bool(body.get("reclaim", True)),
-                )
-                answer = {"ok": True, "time": stamp}
-            except (PygirderError, ValueError, KeyError, OSError) as exc:
-                answer = {"ok": False, "error": str(exc)}
-            name = request.name.removesuffix(".request.json")
-            _write_atomic(control / f"{name}.answer.json", json.dumps(answer))
-            request.unlink(missing_ok=True)
-
-
-def request_interrupt(
-    instance_id: str,
-    state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
-    *,
-    action: str = "terminate",
-    in_seconds: float = 120.0,
-    reclaim: bool = True,
-    timeout: float = 10.0,
-) -> str:
-    """Ask the simulator running on ``state_dir`` to interrupt an instance; returns the time."""
-    directory = Path(state_dir).expanduser()
-    control = directory / "control"
-    if not control.is_dir() or not _is_locked(directory / "simulator.lock"):
-        raise SimulatorError(
-            f"no simulator is running on {directory}: start one with "
-            "`pygirder cloud simulate --endpoint URL` (and the same --state-dir)"
-        )
-    name = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}"
-    body = {
-        "op": "interrupt", "instance_id": instance_id, "action": action,
-        "in_seconds": in_seconds, "reclaim": reclaim,
-    }  # fmt: skip
-    _write_atomic(control / f"{name}.request.json", json.dumps(body))
-    answer_path = control / f"{name}.answer.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if answer_path.exists():
-            answer = json.loads(answer_path.read_text())
-            answer_path.unlink(missing_ok=True)
-            if not answer.get("ok"):
-                raise SimulatorError(str(answer.get("error")))
-            return str(answer["time"])
-        time.sleep(0.1)
-    (control / f"{name}.request.json").unlink(missing_ok=True)
-    raise SimulatorError(f"the simulator on {directory} did not answer within {timeout:g}s")
+        serve_requests(self.state_dir / "control", self.interrupt)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -814,135 +756,3 @@ def _address_block(block: str | None) -> ipaddress.IPv4Network:
     if not network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) or network.num_addresses < 16:
         raise SimulatorError(f"address_block {block!r} must be a /28 or larger inside 127.0.0.0/8")
     return network
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _lock(path: Path) -> Any:
-    import fcntl
-
-    handle = open(path, "a+")  # noqa: SIM115 - held for the simulator's lifetime
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise SimulatorError(
-            f"another simulator is running on {path.parent}: stop it, or give this one "
-            "its own --state-dir"
-        ) from None
-    return handle
-
-
-def _is_locked(path: Path) -> bool:
-    import fcntl
-
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def _children_map() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from psutil or /proc."""
-    tree: dict[int, list[int]] = {}
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        for proc in psutil.process_iter(["pid", "ppid"]):
-            tree.setdefault(proc.info["ppid"] or 0, []).append(proc.info["pid"])
-        return tree
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path("/proc", entry, "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
-    tree = _children_map() if tree is None else tree
-    out: list[int] = []
-    todo = list(tree.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo.extend(tree.get(child, []))
-    return out
-
-
-def _signal_all(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process, its process group and all its descendants."""
-    _signal_all(_descendants(pid), signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _tree_rss(pid: int, tree: dict[int, list[int]]) -> int | None:
-    """Resident memory of ``pid``'s descendants (not the init itself), or None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    total = 0
-    for child in _descendants(pid, tree):
-        with contextlib.suppress(psutil.Error):
-            total += psutil.Process(child).memory_info().rss
-    return total
-
-
-# -- inside a simulated instance ---------------------------------------------------------------
-def shut_down_instance(instance_id: str, region: str) -> str:
-    """What ``shutdown -h now`` does on EC2: stop or terminate, as the instance was launched.
-
-    Uses the environment's endpoint and credentials (a simulated instance's).
-    """
-    import boto3
-
-    ec2 = boto3.client("ec2", region_name=region)
-    attr = ec2.describe_instance_attribute(
-        InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
-    )
-    behaviour = (attr.get("InstanceInitiatedShutdownBehavior") or {}).get("Value") or "stop"
-    if behaviour == "terminate":
-        ec2.terminate_instances(InstanceIds=[instance_id])
-    else:
-        ec2.stop_instances(InstanceIds=[instance_id])
-    return behaviour
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pygirder.cloud.sim.simulator shutdown ID``: shut a simulated instance down."""
-    parser = argparse.ArgumentParser(prog="python -m pygirder.cloud.sim.simulator")
-    commands = parser.add_subparsers(dest="command", required=True)
-    down = commands.add_parser("shutdown", help="shut this simulated instance down via EC2")
-    down.add_argument("instance_id")
-    down.add_argument("--region", default="us-east-1")
-    args = parser.parse_args(argv)
-    behaviour = shut_down_instance(args.instance_id, args.region)
-    print(f"shutdown: {args.instance_id} ({behaviour} on shutdown)", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

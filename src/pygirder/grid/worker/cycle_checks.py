@@ -83,7 +83,7 @@ class CycleChecks:
         search = parked.search
         ids: list[str] | None = None
         for _ in range(self.steps):
-            ids = await search.step(self.runtime.script, keys.prefix)
+            ids = await search.step(self.runtime, keys)
             if ids or search.done:
                 break
         if ids is None and not search.done:

@@ -32,17 +32,12 @@ import redis.asyncio as aioredis
 from ... import codec, settings
 from ...calls import Call
 from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
+from ...store import scripts
+from ..connection import connect_redis
 from ..context import RequestContext, current_request
-from ..runtime import (
-    Runtime,
-    connect_redis,
-    decode_envelope,
-    describe_exception,
-    encode_error,
-    encode_ok,
-    new_process_id,
-    summarize,
-)
+from ..protocol import decode_envelope, encode_error, encode_ok, summarize
+from ..runtime import Runtime, new_process_id
+from ..translate import describe_exception
 from .baton import Baton, Threads
 from .cycle_checks import CycleChecks, Parked
 from .functions import Functions, RefusedRequest
@@ -320,10 +315,8 @@ class Worker:
             self._taking -= 1
 
     async def _take_once(self, moved: bytes | None) -> int:
-        args: list[Any] = [self.keys.prefix, self.pool, self.id, self.options.take_batch]
-        if moved is not None:
-            args.append(moved)
-        reply = await self.runtime.script("take", args)
+        reply = await scripts.take(self.runtime, self.keys, pool=self.pool, worker=self.id,
+                                   max=self.options.take_batch, moved=moved)  # fmt: skip
         if reply:
             self._idle_marked = False  # the script cleared our idle mark
         items = []
@@ -343,10 +336,9 @@ class Worker:
         (put back on the queue, it would come back again and again)."""
         assert self.runtime.redis is not None
         await self._dead_letter(f"<undecodable id {raw[:64].hex()}>", payload, exc)
-        prefix = self.keys.prefix.encode()
         async with self.runtime.redis.pipeline(transaction=True) as pipe:
             pipe.lrem(self.keys.inflight(self.id), 0, raw)
-            pipe.delete(prefix + b"st:" + raw)
+            pipe.delete(self.keys.state("").encode() + raw)
             await pipe.execute()
 
     # -- running one request ----------------------------------------------------

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
-from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
@@ -106,10 +106,9 @@ class Recovery:
 
     async def requeue_ids(self, ids: list[str] | list[bytes]) -> None:
         """Hand these requests back to their pools, a bounded chunk per script call."""
-        prefix = self.runtime.keys.prefix
         for start in range(0, len(ids), scripts.REQUEUE_PAGE):
             chunk = ids[start : start + scripts.REQUEUE_PAGE]
-            await self.runtime.script("requeue", [prefix, self.worker_id, 0, 0, *chunk])
+            await scripts.requeue(self.runtime, self.runtime.keys, chunk, worker=self.worker_id)
 
     async def requeue_all(self, worker_id: str, *, dead: bool) -> tuple[int, list[str]]:
         """Hand back everything a worker owns or has in flight, a bounded page per
@@ -118,8 +117,8 @@ class Recovery:
         attempts = self.runtime.liveness.max_attempts if dead else 0
         requeued, poisoned, left = 0, [], 1
         while left:
-            reply = await self.runtime.script(
-                "requeue", [self.runtime.keys.prefix, worker_id, int(dead), attempts]
+            reply = await scripts.requeue(
+                self.runtime, self.runtime.keys, worker=worker_id, dead=dead, max_attempts=attempts
             )
             requeued, left = requeued + reply[0], reply[1]
             poisoned += [p.decode() for p in reply[2:]]
@@ -140,11 +139,9 @@ class Recovery:
             "",
             [CallLink(request_id, name)],
         )
-        await self.runtime.script(
-            "complete",
-            [keys.prefix, worker_id, INLINE_RESULT_LIMIT, request_id, encode_error(error),
-             self.error_ttl, time.time(), f"PoisonRequest: killed {attempts} workers"],
-        )  # fmt: skip
+        poison = scripts.Completion(request_id, encode_error(error), self.error_ttl, time.time(),
+                                    f"PoisonRequest: killed {attempts} workers")  # fmt: skip
+        await scripts.complete(self.runtime, keys, [poison], worker=worker_id)
 
     async def hand_back_after_crash(
         self, holder: str | None, flush: Callable[[], Awaitable[None]]

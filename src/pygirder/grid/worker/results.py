@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from redis import exceptions as redis_errors
 
 from ... import settings
 from ...errors import CallLink, RemoteError
-from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ...store import scripts
+from ...store.scripts import Completion
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
-# A completion is five flattened fields, the arguments of the `complete` script:
-# request id, envelope, ttl, time the run started, summary.
-FIELDS = 5
+# Results per `complete` call: one call stays short however many finished at once.
+BATCH = 64
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -40,7 +40,7 @@ class Results:
         self.worker_id = worker_id
         self.error_ttl = error_ttl
         self.retries = settings.store_retries()
-        self._pending: list[Any] = []  # flattened (id, envelope, ttl, started, summary)
+        self._pending: list[Completion] = []
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
@@ -50,7 +50,7 @@ class Results:
     ) -> None:
         """Queue a result; a send starts at once unless one is in flight."""
         self._names[request_id] = name
-        self._pending.extend((request_id, envelope, ttl, started, summary))
+        self._pending.append(Completion(request_id, envelope, ttl, started, summary))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.flush())
 
@@ -66,11 +66,11 @@ class Results:
         are rare each still goes out at once.
         """
         while self._pending:
-            batch = self._pending[: FIELDS * 64]
-            del self._pending[: FIELDS * 64]
+            batch = self._pending[:BATCH]
+            del self._pending[:BATCH]
             await self._store(batch)
 
-    async def _store(self, batch: list[Any]) -> None:
+    async def _store(self, batch: list[Completion]) -> None:
         """Store a batch of results so that none is dropped.
 
         A failing batch is retried with backoff (a BUSY server, a lost connection), then
@@ -89,13 +89,13 @@ class Results:
         # timeout can also come from the batch itself, such as a huge result).
         if _transient(error) and self._transient_rounds < 10:
             self._transient_rounds += 1
-            log.error("could not store %d results (%s); retrying", len(batch) // FIELDS, error)
+            log.error("could not store %d results (%s); retrying", len(batch), error)
             self._pending[0:0] = batch
             await asyncio.sleep(1.0)
             return
         self._transient_rounds = 0
-        if len(batch) > FIELDS:
-            half = (len(batch) // (2 * FIELDS)) * FIELDS
+        if len(batch) > 1:
+            half = len(batch) // 2
             for part in (batch[:half], batch[half:]):
                 try:
                     await self._complete(part, retries=1)
@@ -104,18 +104,18 @@ class Results:
             return
         await self._store_each(batch, error)
 
-    async def _store_each(self, batch: list[Any], error: Exception | None = None) -> None:
-        for i in range(0, len(batch), FIELDS):
-            request_id, envelope, _ttl, started, _summary = batch[i : i + FIELDS]
+    async def _store_each(self, batch: list[Completion], error: Exception | None = None) -> None:
+        for i, done in enumerate(batch):
+            request_id, envelope, started = done.id, done.result, done.started
             if error is None or i > 0:
                 try:
-                    await self._complete(batch[i : i + FIELDS], retries=1)
+                    await self._complete([done], retries=1)
                     continue
                 except Exception as exc:
                     error = exc
             if _transient(error) and self._transient_rounds < 10:
                 self._transient_rounds += 1
-                self._pending.extend(batch[i : i + FIELDS])
+                self._pending.append(done)
                 continue
             name = self._names.get(request_id, "?")
             log.error("could not store the result of %s (%s, %d bytes): %s",
@@ -128,39 +128,38 @@ class Results:
                 "",
                 [CallLink(request_id, name)],
             )
-            small = [request_id, encode_error(failure), self.error_ttl, started,
-                     f"ResultNotStored: {error}"[:200]]  # fmt: skip
+            small = Completion(request_id, encode_error(failure), self.error_ttl, started,
+                               f"ResultNotStored: {error}"[:200])  # fmt: skip
             try:
-                await self._complete(small, retries=self.retries)
+                await self._complete([small], retries=self.retries)
                 continue
             except Exception as exc:
                 log.error("could not store an error for %s either (%s): handing it back",
                           request_id, exc)  # fmt: skip
             try:
-                await self.runtime.script(
-                    "requeue", [self.runtime.keys.prefix, self.worker_id, 0, 0, request_id]
+                await scripts.requeue(
+                    self.runtime, self.runtime.keys, [request_id], worker=self.worker_id
                 )
                 self._names.pop(request_id, None)
             except Exception as exc:  # server unreachable: keep it, try again later
                 log.error("could not hand back %s (%s); retrying", request_id, exc)
-                self._pending.extend(small)
+                self._pending.append(small)
                 await asyncio.sleep(1.0)
 
-    async def _complete(self, batch: list[Any], *, retries: int) -> None:
+    async def _complete(self, batch: list[Completion], *, retries: int) -> None:
         delay = 0.05
         for attempt in range(retries):
             try:
-                await self.runtime.script(
-                    "complete",
-                    [self.runtime.keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, *batch],
+                await scripts.complete(
+                    self.runtime, self.runtime.keys, batch, worker=self.worker_id
                 )
                 break
             except Exception as exc:
                 if attempt + 1 >= retries:
                     raise
                 log.warning("storing %d results failed (%s); retrying in %.2fs",
-                            len(batch) // FIELDS, exc, delay)  # fmt: skip
+                            len(batch), exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 4)
-        for i in range(0, len(batch), FIELDS):
-            self._names.pop(batch[i], None)
+        for done in batch:
+            self._names.pop(done.id, None)

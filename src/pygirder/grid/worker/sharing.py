@@ -71,13 +71,12 @@ class Sharing:
         # else.  An offer (at most a chunk) is one call: the server weighs all of it
         # against the queue.
         step = scripts.SHARE_CHUNK if force else max(1, len(candidates))
-        prefix = self.runtime.keys.prefix
         try:
             for start in range(0, len(candidates), step):
-                reply = await self.runtime.script(
-                    "share",
-                    [prefix, self.pool, self.worker_id, "1" if force else "0",
-                     *(rid for rid, _, _ in candidates[start : start + step])],
+                reply = await scripts.share(
+                    self.runtime, self.runtime.keys,
+                    [rid for rid, _, _ in candidates[start : start + step]],
+                    pool=self.pool, worker=self.worker_id, force=force,
                 )  # fmt: skip
                 moved.update(reply)
         except Exception as exc:

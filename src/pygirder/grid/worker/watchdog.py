@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
-from ...store.scripts import INLINE_RESULT_LIMIT
-from ..runtime import Runtime, encode_error
+from ..protocol import encode_error
+from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
 
@@ -126,14 +126,13 @@ class Watchdog:
         client = sync_redis.Redis.from_url(self.runtime.url, socket_timeout=10,
                                            socket_connect_timeout=5)  # fmt: skip
         try:
-            client.register_script(scripts.COMPLETE)(args=[
-                keys.prefix, self.worker_id, INLINE_RESULT_LIMIT, watch.request_id,
-                encode_error(error), self.error_ttl, watch.started,
-                f"MaxRuntimeExceeded: over {watch.limit:g} s",
-            ])  # fmt: skip
+            conn = scripts.SyncRunner(client)
+            summary = f"MaxRuntimeExceeded: over {watch.limit:g} s"
+            failed = scripts.Completion(watch.request_id, encode_error(error), self.error_ttl,
+                                        watch.started, summary)  # fmt: skip
+            scripts.complete(conn, keys, [failed], worker=self.worker_id)
             # the rest of this process's work (its stack, parked and in-flight calls)
-            requeue = client.register_script(scripts.REQUEUE)
-            while requeue(args=[keys.prefix, self.worker_id, 0, 0])[1]:
+            while scripts.requeue(conn, keys, worker=self.worker_id)[1]:
                 pass  # a bounded page per call, until nothing is left
             client.hdel(keys.idle(self.pool), self.worker_id)
         except Exception as exc:  # the reaper requeues whatever we could not hand back

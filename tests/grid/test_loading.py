@@ -313,7 +313,7 @@ def test_pygirder_worker_imports_allowed_modules_on_first_use_and_refuses_others
     (tmp_path / "planted.py").write_text(PLANTED.format(marker=str(marker)))
     (tmp_path / "exits.py").write_text("import sys\n\nsys.exit(3)\n")
     grid = grid_factory(workers=0)
-    tests = os.path.dirname(__file__)
+    tests = os.path.dirname(os.path.dirname(__file__))  # where gridfuncs lives
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), tests]))
     cmd = [sys.executable, "-m", "pygirder", "worker", "--redis", grid.url, "--namespace",
            grid.namespace, "--processes", "2", "--allow-module", "gridfuncs",

@@ -19,7 +19,7 @@ from pygirder.grid.maintenance import parse_age
 from pygirder.observe.status import call_info
 from pygirder.store.keys import Keys
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 
 
 def pygirder_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""The template image: bake an AMI with Python, pygirder, Valkey and the boot robot; list, delete.
+"""Baking the template image: an AMI with Python, pygirder, Valkey and the boot robot.
 
 :func:`build_image` does what ``pygirder cloud image build`` does:
 
@@ -20,7 +20,7 @@ Everything is tagged at creation with the setup's ownership tags and a
 ``cloud status`` shows it and ``cloud teardown`` removes it.  Instances launched from
 the image run their user-data through the boot robot as the service user
 ``pygirder``, with pygirder in ``/opt/pygirder/bin/python3`` (the contract of
-``userdata.py``).  Fleet code picks the image with :func:`latest_image`.
+``userdata.py``).  Listing, picking and deleting images is :mod:`.catalog`.
 """
 
 from __future__ import annotations
@@ -32,45 +32,40 @@ import shlex
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .aws import LIVE_INSTANCE_STATES, Aws
-from .config import CloudConfig, CloudConfigError
-from .errors import CloudError, ImageError
-from .instance import bake_template, boot_robot
-from .tags import (
+from ..aws import Aws
+from ..config import CloudConfig, CloudConfigError
+from ..errors import CloudError, ImageError
+from ..instance import bake_template, boot_robot
+from ..leftovers import terminate
+from ..tags import (
     TAG_EXPIRES,
     TAG_ROLE,
     as_tag_list,
-    ec2_filters,
     from_tag_list,
     is_owned,
     ownership_tags,
 )
+from .catalog import (
+    BUILDER_ROLE,
+    COMPONENT_BUILDER,
+    COMPONENT_IMAGE,
+    COMPONENT_SNAPSHOT,
+    Progress,
+    describe_image,
+    remove_image,
+    snapshot_ids,
+)
 
-__all__ = [
-    "BuildResult",
-    "ImageError",
-    "build_image",
-    "delete_images",
-    "latest_image",
-    "list_images",
-    "render_bake_script",
-]
-
-Progress = Callable[[str], None]
+__all__ = ["BuildResult", "boot_robot_script", "build_image", "render_bake_script"]
 
 SERVICE_USER = "pygirder"
 DEFAULT_BUILDER_TYPE = "t3.small"
 DEFAULT_PYTHON_PACKAGE = "python3.11"
-BUILDER_ROLE = "image-builder"
-COMPONENT_IMAGE = "image"
-COMPONENT_SNAPSHOT = "image-snapshot"
-COMPONENT_BUILDER = "image-builder"
 AL2023_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 # EC2 refuses user-data over 16 KiB.
 MAX_USER_DATA_BYTES = 16384
@@ -159,7 +154,7 @@ def build_image(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Bake a template image for ``config``'s setup; see the module docstring."""
-    from .account import account_resources
+    from ..account import account_resources
 
     aws = aws or Aws(config)
     say = progress or (lambda text: None)
@@ -196,7 +191,7 @@ def build_image(
         image = _wait_image(aws, image_id)
         aws.call("ec2", "modify_image_attribute", ImageId=image_id, ImdsSupport={"Value": "v2.0"})
         snapshots = _tag_snapshots(aws, config, image, name)
-        image = _describe_image(aws, image_id) or image
+        image = describe_image(aws, image_id) or image
     except BaseException:
         _clean_up_failed_build(aws, builder, image_id, keep_builder, say)
         raise
@@ -207,7 +202,7 @@ def build_image(
         )  # fmt: skip
         say(f"kept builder {builder} stopped, with termination protection")
     else:
-        aws.call("ec2", "terminate_instances", InstanceIds=[builder])
+        terminate(aws, [builder])
         say(f"terminated builder {builder}")
     return BuildResult(
         image_id=image_id, name=name, architecture=architecture, base_image_id=base_image_id,
@@ -254,7 +249,7 @@ def _upload_wheel(aws: Aws, bucket: str, prefix: str, *, expires: float) -> tupl
     The builder downloads it with a presigned URL: it has no pygirder (and may have no
     AWS tools) before the bake, and the URL grants reading that one object only.
     """
-    from .artifacts import _pygirder_wheel
+    from ..artifacts import _pygirder_wheel
 
     with tempfile.TemporaryDirectory(prefix="pygirder-image-") as tmp:
         wheel = _pygirder_wheel(Path(tmp))
@@ -350,7 +345,7 @@ def _await_bake(
 
     Messages of other launches are made visible again at once, for whoever waits on them.
     """
-    from .instance.announce import Announcement
+    from ..instance.announce import Announcement
 
     deadline = time.monotonic() + timeout
     next_check = 0.0
@@ -474,18 +469,9 @@ def _find_image_by_name(aws: Aws, name: str) -> str | None:
     return images[0]["ImageId"] if images else None
 
 
-def _describe_image(aws: Aws, image_id: str) -> dict[str, Any] | None:
-    got = aws.call(
-        "ec2", "describe_images", ImageIds=[image_id],
-        ignore=("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"),
-    )  # fmt: skip
-    images = (got or {}).get("Images", [])
-    return images[0] if images else None
-
-
 def _wait_image(aws: Aws, image_id: str) -> dict[str, Any]:
     def available() -> dict[str, Any] | None:
-        image = _describe_image(aws, image_id)
+        image = describe_image(aws, image_id)
         if image and image.get("State") in ("failed", "error", "invalid"):
             reason = (image.get("StateReason") or {}).get("Message", "no reason given")
             raise ImageError(f"image {image_id} failed: {reason}", code="ImageFailed")
@@ -499,17 +485,9 @@ def _wait_image(aws: Aws, image_id: str) -> dict[str, Any]:
     )
 
 
-def _snapshot_ids(image: dict[str, Any]) -> list[str]:
-    return [
-        m["Ebs"]["SnapshotId"]
-        for m in image.get("BlockDeviceMappings", [])
-        if m.get("Ebs", {}).get("SnapshotId")
-    ]
-
-
 def _tag_snapshots(aws: Aws, config: CloudConfig, image: dict[str, Any], name: str) -> list[str]:
     """The image's snapshot ids, each made sure to carry the ownership tags."""
-    ids = _snapshot_ids(image)
+    ids = snapshot_ids(image)
     if not ids:
         return []
     got = aws.call("ec2", "describe_snapshots", SnapshotIds=ids)
@@ -533,15 +511,12 @@ def _clean_up_failed_build(
     """
     try:
         if image_id is not None:
-            image = _describe_image(aws, image_id)
-            aws.call("ec2", "deregister_image", ImageId=image_id, ignore=_NOT_FOUND)
-            for snapshot in _snapshot_ids(image or {}):
-                aws.call("ec2", "delete_snapshot", SnapshotId=snapshot, ignore=_NOT_FOUND)
+            remove_image(aws, image_id, describe_image(aws, image_id))
             say(f"deregistered the unfinished image {image_id}")
         if keep_builder:
             say(f"kept builder {builder} for inspection: `pygirder cloud image delete {builder}`")
         else:
-            aws.call("ec2", "terminate_instances", InstanceIds=[builder], ignore=_NOT_FOUND)
+            terminate(aws, [builder])
             say(f"terminated builder {builder}")
     except CloudError as exc:
         say(
@@ -549,132 +524,3 @@ def _clean_up_failed_build(
             + (f" and image {image_id}" if image_id else "")
             + " with `pygirder cloud image delete`"
         )
-
-
-_NOT_FOUND = (
-    "InvalidAMIID.NotFound",
-    "InvalidAMIID.Unavailable",
-    "InvalidSnapshot.NotFound",
-    "InvalidInstanceID.NotFound",
-)
-
-
-# -- list and delete -------------------------------------------------------------------------
-def _image_row(image: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "image_id": image["ImageId"],
-        "name": image.get("Name", ""),
-        "state": image.get("State", ""),
-        "created": image.get("CreationDate", ""),
-        "architecture": image.get("Architecture", ""),
-        "imds_support": image.get("ImdsSupport"),
-        "description": image.get("Description", ""),
-        "snapshot_ids": _snapshot_ids(image),
-        "size_gb": sum(
-            m.get("Ebs", {}).get("VolumeSize", 0) or 0 for m in image.get("BlockDeviceMappings", [])
-        ),
-    }
-
-
-def list_images(config: CloudConfig, *, aws: Aws | None = None) -> list[dict[str, Any]]:
-    """This setup's template images, newest first (see :func:`_image_row` for the keys)."""
-    aws = aws or Aws(config)
-    got = aws.call(
-        "ec2", "describe_images", Owners=["self"], Filters=ec2_filters(config.name, COMPONENT_IMAGE)
-    )
-    rows = [_image_row(image) for image in got.get("Images", [])]
-    return sorted(rows, key=lambda row: row["created"], reverse=True)
-
-
-def list_builders(config: CloudConfig, *, aws: Aws | None = None) -> list[dict[str, Any]]:
-    """Builders that still exist (kept with ``--keep-builder``, or a build in progress)."""
-    aws = aws or Aws(config)
-    filters = [
-        *ec2_filters(config.name, COMPONENT_BUILDER),
-        {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
-    ]
-    out = []
-    for page in aws.pages("ec2", "describe_instances", Filters=filters):
-        for reservation in page.get("Reservations", []):
-            for inst in reservation.get("Instances", []):
-                out.append(
-                    {
-                        "instance_id": inst["InstanceId"],
-                        "state": inst["State"]["Name"],
-                        "instance_type": inst.get("InstanceType", ""),
-                        "launched": str(inst.get("LaunchTime", "")),
-                    }
-                )
-    return out
-
-
-def latest_image(
-    config: CloudConfig, *, aws: Aws | None = None, architecture: str | None = None
-) -> dict[str, Any] | None:
-    """The newest available template image (of ``architecture``), or None: for fleet code."""
-    for row in list_images(config, aws=aws):
-        if row["state"] == "available" and architecture in (None, row["architecture"]):
-            return row
-    return None
-
-
-def delete_images(
-    config: CloudConfig,
-    ids: Iterable[str],
-    *,
-    aws: Aws | None = None,
-    progress: Progress | None = None,
-) -> list[str]:
-    """Deregister images and delete their snapshots; terminate kept builders (``i-...``).
-
-    Only what carries this setup's ownership tags is touched.  Returns what was deleted.
-    """
-    aws = aws or Aws(config)
-    say = progress or (lambda text: None)
-    done = []
-    for rid in ids:
-        if rid.startswith("i-"):
-            _delete_builder(aws, config, rid)
-            say(f"terminated builder {rid}")
-        else:
-            snapshots = _delete_image(aws, config, rid)
-            say(f"deregistered {rid}" + (f", deleted {', '.join(snapshots)}" if snapshots else ""))
-        done.append(rid)
-    return done
-
-
-def _delete_image(aws: Aws, config: CloudConfig, image_id: str) -> list[str]:
-    image = _describe_image(aws, image_id)
-    if image is None:
-        raise ImageError(f"no image {image_id}: see `pygirder cloud image list`", code="NotFound")
-    if not is_owned(from_tag_list(image.get("Tags")), config.name):
-        raise ImageError(
-            f"image {image_id} is not a pygirder image of setup {config.name!r}: not deleting it",
-            code="NotOurs",
-        )
-    snapshots = _snapshot_ids(image)
-    aws.call("ec2", "deregister_image", ImageId=image_id, ignore=_NOT_FOUND)
-    for snapshot in snapshots:
-        aws.call("ec2", "delete_snapshot", SnapshotId=snapshot, ignore=_NOT_FOUND)
-    return snapshots
-
-
-def _delete_builder(aws: Aws, config: CloudConfig, instance_id: str) -> None:
-    got = aws.call(
-        "ec2", "describe_instances", InstanceIds=[instance_id],
-        ignore=("InvalidInstanceID.NotFound",),
-    )  # fmt: skip
-    instances = [i for r in (got or {}).get("Reservations", []) for i in r.get("Instances", [])]
-    if not instances:
-        raise ImageError(f"no instance {instance_id}", code="NotFound")
-    tags = from_tag_list(instances[0].get("Tags"))
-    if not is_owned(tags, config.name) or tags.get(TAG_ROLE) != BUILDER_ROLE:
-        raise ImageError(
-            f"{instance_id} is not an image builder of setup {config.name!r}: not terminating it",
-            code="NotOurs",
-        )
-    aws.call(
-        "ec2", "modify_instance_attribute", InstanceId=instance_id,
-        DisableApiTermination={"Value": False},
-    )  # fmt: skip
-    aws.call("ec2", "terminate_instances", InstanceIds=[instance_id])

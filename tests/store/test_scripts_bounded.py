@@ -87,25 +87,25 @@ def test_cancel_of_many_calls_is_chunked_and_a_resubmit_runs_once(grid_factory, 
 
 
 def test_cancel_script_refuses_more_ids_than_a_chunk(client):
-    cancel = client.register_script(scripts.CANCEL)
+    conn, keys = scripts.SyncRunner(client), Keys("t")
     ids = [new_id() for _ in range(scripts.CANCEL_CHUNK + 1)]
     with pytest.raises(redis.ResponseError, match="in chunks"):
-        cancel(keys=[], args=[Keys("t").prefix, "inbox", *ids])
-    assert cancel(keys=[], args=[Keys("t").prefix, "inbox", *ids[:-1]]) == []
+        scripts.cancel(conn, keys, ids, process="p")
+    assert scripts.cancel(conn, keys, ids[:-1], process="p") == []
 
 
 # -- take ------------------------------------------------------------------------------
 def test_take_claims_a_request_with_two_queue_entries_once(client):
     keys = Keys("t")
-    take = client.register_script(scripts.TAKE)
+    conn = scripts.SyncRunner(client)
     twice, local, live = new_id(), new_id(), new_id()
     client.hset(keys.state(twice), mapping={"p": b"payload", "s": "queued", "pool": "default"})
     client.hset(keys.state(local), mapping={"p": b"x", "s": "local", "o": "w9", "pool": "default"})
     client.hset(keys.state(live), mapping={"p": b"live", "s": "queued", "pool": "default"})
     client.lpush(keys.queue("default"), twice, local, twice, live)  # RPOP order
-    first = take(keys=[], args=[keys.prefix, "default", "w1", 16])
+    first = scripts.take(conn, keys, pool="default", worker="w1", max=16)
     assert first[0::3] == [twice.encode(), live.encode()]
-    assert take(keys=[], args=[keys.prefix, "default", "w2", 16]) == []
+    assert scripts.take(conn, keys, pool="default", worker="w2", max=16) == []
     assert client.llen(keys.queue("default")) == 0
     assert client.lrange(keys.inflight("w1"), 0, -1) == [live.encode(), twice.encode()]
     assert client.llen(keys.inflight("w2")) == 0
@@ -115,7 +115,7 @@ def test_take_claims_a_request_with_two_queue_entries_once(client):
 
 def test_take_drops_a_bounded_number_of_stale_entries_per_call(client):
     keys = Keys("t")
-    take = client.register_script(scripts.TAKE)
+    conn = scripts.SyncRunner(client)
     stale = [new_id() for _ in range(3000)]
     live = new_id()
     client.hset(keys.state(live), mapping={"p": b"live", "s": "queued", "pool": "default"})
@@ -125,7 +125,7 @@ def test_take_drops_a_bounded_number_of_stale_entries_per_call(client):
     while True:
         calls += 1
         before = client.llen(keys.queue("default"))
-        got = take(keys=[], args=[keys.prefix, "default", "w1", 16])
+        got = scripts.take(conn, keys, pool="default", worker="w1", max=16)
         assert before - client.llen(keys.queue("default")) <= 4 * 16 + 256
         if got:
             break
@@ -135,6 +135,23 @@ def test_take_drops_a_bounded_number_of_stale_entries_per_call(client):
 
 
 # -- cycle search ----------------------------------------------------------------------
+class StepRunner:
+    """Runs the steps of a cycle search on a sync client, ``delay`` seconds late (a
+    loaded server), and keeps their replies."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.delay = 0.0
+        self.replies: list = []
+
+    async def run_script(self, script, keys, args):
+        assert script is scripts.REACH
+        await asyncio.sleep(self.delay)
+        reply = script.run_sync(self.client, keys, args)
+        self.replies.append(reply)
+        return reply
+
+
 def fill_children(client: redis.Redis, keys: Keys, parent: str, kids: list[str]) -> None:
     pipe = client.pipeline(transaction=False)
     for start in range(0, len(kids), 5000):
@@ -194,28 +211,21 @@ def test_cycle_search_without_a_cycle_ends_and_looks_at_bounded_steps(client):
     fill_children(client, keys, child, [*kids, grandchild])
     client.mset({keys.result(k): b"r" for k in kids})  # finished: not expanded
     client.sadd(keys.children(grandchild), *kids[:10])  # a diamond, no way back
-    reach = client.register_script(scripts.REACH)
-    calls = []
-
-    async def script(name, args):
-        assert name == "reach"
-        reply = reach(keys=[], args=list(args))
-        calls.append(reply)
-        return reply
+    conn = StepRunner(client)
 
     async def main() -> CycleSearch:
         search = CycleSearch(request, [child], step_budget=3000)
         for _ in range(100):
-            assert await search.step(script, keys.prefix) is None
+            assert await search.step(conn, keys) is None
             if search.done:
                 return search
         raise AssertionError("the search did not end")
 
     search = asyncio.run(main())
     assert not search.gave_up and set(search.parent) == {child, grandchild}
-    assert len(calls) >= 20_000 // 3000
+    assert len(conn.replies) >= 20_000 // 3000
     # every step but the last was cut short inside the child's set
-    assert all(cursor != b"0" for _, _, cursor, _ in calls[:-2])
+    assert all(cursor != b"0" for _, _, cursor, _ in conn.replies[:-2])
 
 
 def test_cycle_search_gives_up_on_a_graph_larger_than_its_limit(client):
@@ -227,15 +237,12 @@ def test_cycle_search_gives_up_on_a_graph_larger_than_its_limit(client):
     for kid in kids:  # each with a child of its own: all to be expanded
         pipe.sadd(keys.children(kid), new_id())
     pipe.execute()
-    reach = client.register_script(scripts.REACH)
-
-    async def script(name, args):
-        return reach(keys=[], args=list(args))
+    conn = StepRunner(client)
 
     async def main() -> CycleSearch:
         search = CycleSearch(request, [child], step_budget=1000, max_nodes=2000)
         while not search.done:
-            assert await search.step(script, keys.prefix) is None
+            assert await search.step(conn, keys) is None
         return search
 
     assert asyncio.run(main()).gave_up
@@ -262,12 +269,7 @@ def test_cycle_search_step_budget_follows_the_time_a_step_takes(client):
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
     request, child = new_id(), new_id()
     fill_children(client, keys, child, [new_id() for _ in range(20_000)])
-    reach = client.register_script(scripts.REACH)
-    delay = [0.0]
-
-    async def script(name, args):
-        await asyncio.sleep(delay[0])  # a loaded server
-        return reach(keys=[], args=list(args))
+    conn = StepRunner(client)
 
     async def main() -> list[int]:
         # a step over twice the target halves the budget; a local step (no delay) takes
@@ -275,8 +277,8 @@ def test_cycle_search_step_budget_follows_the_time_a_step_takes(client):
         search = CycleSearch(request, [child], step_budget=1600, target_s=0.2)
         budgets = []
         for slow in (True, True, False, False):
-            delay[0] = 0.45 if slow else 0.0
-            await search.step(script, keys.prefix)
+            conn.delay = 0.45 if slow else 0.0  # a loaded server
+            await search.step(conn, keys)
             budgets.append(search.step_budget)
         return budgets
 
@@ -302,21 +304,21 @@ def test_a_failed_submit_chunk_fails_every_future_and_takes_back_earlier_chunks(
     rt = grid.runtime
     keys = Keys(grid.namespace)
     calls = [gf.add(i, 2) for i in range(2 * scripts.SUBMIT_CHUNK + 5)]
-    real, sent = rt.script, []
+    real, sent = rt.run_script, []
 
-    async def failing(name, args):
-        if name == "submit":
-            sent.append(name)
+    async def failing(script, keys, args):
+        if script is scripts.SUBMIT:
+            sent.append(script.name)
             if len(sent) == 2:
                 raise redis.ConnectionError("lost the connection")
-        return await real(name, args)
+        return await real(script, keys, args)
 
-    rt.script = failing
+    rt.run_script = failing
     try:
         with pytest.raises(redis.ConnectionError, match="lost the connection"):
             grid._call(rt.submit(calls))
     finally:
-        rt.script = real
+        rt.run_script = real
     assert len(sent) == 2  # the first chunk reached the grid, the second failed
     assert not any(c.id in rt._waiting or c.id in rt._resubmit for c in calls)
     client = redis.Redis.from_url(grid.url)
@@ -351,10 +353,10 @@ def owned_requests(client, keys: Keys, worker: str, n: int, state: str = "local"
 def test_requeue_without_ids_hands_back_a_bounded_page_per_call(client):
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
     owned = owned_requests(client, keys, "w1", 2 * scripts.REQUEUE_PAGE + 10)
-    requeue = client.register_script(scripts.REQUEUE)
+    conn = scripts.SyncRunner(client)
     calls = []
     while True:
-        reply = requeue(keys=[], args=[keys.prefix, "w1", 0, 0])
+        reply = scripts.requeue(conn, keys, worker="w1")
         calls.append(reply[:2])
         if not reply[1]:
             break
@@ -362,7 +364,7 @@ def test_requeue_without_ids_hands_back_a_bounded_page_per_call(client):
     assert [left for _, left in calls] == [scripts.REQUEUE_PAGE + 10, 10, 0]
     assert sorted(client.lrange(keys.queue("default"), 0, -1)) == sorted(i.encode() for i in owned)
     with pytest.raises(redis.ResponseError, match="in chunks"):
-        requeue(keys=[], args=[keys.prefix, "w1", 0, 0, *owned[: scripts.REQUEUE_PAGE + 1]])
+        scripts.requeue(conn, keys, owned[: scripts.REQUEUE_PAGE + 1], worker="w1")
 
 
 def test_a_dead_worker_with_thousands_of_requests_has_each_requeued_once(redis_url, client):

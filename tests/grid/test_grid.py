@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,7 @@ def test_request_id_is_stable_across_processes():
         capture_output=True,
         text=True,
         check=True,
-        cwd=__file__.rsplit("/", 1)[0],
+        cwd=os.path.dirname(gf.__file__),
         env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin"},
     ).stdout.strip()
     assert out == gf.add(1, {"a": {4}, "b": (2, 3)}).id

@@ -23,7 +23,7 @@ from pygirder.grid.maintenance import collect_garbage
 from pygirder.server import EmbeddedServer
 from pygirder.store.keys import Keys
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 SECRET = "s" * 32
 
 
@@ -145,7 +145,8 @@ def test_scripts_are_not_resent_after_a_socket_time_out(redis_url):
     """A reply later than the socket time-out fails the command; it is never resent."""
     import asyncio
 
-    from pygirder.grid.runtime import connect_redis
+    from pygirder.grid.connection import connect_redis
+    from pygirder.store.scripts import Script
 
     async def go() -> tuple[type[BaseException], int]:
         os.environ["PYGIRDER_SOCKET_TIMEOUT"] = "2"
@@ -153,12 +154,14 @@ def test_scripts_are_not_resent_after_a_socket_time_out(redis_url):
             client = await connect_redis(redis_url)
         finally:
             del os.environ["PYGIRDER_SOCKET_TIMEOUT"]
-        script = client.register_script(
-            "redis.call('INCR', KEYS[1]); local t = redis.call('TIME')[1] + 3 "
-            "while tonumber(redis.call('TIME')[1]) < t do end return 1"
+        # run as the grid runs its scripts: EVALSHA, a NOSCRIPT, SCRIPT LOAD, EVALSHA
+        slow = Script(
+            "slow",
+            "#!lua\nredis.call('INCR', KEYS[1]); local t = redis.call('TIME')[1] + 3 "
+            "while tonumber(redis.call('TIME')[1]) < t do end return 1",
         )
         try:
-            await script(keys=["runs"])
+            await slow.run(client, ["runs"], [])
         except BaseException as exc:
             error: type[BaseException] = type(exc)
         else:

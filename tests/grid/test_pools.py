@@ -11,7 +11,7 @@ import pytest
 
 import gridfuncs as gf
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ import hostilefuncs as hf
 import pygirder
 from pygirder.grid.worker import Threads, Worker, WorkerOptions
 from pygirder.server import EmbeddedServer
+from pygirder.store import scripts
 from pygirder.store.keys import Keys
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 
 
 @pytest.fixture(autouse=True)
@@ -134,15 +135,15 @@ def test_storing_results_is_retried_after_transient_errors(valkey_server):
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     failures = {"left": 3}
     with InProcessWorker(valkey_server.url, namespace) as worker:
-        original = worker.runtime.script
+        original = worker.runtime.run_script
 
-        async def flaky(name, args):
-            if name == "complete" and failures["left"] > 0:
+        async def flaky(script, keys, args):
+            if script is scripts.COMPLETE and failures["left"] > 0:
                 failures["left"] -= 1
                 raise redis.exceptions.ResponseError("BUSY Redis is busy running a script")
-            return await original(name, args)
+            return await original(script, keys, args)
 
-        worker.runtime.script = flaky
+        worker.runtime.run_script = flaky
         with pygirder.connect(valkey_server.url, workers=0, namespace=namespace) as grid:
             grid.wait_for_workers(1, timeout=30)
             assert grid.run(hf.inc(41), timeout=30) == 42
@@ -153,16 +154,16 @@ def test_a_batch_of_results_the_server_refuses_is_split(valkey_server):
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     batches = []
     with InProcessWorker(valkey_server.url, namespace) as worker:
-        original = worker.runtime.script
+        original = worker.runtime.run_script
 
-        async def refuses_batches(name, args):
-            if name == "complete":
+        async def refuses_batches(script, keys, args):
+            if script is scripts.COMPLETE:
                 batches.append((len(args) - 3) // 5)
                 if batches[-1] > 1:  # a server limit no retry can pass
                     raise redis.exceptions.ResponseError("ERR batch over the server's limits")
-            return await original(name, args)
+            return await original(script, keys, args)
 
-        worker.runtime.script = refuses_batches
+        worker.runtime.run_script = refuses_batches
         with pygirder.connect(valkey_server.url, workers=0, namespace=namespace) as grid:
             grid.wait_for_workers(1, timeout=30)
             values = list(grid.map(hf.inc, [(i,) for i in range(200)], timeout=60))

@@ -22,7 +22,7 @@ import pygirder
 from pygirder.server import EmbeddedServer
 from pygirder.store.keys import Keys
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(__file__))  # gridfuncs and the other helpers
 
 
 @pytest.fixture(autouse=True)

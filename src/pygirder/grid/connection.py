@@ -1,0 +1,112 @@
+"""Connections to the grid's server: clients that ride out a restart, and URLs
+that never show their password.
+
+Every process opens its clients here: the first contact fails fast with an error a
+person can act on; afterwards lost connections are retried with backoff for the
+reconnect window, and a reply slower than the socket time-out fails its command.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from .. import settings
+from ..errors import GridConnectionError
+
+
+async def connect_redis(
+    url: str,
+    *,
+    max_connections: int | None = None,
+    reconnect_timeout: float | None = None,
+    block: float = 0.0,
+) -> aioredis.Redis:
+    """Open a client and prove the server answers, with errors a person can act on.
+
+    The first contact fails fast; afterwards the client retries lost connections with
+    backoff for ``reconnect_timeout`` seconds, so a server restart is ridden out.  Only
+    connection errors are retried: a reply that takes longer than the socket time-out
+    (``block`` seconds more for a client that issues blocking reads) fails that command
+    instead of sending it again, because the server may have run it already.
+    """
+    timeout = (
+        settings.liveness().reconnect_timeout if reconnect_timeout is None else (reconnect_timeout)
+    )
+    probe = aioredis.Redis.from_url(url, decode_responses=False, max_connections=1)
+    try:
+        await probe.ping()
+    except redis_errors.AuthenticationError as exc:
+        if urlsplit(url).password is None:
+            raise GridConnectionError(
+                f"the server at {redact(url)} requires a password: "
+                "put it in the URL (redis://:password@host:port/db)"
+            ) from None
+        raise GridConnectionError(
+            f"the server at {redact(url)} refused the credentials ({exc}); "
+            "check the user and password in the URL (redis://user:password@host:port/db)"
+        ) from None
+    except redis_errors.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise GridConnectionError(
+                f"the server at {redact(url)} requires a password: "
+                "put it in the URL (redis://:password@host:port/db)"
+            ) from None
+        raise
+    except (redis_errors.ConnectionError, OSError) as exc:
+        raise GridConnectionError(
+            f"cannot reach the Redis/Valkey server at {redact(url)}: {exc}. "
+            "Is it running? Start one with `pygirder server`, or use pygirder.connect() "
+            "without a URL for a private one"
+        ) from None
+    finally:
+        await probe.aclose()
+    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
+    # Retry only lost connections: redis-py also retries time-outs by default.
+    retry = Retry(
+        ExponentialBackoff(cap=0.5, base=0.02),
+        retries=max(1, int(timeout * 2)),
+        supported_errors=(redis_errors.ConnectionError,),
+    )
+    read_timeout = settings.socket_timeout() + block
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        max_connections=max_connections,
+        health_check_interval=30,
+        socket_timeout=read_timeout,
+        socket_connect_timeout=min(read_timeout, 10.0),
+        socket_keepalive=True,
+        retry=retry,
+        retry_on_error=[redis_errors.ConnectionError],
+    )
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message, a log line) with the URL's password masked."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def unreachable(url: str, exc: BaseException) -> str:
+    """The command-line error for a server that cannot be reached, without its password."""
+    return f"error: cannot reach the grid's server at {redact(url)}: {scrub(str(exc), url)}"
