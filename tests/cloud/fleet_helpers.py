@@ -237,6 +237,16 @@ def leftovers(boto, fleet: str) -> dict[str, list]:
             for p in ssm.get_parameters_by_path(Path="/pygirder/t", Recursive=True)["Parameters"]
             if fleet in p["Name"]
         ],
+        "roles": [
+            r["RoleName"]
+            for r in boto("iam").list_roles(PathPrefix="/pygirder/")["Roles"]
+            if fleet.rsplit("-", 1)[-1] in r["RoleName"]
+        ],
+        "instance_profiles": [
+            p["InstanceProfileName"]
+            for p in boto("iam").list_instance_profiles(PathPrefix="/pygirder/")["InstanceProfiles"]
+            if fleet.rsplit("-", 1)[-1] in p["InstanceProfileName"]
+        ],
     }
 
 

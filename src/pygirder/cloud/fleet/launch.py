@@ -457,6 +457,13 @@ class _Up:
                 )
                 start_nat(self.config, aws=self.aws)
             blueprint.store_password()
+            if opts.controller:
+                from .controller_role import controller_role_name, create_controller_role
+
+                self.say(f"creating {controller_role_name(self.config.name, self.fleet)}")
+                blueprint.redis_profile_arn = create_controller_role(
+                    self.aws, self.config, self.res, self.fleet, self.expires
+                )
             redis = RoleLaunch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public)
             self.launches = [redis]
             blueprint.template(redis, None)
