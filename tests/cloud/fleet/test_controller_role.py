@@ -22,7 +22,7 @@ from pygirder.cloud.fleet.teardown import down, find_orphans, sweep
 from pygirder.cloud.policy import INSTANCE_ROLE_PATTERN, boundary_arn
 
 
-def _up(make_aws, config, built, boto, **kw: Any) -> tuple[Any, dict[str, Any]]:
+def _up(make_aws, config, built, boto, refusals: int = 0, **kw: Any) -> tuple[Any, dict[str, Any]]:
     from pygirder.cloud.account import account_resources, setup
     from pygirder.cloud.artifacts import push_artifact
 
@@ -31,18 +31,45 @@ def _up(make_aws, config, built, boto, **kw: Any) -> tuple[Any, dict[str, Any]]:
     res = account_resources(config, aws=aws_)
     push_artifact(built, res["bucket"], res["artifact_prefix"])
     image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    if refusals:
+        _refuse_profile(aws_.client("ec2"), refusals)
     agents = StandInAgents(boto("ec2"), res["topic_arn"])
     agents.start()
+    said: list[str] = []
     try:
         summary = up(
             config,
             UpOptions(workers=1, instance_types=TYPES, image_id=image, deadline_s=20,
                       backoff_s=(0.2, 1.0), processes="1", **kw),
-            aws=aws_,
+            aws=aws_, say=said.append,
         )  # fmt: skip
     finally:
         agents.stop()
-    return summary, {"aws": aws_, "res": res}
+    return summary, {"aws": aws_, "res": res, "said": said}
+
+
+def _refuse_profile(ec2: Any, times: int) -> None:
+    """The first ``times`` CreateFleet calls fail as EC2 answers while it does not see a
+    new instance profile yet (IAM's changes reach EC2 seconds later)."""
+    from botocore.awsrequest import AWSResponse
+
+    left = [times]
+
+    def refuse(model: Any, **_: Any) -> Any:
+        if left[0] <= 0:
+            return None
+        left[0] -= 1
+        message = (
+            "Value (arn:aws:iam::123456789012:instance-profile/pygirder/x) for parameter "
+            "iamInstanceProfile.arn is invalid. Invalid IAM Instance Profile ARN"
+        )
+        parsed = {
+            "Error": {"Code": "InvalidParameterValue", "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        }
+        return AWSResponse("https://injected.invalid", 400, {}, None), parsed
+
+    ec2.meta.events.register("before-call.ec2.CreateFleet", refuse)
 
 
 def _profile(boto, fleet: str, role: str = "redis") -> str:
@@ -124,3 +151,11 @@ def test_the_role_name_fits_iam_and_the_operator_s_instance_role_pattern() -> No
     name = controller_role_name("a" * 20, new_fleet_id())
     assert len(name) <= 64
     assert fnmatch.fnmatchcase(name, INSTANCE_ROLE_PATTERN)
+
+
+def test_up_waits_until_ec2_sees_the_new_instance_profile(make_aws, config, built, boto) -> None:
+    summary, got = _up(make_aws, config, built, boto, refusals=2, controller=True)
+    assert summary.ready("redis") == 1 and summary.ready("worker") == 1
+    notes = [line for line in got["said"] if "does not see the instance profile yet" in line]
+    assert len(notes) == 2
+    assert down(config, summary.fleet, aws=got["aws"]).clean

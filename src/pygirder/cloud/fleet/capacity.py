@@ -38,6 +38,13 @@ DEFAULT_POOL_BACKOFF_S = 60.0
 POOL_BACKOFF_CAP_S = 30 * 60.0
 
 
+def profile_not_visible(code: str, message: str) -> bool:
+    """EC2 refused an instance profile IAM just made: it sees IAM's changes seconds
+    later, so the launch is asked again (with the shortfall's backoff, within the
+    deadline) instead of failing ``up``."""
+    return code.startswith("InvalidParameter") and "instance profile" in message.lower()
+
+
 def instant_fleet(
     aws: Aws,
     *,
@@ -198,7 +205,7 @@ class Capacity:
                 max_price=self.max_price,
             )  # fmt: skip
         except CloudError as exc:
-            if exc.code in CAPACITY_CODES:
+            if exc.code in CAPACITY_CODES or profile_not_visible(exc.code, str(exc)):
                 got = {"Errors": [{"ErrorCode": exc.code, "ErrorMessage": str(exc)}]}
             elif is_quota_code(exc.code):
                 launch.stopped = f"an account quota stops more launches: {exc}"
@@ -250,6 +257,8 @@ class Capacity:
                 self.say(f"{launch.role}: {text}")
             elif is_quota_code(code):
                 launch.stopped = f"an account quota stops more launches: {text}"
+            elif profile_not_visible(code, message):
+                self.say(f"{launch.role}: EC2 does not see the instance profile yet: {text}")
             else:
                 fatal.append(text)
         if fatal:
