@@ -15,13 +15,17 @@ of the launch logic that do not need a process per instance.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from pygirder.cloud.fleet.naming import TAG_LAUNCH
 from pygirder.cloud.instance.announce import Announcement, publish_announcement
+from pygirder.cloud.instance.drain import DrainWatcher
 from pygirder.cloud.instance.metadata import InstanceMetadata
 from pygirder.cloud.tags import TAG_FLEET, TAG_ROLE, from_tag_list
 
@@ -233,6 +237,16 @@ def leftovers(boto, fleet: str) -> dict[str, list]:
             for p in ssm.get_parameters_by_path(Path="/pygirder/t", Recursive=True)["Parameters"]
             if fleet in p["Name"]
         ],
+        "roles": [
+            r["RoleName"]
+            for r in boto("iam").list_roles(PathPrefix="/pygirder/")["Roles"]
+            if fleet.rsplit("-", 1)[-1] in r["RoleName"]
+        ],
+        "instance_profiles": [
+            p["InstanceProfileName"]
+            for p in boto("iam").list_instance_profiles(PathPrefix="/pygirder/")["InstanceProfiles"]
+            if fleet.rsplit("-", 1)[-1] in p["InstanceProfileName"]
+        ],
     }
 
 
@@ -241,3 +255,44 @@ def nat_state(boto) -> str:
         Filters=[{"Name": "tag:pygirder:component", "Values": ["nat-instance"]}]
     )["Reservations"]
     return reservations[0]["Instances"][0]["State"]["Name"]
+
+
+# ------------------------------------------------------------ elastic fleets
+
+# Instance types of the elastic-fleet tests; moto launches whatever it is asked for.
+TYPES = ("c7a.large", "m7a.large", "m6i.large")
+
+
+def workers_of(boto, fleet: str) -> list[dict[str, Any]]:
+    return [
+        i for i in fleet_instances(boto, fleet)
+        if from_tag_list(i.get("Tags")).get(TAG_ROLE) == "worker"
+    ]  # fmt: skip
+
+
+class DrainAgents:
+    """The drain side of each worker's agent: a DrainWatcher that confirms at once."""
+
+    def __init__(self, url: str, fleet: str, ids: list[str]) -> None:
+        self.watchers = []
+        for iid in ids:
+            watcher = DrainWatcher(url, fleet, iid, lambda reason: None, interval_s=0.1)
+            watcher.on_drain = lambda reason, w=watcher: w.confirm()
+            watcher.start()
+            self.watchers.append(watcher)
+
+    def stop(self) -> None:
+        for w in self.watchers:
+            w.cancel()
+
+
+def connect_to(url: str):
+    @contextlib.contextmanager
+    def opened():
+        client = redis.Redis.from_url(url)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    return opened

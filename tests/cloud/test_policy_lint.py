@@ -28,6 +28,7 @@ with warnings.catch_warnings():
 
 from pygirder.cloud.policy import (
     BOUNDARY_LOCKED,
+    allows_action,
     boundary_arn,
     boundary_policy,
     instance_role_policy,
@@ -163,6 +164,9 @@ def _condition_holds(condition: dict[str, Any], context: dict[str, str]) -> bool
             elif operator == "StringEquals":
                 if have is None or have not in values:
                     return False
+            elif operator == "StringEqualsIfExists":
+                if have is not None and have not in values:
+                    return False
             elif operator == "StringLike":
                 if have is None or not any(fnmatch.fnmatchcase(have, v) for v in values):
                     return False
@@ -280,3 +284,77 @@ def test_the_boundary_caps_every_instance_role() -> None:
     assert not allowed(boundary, "s3:GetObject", "arn:aws:s3:::b/x", **{"aws:ResourceAccount": "1"})
     assert not allowed(boundary, "iam:CreateRole", ROLE, **own)
     assert not allowed(boundary, "ec2:RunInstances", "*", **own)
+
+
+def _satisfying(condition: dict[str, Any]) -> dict[str, str]:
+    """A request context that meets ``condition`` (first value of each key)."""
+    context = {}
+    for operator, tests in condition.items():
+        for key, wanted in tests.items():
+            value = str(_as_list(wanted)[0])
+            context[key] = "CreateFleet" if operator == "Null" else _substitute(value, {})
+    return context
+
+
+def _controller_policy() -> dict[str, Any]:
+    from pygirder.cloud.fleet.controller import controller_policy
+
+    return controller_policy(
+        name="t", fleet=CONTROLLER_FLEET, region="us-east-1", account_id=ACCOUNT,
+        queue_arn=f"arn:aws:sqs:us-east-1:{ACCOUNT}:pygirder-t-status", worker_role_arn=ROLE,
+    )  # fmt: skip
+
+
+CONTROLLER_FLEET = "fl-20260101-0000-0123456789abcdef"
+CONTROLLER_ROLE = f"arn:aws:iam::{ACCOUNT}:role/pygirder/pygirder-t-0123456789abcdef-fleet-instance"
+
+
+def test_the_boundary_caps_the_controller_role() -> None:
+    """Every grant of the controller's policy, as the controller's requests make it
+    (what it launches tagged pygirder:managed=true, like every fleet resource), lies
+    inside the boundary; what the operator may not do, the boundary refuses too."""
+    boundary = boundary_policy()
+    tagged = {**MANAGED, **TAGGED_REQUEST, "aws:ResourceAccount": ACCOUNT}
+    for statement in _controller_policy()["Statement"]:
+        context = {**tagged, **_satisfying(statement.get("Condition", {}))}
+        for action in _as_list(statement["Action"]):
+            for resource in _as_list(statement["Resource"]):
+                arn = resource.replace("*", "x")
+                assert allowed(boundary, action, arn, **context), (statement["Sid"], action)
+    instance = FOREIGN_INSTANCE
+    assert not allowed(boundary, "ec2:TerminateInstances", instance)  # not pygirder's
+    assert not allowed(boundary, "ec2:RunInstances", f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/x")
+    assert not allowed(boundary, "ec2:CreateTags", instance, **MANAGED)  # no retagging
+    ec2 = {"iam:PassedToService": "ec2.amazonaws.com"}
+    assert not allowed(boundary, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin", **ec2)
+    assert not allowed(
+        boundary, "iam:PassRole", ROLE, **{"iam:PassedToService": "lambda.amazonaws.com"}
+    )
+    for action in ("iam:CreateRole", "iam:PutRolePolicy", "iam:AttachRolePolicy",
+                   "ec2:CreateLaunchTemplateVersion", "ec2:ModifyInstanceAttribute",
+                   "ssm:PutParameter", "s3:PutObject", "sqs:SendMessage"):  # fmt: skip
+        assert not allows_action(boundary, action), action
+
+
+def test_the_operator_makes_controller_roles_only_with_the_boundary() -> None:
+    """The controller's role is an instance role by name, so the operator may create it
+    and give it inline policies only with the boundary; no managed policy (an
+    administrator's) can be attached, and the boundary cannot be taken off."""
+    bounded = {"iam:PermissionsBoundary": BOUNDARY}
+    for action in ("iam:CreateRole", "iam:PutRolePolicy"):
+        assert allowed(POLICY, action, CONTROLLER_ROLE, **bounded)
+        assert not allowed(POLICY, action, CONTROLLER_ROLE)
+        other = f"arn:aws:iam::{ACCOUNT}:policy/pygirder/admin"
+        assert not allowed(POLICY, action, CONTROLLER_ROLE, **{"iam:PermissionsBoundary": other})
+    admin = "arn:aws:iam::aws:policy/AdministratorAccess"
+    for action in ("iam:AttachRolePolicy", "iam:DeleteRolePermissionsBoundary",
+                   "iam:UpdateAssumeRolePolicy"):  # fmt: skip
+        assert not allowed(POLICY, action, CONTROLLER_ROLE, **bounded, **{"iam:PolicyARN": admin})
+    # Only under /pygirder/ and by the instance roles' name.
+    for name in ("role/pygirder/pygirder-t-0123-controller", "role/pygirder-t-x-fleet-instance"):
+        assert not allowed(POLICY, "iam:CreateRole", f"arn:aws:iam::{ACCOUNT}:{name}", **bounded)
+    profile = CONTROLLER_ROLE.replace(":role/", ":instance-profile/")
+    assert allowed(POLICY, "iam:CreateInstanceProfile", profile)
+    assert allowed(POLICY, "iam:PassRole", CONTROLLER_ROLE, **{
+        "iam:PassedToService": "ec2.amazonaws.com"})  # fmt: skip
+    assert allowed(POLICY, "iam:ListRoles", "*")  # sweep finds the roles fleets left

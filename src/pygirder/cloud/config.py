@@ -70,6 +70,8 @@ class CloudConfig(BaseModel):
 
     nat: Literal["instance", "gateway"] = "instance"
     nat_instance_type: str = "t4g.nano"
+    redis_market: Literal["on-demand", "spot"] = "on-demand"
+    """Capacity of a fleet's redis node: its loss loses the grid, so on-demand by default."""
 
     public_key_file: Path = DEFAULT_PUBLIC_KEY
     """Imported as the key pair instances accept; when this default does not exist,
@@ -434,6 +436,7 @@ allow_ssh_from_anywhere = false
 nat = "instance"                # "instance": a small NAT instance kept stopped when idle
                                 # "gateway": a managed NAT gateway (about $33/month idle)
 nat_instance_type = "t4g.nano"
+redis_market = "on-demand"      # the redis node holds the grid; "spot" saves a little
 
 # Keys.  Your public key is imported; without ~/.ssh/id_ed25519.pub, setup creates a
 # pygirder key pair in ~/.pygirder/keys/ (private half mode 0600).  The intra-cluster

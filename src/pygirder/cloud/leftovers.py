@@ -16,6 +16,7 @@ a sweep agree.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,7 @@ from typing import Any
 
 from .aws import LIVE_INSTANCE_STATES, Aws
 from .errors import CloudError
+from .policy import CONTROLLER_ROLE_PATTERN, ROLE_PATH
 from .pricing import (
     HOURS_PER_MONTH,
     PRICE_EBS_GB_MONTH,
@@ -192,6 +194,25 @@ class FleetRequests(Kind):
 
     def params(self, ids: list[str]) -> dict[str, Any]:
         return {"FleetIds": ids, "TerminateInstances": True}
+
+    def delete(
+        self,
+        aws: Aws,
+        ids: Sequence[str],
+        *,
+        keep_going: Callable[[], bool] = lambda: True,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        """One fleet per call: a fleet whose instances are all gone already (a fleet
+        controller replaced them) may be refused with InvalidParameterCombination, "No
+        instances specified", after it was marked deleted; the others must not wait
+        on it."""
+        for fleet_id in ids:
+            try:
+                super().delete(aws, [fleet_id], keep_going=keep_going, on_retry=on_retry)
+            except CloudError as exc:
+                if exc.code != "InvalidParameterCombination":
+                    raise
 
 
 class SpotRequests(Kind):
@@ -390,6 +411,60 @@ class Parameters(Kind):
         return {"Names": ids}
 
 
+class ControllerRoles(Kind):
+    """The instance role and profile of a fleet's controller (one name for both,
+    :data:`pygirder.cloud.policy.CONTROLLER_ROLE_PATTERN`, below ``/pygirder/``).  IAM
+    cannot filter by tag, so each role's tags are asked.  Removed after the instances
+    that used it."""
+
+    key = "controller-roles"
+    title = "Controller role"
+    summary = "controller roles and instance profiles"
+    service = "iam"
+
+    def find(self, aws: Aws, scope: Scope) -> list[Leftover]:
+        out = []
+        for page in aws.pages("iam", "list_roles", token="Marker", PathPrefix=ROLE_PATH):
+            for role in page.get("Roles", []):
+                name = role["RoleName"]
+                if not fnmatch.fnmatchcase(name, CONTROLLER_ROLE_PATTERN):
+                    continue
+                got = aws.call("iam", "list_role_tags", RoleName=name, ignore=("NoSuchEntity",))
+                item = {**role, "Tags": (got or {}).get("Tags", [])}
+                tags = from_tag_list(item["Tags"])
+                # A fleet's, never a setup's own instance role (even one whose setup
+                # name ends in "-fleet").
+                if got is not None and tags.get(TAG_FLEET) and scope.owns(tags):
+                    out.append(self._item(name, item, label=name, created="CreateDate"))
+        return out
+
+    def delete(
+        self,
+        aws: Aws,
+        ids: Sequence[str],
+        *,
+        keep_going: Callable[[], bool] = lambda: True,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        """Profile (emptied first), inline policies, role; already gone is fine."""
+        kw: dict[str, Any] = {"keep_going": keep_going, "on_retry": on_retry}
+        for name in ids:
+            got = aws.call(
+                "iam", "get_instance_profile", InstanceProfileName=name, ignore=("NoSuchEntity",)
+            )
+            for role in (got or {}).get("InstanceProfile", {}).get("Roles", []):
+                aws.delete(
+                    "iam", "remove_role_from_instance_profile", InstanceProfileName=name,
+                    RoleName=role["RoleName"], **kw,
+                )  # fmt: skip
+            if got is not None:
+                aws.delete("iam", "delete_instance_profile", InstanceProfileName=name, **kw)
+            listed = aws.call("iam", "list_role_policies", RoleName=name, ignore=("NoSuchEntity",))
+            for policy_name in (listed or {}).get("PolicyNames", []):
+                aws.delete("iam", "delete_role_policy", RoleName=name, PolicyName=policy_name, **kw)
+            aws.delete("iam", "delete_role", RoleName=name, **kw)
+
+
 # Every kind, in the order they are removed: EC2 fleets and spot requests before their
 # instances (or they launch replacements), images before their snapshots.
 KINDS: tuple[Kind, ...] = (
@@ -401,6 +476,7 @@ KINDS: tuple[Kind, ...] = (
     Snapshots(),
     Volumes(),
     Parameters(),
+    ControllerRoles(),
 )
 FLEET_KINDS: tuple[Kind, ...] = tuple(k for k in KINDS if k.fleet)
 BY_KEY: dict[str, Kind] = {k.key: k for k in KINDS}

@@ -174,6 +174,10 @@ BOUNDARY_PATH = "/pygirder/"
 # The instance role and profile of every setup: ``/pygirder/pygirder-<name>-instance``.
 ROLE_PATH = "/pygirder/"
 INSTANCE_ROLE_PATTERN = "pygirder-*-instance"
+# The role and profile of one fleet's redis node when it runs the fleet controller
+# (``up`` makes them, ``down`` removes them): an instance role of INSTANCE_ROLE_PATTERN,
+# so the operator may make it on the same terms (with the boundary) and no other.
+CONTROLLER_ROLE_PATTERN = "pygirder-*-fleet-instance"
 
 # Role actions that can give a role permissions: allowed only while the role carries the
 # boundary (iam:PermissionsBoundary), so a role's inline policy never exceeds it.
@@ -312,6 +316,7 @@ ACCOUNT_READ = [
     "tag:GetResources",
     "cloudwatch:DescribeAlarms",
     "ssm:DescribeParameters",
+    "iam:ListRoles",  # finds the controller roles fleets left (below /pygirder/)
 ]
 
 
@@ -508,13 +513,41 @@ def boundary_policy(partition_name: str = "aws") -> dict[str, Any]:
 
     The ceiling of :func:`instance_role_policy` for every ``[cloud] name``: read
     objects of this account's buckets, write and delete them under ``results/`` only,
-    publish to ``pygirder-*`` topics, read parameters under ``/pygirder/``.  A role's
+    publish to ``pygirder-*`` topics, read parameters under ``/pygirder/``; and of a
+    fleet controller's policy: launch and terminate only what is tagged
+    ``pygirder:managed=true`` (as the operator may), pass only the instance roles,
+    read the ``pygirder-*`` status queues.  A role's
     effective rights are the intersection of this and its inline policy, so even an
     operator who rewrites the inline policy cannot make an instance (or anyone passing
     its role) more than that.
     """
     p = partition_name
     own_account = {"StringEquals": {"aws:ResourceAccount": "${aws:PrincipalAccount}"}}
+    managed = {f"aws:ResourceTag/{TAG_MANAGED}": MANAGED_VALUE}
+    launch = ["ec2:CreateFleet", "ec2:RunInstances"]
+    # The ceiling of a fleet controller (its inline policy narrows it to one fleet):
+    # the operator's own rules for launching and terminating, nothing more.
+    fleet_control = [
+        {"Sid": "LaunchTaggedInstances", "Effect": "Allow", "Action": launch,
+         "Resource": f"arn:{p}:ec2:*:*:*",
+         "Condition": {"StringEquals": {f"aws:RequestTag/{TAG_MANAGED}": MANAGED_VALUE}}},
+        {"Sid": "LaunchFromOwnResources", "Effect": "Allow", "Action": launch, "Resource": "*",
+         "Condition": {"StringEquals": managed}},
+        {"Sid": "LaunchImages", "Effect": "Allow", "Action": launch, "Resource": "*",
+         "Condition": {"StringEquals": {"ec2:Owner": ["amazon", "${aws:PrincipalAccount}"]}}},
+        {"Sid": "TagAtLaunch", "Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+         "Condition": {"Null": {"ec2:CreateAction": "false"}}},
+        {"Sid": "TerminateOwnInstances", "Effect": "Allow", "Action": "ec2:TerminateInstances",
+         "Resource": f"arn:{p}:ec2:*:*:instance/*", "Condition": {"StringEquals": managed}},
+        {"Sid": "SeeInstances", "Effect": "Allow",
+         "Action": ["ec2:DescribeInstances", "ec2:DescribeLaunchTemplates"], "Resource": "*"},
+        {"Sid": "PassInstanceRolesToEc2", "Effect": "Allow", "Action": "iam:PassRole",
+         "Resource": f"arn:{p}:iam::*:role{ROLE_PATH}{INSTANCE_ROLE_PATTERN}",
+         "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
+        {"Sid": "ReadStatusQueues", "Effect": "Allow",
+         "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
+         "Resource": f"arn:{p}:sqs:*:*:pygirder-*", "Condition": own_account},
+    ]  # fmt: skip
     return {
         "Version": POLICY_VERSION,
         "Statement": [
@@ -546,5 +579,6 @@ def boundary_policy(partition_name: str = "aws") -> dict[str, Any]:
                 "Resource": f"arn:{p}:ssm:*:*:parameter/pygirder/*",
                 "Condition": own_account,
             },
+            *fleet_control,
         ],
     }

@@ -12,7 +12,6 @@ import logging
 import re
 import stat
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -319,6 +318,10 @@ def test_fleet_ids_carry_64_random_bits() -> None:
         check_fleet_id("fl-20200101-0000-abc")
 
 
+# How long the forger waits for what ``up`` launches, and ``up`` for the announcements.
+PATIENCE_S = 120.0
+
+
 class Forger(threading.Thread):
     """An instance that may publish to the status topic and lies: it announces a
     fake redis node and asks for the termination of instances, then lets the real
@@ -329,6 +332,7 @@ class Forger(threading.Thread):
         self.ec2, self.topic_arn, self.victim = ec2, topic_arn, victim
         self.forged: list[tuple[str, str]] = []
         self.error: BaseException | None = None
+        self.done = threading.Event()
 
     def _ours(self, role: str) -> list[dict[str, Any]]:
         reservations = self.ec2.describe_instances(
@@ -352,26 +356,30 @@ class Forger(threading.Thread):
 
     def run(self) -> None:
         try:
-            redis = wait_until(lambda: self._ours("redis"))[0]
+            redis = wait_until(lambda: self._ours("redis"), timeout=PATIENCE_S)[0]
             self._forge("ready", "i-0123456789abcdef0", redis)  # nobody's
             self._forge("ready", self.victim, redis)  # another fleet's
-            self._forge("failed", redis["InstanceId"][:-1] + "0", redis)
+            real = redis["InstanceId"]
+            self._forge("failed", real[:-1] + ("1" if real.endswith("0") else "0"), redis)
             announce(self.topic_arn, redis)
-            workers = wait_until(lambda: self._ours("worker"))
+            workers = wait_until(lambda: self._ours("worker"), timeout=PATIENCE_S)
             self._forge("failed", self.victim, workers[0])
             self._forge("failed", "i-0fedcba9876543210", workers[0])
-            for worker in workers:
-                announce(self.topic_arn, worker)
-            while True:  # workers launched by a second request
-                more = [w for w in self._ours("worker") if w not in workers]
-                for worker in more:
-                    announce(self.topic_arn, worker)
-                workers += more
-                if len(workers) >= 2:
-                    return
-                time.sleep(0.2)
+            announced: set[str] = set()
+
+            def announce_new() -> bool:
+                """Workers launched by a later request are announced as they appear."""
+                for worker in self._ours("worker"):
+                    if worker["InstanceId"] not in announced:
+                        announce(self.topic_arn, worker)
+                        announced.add(worker["InstanceId"])
+                return len(announced) >= 2
+
+            wait_until(announce_new, timeout=PATIENCE_S)
         except BaseException as exc:
             self.error = exc
+        finally:
+            self.done.set()
 
 
 def test_forged_announcements_are_ignored_and_logged(
@@ -390,8 +398,11 @@ def test_forged_announcements_are_ignored_and_logged(
     forger = Forger(ec2, account["res"]["topic_arn"], victim)
     forger.start()
     caplog.set_level(logging.WARNING, logger="pygirder.fleet")
-    summary = up(account["config"], options(account, workers=2), aws=account["aws"])
-    forger.join(10)
+    # Budgets far beyond what the steps need, so a loaded machine only makes it slower.
+    summary = up(
+        account["config"], options(account, workers=2, deadline_s=PATIENCE_S), aws=account["aws"]
+    )
+    assert forger.done.wait(PATIENCE_S), "the forger did not finish"
     assert forger.error is None and len(forger.forged) == 5
 
     ids = {m.instance_id for m in summary.members}

@@ -46,6 +46,10 @@ ROLES = {
         role="distributor", redis="redis://10.0.1.5:6379/0", pool="rack-1", parent="default"
     ),
     "worker": dict(role="worker", redis="redis://10.0.1.5:6379/0", imports=["jobs", "lib.more"]),
+    "redis with controller": dict(
+        role="redis",
+        controller_queue_url="https://sqs.us-east-1.amazonaws.com/123456789012/pygirder-s",
+    ),
 }
 
 
@@ -82,6 +86,9 @@ def test_user_data_holds_the_launch_settings_and_no_secrets() -> None:
     bucket = BASE["artifact_uri"][len("s3://") :].split("/")[0]
     assert f"--store s3://{bucket}/results" in script
     assert "--store" not in render_user_data(**BASE, **ROLES["redis"])
+    assert "--controller-queue-url" not in render_user_data(**BASE, **ROLES["redis"])
+    with_controller = render_user_data(**BASE, **ROLES["redis with controller"])
+    assert "--controller-queue-url https://sqs.us-east-1.amazonaws.com/" in with_controller
 
 
 def test_ttl_is_made_absolute_at_render_time() -> None:

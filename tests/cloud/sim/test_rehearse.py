@@ -59,3 +59,32 @@ def test_rehearse_with_one_worker_is_refused_at_once(tmp_path: Path) -> None:
     assert "at least 2 workers" in proc.stderr and "--workers 2" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+ELASTIC_STEPS = [
+    "reclaim 2, replace", "grow to 7", "shrink to 3", "elastic job", "idle to zero",
+    "wake on work",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rehearse_the_elastic_fleet(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYGIRDER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pygirder", "cloud", "rehearse", "--workers", "3", "--elastic",
+         "--job-seconds", "6", "--state-dir", str(tmp_path / "state"), "--json"],
+        capture_output=True, text=True, timeout=580, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    names = [s["name"] for s in report["steps"]]
+    assert names == STEPS[:8] + ELASTIC_STEPS + STEPS[8:]
+    assert all(s["ok"] for s in report["steps"]), report["steps"]
+    steps = {s["name"]: s for s in report["steps"]}
+    assert "3 workers serving again" in steps["reclaim 2, replace"]["detail"]
+    assert "3 worker live" in steps["shrink to 3"]["detail"]
+    assert "(correct)" in steps["elastic job"]["detail"]
+    assert "(correct)" in steps["wake on work"]["detail"]
+    assert report["replacement_s"] is not None
+    assert report["leftovers"] and not any(report["leftovers"].values())

@@ -29,6 +29,7 @@ from .fleet_tables import (
     mem_available,
     orphans_table,
     rehearsal_tables,
+    sizes_table,
     status_table,
     summary_dict,
     summary_table,
@@ -127,10 +128,38 @@ def up(
     public_workers: Annotated[
         bool, typer.Option(help="Put workers in the public subnet (no NAT needed).")
     ] = False,
+    fleet: Annotated[
+        str | None,
+        typer.Option("--fleet", help="Grow or shrink this running fleet (default: the only one)."),
+    ] = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="Launch another fleet even if one is running.")
+    ] = False,
+    min_workers: Annotated[
+        int | None,
+        typer.Option("--min-workers", help="Follow the queue: fewest workers (may be 0)."),
+    ] = None,
+    max_workers: Annotated[
+        int | None, typer.Option("--max-workers", help="Follow the queue: most workers.")
+    ] = None,
+    idle_minutes: Annotated[
+        float, typer.Option("--idle-minutes", help="Idle this long before scaling down.")
+    ] = 10.0,
+    controller: Annotated[
+        bool | None,
+        typer.Option(
+            "--controller/--no-controller",
+            help="Keep the fleet at its target from its redis node (default: on when "
+            "following the queue).",
+        ),
+    ] = None,
+    launches_per_hour: Annotated[
+        int, typer.Option(help="The controller's launch budget per hour.")
+    ] = 60,
     as_json: JsonOpt = False,
 ) -> None:
-    """Launch a spot fleet: a redis node, then distributors and workers; wait until they
-    announce that they are ready."""
+    """Launch a spot fleet (a redis node, then distributors and workers, ready when they
+    announce it), or grow or shrink the running one to the sizes given."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..fleet import DEFAULT_INSTANCE_TYPES, UpOptions
@@ -138,6 +167,17 @@ def up(
 
     cfg = _load(config)
     types = tuple(t.strip() for t in (instance_types or "").split(",") if t.strip())
+    if (min_workers is None) != (max_workers is None):
+        raise _fail(ConfigError("give both --min-workers and --max-workers, or neither"))
+    scale = (
+        (min_workers, max_workers) if min_workers is not None and max_workers is not None else None
+    )
+    running = None if new else _running_fleet(cfg, fleet)
+    if running is not None:
+        wait_s = _duration(deadline, "--deadline")
+        _converge(cfg, running, workers, distributors, types, max_price, scale,
+                  idle_minutes, launches_per_hour, wait_s, as_json)  # fmt: skip
+        return
     options = UpOptions(
         workers=workers,
         distributors=distributors,
@@ -151,6 +191,10 @@ def up(
         image_id=image,
         artifact=artifact,
         public_workers=public_workers,
+        controller=controller if controller is not None else scale is not None,
+        scale=scale,
+        idle_s=idle_minutes * 60,
+        launches_per_hour=launches_per_hour,
     )
     bar = Progress(
         TextColumn("{task.description:>12}"),
@@ -193,22 +237,97 @@ def up(
     )
 
 
+def _running_fleet(cfg: CloudConfig, fleet: str | None) -> str | None:
+    """The fleet ``up`` converges: ``--fleet``, else the only live one, else None."""
+    from ..fleet import live_fleets
+
+    try:
+        if fleet:
+            return fleet
+        fleets = [f for f, insts in live_fleets(cfg).items() if insts]
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if len(fleets) > 1:
+        raise _fail(
+            ConfigError(
+                f"{len(fleets)} fleets are up ({', '.join(fleets)}): choose the one to grow "
+                "or shrink with --fleet, or launch another with --new"
+            )
+        )
+    return fleets[0] if fleets else None
+
+
+def _converge(
+    cfg: CloudConfig, fleet: str, workers: int, distributors: int, types: tuple[str, ...],
+    max_price: float | None, scale: tuple[int, int] | None, idle_minutes: float,
+    launches_per_hour: int, deadline_s: float, as_json: bool,
+) -> None:  # fmt: skip
+    from ..aws import Aws
+    from ..fleet import DEFAULT_INSTANCE_TYPES
+    from ..fleet.converge import Target, converge, read_target
+
+    try:
+        aws = Aws(cfg)
+        old = read_target(aws, cfg.name, fleet)
+        target = Target(
+            workers=workers, distributors=distributors,
+            min_workers=scale[0] if scale else None, max_workers=scale[1] if scale else None,
+            idle_s=idle_minutes * 60, max_launches_per_hour=launches_per_hour,
+            instance_types=types or (old.instance_types if old else DEFAULT_INSTANCE_TYPES),
+            max_price=max_price if max_price is not None else (old.max_price if old else None),
+            subnets=old.subnets if old else {},
+        )  # fmt: skip
+        report = converge(
+            cfg, fleet, target, aws=aws, say=lambda t: err.print(f"[dim]{escape(t)}[/]"),
+            deadline_s=deadline_s,
+        )  # fmt: skip
+    except PygirderError as exc:
+        raise _fail(exc) from None
+    if scale is not None and not target.controller:
+        report.problems.append(
+            f"fleet {fleet} runs no controller, so nothing follows the queue between "
+            "--min-workers and --max-workers: launch a fleet with them (`pygirder cloud up "
+            "--new --min-workers M --max-workers X`) for that"
+        )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    out.print(sizes_table(fleet, report.sizes))
+    if not report.changed:
+        err.print("already at the target: nothing changed")
+    for problem in report.problems:
+        err.print(f"[yellow]{escape(problem)}[/]")
+
+
 # ----------------------------------------------------------------- fleet, cost
 
 
 def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
-    """The running fleet: role, instance, state, address, uptime, spot price, cost so far."""
+    """The running fleet: role, instance, state, address, uptime, spot price, cost so far,
+    and each role's target against what runs."""
+    from ..aws import Aws
     from ..fleet import fleet_status
+    from ..fleet.converge import role_sizes
 
     cfg = _load(config)
     try:
-        status = fleet_status(cfg, fleet)
+        aws = Aws(cfg)
+        status = fleet_status(cfg, fleet, aws=aws)
+        sizes = role_sizes(aws, cfg.name, status.fleet)
     except PygirderError as exc:
         raise _fail(exc) from None
+    lost = any(s.role == "redis" and s.live == 0 for s in sizes)
     if as_json:
-        print(json.dumps(status.to_dict(), indent=2))
+        print(json.dumps({**status.to_dict(), "roles": [s.to_dict() for s in sizes]}, indent=2))
         return
     out.print(status_table(status))
+    out.print(sizes_table(status.fleet, sizes))
+    if lost:
+        err.print(
+            f"[red]the redis node of fleet {status.fleet} is lost, and the grid with it: "
+            f"the calls in flight are gone. Bring the fleet down with `pygirder cloud down "
+            f"--fleet {status.fleet}` and start another.[/]"
+        )
 
 
 def cost(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = False) -> None:
@@ -492,6 +611,13 @@ def rehearse(
         Path | None, typer.Option(help="Keep the instances' homes and logs here (default: temp).")
     ] = None,
     job_seconds: Annotated[float, typer.Option(help="About how long the job runs.")] = 8.0,
+    elastic: Annotated[
+        bool,
+        typer.Option(
+            help="Also rehearse the fleet controller: reclaim and replace, grow and shrink "
+            "mid-job, scale to zero and back."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole flow on a local moto server and the local data plane, with a timeline."""
@@ -501,7 +627,11 @@ def rehearse(
     started = datetime.now(UTC)
     try:
         report = run_rehearsal(
-            workers, state_dir=state_dir, job_seconds=job_seconds, say=None if as_json else _say
+            workers,
+            state_dir=state_dir,
+            job_seconds=job_seconds,
+            elastic=elastic,
+            say=None if as_json else _say,
         )
     except RehearsalError as exc:
         report = exc.report

@@ -1,5 +1,6 @@
-"""The tables of the fleet commands: what ``up`` built, the running fleet, its cost,
-``down``'s proof, ``sweep``'s orphans and a rehearsal's timeline.
+"""The tables of the fleet commands: what ``up`` built, the running fleet, each role's
+target against what runs, its cost, ``down``'s proof, ``sweep``'s orphans and a
+rehearsal's timeline.
 
 Each function turns one report of the fleet verbs into rich renderables; the
 commands (:mod:`.fleet`) decide where they go.  Imported without boto3.
@@ -90,6 +91,20 @@ def status_table(status: Any) -> Table:
         )
     expires = status.expires
     table.caption = f"expires {expires:%Y-%m-%d %H:%M} UTC" if expires else None
+    return table
+
+
+def sizes_table(fleet: str, sizes: list[Any]) -> Table:
+    """Each role's target against its live and draining instances; a lost redis node in red."""
+    table = Table(title=f"fleet {fleet}: target and actual", title_justify="left")
+    for column in ("Role", "Target", "Live", "Draining"):
+        table.add_column(column, justify="left" if column == "Role" else "right")
+    for size in sizes:
+        target = "-" if size.target is None else str(size.target)
+        live = str(size.live)
+        if size.role == "redis" and size.live == 0:
+            live = "[red]0: lost[/]"
+        table.add_row(size.role, target, live, str(size.draining))
     return table
 
 

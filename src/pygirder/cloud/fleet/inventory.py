@@ -173,8 +173,13 @@ def rows_of(
     rows = [_row(i) for i in instances_of(aws, name, fleet)]
     if prices and rows:
         found = spot_prices(aws, {(r.instance_type, r.zone) for r in rows})
+        from ..pricing import PRICE_INSTANCE_HOUR
+
         for row in rows:
-            if row.state in ("running", "pending"):
+            if row.state in ("running", "pending") and row.lifecycle != "spot":
+                # On-demand (the redis node by default): the list price, when known.
+                row.spot_price = PRICE_INSTANCE_HOUR.get(row.instance_type)
+            elif row.state in ("running", "pending"):
                 row.spot_price = found.get((row.instance_type, row.zone))
             else:
                 row.spot_price = 0.0  # stopped or shutting down: no compute charge

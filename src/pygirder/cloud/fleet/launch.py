@@ -87,9 +87,24 @@ class UpOptions:
     spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S
     backoff_s: tuple[float, float] = (2.0, 30.0)
     """Delay before asking again for a shortfall: first delay, cap."""
+    controller: bool = False
+    """Run the fleet controller on the redis node: it keeps the fleet at its target."""
+    scale: tuple[int, int] | None = None
+    """(fewest, most) workers: the controller follows the queue between them."""
+    idle_s: float = 600.0
+    """Seconds without queued or running calls before the controller scales down."""
+    launches_per_hour: int = 60
+    """The controller's launch budget."""
 
     def check(self) -> None:
         problems = []
+        if self.scale is not None:
+            low, high = self.scale
+            if not 0 <= low <= high or not low <= self.workers <= high:
+                problems.append(
+                    f"--min-workers ({low}) <= --workers ({self.workers}) <= --max-workers "
+                    f"({high}) must hold, with --min-workers at least 0"
+                )
         if self.workers < 1:
             problems.append("--workers must be at least 1")
         if self.distributors < 0:
@@ -180,8 +195,23 @@ class _Up:
         imports = self.options.imports if self.options.imports is not None else tuple(modules)
         return Blueprint(
             self.aws, self.config, self.res, self.fleet, self.expires, image, uri, sha, imports,
-            self.options.processes, self.options.spot_interval_s,
+            self.options.processes, self.options.spot_interval_s, self.options.controller,
         )  # fmt: skip
+
+    def store_target(self, launches: list[RoleLaunch]) -> None:
+        """The sizes just launched, for ``up`` on this fleet and its controller."""
+        from .converge import Target, write_target
+
+        opts = self.options
+        low, high = opts.scale if opts.scale is not None else (None, None)
+        target = Target(
+            workers=opts.workers, distributors=opts.distributors, min_workers=low,
+            max_workers=high, idle_s=opts.idle_s, max_launches_per_hour=opts.launches_per_hour,
+            instance_types=tuple(opts.instance_types), max_price=opts.max_price,
+            subnets={str(lc.role): list(lc.subnet_ids) for lc in launches},
+            controller=opts.controller,
+        )  # fmt: skip
+        write_target(self.aws, self.config, self.fleet, target, self.expires)
 
     def refresh(self, launches: list[RoleLaunch]) -> None:
         """Instances that ended before announcing ready are gone: their place is free."""
@@ -427,6 +457,13 @@ class _Up:
                 )
                 start_nat(self.config, aws=self.aws)
             blueprint.store_password()
+            if opts.controller:
+                from .controller_role import controller_role_name, create_controller_role
+
+                self.say(f"creating {controller_role_name(self.config.name, self.fleet)}")
+                blueprint.redis_profile_arn = create_controller_role(
+                    self.aws, self.config, self.res, self.fleet, self.expires
+                )
             redis = RoleLaunch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public)
             self.launches = [redis]
             blueprint.template(redis, None)
@@ -474,6 +511,7 @@ class _Up:
             }
             self.fail_if_short(second, minimum)
             self.pin_host_keys(self.launches)
+            self.store_target(second)
         except BaseException as exc:
             self.say(f"up failed ({type(exc).__name__}); removing fleet {self.fleet}")
             try:

@@ -60,6 +60,9 @@ class RoleLaunch:
     next_at: float = 0.0
     stopped: str = ""
     errors: list[str] = field(default_factory=list)
+    token: str = ""
+    """Prefix of CreateFleet client tokens (default: the launch id); a later grow of
+    the same launch needs its own, or EC2 would answer with the first launch."""
 
     def in_state(self, *states: MemberState) -> list[Member]:
         return [m for m in self.members.values() if m.state in states]

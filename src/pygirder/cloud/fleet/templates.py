@@ -35,6 +35,11 @@ class Blueprint:
     imports: tuple[str, ...]
     processes: str
     spot_interval_s: float
+    controller: bool = False
+    """The redis node also runs the fleet controller (it reads the status queue)."""
+    redis_profile_arn: str | None = None
+    """The redis node's instance profile when it is not the setup's: the controller's
+    (:mod:`.controller_role`)."""
 
     def store_password(self) -> None:
         """The fleet's Redis password, a tagged SecureString only the fleet can read."""
@@ -55,10 +60,13 @@ class Blueprint:
         ``redis`` is the grid's URL (None for the redis node itself)."""
         user_data = self.user_data(launch, redis)
         tags = as_tag_list(fleet_tags(self.config, self.fleet, self.expires, str(launch.role)))
+        profile = self.res["instance_profile_arn"]
+        if launch.role is Role.REDIS and self.redis_profile_arn:
+            profile = self.redis_profile_arn
         data = {
             "ImageId": self.image_id,
             "UserData": base64.b64encode(user_data.encode()).decode(),
-            "IamInstanceProfile": {"Arn": self.res["instance_profile_arn"]},
+            "IamInstanceProfile": {"Arn": profile},
             "SecurityGroupIds": [self.res["security_group_id"]],
             "KeyName": self.res["key_name"],
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -102,4 +110,7 @@ class Blueprint:
             processes=self.processes,
             expires=self.expires,
             spot_interval_s=self.spot_interval_s,
+            controller_queue_url=(
+                self.res["queue_url"] if launch.role is Role.REDIS and self.controller else None
+            ),
         )

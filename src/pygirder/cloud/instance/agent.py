@@ -50,6 +50,13 @@ announces ``going-away``, stops the child and runs ``--shutdown-command`` (defau
 (``PYGIRDER_IMDS_ENDPOINT`` set) the default shutdown command is never run: only an
 explicit ``--shutdown-command`` is.
 
+A worker's or distributor's agent also polls the grid's Redis for a drain request
+(:mod:`.drain`): it SIGTERMs the service, announces ``going-away`` ("drained: ...")
+and, once the service has exited, records that it drained, so whoever shrinks the
+fleet may terminate the instance.  With ``--controller-queue-url`` the redis role
+runs the fleet controller (``python -m pygirder.cloud.fleet.controller``) as a second
+supervised child beside the server.
+
 The parts: :mod:`.common` (roles, events, seams), :mod:`.metadata` (IMDSv2),
 :mod:`.announce` (announcements, SNS and SSM calls), :mod:`.install` (the artifact's
 virtual environment), :mod:`.supervisor` (the child and its watchers); this module
@@ -61,6 +68,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -93,6 +101,7 @@ from .common import (
     _iso,
     _utcnow,
 )
+from .drain import DEFAULT_DRAIN_POLL_S, DrainWatcher
 from .metadata import ImdsClient, InstanceMetadata
 from .supervisor import (
     DeadlineWatcher,
@@ -156,6 +165,9 @@ class RunOptions:
     stop_timeout_s: float = 30.0
     region: str | None = None
     store: str = ""  # a worker's durable result store (PYGIRDER_STORE of its service)
+    controller_queue_url: str | None = None
+    """On the redis role: run the fleet controller too, reading this status queue."""
+    drain_poll_s: float = DEFAULT_DRAIN_POLL_S
 
 
 def _redis_service(
@@ -249,11 +261,15 @@ def run_service(
             announcer.send(Event.GOING_AWAY, f"time-to-live ran out at {at}", once=True)
             supervisor.stop("time-to-live ran out")
 
-        watchers: list[_Watcher] = []
+        watchers: list[_Watcher | DrainWatcher] = []
         if meta.lifecycle == "spot" and opts.spot_interval_s > 0:
             watchers.append(SpotWatcher(imds, on_spot, opts.spot_interval_s))
         if opts.expires is not None:
             watchers.append(DeadlineWatcher(opts.expires, on_expiry))
+        drain = _drain_watcher(opts, meta, password, supervisor, announcer)
+        if drain is not None:
+            watchers.append(drain)
+        controller = _controller(opts, meta, region, env)
 
         previous: dict[int, Any] = {}
         senders: list[threading.Thread] = []
@@ -277,10 +293,16 @@ def run_service(
         try:
             for watcher in watchers:
                 watcher.start()
+            if controller is not None:
+                controller.start()
             supervisor.run()
+            if drain is not None and drain.requested.is_set():
+                drain.confirm()  # the service has exited: the instance may be terminated
         finally:
             for watcher in watchers:
                 watcher.cancel()
+            if controller is not None:
+                controller.cancel()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             for sender in senders:
@@ -288,6 +310,62 @@ def run_service(
     if expired.is_set():
         shut_down(opts.shutdown_command)
     return 0
+
+
+def _drain_watcher(
+    opts: RunOptions,
+    meta: InstanceMetadata,
+    password: str | None,
+    supervisor: Supervisor,
+    announcer: Announcer,
+) -> DrainWatcher | None:
+    """Workers and distributors stop their service when the fleet drains them."""
+    if opts.role is Role.REDIS or not opts.redis or not opts.fleet or opts.drain_poll_s <= 0:
+        return None
+    from .supervisor import with_password
+
+    def on_drain(reason: str) -> None:
+        supervisor.stop(f"drain requested: {reason}")
+        announcer.send(Event.GOING_AWAY, f"drained: {reason}", once=True)
+
+    url = with_password(opts.redis, password)
+    return DrainWatcher(url, opts.fleet, meta.instance_id, on_drain, opts.drain_poll_s)
+
+
+class _ControllerService(threading.Thread):
+    """The fleet controller, supervised beside the redis node's server."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__(name="fleet-controller", daemon=True)
+        self.supervisor = supervisor
+
+    def run(self) -> None:
+        try:
+            self.supervisor.run()
+        except AgentError as exc:  # the grid keeps serving; the fleet is no longer kept
+            log.error("the fleet controller gave up: %s", exc)
+
+    def cancel(self, timeout: float = 60.0) -> None:
+        self.supervisor.stop("the redis node's service stopped")
+        if self.is_alive():
+            self.join(timeout)
+
+
+def _controller(
+    opts: RunOptions, meta: InstanceMetadata, region: str, env: dict[str, str]
+) -> _ControllerService | None:
+    if opts.role is not Role.REDIS or not opts.controller_queue_url or not opts.fleet:
+        return None
+    command = [
+        sys.executable, "-m", "pygirder.cloud.fleet.controller", "--fleet", opts.fleet,
+        "--name", opts.name, "--region", region, "--queue-url", opts.controller_queue_url,
+        "--redis", f"redis://{meta.private_ip}:{opts.port}/0",
+    ]  # fmt: skip
+    supervisor = Supervisor(
+        command, env=env, ready_probe=alive_for(opts.ready_grace_s),
+        max_restarts=opts.max_restarts, stop_timeout_s=opts.stop_timeout_s,
+    )  # fmt: skip
+    return _ControllerService(supervisor)
 
 
 def wait_for_expiry(
@@ -402,6 +480,10 @@ def run(
     region: Annotated[
         str | None, typer.Option(help="Region of SSM (default: the topic's).")
     ] = None,
+    controller_queue_url: Annotated[
+        str | None,
+        typer.Option(help="redis role: also run the fleet controller, reading this queue."),
+    ] = None,
 ) -> None:
     """Run the role's service: supervise it, watch for spot interruptions, honour the TTL."""
     _quiet_aws_loggers()
@@ -411,6 +493,7 @@ def run(
         processes=processes, expires=resolve_expiry(ttl, expires),
         shutdown_command=shutdown_command, spot_interval_s=spot_interval,
         ready_grace_s=ready_grace, max_restarts=max_restarts, region=region, store=store,
+        controller_queue_url=controller_queue_url,
     )  # fmt: skip
     status = run_service(opts)
     if status:

@@ -73,6 +73,7 @@ def render_user_data(
     spot_interval_s: float = DEFAULT_SPOT_INTERVAL_S,
     base_python: str = DEFAULT_BASE_PYTHON,
     store: str | None = None,
+    controller_queue_url: str | None = None,
 ) -> str:
     """The bash user-data of one instance.
 
@@ -83,6 +84,8 @@ def render_user_data(
     distributors.  ``spot_interval_s`` is how often the agent asks IMDS for a spot
     interruption notice.  Workers keep durable results in ``store`` (default:
     ``results/`` in the artifact's bucket, where every fleet of the setup finds them).
+    ``controller_queue_url`` (redis role only) runs the fleet controller beside the
+    server, reading announcements from that queue.
     """
     role = Role(role)
     if (ttl is None) == (expires is None):
@@ -123,6 +126,9 @@ def render_user_data(
     ]  # fmt: skip
     if role is Role.REDIS:
         run_args.append(f"--port {int(port)}")
+        if controller_queue_url:
+            url = _check_token("controller_queue_url", controller_queue_url)
+            run_args.append(f"--controller-queue-url {q(url)}")
     else:
         assert redis is not None
         run_args.append(f"--redis {q(_check_token('redis', redis))}")

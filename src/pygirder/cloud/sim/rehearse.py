@@ -25,6 +25,7 @@ It prints a timeline of the steps and the peak memory of each simulated instance
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -104,6 +105,8 @@ class RehearsalReport:
     exec_output: dict[str, str] = field(default_factory=dict)
     fleet: str = ""
     job_args: tuple[Any, ...] = ()  # the job's call, asked again of the second fleet
+    replacement_s: float | None = None
+    """Elastic rehearsal: seconds from a spot notice until the replacements serve."""
 
     @property
     def seconds(self) -> float:
@@ -128,6 +131,7 @@ class RehearsalReport:
             "result": self.result,
             "expected": self.expected,
             "leftovers": self.leftovers,
+            "replacement_s": None if self.replacement_s is None else round(self.replacement_s, 1),
         }  # fmt: skip
 
 
@@ -336,8 +340,13 @@ def rehearse(
     deadline_s: float | None = None,
     say: Callable[[str], None] | None = None,
     on_ready: Callable[[RehearsalReport, Any], None] | None = None,
+    elastic: bool = False,
 ) -> RehearsalReport:
     """Run the whole flow once (see the module docstring) and return its timeline.
+
+    ``elastic`` adds the fleet controller's steps (:func:`_elastic`): two workers
+    reclaimed mid-job and replaced, the fleet grown by 4 and shrunk to 3 while the job
+    runs, scaled to zero when idle and back when a new job comes.
 
     ``job_seconds`` sizes the job: about that long on the ready workers.  ``up`` may
     take ``deadline_s`` (default: 5 minutes, plus 8 s per worker beyond 30: booting
@@ -367,7 +376,7 @@ def rehearse(
                 endpoint = stack.enter_context(local_aws())
                 step.detail = f"moto server at {endpoint} (in this process)"
             _rehearse(report, timeline, state, endpoint, workers, distributors, job_seconds,
-                      deadline_s, on_ready)  # fmt: skip
+                      deadline_s, on_ready, elastic)  # fmt: skip
     except PygirderError as exc:
         raise RehearsalError(str(exc), report) from exc
     finally:
@@ -387,6 +396,7 @@ def _rehearse(
     job_seconds: float,
     deadline_s: float,
     on_ready: Callable[[RehearsalReport, Any], None] | None,
+    elastic: bool = False,
 ) -> None:
     from ..account import account_resources, setup, teardown
     from ..artifacts import build_artifact, push_artifact
@@ -398,7 +408,7 @@ def _rehearse(
     aws = Aws(config)
     simulator = Simulator(
         endpoint, state / "simulate", config.region, name=config.name, poll_interval=0.5,
-        stop_grace=5.0,
+        stop_grace=5.0, env={"PYGIRDER_CONTROLLER_INTERVAL_S": "2"},
     )  # fmt: skip
     try:
         with timeline.step("setup") as step:
@@ -429,6 +439,7 @@ def _rehearse(
                         workers=workers, distributors=distributors, instance_types=INSTANCE_TYPES,
                         image_id=image, processes="1", deadline_s=deadline_s, ttl_s=3600,
                         min_workers=workers, spot_interval_s=1.0, backoff_s=(0.5, 5.0),
+                        controller=elastic,
                     ),
                     aws=aws, say=ups.append,
                 )  # fmt: skip
@@ -447,6 +458,9 @@ def _rehearse(
                 report.exec_output = {r.instance_id: r.stdout.strip() for r in results}
                 ok = sum(1 for r in results if r.returncode == 0)
                 step.detail = f"`tail -n 1 pygirder/boot.log` on {len(results)} workers: {ok} ok"
+            if elastic:
+                _elastic(report, timeline, config, aws, simulator, summary, job_seconds,
+                         deadline_s)  # fmt: skip
         finally:
             for inst in simulator.instances():
                 role = inst.tags.get("pygirder:role") or inst.tags.get("pygirder:component", "?")
@@ -576,3 +590,127 @@ def _job(
     )
     if report.result != report.expected:
         step.ok = False
+
+
+def _live_workers(aws: Any, config: Any, fleet: str) -> set[str]:
+    from ..fleet.naming import instances_of
+    from ..tags import TAG_ROLE, from_tag_list
+
+    return {
+        i["InstanceId"] for i in instances_of(aws, config.name, fleet, ("pending", "running"))
+        if from_tag_list(i.get("Tags")).get(TAG_ROLE) == "worker"
+    }  # fmt: skip
+
+
+def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise PygirderError(f"{what} did not happen within {timeout:.0f}s")
+
+
+def _alive_workers(client: Any) -> int:
+    from ..fleet.controller import grid_demand
+
+    return grid_demand(client)["alive"]
+
+
+def _elastic(
+    report: RehearsalReport,
+    timeline: _Timeline,
+    config: Any,
+    aws: Any,
+    simulator: Any,
+    summary: Any,
+    job_seconds: float,
+    wait_s: float,
+) -> None:
+    """The controller's steps: reclaim and replace, grow and shrink mid-job, zero and back."""
+    import redis
+
+    import pygirder
+
+    from ..fleet import grid_url
+    from ..fleet.converge import Target, converge
+
+    jobs = importlib.import_module(JOB_MODULE)
+    fleet = summary.fleet
+    size = summary.ready("worker")
+    grow_to, shrink_to = size + 4, min(3, size)
+    depth, leaves = 4, 4**4
+    # Long enough (about 12 x job_seconds on the first workers) to resize under it.
+    leaf_s = round(12 * job_seconds * size / leaves, 4)
+
+    def expected(k: int) -> int:  # the leaves below node k are k*L .. (k+1)*L - 1
+        return sum(range(k * leaves, (k + 1) * leaves))
+
+    def resize(step: Step, **sizes: Any) -> None:
+        target = Target(instance_types=INSTANCE_TYPES, distributors=summary.ready("distributor"),
+                        **sizes)  # fmt: skip
+        done = converge(config, fleet, target, aws=aws, deadline_s=wait_s)
+        if done.problems:
+            raise PygirderError("; ".join(done.problems))
+        step.detail = ", ".join(f"{s.live} {s.role}" for s in done.sizes) + " live"
+
+    with grid_url(config, fleet, aws=aws) as url, pygirder.connect(url) as grid:
+        client = redis.Redis.from_url(url)
+        stack_ok = True
+        with timeline.step("reclaim 2, replace") as step:
+            future = grid.submit(jobs.tree_sum(depth, 1, leaf_s))
+            before = _live_workers(aws, config, fleet)
+            victims = sorted(before)[:2]
+            started = time.monotonic()
+            for victim in victims:
+                simulator.interrupt(victim, in_seconds=5.0)
+            new = _until(lambda: (_live_workers(aws, config, fleet) - before) or None, wait_s,
+                         "a replacement launch")  # fmt: skip
+            launched_s = time.monotonic() - started
+
+            def serving() -> bool:
+                live = _live_workers(aws, config, fleet)
+                return not set(victims) & live and len(live) == size
+
+            _until(lambda: serving() and _alive_workers(client) >= size, wait_s,
+                   "the replacements serving")  # fmt: skip
+            report.replacement_s = time.monotonic() - started
+            step.detail = (
+                f"spot notices to {', '.join(victims)}; first replacement launched "
+                f"{launched_s:.1f}s after the notice ({', '.join(sorted(new))}), {size} workers "
+                f"serving again {report.replacement_s:.1f}s after it"
+            )
+        with timeline.step(f"grow to {grow_to}") as step:
+            resize(step, workers=grow_to)
+            _until(lambda: _alive_workers(client) >= grow_to, wait_s, "the new workers serving")
+        with timeline.step(f"shrink to {shrink_to}") as step:
+            running = not future.done()
+            resize(step, workers=shrink_to)
+            step.detail += f"; drained {'while the job ran' if running else 'after the job'}"
+        with timeline.step("elastic job") as step:
+            try:
+                got = future.result(timeout=wait_s + 40 * job_seconds)
+            except concurrent.futures.TimeoutError:
+                raise PygirderError(
+                    f"the elastic job did not finish within {wait_s + 40 * job_seconds:.0f}s"
+                ) from None
+            stack_ok = got == expected(1)
+            step.detail = (
+                f"tree_sum(depth={depth}, k=1) = {got} ({'correct' if stack_ok else 'WRONG'})"
+            )
+            step.ok = stack_ok
+        with timeline.step("idle to zero") as step:
+            resize(step, workers=shrink_to, min_workers=0, max_workers=shrink_to, idle_s=3.0)
+            _until(lambda: not _live_workers(aws, config, fleet), wait_s, "scaling to zero")
+            step.detail = "0 workers after 3 s idle; the redis node and distributors stay"
+        with timeline.step("wake on work") as step:
+            got = grid.run(jobs.tree_sum(depth, 2, leaf_s / 8), timeout=wait_s)
+            ok = got == expected(2)
+            step.detail = (f"a new job brought {len(_live_workers(aws, config, fleet))} "
+                           f"worker(s) back; tree_sum(depth={depth}, k=2) = {got} "
+                           f"({'correct' if ok else 'WRONG'})")  # fmt: skip
+            step.ok = ok
+        client.close()
+    if not (stack_ok and ok):
+        report.result = None  # the report is not ok
