@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,25 +162,11 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None:
-    import threading
 
     import gridfuncs as gf
 
     def tree_size(depth: int, fanout: int) -> int:
         return sum(fanout**d for d in range(depth + 1))
-
-    box: dict[str, Any] = {}
-
-    def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-        def target() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as exc:  # reported by the test
-                box["error"] = exc
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        return thread, box
 
     port, store, log = _free_port(), tmp_path / "store", str(tmp_path / "exec.log")
     server = EmbeddedServer(port=port).start()
@@ -187,7 +174,7 @@ def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None
     depth, fanout = 5, 3
     try:
         tree = gf.chaos_tree(depth, fanout, 0, 0.01, log)
-        thread, box = run_in_thread(lambda: grid.run(tree, timeout=90))
+        running = ThreadPoolExecutor(1).submit(grid.run, tree, timeout=90)
         deadline = time.monotonic() + 30
         while len(gf.count(log)) < 120:  # well under way, and far from done (364 calls)
             assert time.monotonic() < deadline
@@ -200,9 +187,7 @@ def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None
         with LocalStore(store) as opened:
             durable = {m.id for m in opened.iterate()}
         server = EmbeddedServer(port=port).start()
-        thread.join(90)
-        assert "error" not in box, box.get("error")
-        assert box["result"] == tree_size(depth, fanout)
+        assert running.result(timeout=90) == tree_size(depth, fanout)
         stats = grid.stats()  # counted by the new server
     finally:
         grid.close()
