@@ -162,7 +162,6 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_an_empty_server_restart_finishes_from_the_store(tmp_path: Path) -> None:
-
     import gridfuncs as gf
 
     def tree_size(depth: int, fanout: int) -> int:
