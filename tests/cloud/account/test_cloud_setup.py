@@ -840,3 +840,19 @@ def test_every_call_is_covered_by_the_operator_policy(make_aws, config, boto) ->
     assert len(used) > 60
     missing = [a for a in used if not allows_action(policy, a)]
     assert missing == []
+
+
+def test_teardown_empties_a_bucket_of_more_than_one_listing_page(done, make_aws, boto) -> None:
+    """A fleet leaves thousands of results under results/: teardown deletes them all,
+    however the listing pages (one page holds 1,000 versions)."""
+    config = done[0]
+    bucket = f"pygirder-t-{ACCOUNT}-us-east-1"
+    s3 = boto("s3")
+    for i in range(1100):
+        s3.put_object(Bucket=bucket, Key=f"results/{i:04d}", Body=b"r")
+    for i in range(5):  # a second version of a few
+        s3.put_object(Bucket=bucket, Key=f"results/{i:04d}", Body=b"s")
+    aws_, _, _ = make_aws(config)
+    report = teardown(config, aws=aws_)
+    assert report.ok and report.remaining == [] and report.failures == []
+    assert bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}

@@ -190,30 +190,38 @@ class Bucket(Kind):
     def delete(self, ctx: Ctx, found: Found) -> None:
         name = found.id
         deleted = 0
-        params: dict[str, Any] = {"Bucket": name}
+        # Each round lists from the start again rather than after a key marker: the
+        # keys before the marker are gone, and a listing resumed after them can skip
+        # whole pages (moto does).  A round that deletes nothing would loop forever, so
+        # a refused delete is an error.
         while True:
-            page = ctx.call("s3", "list_object_versions", ignore=("NoSuchBucket",), **params)
+            page = ctx.call("s3", "list_object_versions", ignore=("NoSuchBucket",), Bucket=name)
             if page is None:
                 return
             objects = [
                 {"Key": v["Key"], "VersionId": v["VersionId"]}
                 for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
             ]
+            if not objects:
+                break
             for start in range(0, len(objects), 1000):
-                ctx.call(
+                reply = ctx.call(
                     "s3",
                     "delete_objects",
                     Bucket=name,
                     Delete={"Objects": objects[start : start + 1000], "Quiet": True},
                 )
+                errors = (reply or {}).get("Errors") or []
+                if errors:
+                    first = errors[0]
+                    raise CloudError(
+                        f"could not empty bucket {name}: {len(errors)} objects refused, "
+                        f"e.g. {first.get('Key')}: {first.get('Code')}: {first.get('Message')}",
+                        service="s3",
+                        operation="delete_objects",
+                        code=str(first.get("Code", "")),
+                    )
             deleted += len(objects)
-            if not page.get("IsTruncated"):
-                break
-            params = {
-                "Bucket": name,
-                "KeyMarker": page.get("NextKeyMarker"),
-                "VersionIdMarker": page.get("NextVersionIdMarker"),
-            }
         if deleted:
             ctx.say(f"  emptied bucket {name} ({deleted} object versions)")
         ctx.delete("s3", "delete_bucket", Bucket=name)
