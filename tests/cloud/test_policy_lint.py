@@ -332,8 +332,13 @@ def test_the_boundary_caps_the_controller_role() -> None:
     )
     for action in ("iam:CreateRole", "iam:PutRolePolicy", "iam:AttachRolePolicy",
                    "ec2:CreateLaunchTemplateVersion", "ec2:ModifyInstanceAttribute",
-                   "ssm:PutParameter", "s3:PutObject", "sqs:SendMessage"):  # fmt: skip
+                   "ssm:PutParameter", "sqs:SendMessage"):  # fmt: skip
         assert not allows_action(boundary, action), action
+    # objects are written under results/ only (the durable result store), never the
+    # artifacts the instances install
+    own = {"aws:ResourceAccount": ACCOUNT}
+    assert allowed(boundary, "s3:PutObject", "arn:aws:s3:::b/results/x", **own)
+    assert not allowed(boundary, "s3:PutObject", "arn:aws:s3:::b/artifacts/x", **own)
 
 
 def test_the_operator_makes_controller_roles_only_with_the_boundary() -> None:
