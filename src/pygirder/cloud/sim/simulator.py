@@ -410,6 +410,26 @@ class Simulator:
         self._event(snapshot, f"spot interruption notice: {action} at {stamp}")
         return stamp
 
+    def recommend_rebalance(self, instance_id: str) -> str:
+        """Post a rebalance recommendation at the instance's IMDS; returns its time.
+
+        EC2's earlier, softer warning: the instance is at elevated risk of interruption
+        and nothing happens to it by itself (a reclaim, if any, comes with a notice).
+        """
+        with self._cond:
+            machine = self._machines.get(instance_id)
+            if machine is None or machine.emulator is None or machine.ec2_state != "running":
+                raise SimulatorError(f"instance {instance_id} is not a running simulated instance")
+            if machine.lifecycle != "spot":
+                raise SimulatorError(
+                    f"instance {instance_id} is an on-demand instance: EC2 recommends "
+                    "rebalancing only spot instances"
+                )
+            stamp = machine.emulator.recommend_rebalance()
+            snapshot = machine.snapshot()
+        self._event(snapshot, f"rebalance recommendation at {stamp}")
+        return stamp
+
     # -- the poll loop ------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_interval):
