@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 __all__ = ["MAX_TOKEN_TTL_S", "ImdsEmulator"]
 
@@ -114,6 +116,12 @@ class _ImdsHttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], emulator: ImdsEmulator) -> None:
         self.emulator = emulator
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (its timeout, on a loaded machine) is not news: the
+        agent asks again; socketserver would print a traceback for each."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ImdsEmulator:
