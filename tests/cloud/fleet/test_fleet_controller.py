@@ -14,7 +14,7 @@ import threading
 import time
 
 import redis
-from fleet_helpers import TYPES, Capacity, announce, fleet_instances, workers_of
+from fleet_helpers import TYPES, Capacity, announce, fleet_instances, wait_until, workers_of
 
 import pygirder
 from pygirder.cloud.fleet.capacity import PoolBook
@@ -167,6 +167,28 @@ def test_a_rebalance_recommendation_replaces_the_worker_then_drains_it(
     settled = control.step()
     assert not settled.launched and not settled.draining and settled.live == {"worker": 2}
     print(f"rebalance recommendation to drained and terminated: {took:.1f}s")
+
+
+def test_a_replacement_that_never_says_ready_is_terminated_and_replaced(
+    fleet, boto, redis_url
+) -> None:
+    clock = Clock()
+    control, _ = _controller(fleet, redis_url, Target(workers=2, instance_types=TYPES), clock)
+    fleet["agents"].silent = {"worker": 1}  # the replacement's boot hangs
+    boto("ec2").terminate_instances(InstanceIds=[sorted(_ids(workers_of(boto, fleet["fleet"])))[0]])
+    hung = control.step().launched["worker"][0]
+    wait_until(lambda: hung in fleet["agents"].ignored)
+    clock.now += control.boot_timeout_s - 1
+    waiting = control.step()
+    assert not waiting.launched and waiting.booting == [hung]
+    clock.now += 2  # past its boot deadline
+    again = control.step()
+    assert len(again.launched["worker"]) == 1 and again.launched["worker"] != [hung]
+    state = boto("ec2").describe_instances(InstanceIds=[hung])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] in (
+        "shutting-down", "terminated")  # fmt: skip
+    assert hung not in _ids(workers_of(boto, fleet["fleet"]))
+    assert len(workers_of(boto, fleet["fleet"])) == 2
 
 
 def test_a_worker_whose_boot_failed_is_terminated_and_replaced(fleet, boto, redis_url) -> None:

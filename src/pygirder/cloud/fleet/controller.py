@@ -11,7 +11,8 @@ instance role, which :func:`controller_policy` scopes to this one fleet.  Every
    *leaving*, so its replacement starts before EC2 takes it back; a ``rebalance``
    announcement (EC2's rebalance recommendation) makes it *at risk*: replaced first,
    drained once enough of the others serve (their ``ready`` announcement); one that
-   announced a ``failed`` boot is terminated (it would wait for its time-to-live);
+   announced a ``failed`` boot is terminated (it would wait for its time-to-live), as
+   is one launched here that has not announced ``ready`` within ``boot_timeout_s``;
 2. **decide** the workers wanted: the target, or, when the target follows the queue
    (``min_workers``/``max_workers``), enough for the calls queued, on workers' stacks
    and running, and ``min_workers`` once there has been none for ``idle_s``;
@@ -67,6 +68,9 @@ DEFAULT_INTERVAL_S = 10.0
 # An instance that announced going-away and is still running after this long was not
 # reclaimed after all (or the message was not true): it counts again.
 LEAVING_GRACE_S = 180.0
+# An instance launched here that has not announced ``ready`` this long after its launch
+# is a hung boot: it is terminated and replaced (``PYGIRDER_BOOT_TIMEOUT_S``).
+DEFAULT_BOOT_TIMEOUT_S = 600.0
 ROLES = (Role.DISTRIBUTOR, Role.WORKER)
 # The pools of a fleet's grid: ``default``, and ``workers`` below distributors.
 FLEET_POOLS = ("default", "workers")
@@ -201,6 +205,9 @@ class Controller:
         """Instance id -> (when it announced a rebalance recommendation, its detail)."""
         self.launched: dict[str, float | None] = {}
         """Instances this controller launched -> when they announced ``ready`` (None: not yet)."""
+        self.boot_timeout_s = _env_float("PYGIRDER_BOOT_TIMEOUT_S", DEFAULT_BOOT_TIMEOUT_S)
+        self.boot_deadline: dict[str, float] = {}
+        """Instances launched here that have not announced ``ready`` -> until when they may."""
         self.idle_since: float | None = None
         self.failed: set[str] = set()
         """Instances terminated after announcing a failed boot."""
@@ -233,6 +240,7 @@ class Controller:
                     continue  # one of `up`'s own launches: `up` waits for it
                 if a.event == "ready" and self.launched[a.instance_id] is None:
                     self.launched[a.instance_id] = self.clock()
+                    self.boot_deadline.pop(a.instance_id, None)
             elif a.event not in ("going-away", "failed", "rebalance"):
                 continue
             if a.event == "failed" and a.instance_id in ours:
@@ -278,6 +286,23 @@ class Controller:
                     self.at_risk.setdefault(iid, (self.clock(), "at risk before a restart"))
                 else:
                     self.launched.setdefault(iid, None)
+                    self.boot_deadline.setdefault(iid, self.clock() + self.boot_timeout_s)
+
+    def _hung_boots(self, ours: set[str]) -> None:
+        """Terminate instances launched here that never announced ``ready``: a hung boot
+        would hold a place of the fleet (and keep an at-risk instance) forever."""
+        now = self.clock()
+        for iid, deadline in list(self.boot_deadline.items()):
+            if iid in ours and now < deadline:
+                continue
+            del self.boot_deadline[iid]
+            if iid in ours:
+                self.say(
+                    f"{iid} has not announced ready {self.boot_timeout_s:.0f}s after its "
+                    "launch: terminating it (it is replaced)"
+                )
+                terminate(self.aws, [iid])
+                self.failed.add(iid)
 
     def _queue(self) -> dict[str, int] | None:
         """Queued and stacked calls, busy and live worker processes (:func:`grid_demand`);
@@ -385,6 +410,7 @@ class Controller:
                 result.errors.append(f"{role}: {code}: {message}")
         self.budget.record(len(new))
         self.launched.update(dict.fromkeys(new))
+        self.boot_deadline.update(dict.fromkeys(new, now + self.boot_timeout_s))
         if new:
             self.say(f"{role}: launched {len(new)} of {count}: {', '.join(new)}")
         return new
@@ -406,6 +432,7 @@ class Controller:
         instances = instances_of(self.aws, self.config.name, self.fleet, ("pending", "running"))
         ours = {i["InstanceId"] for i in instances}
         self._announcements(ours)
+        self._hung_boots(ours)
         ours -= self.failed
         # Leaving instances that EC2 took are gone; those still up after the grace count.
         self.leaving = {
