@@ -35,7 +35,8 @@ def fleet(make_aws, config, built, boto) -> Any:
                   backoff_s=(0.2, 1.0), processes="1"),
         aws=aws_,
     )  # fmt: skip
-    yield {"config": config, "aws": aws_, "fleet": summary.fleet, "res": res, "faults": faults}
+    yield {"config": config, "aws": aws_, "fleet": summary.fleet, "res": res, "faults": faults,
+           "agents": agents}  # fmt: skip
     agents.stop()
     down(config, summary.fleet, aws=aws_)
 

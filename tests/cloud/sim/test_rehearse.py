@@ -62,8 +62,8 @@ def test_rehearse_with_one_worker_is_refused_at_once(tmp_path: Path) -> None:
 
 
 ELASTIC_STEPS = [
-    "reclaim 2, replace", "grow to 7", "shrink to 3", "elastic job", "idle to zero",
-    "wake on work",
+    "reclaim 2, replace", "grow to 7", "shrink to 3", "elastic job", "rebalance 1",
+    "idle to zero", "wake on work",
 ]  # fmt: skip
 
 
@@ -87,4 +87,8 @@ def test_rehearse_the_elastic_fleet(tmp_path: Path) -> None:
     assert "(correct)" in steps["elastic job"]["detail"]
     assert "(correct)" in steps["wake on work"]["detail"]
     assert report["replacement_s"] is not None
+    rebalance = report["rebalance_s"]  # the replacement serves before the drain ends
+    assert "drained and terminated" in steps["rebalance 1"]["detail"]
+    assert "(correct)" in steps["rebalance 1"]["detail"]
+    assert rebalance["serving"] < rebalance["drained"]
     assert report["leftovers"] and not any(report["leftovers"].values())

@@ -273,23 +273,37 @@ class _Watcher(threading.Thread):
 
 
 class SpotWatcher(_Watcher):
-    """Polls IMDS for a spot interruption notice; calls ``on_notice(notice)`` once."""
+    """Polls IMDS for a spot interruption notice; calls ``on_notice(notice)`` once.
+
+    With ``on_rebalance`` it also asks for a rebalance recommendation (the earlier
+    warning that the instance is at elevated risk) and calls ``on_rebalance(time)``
+    once, then keeps watching for the notice: the instance still serves until then.
+    """
 
     def __init__(
         self,
         imds: ImdsClient,
         on_notice: Callable[[dict[str, str]], None],
         interval_s: float = DEFAULT_SPOT_INTERVAL_S,
+        on_rebalance: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__("spot-watcher")
         self.imds = imds
         self.on_notice = on_notice
         self.interval_s = interval_s
+        self.on_rebalance = on_rebalance
 
     def run(self) -> None:
+        on_rebalance = self.on_rebalance
         while not self.done.wait(self.interval_s):
             try:
                 notice = self.imds.spot_action()
+                if notice is None and on_rebalance is not None:
+                    recommended = self.imds.rebalance_recommendation()
+                    if recommended is not None:
+                        log.warning("rebalance recommendation at %s", recommended)
+                        on_rebalance(recommended)
+                        on_rebalance = None
             except AgentError as exc:
                 log.debug("spot check failed: %s", exc)
                 continue
