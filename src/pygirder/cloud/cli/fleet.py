@@ -120,7 +120,15 @@ def up(
         str, typer.Option(help="Worker processes per instance, or auto.")
     ] = "auto",
     image: Annotated[
-        str | None, typer.Option(help="AMI (default: the newest pygirder image).")
+        list[str] | None,
+        typer.Option(
+            help="AMI to boot, one per architecture (default: the newest pygirder image of "
+            "each role's architecture)."
+        ),
+    ] = None,
+    redis_type: Annotated[
+        str | None,
+        typer.Option("--redis-type", help="The redis node's type (default: redis_instance_type)."),
     ] = None,
     artifact: Annotated[
         str | None, typer.Option(help="Artifact URI or SHA-256 prefix (default: the newest).")
@@ -188,7 +196,8 @@ def up(
         deadline_s=_duration(deadline, "--deadline"),
         imports=tuple(imports) if imports else None,
         processes=processes,
-        image_id=image,
+        image_ids=tuple(image or ()),
+        redis_instance_type=redis_type,
         artifact=artifact,
         public_workers=public_workers,
         controller=controller if controller is not None else scale is not None,

@@ -86,6 +86,8 @@ class Target:
     """Role -> the subnets its instances launch into."""
     controller: bool = False
     """A controller on the redis node keeps this target: ``up`` only writes it and waits."""
+    redis_instance_type: str = ""
+    """The redis node's type, for its replacement; empty: the config's."""
 
     def check(self) -> None:
         problems = []
