@@ -122,3 +122,75 @@ def test_types_of_mixed_or_unknown_architectures_are_refused(account) -> None:
     second = next(i["ImageId"] for i in got["Images"] if i["ImageId"] != account["x86"])
     with pytest.raises(CloudConfigError, match="both x86_64: give one per architecture"):
         up(config, _options(image_ids=(account["x86"], second)), aws=aws_)
+
+
+def test_up_on_a_fleet_whose_redis_node_is_lost_replaces_it_and_records_its_address(
+    fleet, boto, tmp_path
+) -> None:
+    import json
+
+    from cloud_helpers import SSH_FROM
+    from typer.testing import CliRunner
+
+    from pygirder.cloud.cli import app
+    from pygirder.cloud.fleet.converge import Target, converge, role_sizes
+
+    config, aws_, fid = fleet["config"], fleet["aws"], fleet["fleet"]
+    ssm, ec2 = boto("ssm"), boto("ec2")
+    parameter = f"/pygirder/t/{fid}/redis-address"
+    [old] = [i for i in fleet_instances(boto, fid) if from_tag_list(i["Tags"])[TAG_ROLE] == "redis"]
+    assert ssm.get_parameter(Name=parameter)["Parameter"]["Value"] == (
+        f"redis://{old['PrivateIpAddress']}:6379/0"
+    )
+    agents = StandInAgents(ec2, fleet["res"]["topic_arn"])  # announces the replacement
+    agents.start()
+    ec2.terminate_instances(InstanceIds=[old["InstanceId"]])  # as a lost node ends
+    toml = tmp_path / "pygirder.toml"
+    toml.write_text(
+        f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
+        'cluster_key_file = "keys/cluster.pem"\n'
+    )
+    shown = CliRunner().invoke(app, ["fleet", "--config", str(toml)])
+    assert shown.exit_code == 0, shown.output
+    said = " ".join(shown.stderr.split())
+    assert "is lost" in said and f"`pygirder cloud up --fleet {fid}` launches a replacement" in said
+    as_json = CliRunner().invoke(app, ["fleet", "--config", str(toml), "--json"])
+    roles = {r["role"]: (r["target"], r["live"]) for r in json.loads(as_json.stdout)["roles"]}
+    assert roles["redis"] == (1, 0)
+
+    asked_for: list[dict] = []
+    aws_.client("ec2").meta.events.register(
+        "provide-client-params.ec2.CreateFleet", lambda params, **_: asked_for.append(params)
+    )
+    try:
+        report = converge(config, fid, Target(workers=2, instance_types=TYPES), aws=aws_,
+                          deadline_s=20)  # fmt: skip
+    finally:
+        agents.stop()
+    [new] = report.launched["redis"]
+    assert new != old["InstanceId"] and not report.problems
+    [inst] = [i for i in fleet_instances(boto, fid) if i["InstanceId"] == new]
+    tags = from_tag_list(inst["Tags"])
+    assert tags[TAG_ROLE] == "redis" and tags["pygirder:launch"] == f"{fid}-redis"
+    assert inst["InstanceType"] == "m7g.medium"  # the type the fleet was launched with
+    assert inst.get("InstanceLifecycle", "on-demand") != "spot"
+    [asked] = [c for c in asked_for if c["TargetCapacitySpecification"]["TotalTargetCapacity"]]
+    spec = asked["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]
+    assert spec["LaunchTemplateId"] == _template_id(boto, fid, "redis")  # the fleet's own
+    assert asked["TargetCapacitySpecification"]["DefaultTargetCapacityType"] == "on-demand"
+    assert ssm.get_parameter(Name=parameter)["Parameter"]["Value"] == (
+        f"redis://{inst['PrivateIpAddress']}:6379/0"
+    )
+    sizes = {s.role: (s.target, s.live) for s in role_sizes(aws_, "t", fid)}
+    assert sizes == {"redis": (1, 1), "worker": (2, 2)}
+    # Converging again changes nothing: the replacement is the fleet's redis node.
+    again = converge(config, fid, Target(workers=2, instance_types=TYPES), aws=aws_)
+    assert not again.changed
+
+
+def _template_id(boto, fleet: str, role: str) -> str:
+    found = boto("ec2").describe_launch_templates(
+        Filters=[{"Name": f"tag:{TAG_FLEET}", "Values": [fleet]},
+                 {"Name": f"tag:{TAG_ROLE}", "Values": [role]}]
+    )["LaunchTemplates"]  # fmt: skip
+    return found[0]["LaunchTemplateId"]

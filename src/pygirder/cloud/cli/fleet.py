@@ -334,8 +334,10 @@ def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = F
     if lost:
         err.print(
             f"[red]the redis node of fleet {status.fleet} is lost, and the grid with it: "
-            f"the calls in flight are gone. Bring the fleet down with `pygirder cloud down "
-            f"--fleet {status.fleet}` and start another.[/]"
+            f"the calls in flight are gone. `pygirder cloud up --fleet {status.fleet}` "
+            "launches a replacement (the fleet's controller ran on it, so nothing else "
+            "will); the workers follow it, and calls they finished come back from the "
+            "durable store when a job is submitted again.[/]"
         )
 
 

@@ -49,6 +49,7 @@ from ..tags import (
 from .launch import Progress, UpOptions, _Up
 from .members import Member, MemberState, RoleLaunch, update
 from .naming import DEFAULT_INSTANCE_TYPES, check_fleet_id, fleet_tags, instances_of, launch_id
+from .redis_node import replace_redis_node
 
 log = logging.getLogger("pygirder.fleet")
 
@@ -438,10 +439,12 @@ def converge(
     target.check()
     instances = instances_of(aws, config.name, fleet, ("pending", "running"))
     templates = role_templates(aws, config.name, fleet)
-    if not any(from_tag_list(i.get("Tags")).get(TAG_ROLE) == "redis" for i in instances):
+    redis_lost = not any(from_tag_list(i.get("Tags")).get(TAG_ROLE) == "redis" for i in instances)
+    if redis_lost and "redis" not in templates:
         raise FleetError(
-            f"fleet {fleet} has no live redis node, so it cannot grow or shrink: bring it "
-            f"down with `pygirder cloud down --fleet {fleet}` and start another",
+            f"fleet {fleet} has no live redis node and no redis launch template to replace "
+            f"it from: bring it down with `pygirder cloud down --fleet {fleet}` and start "
+            "another",
             code="NoRedisNode",
         )
     if target.distributors and "distributor" not in templates:
@@ -464,8 +467,22 @@ def converge(
     expires = _expires_of(instances, templates)
     old = read_target(aws, config.name, fleet)
     target.controller = target.controller or bool(old and old.controller)
+    target.redis_instance_type = target.redis_instance_type or (
+        old.redis_instance_type if old else ""
+    )
     write_target(aws, config, fleet, target, expires)
     report = ConvergeReport(fleet)
+    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s, expires)
+    runner.res = res
+    deadline = clock() + deadline_s
+    if redis_lost:
+        # The controller ran on the lost node: only the operator can bring it back.
+        node, _ = replace_redis_node(
+            runner, templates["redis"]["id"],
+            target.subnets.get("redis") or [res["public_subnet_id"]],
+            target.redis_instance_type or config.redis_instance_type, deadline,
+        )  # fmt: skip
+        report.launched["redis"] = [node]
     if target.controller:
         # Two launchers for one target would each make up the same shortfall.
         say("the fleet's controller converges it; waiting for it")
@@ -478,9 +495,6 @@ def converge(
             )
         return report
 
-    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s, expires)
-    runner.res = res
-    deadline = clock() + deadline_s
     connect = connect or (lambda: grid_client(config, fleet, aws))
     drainer = Drainer(aws, fleet, connect, say)
     for role in (Role.DISTRIBUTOR, Role.WORKER):

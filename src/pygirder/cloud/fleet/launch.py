@@ -31,7 +31,7 @@ from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
 from ..errors import CloudError, FleetError, FleetNotReadyError
 from ..instance.announce import Announcement
-from ..instance.common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role
+from ..instance.common import DEFAULT_SPOT_INTERVAL_S, Role
 from ..leftovers import terminate
 from ..tags import fleet_filters
 from .access import write_known_hosts
@@ -48,6 +48,7 @@ from .naming import (
     new_fleet_id,
     utcnow,
 )
+from .redis_node import grid_address, write_redis_address
 from .sources import images_for, resolve_artifact
 from .teardown import down
 from .templates import Blueprint
@@ -495,7 +496,8 @@ class _Up:
                     f"EC2 lists no private address for the redis node {node.instance_id}",
                     code="NoAddress",
                 )
-            url = f"redis://{node.private_ip}:{DEFAULT_REDIS_PORT}/0"
+            url = grid_address(node.private_ip)
+            write_redis_address(self.aws, self.config, self.fleet, url, self.expires)
             self.say(f"redis node {node.instance_id} is ready at {node.private_ip}")
             second: list[RoleLaunch] = []
             pool = "workers" if opts.distributors else "default"
