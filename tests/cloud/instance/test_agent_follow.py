@@ -78,8 +78,15 @@ def test_the_follower_moves_only_when_the_grid_is_gone_and_the_new_node_answers(
         known[0] = None
         assert follower.check(0) == 1 and follower.check(1) == 2 and moved == []
         # A known address that does not answer (yet) moves nothing either.
+        follower._next_lookup = 0.0
         known[0] = "redis://127.0.0.1:9/0"
         assert follower.check(5) == 6 and moved == []
+        # Lookups back off while the grid stays gone (SSM is not asked at every check).
+        asked = follower.lookups
+        for _ in range(5):
+            follower.check(9)
+        assert follower.lookups == asked
+        follower._next_lookup = 0.0
         known[0] = _url(new)
         follower.start()
         try:

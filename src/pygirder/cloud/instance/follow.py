@@ -24,7 +24,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -41,6 +43,9 @@ log = logging.getLogger("pygirder.agent")
 DEFAULT_FOLLOW_INTERVAL_S = 10.0
 # Unanswered checks in a row before the address is looked up again.
 DEFAULT_MISSES = 3
+# Longest wait between two lookups while the grid stays gone: a thousand workers then
+# ask SSM about 17 times a second, under its default throughput of 40.
+LOOKUP_CAP_S = 60.0
 
 
 def follow_interval_s() -> float:
@@ -112,7 +117,10 @@ class GridFollower(threading.Thread):
         self.misses = max(1, misses)
         self.done = threading.Event()
         self.moves = 0
+        self.lookups = 0
         self._lock = threading.Lock()
+        self._next_lookup = 0.0
+        self._lookup_wait = self.interval_s
 
     def reachable(self) -> bool:
         return answers(self.url, self.password)
@@ -122,8 +130,12 @@ class GridFollower(threading.Thread):
         if self.reachable():
             return 0
         missed += 1
-        if missed < self.misses:
+        if missed < self.misses or time.monotonic() < self._next_lookup:
             return missed
+        # Looked up again after a growing, jittered wait while the grid stays gone.
+        self.lookups += 1
+        self._next_lookup = time.monotonic() + self._lookup_wait * random.uniform(0.5, 1.0)
+        self._lookup_wait = min(LOOKUP_CAP_S, self._lookup_wait * 2)
         try:
             found = self.resolve()
         except AgentError as exc:
@@ -141,6 +153,7 @@ class GridFollower(threading.Thread):
         with self._lock:
             old, self.url = self.url, found
             self.moves += 1
+            self._next_lookup, self._lookup_wait = 0.0, self.interval_s
         log.warning("the grid moved from %s to %s: following it", old, found)
         self.on_move(found)
         return 0
