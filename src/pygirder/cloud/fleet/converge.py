@@ -39,7 +39,6 @@ from ..leftovers import terminate
 from ..tags import (
     TAG_EXPIRES,
     TAG_ROLE,
-    as_tag_list,
     as_utc,
     fleet_filters,
     from_tag_list,
@@ -48,7 +47,13 @@ from ..tags import (
 )
 from .launch import Progress, UpOptions, _Up
 from .members import Member, MemberState, RoleLaunch, update
-from .naming import DEFAULT_INSTANCE_TYPES, check_fleet_id, fleet_tags, instances_of, launch_id
+from .naming import (
+    DEFAULT_INSTANCE_TYPES,
+    check_fleet_id,
+    instances_of,
+    launch_id,
+    put_fleet_parameter,
+)
 from .redis_node import replace_redis_node
 
 log = logging.getLogger("pygirder.fleet")
@@ -156,19 +161,10 @@ def read_target(aws: Aws, name: str, fleet: str) -> Target | None:
 
 def write_target(aws: Aws, config: CloudConfig, fleet: str, target: Target, expires: datetime):
     """Store the target; the first write tags the parameter as the fleet's."""
-    name = target_parameter(config.name, fleet)
-    exists = aws.call("ssm", "get_parameter", Name=name, ignore=("ParameterNotFound",))
-    params: dict[str, Any] = {"Name": name, "Value": target.to_json(), "Type": "String"}
-    if exists:
-        aws.call("ssm", "put_parameter", Overwrite=True, **params)
-    else:
-        aws.call(
-            "ssm",
-            "put_parameter",
-            Description=f"Target size of pygirder fleet {fleet}",
-            Tags=as_tag_list(fleet_tags(config, fleet, expires)),
-            **params,
-        )
+    put_fleet_parameter(
+        aws, config, fleet, target_parameter(config.name, fleet), target.to_json(),
+        description=f"Target size of pygirder fleet {fleet}", expires=expires,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ what runs

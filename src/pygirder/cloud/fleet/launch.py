@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from ...errors import ConfigError
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
-from ..errors import CloudError, FleetError, FleetNotReadyError
+from ..errors import CloudError, FleetNotReadyError
 from ..instance.announce import Announcement
 from ..instance.common import DEFAULT_SPOT_INTERVAL_S, Role
 from ..leftovers import terminate
@@ -48,7 +48,7 @@ from .naming import (
     new_fleet_id,
     utcnow,
 )
-from .redis_node import grid_address, write_redis_address
+from .redis_node import node_address, write_redis_address
 from .sources import images_for, resolve_artifact
 from .teardown import down
 from .templates import Blueprint
@@ -489,14 +489,7 @@ class _Up:
             self.settle([redis])
             self.fail_if_short([redis], {Role.REDIS: 1})
             node = redis.in_state(MemberState.READY)[0]
-            if not node.private_ip:
-                fill(self.aws, redis, [node.instance_id])
-            if not node.private_ip:
-                raise FleetError(
-                    f"EC2 lists no private address for the redis node {node.instance_id}",
-                    code="NoAddress",
-                )
-            url = grid_address(node.private_ip)
+            url = node_address(self.aws, redis, node)
             write_redis_address(self.aws, self.config, self.fleet, url, self.expires)
             self.say(f"redis node {node.instance_id} is ready at {node.private_ip}")
             second: list[RoleLaunch] = []

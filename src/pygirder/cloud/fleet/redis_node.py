@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..aws import Aws
 from ..config import CloudConfig
 from ..errors import FleetError
 from ..instance.common import DEFAULT_REDIS_PORT, Role
 from ..instance.follow import check_grid_address, redis_address_parameter
-from ..tags import as_tag_list
-from .members import MemberState, RoleLaunch, fill
-from .naming import fleet_tags, launch_id
+from .members import Member, MemberState, RoleLaunch, fill
+from .naming import launch_id, put_fleet_parameter
 
 if TYPE_CHECKING:
     from .launch import _Up
@@ -41,20 +40,24 @@ def grid_address(private_ip: str) -> str:
 def write_redis_address(
     aws: Aws, config: CloudConfig, fleet: str, url: str, expires: datetime
 ) -> None:
-    """Store where the fleet's grid is; the first write tags the parameter as the fleet's."""
-    name = redis_address_parameter(config.name, fleet)
-    params: dict[str, Any] = {"Name": name, "Value": check_grid_address(url), "Type": "String"}
-    exists = aws.call("ssm", "get_parameter", Name=name, ignore=("ParameterNotFound",))
-    if exists:
-        aws.call("ssm", "put_parameter", Overwrite=True, **params)
-    else:
-        aws.call(
-            "ssm",
-            "put_parameter",
-            Description=f"Address of the redis node of pygirder fleet {fleet}",
-            Tags=as_tag_list(fleet_tags(config, fleet, expires)),
-            **params,
+    """Store where the fleet's grid is (tagged as the fleet's)."""
+    put_fleet_parameter(
+        aws, config, fleet, redis_address_parameter(config.name, fleet),
+        check_grid_address(url), description=f"Address of the redis node of pygirder fleet "
+        f"{fleet}", expires=expires,
+    )  # fmt: skip
+
+
+def node_address(aws: Aws, launch: RoleLaunch, node: Member) -> str:
+    """The grid address of a ready redis node, from EC2 (never from its announcement)."""
+    if not node.private_ip:
+        fill(aws, launch, [node.instance_id])
+    if not node.private_ip:
+        raise FleetError(
+            f"EC2 lists no private address for the redis node {node.instance_id}",
+            code="NoAddress",
         )
+    return grid_address(node.private_ip)
 
 
 def replace_redis_node(
@@ -89,14 +92,7 @@ def replace_redis_node(
             code="NoRedisNode",
         )
     node = ready[0]
-    if not node.private_ip:
-        fill(runner.aws, launch, [node.instance_id])
-    if not node.private_ip:
-        raise FleetError(
-            f"EC2 lists no private address for the redis node {node.instance_id}",
-            code="NoAddress",
-        )
-    url = grid_address(node.private_ip)
+    url = node_address(runner.aws, launch, node)
     write_redis_address(runner.aws, runner.config, fleet, url, runner.expires)
     runner.say(f"redis node {node.instance_id} is ready at {node.private_ip}; workers follow it")
     return node.instance_id, url
