@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cloud_helpers import PUBLIC_KEY, SSH_FROM
-from fleet_helpers import amazon_image, fleet_instances, write_project
+from fleet_helpers import amazon_image, fleet_instances, wait_until, write_project
 
 import pygirder
 from pygirder.cloud.account import account_resources, setup
@@ -32,16 +32,6 @@ from pygirder.cloud.sim.simulator import Simulator, loopback_network
 from pygirder.cloud.tags import TAG_ROLE, from_tag_list
 
 TYPES = ("m7a.large", "c7a.large")
-
-
-def _wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.slow
@@ -98,7 +88,7 @@ def test_a_replacement_redis_node_brings_the_workers_back_and_finished_calls_are
                 got = s3.list_objects_v2(Bucket=res["bucket"], Prefix="results/")
                 return keys <= {o["Key"] for o in got.get("Contents", [])}
 
-            _wait(stored, 30, "the finished calls in the S3 store")
+            wait_until(stored, 30)  # the finished calls are in the S3 store
 
             ec2.terminate_instances(InstanceIds=[old.instance_id])  # the node is lost
             simulator.wait_for(old.instance_id, "terminated", timeout=30)
@@ -115,7 +105,7 @@ def test_a_replacement_redis_node_brings_the_workers_back_and_finished_calls_are
 
             with grid_url(config, fleet, aws=aws_) as url, pygirder.connect(url) as grid:
                 assert url.endswith(f"@{node.private_ip}:6379/0")
-                _wait(lambda: len(grid.workers()) >= 2, 90, "both workers on the new node")
+                wait_until(lambda: len(grid.workers()) >= 2, 90)  # both workers on the new node
                 assert grid.stats().get("executed", 0) == 0  # a fresh grid
                 results = grid.map(fleetjobs.tree_sum, [(0, k) for k in range(8)])
                 assert results == list(range(8))
