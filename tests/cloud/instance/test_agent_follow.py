@@ -88,6 +88,10 @@ def test_the_follower_moves_only_when_the_grid_is_gone_and_the_new_node_answers(
         assert follower.lookups == asked
         follower._next_lookup = 0.0
         known[0] = _url(new)
+        with EmbeddedServer(password=PASSWORD) as back:  # a grid that answers again
+            blip = GridFollower(_url(back), PASSWORD, lambda: None, moved.append)
+            blip._lookup_wait = 40.0
+            assert blip.check(3) == 0 and blip._lookup_wait == blip.interval_s
         follower.start()
         try:
             _wait(lambda: moved == [_url(new)], what="the move")

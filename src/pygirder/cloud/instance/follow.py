@@ -128,6 +128,7 @@ class GridFollower(threading.Thread):
     def check(self, missed: int) -> int:
         """One check; returns the count of unanswered checks in a row."""
         if self.reachable():
+            self._next_lookup, self._lookup_wait = 0.0, self.interval_s
             return 0
         missed += 1
         if missed < self.misses or time.monotonic() < self._next_lookup:
