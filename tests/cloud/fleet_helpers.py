@@ -296,3 +296,12 @@ def connect_to(url: str):
             client.close()
 
     return opened
+
+
+def amazon_image(ec2: Any, architecture: str = "x86_64") -> str:
+    """An Amazon image of ``architecture`` that moto serves (workers boot x86_64, the
+    redis node's default Graviton type arm64)."""
+    got = ec2.describe_images(
+        Owners=["amazon"], Filters=[{"Name": "architecture", "Values": [architecture]}]
+    )
+    return sorted(i["ImageId"] for i in got["Images"])[0]

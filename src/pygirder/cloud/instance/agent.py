@@ -106,6 +106,7 @@ from .common import (
     _utcnow,
 )
 from .drain import DEFAULT_DRAIN_POLL_S, DrainWatcher
+from .follow import GridFollower, current_address, follower_for
 from .metadata import ImdsClient, InstanceMetadata
 from .supervisor import (
     DeadlineWatcher,
@@ -219,12 +220,15 @@ def run_service(
         password = None
         env = dict(os.environ)
         on_exit: Callable[[int], object] | None = None
+        recovery = None
         if command is None and opts.name and opts.fleet:
             password = read_redis_password(opts.name, opts.fleet, region=region)
         if command is None:
             if opts.role is Role.REDIS:
                 command, probe = _redis_service(opts, meta, password, Path(tmp))
             else:
+                if opts.name and opts.fleet:  # the redis node may have been replaced
+                    opts.redis = current_address(opts.name, opts.fleet, opts.redis, region=region)
                 env.update(service_environment(opts.role, opts.redis, password))
                 if opts.store:
                     env["PYGIRDER_STORE"] = opts.store
@@ -235,7 +239,7 @@ def run_service(
                 probe = alive_for(opts.ready_grace_s)
                 from ...grid.recovery import DeadChildRecovery
 
-                on_exit = DeadChildRecovery(env["PYGIRDER_REDIS"])
+                on_exit = recovery = DeadChildRecovery(env["PYGIRDER_REDIS"])
             ready_probe = ready_probe or probe
         supervisor = Supervisor(
             command,
@@ -270,7 +274,7 @@ def run_service(
             announcer.send(Event.GOING_AWAY, f"time-to-live ran out at {at}", once=True)
             supervisor.stop("time-to-live ran out")
 
-        watchers: list[_Watcher | DrainWatcher] = []
+        watchers: list[_Watcher | DrainWatcher | GridFollower] = []
         if meta.lifecycle == "spot" and opts.spot_interval_s > 0:
             watchers.append(SpotWatcher(imds, on_spot, opts.spot_interval_s, on_rebalance))
         if opts.expires is not None:
@@ -278,6 +282,18 @@ def run_service(
         drain = _drain_watcher(opts, meta, password, supervisor, announcer)
         if drain is not None:
             watchers.append(drain)
+        if recovery is not None and opts.redis and opts.name and opts.fleet:
+
+            def moved(url: str) -> None:  # the drain and the recovery follow the grid too
+                recovery.url = url
+                if drain is not None:
+                    drain.url = url
+
+            follower = follower_for(
+                name=opts.name, fleet=opts.fleet, region=region, url=opts.redis,
+                password=password, supervisor=supervisor, moved=moved,
+            )  # fmt: skip
+            watchers.append(follower)
         controller = _controller(opts, meta, region, env)
 
         previous: dict[int, Any] = {}

@@ -328,11 +328,17 @@ def simulated_runner(source: Any) -> Callable[..., Any]:
 
 
 def _image(config: Any, aws: Any, step: Step) -> str | None:
-    """The image command's AMI, baked on a simulated builder like on EC2."""
+    """The image command's AMI, baked on a simulated builder like on EC2; and one of the
+    redis node's architecture when that is another (Graviton by default)."""
+    from ..fleet.sources import type_architectures
     from ..image import build_image
 
     ami = build_image(config, aws=aws).image_id
     step.detail = f"built {ami}"
+    redis_arch = type_architectures(aws, [config.redis_instance_type])[config.redis_instance_type]
+    if redis_arch != "x86_64":
+        other = build_image(config, aws=aws, architecture=redis_arch).image_id
+        step.detail += f" and {other} ({redis_arch}, for the redis node)"
     return ami
 
 
