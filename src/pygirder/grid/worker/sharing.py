@@ -14,6 +14,7 @@ message).  So a worker that runs dry is fed in a few round trips, not a period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -49,7 +50,6 @@ class Sharing:
         self.busy = busy  # a request holds the worker's baton: it pops nothing right now
         self._now = asyncio.Event()  # offer without waiting for the period (kick())
         self.offering: set[bytes] = set()  # ids off the stack while an offer is out
-        self.kicks = 0  # offers made at once, by events rather than the period
 
     def kick(self) -> None:
         """Offer surplus at once rather than at the end of the period."""
@@ -69,11 +69,8 @@ class Sharing:
         last = processed()
         period = self.period
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._now.wait(), period)
-                self.kicks += 1
-            except TimeoutError:
-                pass
             self._now.clear()
             done = processed()
             recent, last = done - last, done
