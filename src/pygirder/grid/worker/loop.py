@@ -478,11 +478,12 @@ class Worker:
         if entries and self.durable is not None:
             entries = await self.durable.restore(entries)
         if entries:
-            if len(self.stack) <= 1 < len(self.stack) + len(entries):
-                self.sharing.kick()  # a fan-out: idle peers can start on it before we park
+            fan_out = len(self.stack) <= 1 < len(self.stack) + len(entries)
             self.stack.extend(reversed(entries))
             if len(self.stack) > self.options.max_stack:
                 await self.sharing.share(len(self.stack) - self.options.max_stack, force=True)
+            elif fan_out:  # idle peers start on it now, not when a running child lets us
+                await self.sharing.offer()
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
             return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
         loop = asyncio.get_running_loop()

@@ -5,8 +5,9 @@ root are the biggest pieces of work, so those are what an idle worker of the poo
 gets.  The server moves an offer only while some worker of the pool is idle.
 
 Offers go out on a period that backs off while nobody takes them, and at once on two
-events: when a request parks with new sub-calls on the stack (a fan-out: its children
-can start elsewhere right away), and when a worker of the pool goes idle while this
+events: when a request about to park leaves a fan-out on an empty stack (its children
+can start elsewhere right away: the worker offers them before the first one starts, so
+no running call delays the offer), and when a worker of the pool goes idle while this
 one's last offer found nobody idle (that worker's ``idle`` script sends this one a
 message).  So a worker that runs dry is fed in a few round trips, not a period.
 """
@@ -74,18 +75,25 @@ class Sharing:
             self._now.clear()
             done = processed()
             recent, last = done - last, done
-            spare = self.offerable()
-            if spare < 1:
+            moved = await self.offer(recent)
+            if moved is None:
                 period = self.period
-                continue
-            # Offer at least the oldest entry: in a depth-first stack it is the biggest
-            # piece of work (nearest the root), so one entry can feed an idle worker for
-            # long; the server moves offers only while some worker of the pool is idle.
-            # At most a chunk per offer (the server moves it in one script call); an
-            # idle worker takes a fair share of it, and the next period offers more.
-            offer = min(scripts.SHARE_CHUNK, max(1, (len(self.stack) - recent) // 2))
-            moved = await self.share(min(offer, spare))
-            period = self.period if moved else min(2 * period, 8 * self.period)
+            else:
+                period = self.period if moved else min(2 * period, 8 * self.period)
+
+    async def offer(self, recent: int = 0) -> int | None:
+        """Offer half of the stack beyond the ``recent`` entries this worker gets through
+        in a period; the number moved, or None with nothing to spare."""
+        spare = self.offerable()
+        if spare < 1:
+            return None
+        # Offer at least the oldest entry: in a depth-first stack it is the biggest piece
+        # of work (nearest the root), so one entry can feed an idle worker for long; the
+        # server moves offers only while some worker of the pool is idle.  At most a
+        # chunk per offer (the server moves it in one script call); an idle worker takes
+        # a fair share of it, and the next period offers more.
+        offer = min(scripts.SHARE_CHUNK, max(1, (len(self.stack) - recent) // 2))
+        return await self.share(min(offer, spare))
 
     async def share(self, count: int, *, force: bool = False) -> int:
         """Offer the ``count`` oldest stack entries to the pool (all of them if ``force``)."""
