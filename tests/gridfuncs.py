@@ -295,3 +295,23 @@ def sized(i: int, size: int, pause: float, log: str) -> bytes:
     record(log, f"sized:{i}")
     time.sleep(pause)
     return bytes([i % 256]) * size
+
+
+@pygirder.fn
+def held(i: int, gate: str) -> str:
+    """Says it started (a file ``started-<i>-<worker>`` in the folder ``gate``), then
+    holds its worker until the test creates ``gate/open`` (at most 30 s)."""
+    worker = _here()[1]
+    with open(os.path.join(gate, f"started-{i}-{worker}"), "w"):
+        pass
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return worker
+
+
+@pygirder.fn
+def fan_held(n: int, gate: str, pool: str = "") -> list[str]:
+    """One parent, ``n`` children held at ``gate`` (in ``pool``, or the parent's)."""
+    child = held.options(pool=pool) if pool else held
+    return pygirder.wait(*(child(i, gate) for i in range(n)))

@@ -146,6 +146,7 @@ def every_call(keys: Keys) -> list[tuple[scripts.Script, list, list]]:
         scripts.reach(conn, keys, ids, target="t", budget=100, cursor="0"),
         scripts.distribute(conn, keys, child="c", parent="p", distributor="d", max_moves=5),
         scripts.withdraw(conn, keys, process="proc", max=10),
+        scripts.idle(conn, keys, pool="pool-x", worker="w", now=1.5),
     ]
 
 

@@ -76,6 +76,7 @@ class Runtime:
         self.liveness = settings.liveness()
         self.on_server_restart: list[Any] = []  # async callbacks run after resubmission
         self.beat_hooks: list[Any] = []  # async callbacks run at every heartbeat
+        self.on_share_now: list[Callable[[], None]] = []  # a peer went idle (scripts.idle)
         self._interest: dict[str, int] = {}  # local waiters per pending request
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
         self._inbox_block = settings.inbox_block()
@@ -390,6 +391,10 @@ class Runtime:
         """Resolve inline results; return the ids whose result must be fetched."""
         fetch: list[str] = []
         for msg in messages:
+            if msg == scripts.SHARE_NOW:
+                for hook in self.on_share_now:
+                    hook()
+                continue
             request_id = msg[1 : 1 + ID_LEN].decode()
             if msg[:1] == b"1":
                 self.resolve(request_id, msg[1 + ID_LEN :])

@@ -103,6 +103,11 @@ class Keys:
         """HASH: worker id -> time it became idle, for workers blocked on the pool queue."""
         return f"{self.prefix}idle:{pool}"
 
+    def offers(self, pool: str) -> str:
+        """ZSET: worker id -> time it last offered surplus work that no idle worker of the
+        pool was there to take; a worker going idle wakes the latest of them."""
+        return f"{self.prefix}offers:{pool}"
+
     def inbox(self, process_id: str) -> str:
         """LIST: completion messages for the waiters of one process."""
         return f"{self.prefix}inbox:{process_id}"

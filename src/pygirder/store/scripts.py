@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 # encoded result follows inline (small results, saving the waiter a GET), "0" means
 # the waiter fetches res:<id>.
 INLINE_RESULT_LIMIT = 16 * 1024
+# ... and a message of its own, pushed by a worker going idle (idle.lua) to a worker
+# that offered surplus work nobody took: "offer it now".
+SHARE_NOW = b"s"
 
 # Calls per submit: the client sends longer lists in chunks of this size, so one call
 # stays a few milliseconds of server time.
@@ -143,8 +146,9 @@ CANCEL = load("cancel")
 REACH = load("reach")
 DISTRIBUTE = load("distribute")
 WITHDRAW = load("withdraw")
+IDLE = load("idle")
 
-ALL = (SUBMIT, TAKE, COMPLETE, SHARE, REQUEUE, CANCEL, REACH, DISTRIBUTE, WITHDRAW)
+ALL = (SUBMIT, TAKE, COMPLETE, SHARE, REQUEUE, CANCEL, REACH, DISTRIBUTE, WITHDRAW, IDLE)
 
 
 # -- running them --------------------------------------------------------------------
@@ -270,10 +274,20 @@ def share(
     conn: Runner[R], keys: Keys, ids: Sequence[str], *, pool: str, worker: str, force: bool = False
 ) -> R:
     """Move ``ids`` (bottom of ``worker``'s stack first) to the pool queue while some
-    worker of the pool is idle (all of them if ``force``).  Reply: the ids moved."""
+    worker of the pool is idle (all of them if ``force``); with none idle, record the
+    offer, so the next worker to go idle wakes ``worker``.  Reply: the ids moved."""
     share_keys: list[str | bytes] = [keys.queue(pool), keys.idle(pool), keys.owned(worker),
-                                     keys.stats, *(keys.state(i) for i in ids)]  # fmt: skip
+                                     keys.stats, keys.offers(pool), keys.inflight(worker),
+                                     *(keys.state(i) for i in ids)]  # fmt: skip
     return conn.run_script(SHARE, share_keys, [worker, "1" if force else "0", *ids])
+
+
+def idle(conn: Runner[R], keys: Keys, *, pool: str, worker: str, now: float) -> R:
+    """Mark ``worker`` idle in ``pool`` and wake the worker that last offered surplus
+    there nobody took (a :data:`SHARE_NOW` message in its inbox).  Reply: its id, or
+    None."""
+    return conn.run_script(IDLE, [keys.idle(pool), keys.offers(pool)],
+                           [worker, repr(now), keys.inbox(""), SHARE_NOW])  # fmt: skip
 
 
 def requeue(

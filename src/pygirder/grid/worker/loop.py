@@ -52,6 +52,7 @@ from .watchdog import Watchdog, reexec
 log = logging.getLogger("pygirder.worker")
 
 COMMAND_CONNECTIONS = 1  # connections of a worker's command client (see Worker.__init__)
+TAKE_BLOCK_S = 1.0  # seconds an idle worker's blocking take waits before it looks again
 
 
 class HandedBack(BaseException):
@@ -155,8 +156,9 @@ class Worker:
         self.results = Results(self.runtime, worker_id=self.id, error_ttl=options.error_ttl)
         self.sharing = Sharing(
             self.runtime, pool=self.pool, worker_id=self.id, stack=self._stack,
-            wake=self._wake, period=options.share_period,
+            wake=self._wake, period=options.share_period, busy=lambda: self.baton.held,
         )  # fmt: skip
+        self.runtime.on_share_now.append(self.sharing.kick)  # a peer went idle: offer now
         self.cycles = CycleChecks(self.runtime, self.parked)
         self.recovery = Recovery(
             self.runtime, worker_id=self.id, pool=self.pool, error_ttl=options.error_ttl
@@ -189,7 +191,8 @@ class Worker:
         self.runtime.beat_hooks.append(self._register)
         self.runtime.on_server_restart.append(self._after_server_restart)
         await self.runtime.start()
-        self._blocking = await connect_redis(self.runtime.url, max_connections=1)
+        self._blocking = await connect_redis(self.runtime.url, max_connections=1,
+                                             block=TAKE_BLOCK_S)  # fmt: skip
         background = [
             asyncio.create_task(self.sharing.run(lambda: self.processed), name="pygirder-share"),
             asyncio.create_task(self.recovery.reap_loop(), name="pygirder-reaper"),
@@ -239,10 +242,12 @@ class Worker:
             await self.recovery.requeue_strays(self._known)
 
     def _known(self) -> set[bytes] | None:
-        """The ids this worker holds, or None while a take is under way."""
+        """The ids this worker holds, or None while a take is under way: those on its
+        stack, out on offer, running, or finished with their result on its way."""
         if self._taking or self._fetch is not None:
             return None
-        return {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
+        held = {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
+        return held | self.sharing.offering | {rid.encode() for rid in self.results.storing()}
 
     async def _schedule(self) -> None:
         while not self._stopping.is_set():
@@ -289,18 +294,19 @@ class Worker:
         talk to the server and pushes sub-calls sets it again, and we must see that.
         """
         self._wake.clear()
+        if self._fetch is None and (await self._take() or self._wake.is_set()):
+            return
+        # idle again, also when back from local work with the blocking take still out:
+        # unmarked, the worker would be invisible to peers with surplus until it returns
+        await self._mark_idle(True)
+        if self._wake.is_set():
+            await self._mark_idle(False)
+            return
         if self._fetch is None:
-            if await self._take() or self._wake.is_set():
-                return
-            await self._mark_idle(True)
-            if self._wake.is_set():
-                await self._mark_idle(False)
-                return
             assert self._blocking is not None
+            queue, inflight = self.keys.queue(self.pool), self.keys.inflight(self.id)
             self._fetch = asyncio.create_task(
-                self._blocking.blmove(
-                    self.keys.queue(self.pool), self.keys.inflight(self.id), 1.0, "RIGHT", "LEFT"
-                )
+                self._blocking.blmove(queue, inflight, TAKE_BLOCK_S, "RIGHT", "LEFT")
             )
         waker = asyncio.create_task(self._wake.wait())
         try:
@@ -324,11 +330,11 @@ class Worker:
         if idle == self._idle_marked:
             return
         assert self.runtime.redis is not None
-        key = self.keys.idle(self.pool)
-        if idle:
-            await self.runtime.redis.hset(key, self.id, str(time.time()))
+        if idle:  # and wake the peer whose last offer found nobody idle
+            await scripts.idle(self.runtime, self.keys, pool=self.pool, worker=self.id,
+                               now=time.time())  # fmt: skip
         else:
-            await self.runtime.redis.hdel(key, self.id)
+            await self.runtime.redis.hdel(self.keys.idle(self.pool), self.id)
         self._idle_marked = idle
 
     async def _take(self, moved: bytes | None = None) -> int:
@@ -472,9 +478,12 @@ class Worker:
         if entries and self.durable is not None:
             entries = await self.durable.restore(entries)
         if entries:
+            fan_out = len(self.stack) <= 1 < len(self.stack) + len(entries)
             self.stack.extend(reversed(entries))
             if len(self.stack) > self.options.max_stack:
                 await self.sharing.share(len(self.stack) - self.options.max_stack, force=True)
+            elif fan_out:  # idle peers start on it now, not when a running child lets us
+                await self.sharing.offer()
         if all(f.done() for f in futures):  # all memoized: keep the baton, no context switch
             return [decode_envelope(f.result(), c.id) for f, c in zip(futures, calls, strict=True)]
         loop = asyncio.get_running_loop()
@@ -558,5 +567,6 @@ class Worker:
         await self.recovery.requeue_all(self.id, dead=False)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.keys.idle(self.pool), self.id)
+            pipe.zrem(self.keys.offers(self.pool), self.id)
             pipe.hdel(self.keys.workers, self.id)
             await pipe.execute()

@@ -105,6 +105,7 @@ class Recovery:
         async with self.runtime.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.workers, worker_id)
             pipe.hdel(keys.idle(info.get("pool", self.pool)), worker_id)
+            pipe.zrem(keys.offers(info.get("pool", self.pool)), worker_id)
             if info.get("parent"):  # a distributor also stood in for its parent pool
                 pipe.hdel(keys.idle(info["parent"]), worker_id)
             pipe.delete(keys.heartbeat(worker_id))

@@ -78,6 +78,10 @@ class Results:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.flush())
 
+    def storing(self) -> set[str]:
+        """The requests whose results are on their way to the server."""
+        return set(self._names)
+
     async def drain(self) -> None:
         """Wait for the send in flight (and what queued behind it) to finish."""
         if self._flusher is not None:
