@@ -183,9 +183,10 @@ def test_a_script_whose_keys_do_not_match_its_arguments_is_refused(client):
     with pytest.raises(redis.ResponseError, match="expected 2 per id"):
         scripts.REQUEUE.run_sync(client, ["pg:{t}:x"] * 5, ["w", "0", 0, "s", "r", "q", "id"])
     with pytest.raises(redis.ResponseError, match="expected 4 per result"):
-        scripts.COMPLETE.run_sync(client, ["pg:{t}:x"] * 4, ["w", 10, "i", "id", "O", 0, 1, "s"])
+        scripts.COMPLETE.run_sync(client, ["pg:{t}:x"] * 5,
+                                  ["w", 10, "i", "0", "id", "O", 0, 1, "s"])  # fmt: skip
     with pytest.raises(redis.ResponseError, match="needs its 3 keys"):
-        scripts.TAKE.run_sync(client, ["pg:{t}:x"] * 4, ["w", 1, "s", "r", "c", "moved"])
+        scripts.TAKE.run_sync(client, ["pg:{t}:x"] * 4, ["w", 1, "s", "r", "c", "0", "moved"])
 
 
 def test_a_server_that_forgot_the_scripts_is_sent_them_again(client, redis_url):

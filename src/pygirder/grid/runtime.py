@@ -88,6 +88,9 @@ class Runtime:
         # worker would ever take them (a private grid without workers: its store answers
         # them, or they fail); None where workers take them
         self.answer_queued: Callable[[list[Call[Any]]], Awaitable[None]] | None = None
+        # a worker's: called with (id, payload) of each request a submit handed to it
+        # through its inbox (claimed for it already: see store/lua/submit.lua)
+        self.on_handoff: Callable[[str, bytes], None] | None = None
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
@@ -387,12 +390,20 @@ class Runtime:
                 backoff = min(2 * backoff, 1.0)
 
     def _deliver(self, messages: list[bytes]) -> list[str]:
-        """Resolve inline results; return the ids whose result must be fetched."""
+        """Resolve inline results and pass on hand-offs; return the ids whose result
+        must be fetched."""
         fetch: list[str] = []
         for msg in messages:
             request_id = msg[1 : 1 + ID_LEN].decode()
-            if msg[:1] == b"1":
+            flag = msg[:1]
+            if flag == b"1":
                 self.resolve(request_id, msg[1 + ID_LEN :])
+            elif flag == b"2":
+                if self.on_handoff is not None:
+                    self.on_handoff(request_id, msg[1 + ID_LEN :])
+                else:  # only a worker marks itself idle; its in-flight list keeps it
+                    log.warning("request %s was handed to %s, which runs nothing",
+                                request_id, self.process_id)  # fmt: skip
             elif request_id in self._waiting:
                 fetch.append(request_id)
         return fetch

@@ -69,12 +69,23 @@ CANCEL_CHUNK = 500
 # entries is drained a bounded step at a time.
 TAKE_DROP_BUDGET = 256
 
+# A new queued call whose payload is at most this size is handed straight to an idle
+# worker of its pool (claimed for it and pushed to its inbox) instead of queued: the
+# worker runs it without a take of its own.  Larger ones go through the queue.
+HANDOFF_LIMIT = 16 * 1024
+
+# An idle worker's mark in idle:<pool> counts for a hand-off this many seconds; an idle
+# worker renews it every second (at each time-out of its blocking take), so the mark of
+# a worker that died goes stale quickly.
+HANDOFF_FRESH_S = 3
+
 # Values the scripts read as Lua locals: declared in front of each script's code.
 LUA_CONSTANTS = {
     "INBOX_TTL": INBOX_TTL_S,
     "DROP_BUDGET": TAKE_DROP_BUDGET,
     "REQUEUE_PAGE": REQUEUE_PAGE,
     "CANCEL_CHUNK": CANCEL_CHUNK,
+    "HANDOFF_FRESH": HANDOFF_FRESH_S,
 }
 
 SHEBANG = "#!lua"
@@ -207,8 +218,9 @@ def submit(
 ) -> R:
     """Submit-or-subscribe ``calls`` for ``process`` (its inbox is woken when each one
     finishes).  A client (no ``owner``) has what it waits for recorded, so the reaper
-    can withdraw it if it dies.  Reply: per call its result, 0 (pending elsewhere) or
-    1 (new)."""
+    can withdraw it if it dies.  A new queued call up to :data:`HANDOFF_LIMIT` bytes
+    goes straight to an idle worker of its pool, if one waits.  Reply: per call its
+    result, 0 (pending elsewhere) or 1 (new)."""
     items: list[Arg] = []
     call_keys: list[str | bytes] = [keys.stats, keys.children(parent), keys.owned(owner),
                                     keys.waits(process), keys.waiting_processes]  # fmt: skip
@@ -219,18 +231,30 @@ def submit(
     # msgpack "raw" (no bin type): the server's Lua cmsgpack reads it as strings
     blob = msgpack.packb(items, use_bin_type=False)
     waiter = "" if owner else process
-    args: list[Arg] = [keys.inbox(process), owner, parent, graph_ttl, waiter, blob]
+    args: list[Arg] = [keys.inbox(process), owner, parent, graph_ttl, waiter, blob,
+                       keys.idle(""), keys.inflight(""), keys.inbox(""), keys.heartbeat(""),
+                       HANDOFF_LIMIT]  # fmt: skip
     return conn.run_script(SUBMIT, call_keys, args)
 
 
 def take(
-    conn: Runner[R], keys: Keys, *, pool: str, worker: str, max: int, moved: bytes | None = None
+    conn: Runner[R],
+    keys: Keys,
+    *,
+    pool: str,
+    worker: str,
+    max: int,
+    moved: bytes | None = None,
+    waits: bool = False,
 ) -> R:
     """Claim up to ``max`` requests of ``pool`` for ``worker`` (and ``moved``, the id a
-    blocking move already put in its in-flight list).  Reply: id, payload, deaths, ..."""
+    blocking move already put in its in-flight list).  A worker that ``waits`` for work
+    when this claims nothing is marked idle, taking hand-offs.  Reply: id, payload,
+    deaths, ..."""
     take_keys: list[str | bytes] = [keys.queue(pool), keys.inflight(worker), keys.idle(pool),
                                     keys.stats]  # fmt: skip
-    args: list[Arg] = [worker, max, keys.state(""), keys.result(""), keys.call("")]
+    args: list[Arg] = [worker, max, keys.state(""), keys.result(""), keys.call(""),
+                       "1" if waits else "0"]  # fmt: skip
     if moved is not None:
         take_keys += [_key(keys.state(""), moved), _key(keys.result(""), moved),
                       _key(keys.call(""), moved)]  # fmt: skip
@@ -255,11 +279,14 @@ def complete(
     *,
     worker: str,
     inline_limit: int = INLINE_RESULT_LIMIT,
+    idle_pool: str | None = None,
 ) -> R:
-    """Store ``results`` and wake every waiter of each.  Reply: how many were stored."""
+    """Store ``results`` and wake every waiter of each; with ``idle_pool``, ``worker``
+    has nothing else to run and is marked idle there, taking hand-offs (as a take that
+    claims nothing would).  Reply: how many were stored."""
     done_keys: list[str | bytes] = [keys.owned(worker), keys.inflight(worker), keys.stats,
-                                    keys.failures]  # fmt: skip
-    args: list[Arg] = [worker, inline_limit, keys.inbox("")]
+                                    keys.failures, keys.idle(idle_pool or "")]  # fmt: skip
+    args: list[Arg] = [worker, inline_limit, keys.inbox(""), "0" if idle_pool is None else "1"]
     for r in results:
         done_keys += [keys.result(r.id), keys.waiters(r.id), keys.state(r.id), keys.call(r.id)]
         args += [r.id, r.result, r.ttl, r.started, r.summary]

@@ -121,6 +121,7 @@ class Worker:
             max_connections=COMMAND_CONNECTIONS,
         )  # fmt: skip
         self.keys = self.runtime.keys
+        self.runtime.on_handoff = self._handed_over
         self.max_result_bytes = options.max_result_bytes or settings.max_result_bytes()
         # default limit on the time one call holds the baton (0: none); @fn(max_runtime=)
         # overrides it per function
@@ -130,6 +131,7 @@ class Worker:
         if self.max_runtime < 0:
             raise ConfigError(f"max_runtime {self.max_runtime}: give seconds > 0, or 0 for none")
         self._stack: list[StackEntry] = []
+        self._handed: list[StackEntry] = []  # handed to us by a submit, not yet stacked
         self._careful: set[str] = set()  # requests suspected of an earlier worker death
         self.parked: dict[str, Parked] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -242,7 +244,23 @@ class Worker:
         """The ids this worker holds, or None while a take is under way."""
         if self._taking or self._fetch is not None:
             return None
-        return {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
+        held = [*self.running, *(rid for rid, _, _ in self.stack),
+                *(rid for rid, _, _ in self._handed)]  # fmt: skip
+        return {rid.encode() for rid in held}
+
+    def _handed_over(self, request_id: str, payload: bytes) -> None:
+        """A submit handed us a request while we were idle (claimed for us, its mark
+        in the idle table removed): run it as if a take had returned it."""
+        self._handed.append((request_id, payload, False))
+        self._idle_marked = False
+        self._wake.set()
+
+    async def _adopt_handed(self) -> None:
+        """Stack what submits handed us (the durable store may answer some)."""
+        items, self._handed = self._handed, []
+        if self.durable is not None:
+            items = await self.durable.restore(items)
+        self.stack.extend(reversed(items))
 
     async def _schedule(self) -> None:
         while not self._stopping.is_set():
@@ -289,13 +307,21 @@ class Worker:
         talk to the server and pushes sub-calls sets it again, and we must see that.
         """
         self._wake.clear()
-        if self._fetch is None:
-            if await self._take() or self._wake.is_set():
+        if self._handed:
+            await self._adopt_handed()
+            return
+        if self._fetch is None or not self._idle_marked:
+            # one script claims what is queued, or marks us idle (taking hand-offs) when
+            # nothing is; a completion on its way marks us instead, saving the take
+            marked = self._fetch is not None and self.results.mark_idle(self.pool)
+            if not marked and (await self._take(waits=True) or self._wake.is_set()):
+                await self._mark_idle(False)
                 return
-            await self._mark_idle(True)
+            self._idle_marked = True
             if self._wake.is_set():
                 await self._mark_idle(False)
                 return
+        if self._fetch is None:
             assert self._blocking is not None
             self._fetch = asyncio.create_task(
                 self._blocking.blmove(
@@ -319,30 +345,34 @@ class Worker:
                 await self._take(moved)  # bytes: a junk id need not be valid UTF-8
         else:  # woken by local work while the blocking take is still outstanding
             await self._mark_idle(False)
+        if self._handed:
+            await self._adopt_handed()
 
     async def _mark_idle(self, idle: bool) -> None:
         if idle == self._idle_marked:
             return
         assert self.runtime.redis is not None
         key = self.keys.idle(self.pool)
-        if idle:
-            await self.runtime.redis.hset(key, self.id, str(time.time()))
+        if idle:  # 'h': taking hand-offs (see store/lua/submit.lua)
+            await self.runtime.redis.hset(key, self.id, f"h{time.time():.6f}")
         else:
             await self.runtime.redis.hdel(key, self.id)
         self._idle_marked = idle
 
-    async def _take(self, moved: bytes | None = None) -> int:
+    async def _take(self, moved: bytes | None = None, *, waits: bool = False) -> int:
         self._taking += 1
         try:
-            return await self._take_once(moved)
+            return await self._take_once(moved, waits)
         finally:
             self._taking -= 1
 
-    async def _take_once(self, moved: bytes | None) -> int:
+    async def _take_once(self, moved: bytes | None, waits: bool) -> int:
         reply = await scripts.take(self.runtime, self.keys, pool=self.pool, worker=self.id,
-                                   max=self.options.take_batch, moved=moved)  # fmt: skip
-        if reply:
-            self._idle_marked = False  # the script cleared our idle mark
+                                   max=self.options.take_batch, moved=moved,
+                                   waits=waits)  # fmt: skip
+        if reply or waits:
+            # the script cleared our idle mark (or, claiming nothing, set it)
+            self._idle_marked = not reply
         items = []
         for i in range(0, len(reply), 3):
             raw = reply[i]
@@ -537,13 +567,19 @@ class Worker:
         assert redis is not None
         if self._fetch is not None:
             self._fetch.cancel()
+        holder = self.watchdog.holder  # before any await: a torn-down loop unwinds it
+        # no more hand-offs: one that came before this is in our in-flight list, which
+        # is handed back below
+        await redis.hdel(self.keys.idle(self.pool), self.id)
+        self._idle_marked = False
         if self._abnormal:
-            await self.recovery.hand_back_after_crash(self.watchdog.holder, self.results.flush)
+            await self.recovery.hand_back_after_crash(holder, self.results.flush)
             return
         # Hand back what has not started and what waits on sub-calls (it can be re-run
         # anywhere); give the request that is computing time to finish.
-        waiting = [request_id for request_id, _, _ in self.stack]
+        waiting = [request_id for request_id, _, _ in [*self.stack, *self._handed]]
         self.stack.clear()
+        self._handed.clear()
         parked = list(self.parked)
         if waiting or parked:
             await self.recovery.requeue_ids([*waiting, *parked])

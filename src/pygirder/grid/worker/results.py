@@ -58,6 +58,16 @@ class Results:
         # frees at least the given bytes of the server's memory, returns what it freed
         # (the durable tier drops results the store holds); None: nothing to free
         self.make_room: Callable[[int], Awaitable[int]] | None = None
+        self._idle_pool: str | None = None  # the next completion marks the worker idle
+
+    def mark_idle(self, pool: str) -> bool:
+        """Let the next completion sent mark the worker idle in ``pool`` (taking
+        hand-offs), saving it a take of its own.  False when no completion is waiting
+        to be sent: the worker must mark itself."""
+        if not self._pending or self._flusher is None or self._flusher.done():
+            return False
+        self._idle_pool = pool
+        return True
 
     def add(
         self,
@@ -210,9 +220,11 @@ class Results:
             for attempt in range(retries):
                 try:
                     sent = await self._store_outside(batch)
+                    idle, self._idle_pool = self._idle_pool, None
                     await scripts.complete(
-                        self.runtime, self.runtime.keys, sent, worker=self.worker_id
-                    )
+                        self.runtime, self.runtime.keys, sent, worker=self.worker_id,
+                        idle_pool=idle,
+                    )  # fmt: skip
                     break
                 except Exception as exc:
                     if attempt + 1 >= retries:
