@@ -258,12 +258,18 @@ class Worker:
     async def _adopt_handed(self) -> None:
         """Stack what submits handed us (the durable store may answer some)."""
         items, self._handed = self._handed, []
-        if self.durable is not None:
-            items = await self.durable.restore(items)
+        self._taking += 1  # neither handed nor stacked meanwhile: not stray
+        try:
+            if self.durable is not None:
+                items = await self.durable.restore(items)
+        finally:
+            self._taking -= 1
         self.stack.extend(reversed(items))
 
     async def _schedule(self) -> None:
         while not self._stopping.is_set():
+            if self._handed:  # run next, however busy this worker became since its mark
+                await self._adopt_handed()
             await self.baton.acquire()
             if self._stopping.is_set():
                 self.baton.release()
@@ -352,6 +358,8 @@ class Worker:
         if idle == self._idle_marked:
             return
         assert self.runtime.redis is not None
+        # a completion on its way may carry a mark: this must reach the server after it
+        await self.results.idle_mark_sent()
         key = self.keys.idle(self.pool)
         if idle:  # 'h': taking hand-offs (see store/lua/submit.lua)
             await self.runtime.redis.hset(key, self.id, f"h{time.time():.6f}")

@@ -8,6 +8,7 @@ that says why, and as a last resort handed back to its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -59,6 +60,7 @@ class Results:
         # (the durable tier drops results the store holds); None: nothing to free
         self.make_room: Callable[[int], Awaitable[int]] | None = None
         self._idle_pool: str | None = None  # the next completion marks the worker idle
+        self._marking: asyncio.Task[None] | None = None  # the send that carries it
 
     def mark_idle(self, pool: str) -> bool:
         """Let the next completion sent mark the worker idle in ``pool`` (taking
@@ -67,7 +69,16 @@ class Results:
         if not self._pending or self._flusher is None or self._flusher.done():
             return False
         self._idle_pool = pool
+        self._marking = self._flusher
         return True
+
+    async def idle_mark_sent(self) -> None:
+        """Wait until a mark given to :meth:`mark_idle` has reached the server (or its
+        send failed), so a later change of the mark is not overtaken by it."""
+        marking, self._marking = self._marking, None
+        if marking is not None and not marking.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(marking)
 
     def add(
         self,
