@@ -270,6 +270,10 @@ class Worker:
         while not self._stopping.is_set():
             if self._handed:  # run next, however busy this worker became since its mark
                 await self._adopt_handed()
+            if self._fetch is not None and self._fetch.done():
+                # the blocking take moved a request to us while we were busy: claim it
+                # now, not when the stack runs dry (until then it is no one's)
+                await self._claim_fetched()
             await self.baton.acquire()
             if self._stopping.is_set():
                 self.baton.release()
@@ -340,19 +344,24 @@ class Worker:
         finally:
             waker.cancel()
         if self._fetch.done():
-            fetch, self._fetch = self._fetch, None
-            try:
-                moved = fetch.result()
-            except Exception as exc:
-                log.warning("taking from pool %r failed: %s", self.pool, exc)
-                await asyncio.sleep(0.2)
-                return
-            if moved is not None:
-                await self._take(moved)  # bytes: a junk id need not be valid UTF-8
+            await self._claim_fetched()
         else:  # woken by local work while the blocking take is still outstanding
             await self._mark_idle(False)
         if self._handed:
             await self._adopt_handed()
+
+    async def _claim_fetched(self) -> None:
+        """Claim what the blocking take moved into our in-flight list, if anything."""
+        assert self._fetch is not None
+        fetch, self._fetch = self._fetch, None
+        try:
+            moved = fetch.result()
+        except Exception as exc:
+            log.warning("taking from pool %r failed: %s", self.pool, exc)
+            await asyncio.sleep(0.2)
+            return
+        if moved is not None:
+            await self._take(moved)  # bytes: a junk id need not be valid UTF-8
 
     async def _mark_idle(self, idle: bool) -> None:
         if idle == self._idle_marked:
