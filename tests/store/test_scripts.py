@@ -146,7 +146,8 @@ def every_call(keys: Keys) -> list[tuple[scripts.Script, list, list]]:
         scripts.reach(conn, keys, ids, target="t", budget=100, cursor="0"),
         scripts.distribute(conn, keys, child="c", parent="p", distributor="d", max_moves=5),
         scripts.withdraw(conn, keys, process="proc", max=10),
-        scripts.idle(conn, keys, pool="pool-x", worker="w", now=1.5),
+        scripts.take(conn, keys, pool="pool-x", worker="w", max=4, waits=True),
+        scripts.complete(conn, keys, done, worker="w", idle_pool="pool-x"),
     ]
 
 
@@ -184,9 +185,11 @@ def test_a_script_whose_keys_do_not_match_its_arguments_is_refused(client):
     with pytest.raises(redis.ResponseError, match="expected 2 per id"):
         scripts.REQUEUE.run_sync(client, ["pg:{t}:x"] * 5, ["w", "0", 0, "s", "r", "q", "id"])
     with pytest.raises(redis.ResponseError, match="expected 4 per result"):
-        scripts.COMPLETE.run_sync(client, ["pg:{t}:x"] * 4, ["w", 10, "i", "id", "O", 0, 1, "s"])
+        scripts.COMPLETE.run_sync(client, ["pg:{t}:x"] * 6,
+                                  ["w", 10, "i", "0", "s", "id", "O", 0, 1, "s"])  # fmt: skip
     with pytest.raises(redis.ResponseError, match="needs its 3 keys"):
-        scripts.TAKE.run_sync(client, ["pg:{t}:x"] * 4, ["w", 1, "s", "r", "c", "moved"])
+        scripts.TAKE.run_sync(client, ["pg:{t}:x"] * 5,
+                              ["w", 1, "s", "r", "c", "0", "i", "s", "moved"])  # fmt: skip
 
 
 def test_a_server_that_forgot_the_scripts_is_sent_them_again(client, redis_url):

@@ -38,10 +38,12 @@ def test_an_offer_with_nobody_idle_is_recorded_and_the_next_idle_worker_wakes_it
     assert client.llen(keys.queue("default")) == 0  # nothing moved while nobody was idle
 
     # the latest offerer is woken (its stack is likeliest to hold surplus still), once
-    assert scripts.idle(conn, keys, pool="default", worker="hungry", now=1.0) == b"late"
+    # a take that claims nothing marks its worker idle and wakes the latest offerer
+    assert scripts.take(conn, keys, pool="default", worker="hungry", max=4, waits=True) == []
     assert client.lrange(keys.inbox("late"), 0, -1) == [scripts.SHARE_NOW]
     assert client.ttl(keys.inbox("late")) > 0  # a dead offerer's inbox goes away
     assert client.hkeys(keys.idle("default")) == [b"hungry"]
+    assert client.hget(keys.idle("default"), "hungry").startswith(b"h")  # takes hand-offs
     assert client.zrange(keys.offers("default"), 0, -1) == [b"early"]
     # woken, it offers again: the idle worker is there now, so the offer moves
     moved = scripts.share(conn, keys, late[:2], pool="default", worker="late")
@@ -53,10 +55,10 @@ def test_a_worker_going_idle_drops_its_own_offer_and_wakes_nobody_without_offers
     keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
     conn = scripts.SyncRunner(client)
     scripts.share(conn, keys, local_requests(client, keys, "w", 2), pool="default", worker="w")
-    assert scripts.idle(conn, keys, pool="default", worker="w", now=2.0) is None
+    assert scripts.take(conn, keys, pool="default", worker="w", max=4, waits=True) == []
     assert client.zcard(keys.offers("default")) == 0
     assert client.llen(keys.inbox("w")) == 0
-    assert client.hget(keys.idle("default"), "w") == b"2.0"
+    assert client.hexists(keys.idle("default"), "w")
     # an offer of nothing records nothing, and a forced one never waits for anybody
     assert scripts.share(conn, keys, [], pool="default", worker="x") == []
     forced = local_requests(client, keys, "y", 2)
@@ -88,3 +90,21 @@ def test_requests_a_worker_took_and_has_not_started_can_be_offered_back(client):
     assert client.hget(keys.state(other), "o") == b"peer"
     back = scripts.take(conn, keys, pool="default", worker="hungry", max=16)
     assert sorted(back[::3]) == sorted([taken[1].encode(), taken[2].encode()])
+
+
+def test_a_completion_that_leaves_its_worker_idle_wakes_the_latest_offerer(client):
+    keys = Keys(f"t-{uuid.uuid4().hex[:8]}")
+    conn = scripts.SyncRunner(client)
+    scripts.share(conn, keys, local_requests(client, keys, "busy", 2), pool="default",
+                  worker="busy")  # fmt: skip
+    done = uuid.uuid4().hex
+    client.hset(keys.state(done), mapping={"p": b"x", "s": "running", "o": "dry"})
+    client.hset(keys.call(done), "state", "taken")
+    finished = scripts.Completion(done, b"O\x01", 0, 1.0, "1")
+    # a completion that does not leave its worker idle wakes nobody
+    assert scripts.complete(conn, keys, [finished], worker="dry") == 1
+    assert client.llen(keys.inbox("busy")) == 0
+    assert scripts.complete(conn, keys, [], worker="dry", idle_pool="default") == 0
+    assert client.lrange(keys.inbox("busy"), 0, -1) == [scripts.SHARE_NOW]
+    assert client.zcard(keys.offers("default")) == 0
+    assert client.hget(keys.idle("default"), "dry").startswith(b"h")

@@ -4,7 +4,8 @@ A result envelope is one status byte followed by the codec's encoding of the val
 (OK), of a value msgpack cannot carry, pickled and signed (PICKLED, only on grids
 that share PYGIRDER_SECRET), or of the error's fields (ERR).  A completion message in
 a process's inbox is ``1`` or ``0`` (result inline or stored), the request id
-(``ID_LEN`` characters), then the inline envelope.  The call graph keeps a bounded
+(``ID_LEN`` characters), then the inline envelope; a worker's inbox also gets ``2``,
+the id and the payload of a request a submit handed to it.  The call graph keeps a bounded
 summary of each call's arguments and result.
 """
 

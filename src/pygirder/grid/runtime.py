@@ -76,7 +76,7 @@ class Runtime:
         self.liveness = settings.liveness()
         self.on_server_restart: list[Any] = []  # async callbacks run after resubmission
         self.beat_hooks: list[Any] = []  # async callbacks run at every heartbeat
-        self.on_share_now: list[Callable[[], None]] = []  # a peer went idle (scripts.idle)
+        self.on_share_now: list[Callable[[], None]] = []  # a peer went idle (take, complete)
         self._interest: dict[str, int] = {}  # local waiters per pending request
         self.round_trips = 0  # submit/fetch commands issued by this process (for reports)
         self._inbox_block = settings.inbox_block()
@@ -89,6 +89,9 @@ class Runtime:
         # worker would ever take them (a private grid without workers: its store answers
         # them, or they fail); None where workers take them
         self.answer_queued: Callable[[list[Call[Any]]], Awaitable[None]] | None = None
+        # a worker's: called with (id, payload) of each request a submit handed to it
+        # through its inbox (claimed for it already: see store/lua/submit.lua)
+        self.on_handoff: Callable[[str, bytes], None] | None = None
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
@@ -388,7 +391,8 @@ class Runtime:
                 backoff = min(2 * backoff, 1.0)
 
     def _deliver(self, messages: list[bytes]) -> list[str]:
-        """Resolve inline results; return the ids whose result must be fetched."""
+        """Resolve inline results and pass on hand-offs; return the ids whose result
+        must be fetched."""
         fetch: list[str] = []
         for msg in messages:
             if msg == scripts.SHARE_NOW:
@@ -396,8 +400,15 @@ class Runtime:
                     hook()
                 continue
             request_id = msg[1 : 1 + ID_LEN].decode()
-            if msg[:1] == b"1":
+            flag = msg[:1]
+            if flag == b"1":
                 self.resolve(request_id, msg[1 + ID_LEN :])
+            elif flag == b"2":
+                if self.on_handoff is not None:
+                    self.on_handoff(request_id, msg[1 + ID_LEN :])
+                else:  # only a worker marks itself idle; its in-flight list keeps it
+                    log.warning("request %s was handed to %s, which runs nothing",
+                                request_id, self.process_id)  # fmt: skip
             elif request_id in self._waiting:
                 fetch.append(request_id)
         return fetch

@@ -21,11 +21,14 @@ Per namespace (``<id>``: a request id, ``<proc>``: a process id, a worker's too)
                               remove them
     q:<pool>         LIST     submit, share, requeue push; take pops;     no
                               distribute moves between pools
-    idle:<pool>      HASH     a worker (idle mark); take clears it;       no
+    idle:<pool>      HASH     take or complete of a worker waiting for    no
+                              work ('h' + time: it takes hand-offs);
+                              take and submit (a hand-off) clear it;
                               distribute (a distributor standing in)
-    inbox:<proc>     LIST     complete pushes; the process reads it       INBOX_TTL_S, renewed
-                                                                          by every push
-    inflight:<proc>  LIST     take; complete and requeue remove           no
+    inbox:<proc>     LIST     complete pushes results, submit hand-offs   INBOX_TTL_S, renewed
+                              to an idle worker; the process reads it     by every push
+    inflight:<proc>  LIST     take, submit (a hand-off); complete and     no
+                              requeue remove
     owned:<proc>     SET      submit (local calls); share, complete,      no
                               requeue remove
     cur:<proc>       STRING   a worker, for the request holding its       requeue of the dead
@@ -100,7 +103,8 @@ class Keys:
         return f"{self.prefix}q:{pool}"
 
     def idle(self, pool: str) -> str:
-        """HASH: worker id -> time it became idle, for workers blocked on the pool queue."""
+        """HASH: worker id -> time it became idle, for workers blocked on the pool queue
+        (``h`` in front: a worker that takes hand-offs from submit)."""
         return f"{self.prefix}idle:{pool}"
 
     def offers(self, pool: str) -> str:
@@ -109,7 +113,8 @@ class Keys:
         return f"{self.prefix}offers:{pool}"
 
     def inbox(self, process_id: str) -> str:
-        """LIST: completion messages for the waiters of one process."""
+        """LIST: completion messages for the waiters of one process, and for a worker
+        the requests a submit handed to it."""
         return f"{self.prefix}inbox:{process_id}"
 
     def inflight(self, worker_id: str) -> str:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 # encoded result follows inline (small results, saving the waiter a GET), "0" means
 # the waiter fetches res:<id>.
 INLINE_RESULT_LIMIT = 16 * 1024
-# ... and a message of its own, pushed by a worker going idle (idle.lua) to a worker
+# ... and a message of its own, pushed by a worker going idle (take.lua, complete.lua) to a worker
 # that offered surplus work nobody took: "offer it now".
 SHARE_NOW = b"s"
 
@@ -72,12 +72,23 @@ CANCEL_CHUNK = 500
 # entries is drained a bounded step at a time.
 TAKE_DROP_BUDGET = 256
 
+# A new queued call whose payload is at most this size is handed straight to an idle
+# worker of its pool (claimed for it and pushed to its inbox) instead of queued: the
+# worker runs it without a take of its own.  Larger ones go through the queue.
+HANDOFF_LIMIT = 16 * 1024
+
+# An idle worker's mark in idle:<pool> counts for a hand-off this many seconds; an idle
+# worker renews it every second (at each time-out of its blocking take), so the mark of
+# a worker that died goes stale quickly.
+HANDOFF_FRESH_S = 3
+
 # Values the scripts read as Lua locals: declared in front of each script's code.
 LUA_CONSTANTS = {
     "INBOX_TTL": INBOX_TTL_S,
     "DROP_BUDGET": TAKE_DROP_BUDGET,
     "REQUEUE_PAGE": REQUEUE_PAGE,
     "CANCEL_CHUNK": CANCEL_CHUNK,
+    "HANDOFF_FRESH": HANDOFF_FRESH_S,
 }
 
 SHEBANG = "#!lua"
@@ -146,9 +157,8 @@ CANCEL = load("cancel")
 REACH = load("reach")
 DISTRIBUTE = load("distribute")
 WITHDRAW = load("withdraw")
-IDLE = load("idle")
 
-ALL = (SUBMIT, TAKE, COMPLETE, SHARE, REQUEUE, CANCEL, REACH, DISTRIBUTE, WITHDRAW, IDLE)
+ALL = (SUBMIT, TAKE, COMPLETE, SHARE, REQUEUE, CANCEL, REACH, DISTRIBUTE, WITHDRAW)
 
 
 # -- running them --------------------------------------------------------------------
@@ -211,8 +221,9 @@ def submit(
 ) -> R:
     """Submit-or-subscribe ``calls`` for ``process`` (its inbox is woken when each one
     finishes).  A client (no ``owner``) has what it waits for recorded, so the reaper
-    can withdraw it if it dies.  Reply: per call its result, 0 (pending elsewhere) or
-    1 (new)."""
+    can withdraw it if it dies.  A new queued call up to :data:`HANDOFF_LIMIT` bytes
+    goes straight to an idle worker of its pool, if one waits.  Reply: per call its
+    result, 0 (pending elsewhere) or 1 (new)."""
     items: list[Arg] = []
     call_keys: list[str | bytes] = [keys.stats, keys.children(parent), keys.owned(owner),
                                     keys.waits(process), keys.waiting_processes]  # fmt: skip
@@ -223,18 +234,31 @@ def submit(
     # msgpack "raw" (no bin type): the server's Lua cmsgpack reads it as strings
     blob = msgpack.packb(items, use_bin_type=False)
     waiter = "" if owner else process
-    args: list[Arg] = [keys.inbox(process), owner, parent, graph_ttl, waiter, blob]
+    args: list[Arg] = [keys.inbox(process), owner, parent, graph_ttl, waiter, blob,
+                       keys.idle(""), keys.inflight(""), keys.inbox(""), keys.heartbeat(""),
+                       HANDOFF_LIMIT]  # fmt: skip
     return conn.run_script(SUBMIT, call_keys, args)
 
 
 def take(
-    conn: Runner[R], keys: Keys, *, pool: str, worker: str, max: int, moved: bytes | None = None
+    conn: Runner[R],
+    keys: Keys,
+    *,
+    pool: str,
+    worker: str,
+    max: int,
+    moved: bytes | None = None,
+    waits: bool = False,
 ) -> R:
     """Claim up to ``max`` requests of ``pool`` for ``worker`` (and ``moved``, the id a
-    blocking move already put in its in-flight list).  Reply: id, payload, deaths, ..."""
+    blocking move already put in its in-flight list).  A worker that ``waits`` for work
+    when this claims nothing is marked idle, taking hand-offs, and wakes the worker that
+    last offered surplus nobody took (a :data:`SHARE_NOW` message in its inbox).
+    Reply: id, payload, deaths, ..."""
     take_keys: list[str | bytes] = [keys.queue(pool), keys.inflight(worker), keys.idle(pool),
-                                    keys.stats]  # fmt: skip
-    args: list[Arg] = [worker, max, keys.state(""), keys.result(""), keys.call("")]
+                                    keys.stats, keys.offers(pool)]  # fmt: skip
+    args: list[Arg] = [worker, max, keys.state(""), keys.result(""), keys.call(""),
+                       "1" if waits else "0", keys.inbox(""), SHARE_NOW]  # fmt: skip
     if moved is not None:
         take_keys += [_key(keys.state(""), moved), _key(keys.result(""), moved),
                       _key(keys.call(""), moved)]  # fmt: skip
@@ -259,11 +283,16 @@ def complete(
     *,
     worker: str,
     inline_limit: int = INLINE_RESULT_LIMIT,
+    idle_pool: str | None = None,
 ) -> R:
-    """Store ``results`` and wake every waiter of each.  Reply: how many were stored."""
+    """Store ``results`` and wake every waiter of each; with ``idle_pool``, ``worker``
+    has nothing else to run and is marked idle there, taking hand-offs and waking the
+    latest offerer (as a take that claims nothing would).  Reply: how many were stored."""
     done_keys: list[str | bytes] = [keys.owned(worker), keys.inflight(worker), keys.stats,
-                                    keys.failures]  # fmt: skip
-    args: list[Arg] = [worker, inline_limit, keys.inbox("")]
+                                    keys.failures, keys.idle(idle_pool or ""),
+                                    keys.offers(idle_pool or "")]  # fmt: skip
+    args: list[Arg] = [worker, inline_limit, keys.inbox(""),
+                       "0" if idle_pool is None else "1", SHARE_NOW]  # fmt: skip
     for r in results:
         done_keys += [keys.result(r.id), keys.waiters(r.id), keys.state(r.id), keys.call(r.id)]
         args += [r.id, r.result, r.ttl, r.started, r.summary]
@@ -280,14 +309,6 @@ def share(
                                      keys.stats, keys.offers(pool), keys.inflight(worker),
                                      *(keys.state(i) for i in ids)]  # fmt: skip
     return conn.run_script(SHARE, share_keys, [worker, "1" if force else "0", *ids])
-
-
-def idle(conn: Runner[R], keys: Keys, *, pool: str, worker: str, now: float) -> R:
-    """Mark ``worker`` idle in ``pool`` and wake the worker that last offered surplus
-    there nobody took (a :data:`SHARE_NOW` message in its inbox).  Reply: its id, or
-    None."""
-    return conn.run_script(IDLE, [keys.idle(pool), keys.offers(pool)],
-                           [worker, repr(now), keys.inbox(""), SHARE_NOW])  # fmt: skip
 
 
 def requeue(

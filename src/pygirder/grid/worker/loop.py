@@ -122,6 +122,7 @@ class Worker:
             max_connections=COMMAND_CONNECTIONS,
         )  # fmt: skip
         self.keys = self.runtime.keys
+        self.runtime.on_handoff = self._handed_over
         self.max_result_bytes = options.max_result_bytes or settings.max_result_bytes()
         # default limit on the time one call holds the baton (0: none); @fn(max_runtime=)
         # overrides it per function
@@ -131,6 +132,7 @@ class Worker:
         if self.max_runtime < 0:
             raise ConfigError(f"max_runtime {self.max_runtime}: give seconds > 0, or 0 for none")
         self._stack: list[StackEntry] = []
+        self._handed: list[StackEntry] = []  # handed to us by a submit, not yet stacked
         self._careful: set[str] = set()  # requests suspected of an earlier worker death
         self.parked: dict[str, Parked] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -246,11 +248,37 @@ class Worker:
         stack, out on offer, running, or finished with their result on its way."""
         if self._taking or self._fetch is not None:
             return None
-        held = {rid.encode() for rid in self.running} | {rid.encode() for rid, _, _ in self.stack}
-        return held | self.sharing.offering | {rid.encode() for rid in self.results.storing()}
+        held = [*self.running, *(rid for rid, _, _ in self.stack),
+                *(rid for rid, _, _ in self._handed)]  # fmt: skip
+        storing = self.results.storing()
+        return {rid.encode() for rid in (*held, *storing)} | self.sharing.offering
+
+    def _handed_over(self, request_id: str, payload: bytes) -> None:
+        """A submit handed us a request while we were idle (claimed for us, its mark
+        in the idle table removed): run it as if a take had returned it."""
+        self._handed.append((request_id, payload, False))
+        self._idle_marked = False
+        self._wake.set()
+
+    async def _adopt_handed(self) -> None:
+        """Stack what submits handed us (the durable store may answer some)."""
+        items, self._handed = self._handed, []
+        self._taking += 1  # neither handed nor stacked meanwhile: not stray
+        try:
+            if self.durable is not None:
+                items = await self.durable.restore(items)
+        finally:
+            self._taking -= 1
+        self.stack.extend(reversed(items))
 
     async def _schedule(self) -> None:
         while not self._stopping.is_set():
+            if self._handed:  # run next, however busy this worker became since its mark
+                await self._adopt_handed()
+            if self._fetch is not None and self._fetch.done():
+                # the blocking take moved a request to us while we were busy: claim it
+                # now, not when the stack runs dry (until then it is no one's)
+                await self._claim_fetched()
             await self.baton.acquire()
             if self._stopping.is_set():
                 self.baton.release()
@@ -294,14 +322,20 @@ class Worker:
         talk to the server and pushes sub-calls sets it again, and we must see that.
         """
         self._wake.clear()
-        if self._fetch is None and (await self._take() or self._wake.is_set()):
+        if self._handed:
+            await self._adopt_handed()
             return
-        # idle again, also when back from local work with the blocking take still out:
-        # unmarked, the worker would be invisible to peers with surplus until it returns
-        await self._mark_idle(True)
-        if self._wake.is_set():
-            await self._mark_idle(False)
-            return
+        if self._fetch is None or not self._idle_marked:
+            # one script claims what is queued, or marks us idle (taking hand-offs) when
+            # nothing is; a completion on its way marks us instead, saving the take
+            marked = self._fetch is not None and self.results.mark_idle(self.pool)
+            if not marked and (await self._take(waits=True) or self._wake.is_set()):
+                await self._unmark_idle()
+                return
+            self._idle_marked = True
+            if self._wake.is_set():
+                await self._unmark_idle()
+                return
         if self._fetch is None:
             assert self._blocking is not None
             queue, inflight = self.keys.queue(self.pool), self.keys.inflight(self.id)
@@ -314,41 +348,50 @@ class Worker:
         finally:
             waker.cancel()
         if self._fetch.done():
-            fetch, self._fetch = self._fetch, None
-            try:
-                moved = fetch.result()
-            except Exception as exc:
-                log.warning("taking from pool %r failed: %s", self.pool, exc)
-                await asyncio.sleep(0.2)
-                return
-            if moved is not None:
-                await self._take(moved)  # bytes: a junk id need not be valid UTF-8
+            await self._claim_fetched()
         else:  # woken by local work while the blocking take is still outstanding
-            await self._mark_idle(False)
+            await self._unmark_idle()
+        if self._handed:
+            await self._adopt_handed()
 
-    async def _mark_idle(self, idle: bool) -> None:
-        if idle == self._idle_marked:
+    async def _claim_fetched(self) -> None:
+        """Claim what the blocking take moved into our in-flight list, if anything."""
+        assert self._fetch is not None
+        fetch, self._fetch = self._fetch, None
+        try:
+            moved = fetch.result()
+        except Exception as exc:
+            log.warning("taking from pool %r failed: %s", self.pool, exc)
+            await asyncio.sleep(0.2)
+            return
+        if moved is not None:
+            await self._take(moved)  # bytes: a junk id need not be valid UTF-8
+
+    async def _unmark_idle(self) -> None:
+        """Drop our idle mark (set by a take that claimed nothing or by a completion,
+        which also woke the latest offerer): we have local work again."""
+        if not self._idle_marked:
             return
         assert self.runtime.redis is not None
-        if idle:  # and wake the peer whose last offer found nobody idle
-            await scripts.idle(self.runtime, self.keys, pool=self.pool, worker=self.id,
-                               now=time.time())  # fmt: skip
-        else:
-            await self.runtime.redis.hdel(self.keys.idle(self.pool), self.id)
-        self._idle_marked = idle
+        # a completion on its way may carry a mark: this must reach the server after it
+        await self.results.idle_mark_sent()
+        await self.runtime.redis.hdel(self.keys.idle(self.pool), self.id)
+        self._idle_marked = False
 
-    async def _take(self, moved: bytes | None = None) -> int:
+    async def _take(self, moved: bytes | None = None, *, waits: bool = False) -> int:
         self._taking += 1
         try:
-            return await self._take_once(moved)
+            return await self._take_once(moved, waits)
         finally:
             self._taking -= 1
 
-    async def _take_once(self, moved: bytes | None) -> int:
+    async def _take_once(self, moved: bytes | None, waits: bool) -> int:
         reply = await scripts.take(self.runtime, self.keys, pool=self.pool, worker=self.id,
-                                   max=self.options.take_batch, moved=moved)  # fmt: skip
-        if reply:
-            self._idle_marked = False  # the script cleared our idle mark
+                                   max=self.options.take_batch, moved=moved,
+                                   waits=waits)  # fmt: skip
+        if reply or waits:
+            # the script cleared our idle mark (or, claiming nothing, set it)
+            self._idle_marked = not reply
         items = []
         for i in range(0, len(reply), 3):
             raw = reply[i]
@@ -546,13 +589,19 @@ class Worker:
         assert redis is not None
         if self._fetch is not None:
             self._fetch.cancel()
+        holder = self.watchdog.holder  # before any await: a torn-down loop unwinds it
+        # no more hand-offs: one that came before this is in our in-flight list, which
+        # is handed back below
+        await redis.hdel(self.keys.idle(self.pool), self.id)
+        self._idle_marked = False
         if self._abnormal:
-            await self.recovery.hand_back_after_crash(self.watchdog.holder, self.results.flush)
+            await self.recovery.hand_back_after_crash(holder, self.results.flush)
             return
         # Hand back what has not started and what waits on sub-calls (it can be re-run
         # anywhere); give the request that is computing time to finish.
-        waiting = [request_id for request_id, _, _ in self.stack]
+        waiting = [request_id for request_id, _, _ in [*self.stack, *self._handed]]
         self.stack.clear()
+        self._handed.clear()
         parked = list(self.parked)
         if waiting or parked:
             await self.recovery.requeue_ids([*waiting, *parked])

@@ -99,16 +99,19 @@ class Recovery:
         heartbeat lapsed; a supervisor as soon as it reaped the process."""
         assert self.runtime.redis is not None
         keys = self.runtime.keys
-        requeued, poisoned = await self.requeue_all(worker_id, dead=True)
-        for request_id in poisoned:
-            await self.fail_poison(request_id, worker_id)
+        # first its idle marks: a submit must hand it nothing once its requests are back
         async with self.runtime.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.workers, worker_id)
             pipe.hdel(keys.idle(info.get("pool", self.pool)), worker_id)
             pipe.zrem(keys.offers(info.get("pool", self.pool)), worker_id)
             if info.get("parent"):  # a distributor also stood in for its parent pool
                 pipe.hdel(keys.idle(info["parent"]), worker_id)
             pipe.delete(keys.heartbeat(worker_id))
+            await pipe.execute()
+        requeued, poisoned = await self.requeue_all(worker_id, dead=True)
+        for request_id in poisoned:
+            await self.fail_poison(request_id, worker_id)
+        async with self.runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.workers, worker_id)
             pipe.hincrby(keys.stats, "dead_workers", 1)
             await pipe.execute()
         log.warning("worker %s is dead: requeued %d requests, failed %d poison requests",

@@ -8,6 +8,7 @@ that says why, and as a last resort handed back to its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -58,6 +59,26 @@ class Results:
         # frees at least the given bytes of the server's memory, returns what it freed
         # (the durable tier drops results the store holds); None: nothing to free
         self.make_room: Callable[[int], Awaitable[int]] | None = None
+        self._idle_pool: str | None = None  # the next completion marks the worker idle
+        self._marking: asyncio.Task[None] | None = None  # the send that carries it
+
+    def mark_idle(self, pool: str) -> bool:
+        """Let the next completion sent mark the worker idle in ``pool`` (taking
+        hand-offs), saving it a take of its own.  False when no completion is waiting
+        to be sent: the worker must mark itself."""
+        if not self._pending or self._flusher is None or self._flusher.done():
+            return False
+        self._idle_pool = pool
+        self._marking = self._flusher
+        return True
+
+    async def idle_mark_sent(self) -> None:
+        """Wait until a mark given to :meth:`mark_idle` has reached the server (or its
+        send failed), so a later change of the mark is not overtaken by it."""
+        marking, self._marking = self._marking, None
+        if marking is not None and not marking.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(marking)
 
     def add(
         self,
@@ -214,9 +235,11 @@ class Results:
             for attempt in range(retries):
                 try:
                     sent = await self._store_outside(batch)
+                    idle, self._idle_pool = self._idle_pool, None
                     await scripts.complete(
-                        self.runtime, self.runtime.keys, sent, worker=self.worker_id
-                    )
+                        self.runtime, self.runtime.keys, sent, worker=self.worker_id,
+                        idle_pool=idle,
+                    )  # fmt: skip
                     break
                 except Exception as exc:
                     if attempt + 1 >= retries:

@@ -17,7 +17,10 @@
 -- q:<pool> of the pool read from st:<id>, are the stems ARGV[4..6] (Keys.state(''),
 -- ...) followed by the id or pool: the stems carry the namespace's hash tag, so these
 -- keys share the slot of KEYS.
--- Finished requests are only dropped from the lists.
+-- Finished requests are only dropped from the lists.  A queued request in the in-flight
+-- list was moved there by the worker's blocking move and never claimed (the worker
+-- died, or stopped, first): it goes back to its queue as it is (it never ran).  A
+-- queued one that is only in the owned set is in a queue already and is skipped.
 -- When the worker died, every request it held becomes a suspect (field d counts those
 -- deaths).  A suspect runs "carefully": its worker records it in cur:<worker> while it
 -- holds the baton (so does a worker whose event loop is torn down, for the request
@@ -27,8 +30,7 @@
 -- is returned and the caller fails it as a poison request.
 -- Without ids, each entry is popped from the owned set or the in-flight list as it is
 -- handled, so every request is handled once however many calls it takes: one that is
--- in both is requeued at its first entry and skipped at its second (it is queued by
--- then), and a poisoned one leaves both at once.  cur:<worker> is kept until the
+-- in both leaves both at its first entry (the owned set's).  cur:<worker> is kept until the
 -- last page, so a strike counts on whichever page meets its request.
 -- Returns {number requeued, entries left (0: done), poisoned id, ...}.
 local owned, inflight, cur, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -45,6 +47,7 @@ end
 local current = false
 if dead then current = redis.call('GET', cur) end
 local ids, sts, results = {}, {}, {}
+local listed = {}  -- ids popped off the in-flight list (by position)
 local explicit = #ARGV > 6
 if explicit then
   for i = 7, #ARGV do
@@ -57,7 +60,10 @@ else
   if #ids < REQUEUE_PAGE then
     local more = redis.call('LPOP', inflight, REQUEUE_PAGE - #ids)
     if more then
-      for _, id in ipairs(more) do ids[#ids + 1] = id end
+      for _, id in ipairs(more) do
+        ids[#ids + 1] = id
+        listed[#ids] = true
+      end
     end
   end
   for n, id in ipairs(ids) do
@@ -75,9 +81,18 @@ for n, id in ipairs(ids) do
     local pool = redis.call('HGET', st, 'pool')
     local owner = redis.call('HGET', st, 'o')
     local poisoned = false
-    if pool and (owner == worker or owner == false)
+    local state = redis.call('HGET', st, 's')
+    if explicit and state == 'queued' then
+      listed[n] = redis.call('LREM', inflight, 0, id) > 0
+    end
+    if pool and state == 'queued' and listed[n] and redis.call('EXISTS', results[n]) == 0 then
+      -- moved off its queue by a blocking move and never claimed: back it goes (should
+      -- it still have an entry there too, take drops the second one as stale)
+      redis.call('RPUSH', q_stem .. pool, id)
+      moved = moved + 1
+    elseif pool and (owner == worker or owner == false)
         and redis.call('EXISTS', results[n]) == 0
-        and redis.call('HGET', st, 's') ~= 'queued' then
+        and state ~= 'queued' then
       local strike = dead and id == current
       local killed = 0
       if dead then
@@ -98,8 +113,9 @@ for n, id in ipairs(ids) do
     end
     redis.call('SREM', owned, id)
     -- an explicit id may sit anywhere in the in-flight list (short: what the worker
-    -- took); a popped one is looked for only when it is poisoned, so it is met once
-    if explicit or poisoned then redis.call('LREM', inflight, 0, id) end
+    -- took); a popped one is looked for only when it came from the owned set, so it
+    -- is met once
+    if explicit or not listed[n] then redis.call('LREM', inflight, 0, id) end
   end
 end
 out[1] = moved

@@ -18,7 +18,7 @@
 -- While some worker of the pool is idle and the queue is shorter than the offer, moves
 -- the candidates from the worker's stack to the pool queue.  With no worker idle, the
 -- offer is recorded in offers:<pool> instead (the worker's id, scored by time), so the
--- next worker to go idle wakes this one at once (idle.lua).  Returns the ids it moved.
+-- next worker to go idle wakes this one at once (take.lua, complete.lua).  Returns the ids it moved.
 local q, idle, owned, stats, offers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local inflight = KEYS[6]
 local worker, force = ARGV[1], ARGV[2]

@@ -5,14 +5,22 @@
 -- KEYS[2]  inflight:<worker>  LIST  what the worker took and has not finished
 -- KEYS[3]  idle:<pool>        HASH  idle workers of the pool
 -- KEYS[4]  stats              HASH  grid-wide counters
--- KEYS[5..7] with ARGV[6]: st:<id>, res:<id>, call:<id> of that id
+-- KEYS[5]  offers:<pool>      ZSET  workers whose offer found no idle worker (share.lua)
+-- KEYS[6..8] with ARGV[9]: st:<id>, res:<id>, call:<id> of that id
 -- ARGV[1]  worker id
 -- ARGV[2]  max requests to claim
 -- ARGV[3]  stem of st:<id> keys, ARGV[4] of res:<id>, ARGV[5] of call:<id>
--- ARGV[6]  (optional) id already moved into the in-flight list by BLMOVE
+-- ARGV[6]  '1': the worker waits for work if this claims nothing; it is then marked
+--          in idle:<pool> as taking hand-offs ('h' .. time, see submit) and wakes the
+--          latest offerer of KEYS[5] (a worker that ran dry gets work at once, however
+--          long the offerer's share period has grown); '0': not
+-- ARGV[7]  stem of inbox keys (Keys.inbox('')), ARGV[8] the message that tells a worker
+--          to offer its surplus now
+-- ARGV[9]  (optional) id already moved into the in-flight list by BLMOVE
 -- Derived keys: st:<id>, res:<id> and call:<id> of each id moved off the queue are the
 -- stems ARGV[3..5] (Keys.state(''), ...) followed by the id: the stems carry the
--- namespace's hash tag, so these keys share the slot of KEYS.
+-- namespace's hash tag, so these keys share the slot of KEYS; so does the inbox of a
+-- woken offerer, the stem ARGV[7] followed by its id.
 -- Returns {id1, payload1, deaths1, id2, ...}; deaths counts the workers that died
 -- while holding the request.  Only a request in state 'queued' is claimed; any other
 -- entry is stale and dropped on the way: the request finished, is unknown, was
@@ -20,9 +28,10 @@
 -- (a request submitted again after a cancel has two entries).  At most
 -- 4 * max + DROP_BUDGET entries are looked at per call, so a queue full of stale
 -- entries is drained a bounded step at a time.
-local q, inflight, idle, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local q, inflight, idle, stats, offers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local worker, max = ARGV[1], tonumber(ARGV[2])
 local st_stem, res_stem, call_stem = ARGV[3], ARGV[4], ARGV[5]
+local waits = ARGV[6] == '1'
 local out = {}
 local dropped = 0
 local function claim(id, st, res, c)
@@ -43,12 +52,12 @@ local function claim(id, st, res, c)
     dropped = dropped + 1
   end
 end
-if ARGV[6] then
-  if #KEYS ~= 7 then
+if ARGV[9] then
+  if #KEYS ~= 8 then
     return redis.error_reply('ERR pygirder take: a moved id needs its 3 keys, got '
-                             .. (#KEYS - 4))
+                             .. (#KEYS - 5))
   end
-  claim(ARGV[6], KEYS[5], KEYS[6], KEYS[7])
+  claim(ARGV[9], KEYS[6], KEYS[7], KEYS[8])
 end
 -- Take a fair share only: with a short queue and idle peers, one worker must not
 -- swallow everything (each idle peer and this worker get an equal part).
@@ -62,7 +71,19 @@ while #out < 3 * max and tries < 4 * max + DROP_BUDGET do
   if not id then break end
   claim(id, st_stem .. id, res_stem .. id, call_stem .. id)
 end
-if #out > 0 then redis.call('HDEL', idle, worker) end
+if #out > 0 then
+  redis.call('HDEL', idle, worker)
+elseif waits then
+  local now = redis.call('TIME')
+  redis.call('HSET', idle, worker, 'h' .. now[1] .. '.' .. string.format('%06d', now[2]))
+  redis.call('ZREM', offers, worker)
+  local latest = redis.call('ZPOPMAX', offers)
+  if #latest > 0 then
+    local box = ARGV[7] .. latest[1]
+    redis.call('LPUSH', box, ARGV[8])
+    redis.call('EXPIRE', box, INBOX_TTL)
+  end
+end
 if dropped > 0 then
   -- stale: entries cancel left in queues that no take has dropped yet.  Every dropped
   -- entry counts against it, down to 0 (an entry left behind otherwise, e.g. by a
