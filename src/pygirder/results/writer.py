@@ -65,9 +65,13 @@ class WriteBehind:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the durable store writer is closed")
+            was_empty = not self._queue
             self._queue.extend(items)
             self._pending_bytes += sum(len(i.body) for i in items)
-            self._cond.notify_all()
+            # the thread waits for a first result, then lingers for a full batch: waking
+            # it for every offer in between would only hand it the GIL to sleep again
+            if was_empty or len(self._queue) >= BATCH:
+                self._cond.notify_all()
 
     def wait_room(self, timeout: float = 60.0) -> bool:
         """Block while more than ``max_pending_bytes`` wait; False if it timed out."""
