@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ... import codec, settings
-from ...calls import Call
+from ...calls import Call, GridFunction
 from ...errors import CodecError, ConfigError, GridCycleError, GridFunctionError, RemoteError
 from ...results import open_store
 from ...store import scripts
@@ -421,8 +421,8 @@ class Worker:
         if self.durable is not None:
             await self.durable.room()  # a store far behind slows the worker, not its memory
 
-    async def _run_sync(self, gf: Any, run: Callable[[], Any]) -> Any:
-        """A sync call: inline when its function's runs were all short (see ``inline``),
+    async def _run_sync(self, gf: GridFunction[..., Any], run: Callable[[], Any]) -> Any:
+        """A sync call: inline when its function's last runs were short (see ``inline``),
         else (and when the inline run had to stop) on a thread."""
         if self.inline.ready(gf):
             done, value = self.inline.run(gf, run)
