@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
+import time
 
 import pygirder
 
@@ -87,3 +89,52 @@ def spin_unlimited(x: int) -> int:
 @pygirder.fn
 def waits_on_spin(x: int) -> int:
     return spin(x).result() + inc(x).result()
+
+
+def _where() -> str:
+    return threading.current_thread().name
+
+
+@pygirder.fn
+def spins_for(i: int, seconds: float) -> str:
+    """Pure Python for ``seconds`` (no C call to wait in); the thread it ended on."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return _where()
+
+
+def _first(call: pygirder.Call[int]) -> int:
+    return pygirder.wait(call)[0]
+
+
+@pygirder.fn
+def waits_if(x: int, wait: bool) -> tuple[int, str]:
+    """Waits on a sub-call (through a helper) only when told; swallows whatever stops
+    the wait."""
+    if not wait:
+        return x, _where()
+    try:
+        return _first(inc(x)), _where()
+    except BaseException:  # hostile: what stops the wait must not stop the rerun
+        return -1, _where()
+
+
+@pygirder.fn
+def names_a_wait(x: int, wait: bool) -> str:
+    return str(inc(x).result()) if wait else _where()
+
+
+@pygirder.fn
+def exits_if(i: int, kind: str) -> str:
+    """Raises ``kind`` (a BaseException) naming the thread it runs on; else returns it."""
+    if kind == "SystemExit":
+        sys.exit(f"exit on {_where()}")
+    if kind:
+        raise Custom(f"custom on {_where()}")
+    return _where()
+
+
+@pygirder.fn
+async def blocks_loop(x: int) -> int:
+    return inc(x).result()  # a blocking wait inside an async function

@@ -157,7 +157,7 @@ class GridFunction(Generic[P, R]):
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Bound arguments with defaults applied, by name in signature order."""
         simple = self._simple
-        if simple is not None and not kwargs and len(args) <= len(simple):
+        if simple is not None and not kwargs and len(args) <= len(simple[0]):
             # fast path: positional arguments of a plain signature (the common case)
             names, defaults = simple
             arguments = dict(zip(names, args, strict=False))
@@ -184,6 +184,9 @@ class GridFunction(Generic[P, R]):
 
     def bind_payload(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Turn decoded bound arguments back into ``(args, kwargs)`` for the real function."""
+        simple = self._simple
+        if simple is not None and tuple(arguments) == simple[0]:
+            return tuple(arguments.values()), {}  # a plain signature: all positional
         bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type,unused-ignore]
         return bound.args, bound.kwargs
 

@@ -123,6 +123,15 @@ def thread_idle_s() -> float:
     return _env_float("PYGIRDER_THREAD_IDLE_S", 60.0, minimum=0.01)
 
 
+def inline_s() -> float:
+    """A sync function whose last runs each took less than this runs on the worker's
+    event loop thread, without a thread hop (``PYGIRDER_INLINE_S``; 0 turns this off).
+
+    Above the interpreter's 5 ms switch interval, so a run that merely waited for the
+    GIL (the durable store's writer thread) does not count as long."""
+    return _env_float("PYGIRDER_INLINE_S", 0.02, minimum=0.0)
+
+
 def store_retries() -> int:
     """Attempts to store a batch of results before it is split (``PYGIRDER_STORE_RETRIES``)."""
     return int(_env_float("PYGIRDER_STORE_RETRIES", 4, minimum=1))

@@ -22,6 +22,11 @@ def grid(grid_factory):
     return grid_factory(workers=2)
 
 
+def test_decoded_arguments_bind_back_to_the_signature():
+    assert gf.add.bind_payload({"a": 1, "b": 2}) == ((1, 2), {})
+    assert gf.add.bind_payload({"b": 2, "a": 1}) == ((1, 2), {})  # any order of names
+
+
 def test_run_map_submit_and_ids(grid):
     assert grid.run(gf.add(2, 3)) == 5
     assert gf.add(1, b=2).id == gf.add(1, 2).id  # bound to the signature first

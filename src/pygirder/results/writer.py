@@ -67,7 +67,10 @@ class WriteBehind:
                 raise RuntimeError("the durable store writer is closed")
             self._queue.extend(items)
             self._pending_bytes += sum(len(i.body) for i in items)
-            self._cond.notify_all()
+            # the thread looks every LINGER_S on its own: waking it from the producer
+            # (the worker's event loop) costs that thread a context switch per offer
+            if len(self._queue) >= BATCH:
+                self._cond.notify_all()
 
     def wait_room(self, timeout: float = 60.0) -> bool:
         """Block while more than ``max_pending_bytes`` wait; False if it timed out."""
@@ -83,8 +86,10 @@ class WriteBehind:
 
     @property
     def behind(self) -> bool:
-        """More is waiting than ``max_pending_bytes``: the producer should wait_room()."""
-        return self.pending_bytes > self.max_pending_bytes
+        """More is waiting than ``max_pending_bytes``: the producer should wait_room().
+        Read without the lock (once per result): an int read is atomic, and a stale
+        answer only waits or not one result later."""
+        return self._pending_bytes > self.max_pending_bytes
 
     @property
     def pending(self) -> int:
@@ -118,7 +123,8 @@ class WriteBehind:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
+                while not self._queue and not self._closed:
+                    self._cond.wait(LINGER_S)  # offers do not wake it (see offer)
                 if not self._queue:
                     return
                 # let a batch gather for a moment: one index transaction (and one round

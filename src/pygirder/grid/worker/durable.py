@@ -37,6 +37,8 @@ from .sharing import StackEntry
 
 log = logging.getLogger("pygirder.worker")
 
+EXPIRE_EVERY_S = 0.5
+
 
 class DurableTier:
     """Read-through and write-behind between one worker and a result store."""
@@ -67,6 +69,8 @@ class DurableTier:
         self._durable: deque[tuple[str, int]] = deque(maxlen=100_000)
         self._sizes: dict[str, int] = {}
         self.dropped = 0
+        self._to_expire: list[str] = []  # stored, waiting for their hot-tier TTL
+        self._expiring = False  # an _expire round is scheduled
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -114,12 +118,21 @@ class DurableTier:
         """From the writer's thread: these results are durable, Valkey may let them go."""
         for request_id in ids:
             self._durable.append((request_id, self._sizes.pop(request_id, 0)))
-        if self.hot_ttl and self._loop is not None and not self._loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self._expire(ids), self._loop)
+        if not self.hot_ttl or self._loop is None or self._loop.is_closed():
+            return
+        self._to_expire.extend(ids)
+        if not self._expiring:
+            self._expiring = True
+            asyncio.run_coroutine_threadsafe(self._expire(), self._loop)
 
-    async def _expire(self, ids: list[str]) -> None:
+    async def _expire(self, wait: float = EXPIRE_EVERY_S) -> None:
+        """Give stored results the hot-tier TTL, gathered over ``EXPIRE_EVERY_S``: one
+        round trip (and one wake-up of the loop) for many of the writer's batches."""
+        await asyncio.sleep(wait)
+        self._expiring = False  # first: ids stored from now on schedule another round
+        ids, self._to_expire = self._to_expire, []
         redis = self.runtime.redis
-        if redis is None:
+        if redis is None or not ids:
             return
         try:
             async with redis.pipeline(transaction=False) as pipe:
@@ -156,6 +169,7 @@ class DurableTier:
         """Store what is still queued (up to ``timeout``), then let the store go."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.writer.close, timeout)
+        await self._expire(0)  # what was stored last, before the connection goes
         self.reader.close()
         await loop.run_in_executor(None, self.store.close)
 

@@ -9,7 +9,8 @@ requeues the work of dead workers and fails poison, ``watchdog`` enforces
 ``max_runtime``, and ``functions`` finds the function a request names.
 
 Sub-calls go on the worker's local stack and are popped depth first.  Sync functions
-run in threads (one per waiting request, reused), async ones as tasks on the loop.
+run in threads (one per waiting request, reused), or inline on the loop's thread when
+their runs are known to be short (``inline``); async ones run as tasks on the loop.
 User code is hostile: whatever it raises (``SystemExit`` and other BaseExceptions
 included) becomes an error for its callers.
 """
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +32,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ... import codec, settings
-from ...calls import Call
-from ...errors import CodecError, ConfigError, GridCycleError, RemoteError
+from ...calls import Call, GridFunction
+from ...errors import CodecError, ConfigError, GridCycleError, GridFunctionError, RemoteError
 from ...results import open_store
 from ...store import scripts
 from ..connection import connect_redis
@@ -43,6 +45,7 @@ from .baton import Baton, Threads
 from .cycle_checks import CycleChecks, Parked
 from .durable import DurableTier
 from .functions import Functions, RefusedRequest
+from .inline import Inline, UserExit
 from .options import WorkerOptions
 from .recovery import Recovery
 from .results import Results
@@ -62,32 +65,8 @@ class HandedBack(BaseException):
     """
 
 
-class _UserExit(Exception):
-    """Carries a BaseException raised by user code (``sys.exit()``, ``KeyboardInterrupt``,
-    ``GeneratorExit``...) out of it as an ordinary error, so it fails the call and never
-    reaches the event loop, which would stop the worker."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(repr(original))
-        self.original = original
-
-
-def _guarded(run: Callable[[], Any]) -> Any:
-    """Run sync user code in its thread; what it raises comes back as an Exception.
-
-    A BaseException set on the executor's future would be re-raised inside the event
-    loop's task, and asyncio lets SystemExit and KeyboardInterrupt end the loop.
-    """
-    try:
-        return run()
-    except Exception:
-        raise
-    except BaseException as exc:
-        raise _UserExit(exc) from None
-
-
 async def _guarded_async(coro: Any) -> Any:
-    """Await async user code; its BaseExceptions become :class:`_UserExit`.
+    """Await async user code; its BaseExceptions become :class:`UserExit`.
 
     ``HandedBack`` is the worker's own and passes through, as does a CancelledError
     when this task really was cancelled; one that user code raised on its own is an
@@ -101,9 +80,9 @@ async def _guarded_async(coro: Any) -> Any:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
-        raise _UserExit(exc) from None
+        raise UserExit(exc) from None
     except BaseException as exc:
-        raise _UserExit(exc) from None
+        raise UserExit(exc) from None
 
 
 class Worker:
@@ -139,6 +118,7 @@ class Worker:
         self._handed_back: set[str] = set()  # parked requests requeued on shutdown
         self.baton = Baton()
         self.threads = Threads(settings.idle_threads(), settings.thread_idle_s())
+        self.inline = Inline()
         self.processed = 0
         self.started = time.time()
         self._stopping = asyncio.Event()
@@ -150,6 +130,7 @@ class Worker:
         self._taking = 0
         self._beats = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self.functions = Functions(
             worker_id=self.id, pool=self.pool, imports=options.imports,
             allow_modules=options.allow_modules, auto_import=options.auto_import,
@@ -167,7 +148,7 @@ class Worker:
         )
         self.watchdog = Watchdog(
             self.runtime, worker_id=self.id, pool=self.pool, error_ttl=options.error_ttl,
-            stopping=self._stopping, restart=self._restart,
+            stopping=self._stopping, restart=self._restart, inline=self.inline,
         )  # fmt: skip
         self.durable: DurableTier | None = None
         store = open_store(options.store or None)
@@ -189,6 +170,7 @@ class Worker:
     # -- main loop ------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.functions.load_code()
         self.runtime.beat_hooks.append(self._register)
         self.runtime.on_server_restart.append(self._after_server_restart)
@@ -449,10 +431,7 @@ class Worker:
                 if gf.is_async:
                     value = await _guarded_async(gf.func(*args, **kwargs))
                 else:
-                    run = functools.partial(gf.func, *args, **kwargs)
-                    value = await self.loop.run_in_executor(  # type: ignore[union-attr]
-                        self.threads, contextvars.copy_context().run, _guarded, run
-                    )
+                    value = await self._run_sync(gf, functools.partial(gf.func, *args, **kwargs))
                 envelope = encode_ok(
                     value, name=name, limit=self.max_result_bytes, request_id=request_id
                 )
@@ -469,7 +448,7 @@ class Worker:
             except Exception as exc:
                 if request_id in self._handed_back:
                     return  # user code turned the hand-back into an error of its own
-                cause = exc.original if isinstance(exc, _UserExit) else exc
+                cause = exc.original if isinstance(exc, UserExit) else exc
                 error = describe_exception(cause, request_id, name)
                 envelope = encode_error(error)
                 ttl = self.options.error_ttl
@@ -487,9 +466,20 @@ class Worker:
         if durable and self.durable is not None:
             deps = tuple(sorted(ctx.deps.items())) if ctx is not None else ()
             self.durable.computed(request_id, name, fingerprint, envelope, deps)
-        self.results.add(request_id, name, envelope, ttl, started, summary)
+        self.results.add(request_id, name, envelope, ttl, started, summary, more=bool(self.stack))
         if self.durable is not None:
             await self.durable.room()  # a store far behind slows the worker, not its memory
+
+    async def _run_sync(self, gf: GridFunction[..., Any], run: Callable[[], Any]) -> Any:
+        """A sync call: inline when its function's last runs were short (see ``inline``),
+        else (and when the inline run had to stop) on a thread."""
+        if self.inline.ready(gf):
+            done, value = self.inline.run(gf, run)
+            if done:
+                return value
+        return await self.loop.run_in_executor(  # type: ignore[union-attr]
+            self.threads, contextvars.copy_context().run, self.inline.timed(gf, run)
+        )
 
     async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
         """Keep what could not be decoded for inspection, and never crash over it."""
@@ -561,6 +551,14 @@ class Worker:
         self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
     ) -> list[Any]:
         assert self.loop is not None
+        self.inline.waited(ctx.function)
+        self.inline.check_waitable()  # a call inline goes to a thread, where it may wait
+        if threading.get_ident() == self._loop_thread:
+            raise GridFunctionError(
+                f"{ctx.function} waits with a blocking call (pygirder.wait, call.result()) on "
+                "the worker's event loop, which would stop the worker: in an async grid "
+                "function use `await pygirder.gather(...)` or `await call`"
+            )
         return asyncio.run_coroutine_threadsafe(
             self.gather(calls, ctx, timeout), self.loop
         ).result()

@@ -28,6 +28,9 @@ BATCH = 64
 # ... and about this many bytes of them: the server holds a call's arguments in memory
 # while it runs, and counts them against its maxmemory
 BATCH_BYTES = 4 * 1024**2
+# A result that finishes while more local work is ready waits at most this long (or
+# for a full batch, or for the work to run out) before it is sent.
+GATHER_S = 0.005
 # Results larger than this go to the server as a SET of their own, not as an argument
 # of the `complete` script.
 OUTSIDE_BYTES = 64 * 1024
@@ -52,6 +55,8 @@ class Results:
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
         self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a deferred send (``more``)
+        self._more = False  # the last result came with more local work ready
         self._restored: set[str] = set()  # answered from the durable store, not executed
         self._uncounted = 0  # restored results not yet moved from executed to restored
         # called with the ids of each batch the server has stored (the durable tier)
@@ -90,14 +95,35 @@ class Results:
         summary: str,
         *,
         restored: bool = False,
+        more: bool = False,
     ) -> None:
-        """Queue a result; a send starts at once unless one is in flight."""
+        """Queue a result; a send starts at once unless one is in flight.
+
+        ``more``: further local work is ready to run, so the send waits (up to
+        ``GATHER_S``, or a full batch) for its results to go in the same round trip.
+        """
         self._names[request_id] = name
         if restored:
             self._restored.add(request_id)
         self._pending.append(Completion(request_id, envelope, ttl, started, summary))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self.flush())
+        self._more = more
+        if self._flusher is not None and not self._flusher.done():
+            return  # the send in flight takes this one next
+        if more and len(self._pending) < BATCH:
+            self._send_later()
+        else:
+            self._send()
+
+    def _send_later(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(GATHER_S, self._send)
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self.flush(gather=True))
 
     def storing(self) -> set[str]:
         """The requests whose results are on their way to the server."""
@@ -105,18 +131,26 @@ class Results:
 
     async def drain(self) -> None:
         """Wait for the send in flight (and what queued behind it) to finish."""
+        self._more = False
+        self._send()
         if self._flusher is not None:
             await self._flusher
         if self._uncounted:
             await self._count_restored([])
 
-    async def flush(self) -> None:
+    async def flush(self, *, gather: bool = False) -> None:
         """Send finished results, batching those that finish while a send is in flight.
 
         Under load this turns one round trip per call into one per batch; when calls
-        are rare each still goes out at once.
+        are rare each still goes out at once.  ``gather``: stop early while more local
+        work is ready and less than a batch is pending (``add``'s ``more``).
         """
+        sent = False
         while self._pending:
+            if gather and sent and self._more and len(self._pending) < BATCH:
+                self._send_later()
+                return
+            sent = True
             end, size = 0, 0
             while end < min(len(self._pending), BATCH) and (not end or size < BATCH_BYTES):
                 size += len(self._pending[end].result)

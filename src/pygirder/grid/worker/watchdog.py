@@ -4,7 +4,8 @@ It runs in a thread of its own, so it sees an async call that blocks the event l
 as well as a sync one spinning in its thread.  Python cannot stop a running thread,
 so the process goes: the call is failed (not retried: a rerun would spin again),
 the rest of this process's work is handed back, and the process is replaced (see
-:func:`reexec`).
+:func:`reexec`).  The same thread aborts a call running inline on the loop's thread
+that goes on too long, so it runs again on a thread (``inline``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ...errors import CallLink, RemoteError
 from ...store import scripts
 from ..protocol import encode_error
 from ..runtime import Runtime
+from .inline import Inline
 
 log = logging.getLogger("pygirder.worker")
 
@@ -52,6 +54,7 @@ class Watchdog:
         error_ttl: int,
         stopping: asyncio.Event,
         restart: Callable[[], None],
+        inline: Inline | None = None,
     ) -> None:
         self.runtime = runtime
         self.worker_id = worker_id
@@ -59,6 +62,7 @@ class Watchdog:
         self.error_ttl = error_ttl
         self.stopping = stopping
         self.restart = restart
+        self.inline = inline  # calls run on the loop's thread, aborted when too long
         self.holder: str | None = None  # the request holding the baton
         self.holder_fn: str | None = None
         self._limits: dict[str, float] = {}  # running request -> its limit (if any)
@@ -75,12 +79,15 @@ class Watchdog:
 
     def hold(self, request_id: str | None, function: str | None = None) -> None:
         """Remember which request holds the baton (shown by `pygirder status`), and
-        account the time each request holds it."""
-        now = time.monotonic()
+        account the time each request holds it.  Twice per call: without limits it
+        only names the holder."""
+        self.holder, self.holder_fn = request_id, function
         watch = self._watch
+        if watch is None and not self._limits:
+            return
+        now = time.monotonic()
         if watch is not None:
             self._used[watch.request_id] = watch.used + (now - watch.since)
-        self.holder, self.holder_fn = request_id, function
         limit = self._limits.get(request_id) if request_id is not None else None
         if request_id is None or not limit:
             self._watch = None
@@ -100,6 +107,8 @@ class Watchdog:
             watch = self._watch
             if self.loop is not None and self.loop.is_closed():
                 return
+            if self.inline is not None:
+                self.inline.abort_if_over()
             if watch is None or self.loop is None:
                 continue
             ran = watch.used + (time.monotonic() - watch.since)
