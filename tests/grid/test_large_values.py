@@ -46,3 +46,48 @@ def test_large_results_are_stored_outside_the_script(grid_factory, valkey_server
     assert sets[keys.result(small.id)] == "lua"  # inside the completion script
     scripts = [e["command"] for e in events if e["command"].upper().startswith("EVALSHA")]
     assert scripts and max(len(c) for c in scripts) < 100_000
+
+
+def _calls(url: str, command: str) -> int:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_large_results_are_read_with_pipelined_gets_not_mget(grid_factory, valkey_server):
+    grid = grid_factory(workers=1)
+    mgets, gets = _calls(valkey_server.url, "mget"), _calls(valkey_server.url, "get")
+    assert grid.wait([gf.big_bytes(200_000 + i) for i in range(3)]) == [
+        b"x" * (200_000 + i) for i in range(3)
+    ]
+    assert _calls(valkey_server.url, "mget") == mgets
+    assert _calls(valkey_server.url, "get") >= gets + 3
+
+
+def test_summaries_of_large_values_never_render_them_whole(monkeypatch):
+    """The call graph's one-line summary of a 10 MB bytes value (or a dataclass holding
+    one) once rendered all 40 MB of its repr before cutting it to 200 characters."""
+    import builtins
+    import dataclasses
+
+    from pygirder.grid.protocol import summarize
+
+    @dataclasses.dataclass
+    class Holder:
+        data: bytes
+        n: int
+
+    rendered: list[int] = []
+    real_repr = builtins.repr
+
+    def spy(obj):
+        text = real_repr(obj)
+        rendered.append(len(text))
+        return text
+
+    monkeypatch.setattr(builtins, "repr", spy)
+    big = b"\x00" * 1_000_000
+    assert summarize(big).startswith("b'\\x00")
+    assert summarize(Holder(big, 3)).startswith("Holder(data=b'\\x00")
+    assert summarize({"k": [big, bytearray(big)]}).startswith("{'k': [b'")
+    monkeypatch.undo()
+    assert max(rendered) < 1000

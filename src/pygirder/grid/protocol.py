@@ -10,6 +10,7 @@ summary of each call's arguments and result.
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,32 @@ def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
     raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
 
 
-_short = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    """reprlib, with the types it would render whole first and cut after: bytes (whose
+    repr of 10 MB is a 40 MB string) and dataclasses (whose repr shows every field)."""
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        text = repr(x[: self.maxstring])
+        if len(x) > self.maxstring:
+            text = text[: self.maxstring - 3] + "..."
+        return text
+
+    def repr_bytearray(self, x: bytearray, level: int) -> str:
+        return f"bytearray({self.repr_bytes(bytes(x[: self.maxstring + 1]), level)})"
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            if level <= 0:
+                return f"{type(x).__name__}(...)"
+            fields = [f for f in dataclasses.fields(x) if f.repr][: self.maxdict]
+            inner = ", ".join(
+                f"{f.name}={self.repr1(getattr(x, f.name, None), level - 1)}" for f in fields
+            )
+            return f"{type(x).__name__}({inner})"
+        return super().repr_instance(x, level)
+
+
+_short = _ShortRepr()
 _short.maxstring = 60
 _short.maxother = 60
 _short.maxlevel = 3

@@ -26,6 +26,7 @@ from .. import settings
 from ..errors import GridTimeout
 from ..store import scripts
 from ..store.keys import CALL_GRAPH_TTL_S, Keys
+from . import bulk
 from .connection import connect_redis
 from .protocol import ID_LEN, call_summary, decode_envelope
 from .translate import out_of_memory
@@ -411,7 +412,7 @@ class Runtime:
     async def _fetch_results(self, ids: list[str]) -> None:
         assert self.redis is not None
         self.round_trips += 1
-        values = await self.redis.mget([self.keys.result(i) for i in ids])
+        values = await bulk.get_values(self.redis, [self.keys.result(i) for i in ids])
         again: list[str] = []
         for request_id, data in zip(ids, values, strict=True):
             if data is not None:
