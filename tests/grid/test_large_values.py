@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import redis
 
 import gridfuncs as gf
@@ -91,3 +92,45 @@ def test_summaries_of_large_values_never_render_them_whole(monkeypatch):
     assert summarize({"k": [big, bytearray(big)]}).startswith("{'k': [b'")
     monkeypatch.undo()
     assert max(rendered) < 1000
+
+
+def test_a_large_array_decodes_with_one_copy():
+    """The general path held three copies of a large array's data at once (the
+    extension's payload, the bin object in it, the array); one is the array itself."""
+    import tracemalloc
+
+    import numpy as np
+
+    from pygirder import codec
+
+    array = np.arange(2_000_000, dtype="<f8").reshape(1000, 2000)
+    data = codec.encode(array)
+    tracemalloc.start()
+    try:
+        value = codec.decode(memoryview(data))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert value.dtype == array.dtype and value.shape == array.shape
+    assert (value == array).all() and value.flags.writeable and value.flags.owndata
+    assert peak < 1.3 * array.nbytes
+
+
+def test_a_large_array_message_that_lies_fails_like_any_other():
+    import numpy as np
+
+    from pygirder import codec
+    from pygirder.errors import CodecError
+
+    data = bytearray(codec.encode(np.zeros(100_000, dtype="<f8")))
+    assert data[0] == 0xC9
+    shorter = bytes(data[:-8])  # every length now disagrees with the bytes there
+    with pytest.raises(CodecError):
+        codec.decode(shorter)
+    at = data.index(b"<f8")
+    wrong_dtype = bytes(data[:at] + b"<i4" + data[at + 3 :])  # data no longer fits
+    with pytest.raises(CodecError, match="does not match its dtype"):
+        codec.decode(wrong_dtype)
+    objects = bytes(data[:at] + b"|O8" + data[at + 3 :])
+    with pytest.raises(CodecError, match="dtype"):
+        codec.decode(objects)

@@ -2,7 +2,9 @@
 
 A result envelope is one status byte followed by the codec's encoding of the value
 (OK), of a value msgpack cannot carry, pickled and signed (PICKLED, only on grids
-that share PYGIRDER_SECRET), or of the error's fields (ERR).  A completion message in
+that share PYGIRDER_SECRET), or of the error's fields (ERR).  A large envelope may
+travel compressed (COMPRESSED: the envelope's size in 4 bytes, little-endian, then
+its lz4 block); see ``compress``.  A completion message in
 a process's inbox is ``1`` or ``0`` (result inline or stored), the request id
 (``ID_LEN`` characters), then the inline envelope.  The call graph keeps a bounded
 summary of each call's arguments and result.
@@ -21,7 +23,75 @@ if TYPE_CHECKING:
     from ..calls import Call
 
 ID_LEN = 40
-OK, PICKLED, ERR = b"O", b"P", b"E"
+OK, PICKLED, ERR, COMPRESSED = b"O", b"P", b"E", b"Z"
+
+#: Envelopes (and call payloads) at least this large are worth compressing.
+COMPRESS_BYTES = 64 * 1024
+# lz4 writes at most about 255 bytes per byte of its input: an envelope that declares
+# more is malformed, whatever the size limit.
+_LZ4_MAX_RATIO = 255
+_LOOPBACK = ("localhost", "::1")
+
+
+def compressing(url: str) -> bool:
+    """Whether values sent to the server at ``url`` are compressed (PYGIRDER_COMPRESS)."""
+    mode = settings.compression()
+    if mode != "auto":
+        return mode == "lz4"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return parts.scheme != "unix" and host not in _LOOPBACK and not host.startswith("127.")
+
+
+def compress(data: bytes) -> bytes:
+    """``data`` (an envelope or a payload) compressed with lz4, when that saves at least
+    an eighth of it; else ``data`` itself.  Incompressible values (already compressed,
+    random) cost one quick pass and travel as they are."""
+    if len(data) < COMPRESS_BYTES or data[:1] in (ERR, COMPRESSED):
+        return data
+    import lz4.block
+
+    packed = lz4.block.compress(data, store_size=False)
+    if len(packed) + 5 > len(data) - len(data) // 8:
+        return data
+    return COMPRESSED + len(data).to_bytes(4, "little") + packed
+
+
+def expand(data: bytes, *, limit: int | None = None, what: str = "result") -> bytes:
+    """The envelope (or payload) a COMPRESSED one holds, else ``data`` itself.
+
+    Bounded for any input: the declared size must be within ``limit`` (by default the
+    largest result, PYGIRDER_MAX_RESULT_BYTES) and within what lz4 can expand the
+    bytes to, and the bytes must expand to exactly that size.
+    """
+    if data[:1] != COMPRESSED:
+        return data
+    if len(data) < 5:
+        raise CodecError(f"cannot decode {what}: truncated compressed value")
+    size = int.from_bytes(data[1:5], "little")
+    most = settings.max_result_bytes() + 1 if limit is None else limit
+    body = memoryview(data)[5:]
+    if size > most:
+        raise CodecError(
+            f"cannot decode {what}: it declares {size} bytes once expanded, over the limit "
+            f"of {most} (PYGIRDER_MAX_RESULT_BYTES)"
+        )
+    if size > _LZ4_MAX_RATIO * len(body) + 64:
+        raise CodecError(
+            f"cannot decode {what}: {len(body)} compressed bytes cannot expand to the "
+            f"{size} it declares"
+        )
+    import lz4.block
+
+    try:
+        inner: bytes = lz4.block.decompress(body, uncompressed_size=size)
+    except Exception as exc:  # lz4.block.LZ4BlockError: corrupt or too small a target
+        raise CodecError(f"cannot decode {what}: corrupt compressed value ({exc})") from None
+    if len(inner) != size or inner[:1] == COMPRESSED:
+        raise CodecError(f"cannot decode {what}: corrupt compressed value")
+    return inner
 
 
 def encode_ok(value: Any, *, name: str, limit: int | None, request_id: str | None = None) -> bytes:
@@ -59,6 +129,7 @@ def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
     A signed pickled result verifies only as the result of the request it was signed
     for, so ``request_id`` is required to read one.
     """
+    data = expand(data)
     body = memoryview(data)[1:]
     kind = data[:1]
     if kind == OK:
