@@ -295,3 +295,15 @@ def sized(i: int, size: int, pause: float, log: str) -> bytes:
     record(log, f"sized:{i}")
     time.sleep(pause)
     return bytes([i % 256]) * size
+
+
+@pygirder.fn
+def digest(data: bytes) -> list[int]:
+    import zlib
+
+    return [len(data), zlib.crc32(data)]
+
+
+@pygirder.fn
+def digest_inside(data: bytes) -> list[int]:
+    return digest(data).result()

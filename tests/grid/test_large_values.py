@@ -4,6 +4,7 @@ arguments of the completion script; small ones still ride inside it."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -134,3 +135,52 @@ def test_a_large_array_message_that_lies_fails_like_any_other():
     objects = bytes(data[:at] + b"|O8" + data[at + 3 :])
     with pytest.raises(CodecError, match="dtype"):
         codec.decode(objects)
+
+
+def test_large_arguments_are_stored_outside_the_scripts(grid_factory, valkey_server):
+    import zlib
+
+    grid = grid_factory(workers=1)
+    data = bytes(range(256)) * 1200  # 300 KB
+    call = gf.digest(data)
+    events: list[dict] = []
+    ready = threading.Event()
+    watcher = threading.Thread(target=_monitor, args=(valkey_server.url, events, ready))
+    watcher.start()
+    ready.wait(10)
+    try:
+        assert grid.run(call) == [len(data), zlib.crc32(data)]
+        # inside a worker: the nested call's payload goes the same way
+        assert grid.run(gf.digest_inside(data[1:])) == [len(data) - 1, zlib.crc32(data[1:])]
+    finally:
+        redis.Redis.from_url(valkey_server.url).echo(END)
+        watcher.join(30)
+    keys = Keys(grid.namespace)
+    scripts = [e["command"] for e in events if e["command"].upper().startswith("EVALSHA")]
+    assert scripts and max(len(c) for c in scripts) < 100_000  # neither submit nor take
+    sets = [e for e in events if e["command"].upper().startswith("SET ")]
+    assert any(keys.argument(call.id) in e["command"] for e in sets)
+    client = redis.Redis.from_url(valkey_server.url)
+    for _ in range(100):  # deleted by the worker once the result is stored
+        if not client.exists(keys.argument(call.id)):
+            break
+        time.sleep(0.05)
+    assert not client.exists(keys.argument(call.id))
+
+
+def test_a_stored_payload_that_is_gone_is_a_clear_error(redis_url):
+    import asyncio
+
+    from pygirder.errors import CodecError
+    from pygirder.grid.runtime import Runtime
+
+    async def main():
+        runtime = Runtime(redis_url, namespace="gone")
+        await runtime.connect()
+        try:
+            with pytest.raises(CodecError, match=r"no longer on the server.*submit the call"):
+                await runtime.read_payload("0" * 40)
+        finally:
+            await runtime.redis.aclose()
+
+    asyncio.run(main())

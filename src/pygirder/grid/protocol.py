@@ -33,6 +33,12 @@ _LZ4_MAX_RATIO = 255
 _LOOPBACK = ("localhost", "::1")
 
 
+#: The payload a request carries through the scripts when its real payload (over
+#: COMPRESS_BYTES) is stored beside it under ``Keys.argument``.  A real payload is a
+#: msgpack array, so it never starts with this byte.
+PAYLOAD_OUTSIDE = b"@"
+
+
 def compressing(url: str) -> bool:
     """Whether values sent to the server at ``url`` are compressed (PYGIRDER_COMPRESS)."""
     mode = settings.compression()

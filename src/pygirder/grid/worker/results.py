@@ -229,6 +229,7 @@ class Results:
             raise
         for request_id in ids:
             self._names.pop(request_id, None)
+        await self.runtime.drop_payloads(ids)
         for hook in self.on_completed:
             hook(ids)
 
