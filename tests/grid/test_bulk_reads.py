@@ -107,3 +107,68 @@ def test_a_server_that_stops_answering_is_a_timeout(redis_url, monkeypatch):
             await client.aclose()
 
     _run(main())
+
+
+def test_values_are_written_whole_with_or_without_an_expiry(redis_url):
+    sync = redis.Redis.from_url(redis_url)
+    big = os.urandom(5 * 1024 * 1024 + 3)
+
+    async def main():
+        client = await connect_redis(redis_url, max_connections=1)
+        try:
+            await bulk.set_value(client, "w-big", big, ex=100)
+            await bulk.set_value(client, b"w-small", b"\r\n", ex=None)
+            await bulk.set_value(client, "w-empty", b"", ex=None)
+            assert await client.get("w-small") == b"\r\n"  # the connection is clean
+        finally:
+            await client.aclose()
+
+    _run(main())
+    assert sync.get("w-big") == big and 0 < sync.ttl("w-big") <= 100
+    assert sync.get("w-small") == b"\r\n" and sync.ttl("w-small") == -1
+    assert sync.get("w-empty") == b""
+
+
+def test_a_refused_write_raises_and_leaves_the_connection_usable(redis_url):
+    sync = redis.Redis.from_url(redis_url)
+    before = sync.config_get("maxmemory")["maxmemory"]
+
+    async def main():
+        client = await connect_redis(redis_url, max_connections=1)
+        try:
+            sync.config_set("maxmemory", 1)
+            with pytest.raises(redis_errors.OutOfMemoryError, match="maxmemory"):
+                await bulk.set_value(client, "w-oom", os.urandom(300_000), ex=None)
+            sync.config_set("maxmemory", before)
+            assert await client.get("w-oom") is None
+        finally:
+            sync.config_set("maxmemory", before)
+            await client.aclose()
+
+    _run(main())
+
+
+def test_a_server_that_stops_reading_a_write_is_a_timeout(redis_url, valkey_server, monkeypatch):
+    """A hung server (stopped with SIGSTOP) stops reading: the write gives up after the
+    socket time-out instead of waiting for ever, and the connection is replaced."""
+    import signal
+
+    monkeypatch.setenv("PYGIRDER_SOCKET_TIMEOUT", "2")
+    pid = valkey_server.process.pid
+
+    async def main():
+        client = await connect_redis(redis_url, max_connections=1)
+        try:
+            await client.ping()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError):
+                    await bulk.set_value(client, "w-stuck", os.urandom(64 * 1024 * 1024), ex=None)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await client.ping()  # the spoilt connection was replaced
+            assert await client.get("w-stuck") is None  # the cut-short SET never ran
+        finally:
+            await client.aclose()
+
+    _run(main())

@@ -1,4 +1,5 @@
-"""Reading stored values at memory speed: pipelined GETs read straight into buffers.
+"""Values to and from the server at memory speed: pipelined GETs read straight into
+buffers, and SETs written straight from the value's buffer.
 
 redis-py reads a reply in 64 KiB pieces through an ``asyncio.StreamReader`` and a
 parser that copies every piece again; a 10 MB result took several times as long as
@@ -172,6 +173,13 @@ class _Replies(asyncio.BufferedProtocol):
                 raise ValueError(f"reply type {bytes(kind)!r}")
 
 
+async def _connection(pool: Any) -> Any:
+    try:
+        return await pool.get_connection()
+    except TypeError:  # redis-py before 5.3 names the command
+        return await pool.get_connection("GET")
+
+
 def _transport_of(conn: Any) -> asyncio.Transport | None:
     """The transport under a redis-py connection, or None where it has none we can lend."""
     writer = getattr(conn, "_writer", None)
@@ -196,15 +204,13 @@ async def get_values(
         return []
     encoded = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
     pool = client.connection_pool
+    conn = await _connection(pool)
+    transport = _transport_of(conn)
+    if transport is None:
+        await pool.release(conn)  # before the fallback, which takes one from the pool
+        fallback: list[Any] = await client.mget(encoded)
+        return fallback
     try:
-        conn = await pool.get_connection()
-    except TypeError:  # redis-py before 5.3 names the command
-        conn = await pool.get_connection("GET")
-    try:
-        transport = _transport_of(conn)
-        if transport is None:
-            fallback: list[Any] = await client.mget(encoded)
-            return fallback
         values = await _read(conn, transport, encoded, window)
     finally:
         await pool.release(conn)
@@ -223,7 +229,7 @@ async def _read(
             transport.resume_reading()
         protocol.start(transport)
         idle = settings.socket_timeout()
-        seen = -1
+        seen = 0  # bytes received by the end of the last idle period
         while True:
             try:
                 values = await asyncio.wait_for(asyncio.shield(protocol.done), idle)
@@ -239,7 +245,61 @@ async def _read(
         transport.set_protocol(original)
         if not clean:  # replies may still be on their way: this connection is spoilt
             protocol.done.cancel()
+            transport.abort()
             await conn.disconnect()
     if protocol.errors:
         raise redis_errors.ResponseError(protocol.errors[0])
     return values
+
+
+# Large values are written in pieces of this size, each once the one before has left:
+# the transport then never buffers (and shifts, piece by piece) a whole value.
+PIECE = 256 * 1024
+
+
+async def set_value(
+    client: aioredis.Redis, key: str | bytes, value: bytes, *, ex: int | None
+) -> None:
+    """``SET key value [EX ex]``, with the value written straight from its buffer.
+
+    redis-py packs a command into one new bytes object (a copy of the value) and hands
+    it to the transport at once, which copies what the socket does not take and shifts
+    its buffer after every send: three or four copies of a 10 MB value.  Here the value
+    is written piece by piece, each when the one before has been sent.
+    """
+    pool = client.connection_pool
+    conn = await _connection(pool)
+    writer = getattr(conn, "_writer", None)
+    if writer is None or not hasattr(writer, "drain"):
+        await pool.release(conn)  # before the fallback, which takes one from the pool
+        await client.set(key, value, ex=ex)
+        return
+    try:
+        name = key.encode() if isinstance(key, str) else bytes(key)
+        tail = b"\r\n"
+        if ex is not None:
+            tail += b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ex)), ex)
+        count = 3 + (2 if ex is not None else 0)
+        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (count, len(name), name, len(value))
+        idle = settings.socket_timeout()
+        clean = False
+        try:
+            writer.write(head)
+            view = memoryview(value)
+            for start in range(0, len(view), PIECE):
+                writer.write(view[start : start + PIECE])
+                async with asyncio.timeout(idle):
+                    await writer.drain()
+            writer.write(tail)
+            try:
+                await conn.read_response()
+            except redis_errors.ResponseError:  # the reply was read: the connection is fine
+                clean = True
+                raise
+            clean = True
+        finally:
+            if not clean:  # a command cut short: this connection is spoilt
+                writer.transport.abort()  # what it still buffers can never be sent
+                await conn.disconnect()
+    finally:
+        await pool.release(conn)

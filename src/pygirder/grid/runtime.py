@@ -252,14 +252,14 @@ class Runtime:
         assert self.redis is not None
         packed = compressing(self.url)
         out = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                if len(item.payload) > COMPRESS_BYTES:
-                    value = compress(item.payload) if packed else item.payload
-                    pipe.set(self.keys.argument(item.id), value, ex=ARGUMENT_TTL_S)
-                    item = item._replace(payload=PAYLOAD_OUTSIDE)
-                out.append(item)
-            await pipe.execute()
+        for item in items:
+            if len(item.payload) > COMPRESS_BYTES:
+                value = compress(item.payload) if packed else item.payload
+                await bulk.set_value(
+                    self.redis, self.keys.argument(item.id), value, ex=ARGUMENT_TTL_S
+                )
+                item = item._replace(payload=PAYLOAD_OUTSIDE)
+            out.append(item)
         return out
 
     async def read_payload(self, request_id: str) -> bytes:

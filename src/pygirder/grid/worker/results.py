@@ -17,6 +17,7 @@ from ... import settings
 from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store import scripts
 from ...store.scripts import Completion
+from .. import bulk
 from ..protocol import ERR, compress, compressing, encode_error
 from ..runtime import Runtime
 
@@ -197,7 +198,7 @@ class Results:
             if len(done.result) > OUTSIDE_BYTES and done.result[:1] != ERR:
                 key = self.runtime.keys.result(done.id)
                 value = compress(done.result) if self.compress else done.result
-                await self.runtime.redis.set(key, value, ex=int(done.ttl) or None)
+                await bulk.set_value(self.runtime.redis, key, value, ex=int(done.ttl) or None)
                 done = done._replace(result=b"")
             out.append(done)
         return out
