@@ -109,15 +109,20 @@ class _Replies(asyncio.BufferedProtocol):
             self.done.set_exception(exc)
 
     def _finish_value(self) -> None:
+        """A value is complete (its CRLF is still to come): send the next GET."""
         self.values.append(self.target)
         self.target = None
         self.crlf = True
-        self._next()
-
-    def _next(self) -> None:
-        """A reply is complete: send the next GET, or finish."""
         if self.keys:
             self._send(1)
+
+    def _next(self) -> None:
+        """A null or an error reply is complete: send the next GET, or finish."""
+        if self.keys:
+            self._send(1)
+        self._check_done()
+
+    def _check_done(self) -> None:
         if len(self.values) == self.expected and not self.crlf:
             if self.head:
                 raise ValueError(f"{len(self.head)} bytes after the last reply")
@@ -141,7 +146,7 @@ class _Replies(asyncio.BufferedProtocol):
                     raise ValueError("a value not followed by CRLF")
                 del head[:2]
                 self.crlf = False
-                self._next()
+                self._check_done()
                 continue
             end = head.find(b"\r\n", 0, MAX_HEADER)
             if end < 0:
