@@ -113,3 +113,9 @@ def test_workers_store_large_results_compressed_when_configured(
     assert stored[:1] == COMPRESSED and len(stored) < 50_000
     grid.runtime.forget_cached()
     assert grid.run(call) == b"x" * 500_000  # read back from the server, expanded
+
+
+def test_a_bad_setting_fails_when_the_grid_opens(grid_factory, monkeypatch):
+    monkeypatch.setenv("PYGIRDER_COMPRESS", "gzip")
+    with pytest.raises(ConfigError, match="PYGIRDER_COMPRESS='gzip'"):
+        grid_factory(workers=0)

@@ -103,6 +103,7 @@ class Runtime:
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
+        settings.compression()  # and a bad PYGIRDER_COMPRESS
         await self.connect()
         self._listener_client = await connect_redis(
             self.url, max_connections=1, block=self._inbox_block
