@@ -172,3 +172,31 @@ def test_a_server_that_stops_reading_a_write_is_a_timeout(redis_url, valkey_serv
             await client.aclose()
 
     _run(main())
+
+
+def test_other_commands_get_the_connection_between_large_values(redis_url):
+    """A worker has one command connection: storing large results one after the other
+    must let its heartbeat in between, or the heartbeat lapses and the worker looks
+    dead (a bounded pool lets the releasing task take the connection straight back)."""
+    value = os.urandom(1024 * 1024)
+
+    async def main():
+        client = await connect_redis(redis_url, max_connections=1)
+        stored: list[int] = []
+        try:
+
+            async def store_all() -> None:
+                for i in range(20):
+                    await bulk.set_value(client, f"fair-{i}", value, ex=60)
+                    stored.append(i)
+
+            writer = asyncio.ensure_future(store_all())
+            await asyncio.sleep(0)  # the writer holds the connection now
+            await client.set("fair-beat", b"1")
+            at_beat = len(stored)
+            await writer
+            return at_beat
+        finally:
+            await client.aclose()
+
+    assert _run(main()) < 20

@@ -185,6 +185,17 @@ async def _connection(pool: Any) -> Any:
         return await pool.get_connection("GET")
 
 
+async def _release(pool: Any, conn: Any) -> None:
+    """Give the connection back, and let whoever waits for it have it first.
+
+    A bounded pool wakes a waiter on release but lets the releasing task take the
+    connection straight back: a worker storing large results one after the other would
+    hold its one command connection for as long as that takes, and its heartbeat,
+    waiting for the same connection, would lapse (the worker then looks dead)."""
+    await pool.release(conn)
+    await asyncio.sleep(0)
+
+
 def _transport_of(conn: Any) -> asyncio.Transport | None:
     """The transport under a redis-py connection, or None where it has none we can lend."""
     writer = getattr(conn, "_writer", None)
@@ -218,7 +229,7 @@ async def get_values(
     try:
         values = await _read(conn, transport, encoded, window)
     finally:
-        await pool.release(conn)
+        await _release(pool, conn)
     return values  # type: ignore[return-value]
 
 
@@ -307,4 +318,4 @@ async def set_value(
                 writer.transport.abort()  # what it still buffers can never be sent
                 await conn.disconnect()
     finally:
-        await pool.release(conn)
+        await _release(pool, conn)
