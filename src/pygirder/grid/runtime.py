@@ -51,6 +51,10 @@ def new_process_id(kind: str) -> str:
     return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _refused_for_memory(exc: redis_errors.ResponseError) -> bool:
+    return isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM")
+
+
 class Runtime:
     """Submission, waiting and the local result cache of one process, on one event loop."""
 
@@ -256,9 +260,13 @@ class Runtime:
         for item in items:
             if len(item.payload) > COMPRESS_BYTES:
                 value = compress(item.payload) if packed else item.payload
-                await bulk.set_value(
-                    self.redis, self.keys.argument(item.id), value, ex=ARGUMENT_TTL_S
-                )
+                key = self.keys.argument(item.id)
+                try:
+                    await bulk.set_value(self.redis, key, value, ex=ARGUMENT_TTL_S)
+                except redis_errors.ResponseError as exc:
+                    if _refused_for_memory(exc):
+                        raise out_of_memory(self.url, "store arguments") from None
+                    raise
                 item = item._replace(payload=PAYLOAD_OUTSIDE)
             out.append(item)
         return out
@@ -351,7 +359,7 @@ class Runtime:
         try:
             return await script.run(self.redis, keys, args)
         except redis_errors.ResponseError as exc:
-            if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+            if _refused_for_memory(exc):
                 raise out_of_memory(self.url, script.name) from None
             raise
 
