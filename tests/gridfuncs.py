@@ -315,3 +315,15 @@ def fan_held(n: int, gate: str, pool: str = "") -> list[str]:
     """One parent, ``n`` children held at ``gate`` (in ``pool``, or the parent's)."""
     child = held.options(pool=pool) if pool else held
     return pygirder.wait(*(child(i, gate) for i in range(n)))
+
+
+@pygirder.fn
+def digest(data: bytes) -> list[int]:
+    import zlib
+
+    return [len(data), zlib.crc32(data)]
+
+
+@pygirder.fn
+def digest_inside(data: bytes) -> list[int]:
+    return digest(data).result()

@@ -83,6 +83,22 @@ def max_result_bytes() -> int:
                           minimum=1))  # fmt: skip
 
 
+COMPRESSION_MODES = ("auto", "lz4", "off")
+
+
+def compression() -> str:
+    """How large values are compressed on their way to the server
+    (``PYGIRDER_COMPRESS``): ``auto`` (the default) compresses with lz4 when the server
+    is not on this machine, ``lz4`` always, ``off`` never.  On loopback the copy
+    through the server costs less than compressing."""
+    raw = os.environ.get("PYGIRDER_COMPRESS", "auto").strip().lower() or "auto"
+    if raw not in COMPRESSION_MODES:
+        raise ConfigError(
+            f"PYGIRDER_COMPRESS={raw!r}: expected one of {', '.join(COMPRESSION_MODES)}"
+        )
+    return raw
+
+
 def pickle_codec() -> Any:
     """The opt-in pickle codec for results, when ``PYGIRDER_SECRET`` is set (else None).
 

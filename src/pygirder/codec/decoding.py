@@ -301,7 +301,7 @@ def _decode_ndarray(item: Any) -> Any:
     if not (type(item) is list and len(item) == 3):
         raise ValueError("malformed ndarray extension")
     dtype_str, shape, data = item
-    if type(dtype_str) is not str or type(shape) is not list or type(data) is not bytes:
+    if type(dtype_str) is not str or type(shape) is not list or type(data) not in _BUFFERS:
         raise ValueError("malformed ndarray extension")
     # Everything is checked before numpy sees it: numpy's own checks can be slow
     # (a product of thousands of huge dimensions) or allocate first.
@@ -339,7 +339,44 @@ def _decode_ndarray(item: Any) -> Any:
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
+_BUFFERS = (bytes, memoryview)  # an array's data: unpacked, or a view of the message
+
+# A top-level array at least this large is decoded from a view of the message.
+_LARGE_ARRAY = 64 * 1024
+_BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _large_array(view: memoryview) -> Any:
+    """A message that is one large numpy array, decoded with one copy (the array's own
+    buffer) straight from ``view``; None for any other message, which then takes the
+    general path (errors included).  The general path copies the data three times:
+    the extension's payload, the bin object inside it, and the writable array."""
+    end = len(view)
+    if view[0] != 0xC9 or view[5] != _EXT_NDARRAY or int.from_bytes(view[1:5], "big") != end - 6:
+        return None
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(view[6 : 6 + 4096])  # dtype and shape are small; the rest is data
+    try:
+        if unpacker.read_array_header() != 3:
+            return None
+        dtype_str, shape = unpacker.unpack(), unpacker.unpack()
+    except Exception:
+        return None
+    at = 6 + unpacker.tell()
+    width = _BIN_LENGTH.get(view[at])
+    start = at + 1 + (width or 0)
+    if width is None or int.from_bytes(view[at + 1 : start], "big") != end - start:
+        return None
+    return _decode_ndarray([dtype_str, shape, view[start:]])
+
+
 def _decode(data: bytes | bytearray | memoryview) -> Any:
+    if len(data) >= _LARGE_ARRAY and data[0] == 0xC9:
+        view = memoryview(data)
+        if view.format == "B" and view.ndim == 1:
+            value = _large_array(view)
+            if value is not None:
+                return value
     decoder = _Decoder()
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=decoder.ext_hook)

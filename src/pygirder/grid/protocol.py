@@ -2,7 +2,9 @@
 
 A result envelope is one status byte followed by the codec's encoding of the value
 (OK), of a value msgpack cannot carry, pickled and signed (PICKLED, only on grids
-that share PYGIRDER_SECRET), or of the error's fields (ERR).  A completion message in
+that share PYGIRDER_SECRET), or of the error's fields (ERR).  A large envelope may
+travel compressed (COMPRESSED: the envelope's size in 4 bytes, little-endian, then
+its lz4 block); see ``compress``.  A completion message in
 a process's inbox is ``1`` or ``0`` (result inline or stored), the request id
 (``ID_LEN`` characters), then the inline envelope; a worker's inbox also gets ``2``,
 the id and the payload of a request a submit handed to it.  The call graph keeps a bounded
@@ -11,6 +13,7 @@ summary of each call's arguments and result.
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +24,81 @@ if TYPE_CHECKING:
     from ..calls import Call
 
 ID_LEN = 40
-OK, PICKLED, ERR = b"O", b"P", b"E"
+OK, PICKLED, ERR, COMPRESSED = b"O", b"P", b"E", b"Z"
+
+#: Envelopes (and call payloads) at least this large are worth compressing.
+COMPRESS_BYTES = 64 * 1024
+# lz4 writes at most about 255 bytes per byte of its input: an envelope that declares
+# more is malformed, whatever the size limit.
+_LZ4_MAX_RATIO = 255
+_LOOPBACK = ("localhost", "::1")
+
+
+#: The payload a request carries through the scripts when its real payload (over
+#: COMPRESS_BYTES) is stored beside it under ``Keys.argument``.  A real payload is a
+#: msgpack array, so it never starts with this byte.
+PAYLOAD_OUTSIDE = b"@"
+
+
+def compressing(url: str) -> bool:
+    """Whether values sent to the server at ``url`` are compressed (PYGIRDER_COMPRESS)."""
+    mode = settings.compression()
+    if mode != "auto":
+        return mode == "lz4"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return parts.scheme != "unix" and host not in _LOOPBACK and not host.startswith("127.")
+
+
+def compress(data: bytes) -> bytes:
+    """``data`` (an envelope or a payload) compressed with lz4, when that saves at least
+    an eighth of it; else ``data`` itself.  Incompressible values (already compressed,
+    random) cost one quick pass and travel as they are."""
+    if len(data) < COMPRESS_BYTES or data[:1] in (ERR, COMPRESSED):
+        return data
+    import lz4.block
+
+    packed = lz4.block.compress(data, store_size=False)
+    if len(packed) + 5 > len(data) - len(data) // 8:
+        return data
+    return COMPRESSED + len(data).to_bytes(4, "little") + packed
+
+
+def expand(data: bytes, *, limit: int | None = None, what: str = "result") -> bytes:
+    """The envelope (or payload) a COMPRESSED one holds, else ``data`` itself.
+
+    Bounded for any input: the declared size must be within ``limit`` (by default the
+    largest result, PYGIRDER_MAX_RESULT_BYTES) and within what lz4 can expand the
+    bytes to, and the bytes must expand to exactly that size.
+    """
+    if data[:1] != COMPRESSED:
+        return data
+    if len(data) < 5:
+        raise CodecError(f"cannot decode {what}: truncated compressed value")
+    size = int.from_bytes(data[1:5], "little")
+    most = settings.max_result_bytes() + 1 if limit is None else limit
+    body = memoryview(data)[5:]
+    if size > most:
+        raise CodecError(
+            f"cannot decode {what}: it declares {size} bytes once expanded, over the limit "
+            f"of {most} (PYGIRDER_MAX_RESULT_BYTES)"
+        )
+    if size > _LZ4_MAX_RATIO * len(body) + 64:
+        raise CodecError(
+            f"cannot decode {what}: {len(body)} compressed bytes cannot expand to the "
+            f"{size} it declares"
+        )
+    import lz4.block
+
+    try:
+        inner: bytes = lz4.block.decompress(body, uncompressed_size=size)
+    except Exception as exc:  # lz4.block.LZ4BlockError: corrupt or too small a target
+        raise CodecError(f"cannot decode {what}: corrupt compressed value ({exc})") from None
+    if len(inner) != size or inner[:1] == COMPRESSED:
+        raise CodecError(f"cannot decode {what}: corrupt compressed value")
+    return inner
 
 
 def encode_ok(value: Any, *, name: str, limit: int | None, request_id: str | None = None) -> bytes:
@@ -59,6 +136,7 @@ def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
     A signed pickled result verifies only as the result of the request it was signed
     for, so ``request_id`` is required to read one.
     """
+    data = expand(data)
     body = memoryview(data)[1:]
     kind = data[:1]
     if kind == OK:
@@ -78,7 +156,32 @@ def decode_envelope(data: bytes, request_id: str | None = None) -> Any:
     raise RemoteError("CodecError", f"unknown result envelope {bytes(data[:1])!r}")
 
 
-_short = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    """reprlib, with the types it would render whole first and cut after: bytes (whose
+    repr of 10 MB is a 40 MB string) and dataclasses (whose repr shows every field)."""
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        text = repr(x[: self.maxstring])
+        if len(x) > self.maxstring:
+            text = text[: self.maxstring - 3] + "..."
+        return text
+
+    def repr_bytearray(self, x: bytearray, level: int) -> str:
+        return f"bytearray({self.repr_bytes(bytes(x[: self.maxstring + 1]), level)})"
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            if level <= 0:
+                return f"{type(x).__name__}(...)"
+            fields = [f for f in dataclasses.fields(x) if f.repr][: self.maxdict]
+            inner = ", ".join(
+                f"{f.name}={self.repr1(getattr(x, f.name, None), level - 1)}" for f in fields
+            )
+            return f"{type(x).__name__}({inner})"
+        return super().repr_instance(x, level)
+
+
+_short = _ShortRepr()
 _short.maxstring = 60
 _short.maxother = 60
 _short.maxlevel = 3

@@ -23,11 +23,22 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from .. import settings
-from ..errors import GridTimeout
+from ..codec import DEFAULT_LIMITS
+from ..errors import CodecError, GridTimeout
 from ..store import scripts
-from ..store.keys import CALL_GRAPH_TTL_S, Keys
+from ..store.keys import ARGUMENT_TTL_S, CALL_GRAPH_TTL_S, Keys
+from . import bulk
 from .connection import connect_redis
-from .protocol import ID_LEN, call_summary, decode_envelope
+from .protocol import (
+    COMPRESS_BYTES,
+    ID_LEN,
+    PAYLOAD_OUTSIDE,
+    call_summary,
+    compress,
+    compressing,
+    decode_envelope,
+    expand,
+)
 from .translate import out_of_memory
 
 if TYPE_CHECKING:
@@ -38,6 +49,10 @@ log = logging.getLogger("pygirder.grid")
 
 def new_process_id(kind: str) -> str:
     return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _refused_for_memory(exc: redis_errors.ResponseError) -> bool:
+    return isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM")
 
 
 class Runtime:
@@ -85,6 +100,7 @@ class Runtime:
         self._finished: list[str] = []  # waited-for ids to trim from the server's record
         self._records_waits = False  # set by the first submission without an owner
         self.listener_restarts = 0
+        self.outside_payloads: set[str] = set()  # read with read_payload, result not stored
         # called with the calls a submission queued as new, before it returns, where no
         # worker would ever take them (a private grid without workers: its store answers
         # them, or they fail); None where workers take them
@@ -95,6 +111,7 @@ class Runtime:
 
     async def start(self) -> None:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
+        settings.compression()  # and a bad PYGIRDER_COMPRESS
         await self.connect()
         self._listener_client = await connect_redis(
             self.url, max_connections=1, block=self._inbox_block
@@ -225,11 +242,64 @@ class Runtime:
     async def _submit(
         self, items: Sequence[scripts.Submission], *, owner: str, parent: str
     ) -> list[Any]:
+        if any(len(item.payload) > COMPRESS_BYTES for item in items):
+            items = await self._store_payloads(items)
         reply: list[Any] = await scripts.submit(
             self, self.keys, items, process=self.process_id, owner=owner, parent=parent,
             graph_ttl=self.graph_ttl,
         )  # fmt: skip
         return reply
+
+    async def _store_payloads(
+        self, items: Sequence[scripts.Submission]
+    ) -> list[scripts.Submission]:
+        """Store the large payloads of ``items`` with plain SETs (compressed on a
+        network), before the script makes their requests visible; the items for the
+        script, those payloads replaced by PAYLOAD_OUTSIDE.  Copied through a script's
+        arguments a payload is copied several times more inside the server, and the
+        reply to a worker's take would carry it through redis-py's slow reader."""
+        assert self.redis is not None
+        packed = compressing(self.url)
+        out = []
+        for item in items:
+            if len(item.payload) > COMPRESS_BYTES:
+                value = compress(item.payload) if packed else item.payload
+                key = self.keys.argument(item.id)
+                try:
+                    await bulk.set_value(self.redis, key, value, ex=ARGUMENT_TTL_S)
+                except redis_errors.ResponseError as exc:
+                    if _refused_for_memory(exc):
+                        raise out_of_memory(self.url, "store arguments") from None
+                    raise
+                item = item._replace(payload=PAYLOAD_OUTSIDE)
+            out.append(item)
+        return out
+
+    async def read_payload(self, request_id: str) -> bytes:
+        """The payload stored beside a request (its script payload was PAYLOAD_OUTSIDE);
+        a CodecError when it is gone.  Remembered in ``outside_payloads`` until the
+        result is stored (``drop_payloads``)."""
+        assert self.redis is not None
+        [data] = await bulk.get_values(self.redis, [self.keys.argument(request_id)])
+        if data is None:
+            raise CodecError(
+                f"the arguments of request {request_id} are no longer on the server (a large "
+                f"payload is kept {ARGUMENT_TTL_S // 86400} days); submit the call again"
+            )
+        self.outside_payloads.add(request_id)
+        return expand(bytes(data), limit=DEFAULT_LIMITS["max_arg_bytes"], what="request payload")
+
+    async def drop_payloads(self, request_ids: Sequence[str]) -> None:
+        """Delete the stored payloads of these requests, whose results are stored."""
+        done = [i for i in request_ids if i in self.outside_payloads]
+        if not done:
+            return
+        assert self.redis is not None
+        self.outside_payloads.difference_update(done)
+        try:
+            await self.redis.unlink(*(self.keys.argument(i) for i in done))
+        except Exception as exc:  # they expire by themselves
+            log.debug("could not delete %d stored payloads: %s", len(done), exc)
 
     async def cancel(self, request_ids: Sequence[str]) -> list[str]:
         """Stop waiting for these requests; those nobody else waits for and that have not
@@ -293,7 +363,7 @@ class Runtime:
         try:
             return await script.run(self.redis, keys, args)
         except redis_errors.ResponseError as exc:
-            if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+            if _refused_for_memory(exc):
                 raise out_of_memory(self.url, script.name) from None
             raise
 
@@ -427,7 +497,7 @@ class Runtime:
     async def _fetch_results(self, ids: list[str]) -> None:
         assert self.redis is not None
         self.round_trips += 1
-        values = await self.redis.mget([self.keys.result(i) for i in ids])
+        values = await bulk.get_values(self.redis, [self.keys.result(i) for i in ids])
         again: list[str] = []
         for request_id, data in zip(ids, values, strict=True):
             if data is not None:

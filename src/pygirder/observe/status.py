@@ -451,8 +451,12 @@ def _decode_result(data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
     from ..codec import decode
-    from ..grid.protocol import summarize
+    from ..grid.protocol import expand, summarize
 
+    try:
+        data = expand(data)
+    except Exception as exc:
+        return {"ok": False, "summary": f"<{len(data)} bytes; not decodable: {exc}>"[:200]}
     kind = data[:1]
     try:
         body = decode(bytes(data[1:]), path="result")

@@ -17,6 +17,10 @@ Per namespace (``<id>``: a request id, ``<proc>``: a process id, a worker's too)
                                                                           error_ttl for errors
     st:<id>          HASH     submit; take, share, requeue update it;     no (gone once the
                               complete, cancel, withdraw delete it        request is done)
+    arg:<id>         STRING   the submitter, before submit, for a         ARGUMENT_TTL_S; the
+                              payload too large for the script            worker deletes it
+                                                                          once the result is
+                                                                          stored
     wt:<id>          SET      submit adds inboxes; cancel, withdraw       deleted by complete
                               remove them
     q:<pool>         LIST     submit, share, requeue push; take pops;     no
@@ -64,6 +68,9 @@ INBOX_TTL_S = 24 * 3600
 HEARTBEAT_TTL_S = 10
 # How long the call graph (call:<id>, kids:<id>) of a request is kept.
 CALL_GRAPH_TTL_S = 3600
+# A large payload stored beside its request is kept this long: longer than any request
+# should wait in a queue.
+ARGUMENT_TTL_S = 7 * 24 * 3600
 # Approximate cap of the grid-wide log stream (XADD MAXLEN ~).
 LOG_STREAM_MAXLEN = 100_000
 
@@ -88,6 +95,11 @@ class Keys:
     def result(self, request_id: str) -> str:
         """STRING: the encoded result envelope of a finished request."""
         return f"{self.prefix}res:{request_id}"
+
+    def argument(self, request_id: str) -> str:
+        """STRING: a large payload of a pending request, stored beside it (its ``st``
+        hash then holds ``protocol.PAYLOAD_OUTSIDE``)."""
+        return f"{self.prefix}arg:{request_id}"
 
     def state(self, request_id: str) -> str:
         """HASH: payload and state of a pending request (gone once finished)."""

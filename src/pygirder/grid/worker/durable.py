@@ -29,6 +29,7 @@ from ... import codec, settings
 from ...calls import GridFunction
 from ...results import Item, ResultStore
 from ...results.writer import WriteBehind
+from ..protocol import PAYLOAD_OUTSIDE
 from ..restore import Restorer
 from ..runtime import Runtime
 from .functions import Functions
@@ -87,6 +88,8 @@ class DurableTier:
         return misses
 
     async def _function_of(self, request_id: str, payload: bytes) -> GridFunction[..., Any]:
+        if payload == PAYLOAD_OUTSIDE:  # a large one, stored beside the request
+            payload = await self.runtime.read_payload(request_id)
         name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
         return await self.functions.load(name, fingerprint, args_bytes, self.threads)
 

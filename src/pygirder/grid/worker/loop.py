@@ -38,7 +38,7 @@ from ...results import open_store
 from ...store import scripts
 from ..connection import connect_redis
 from ..context import RequestContext, current_request
-from ..protocol import decode_envelope, encode_error, encode_ok, summarize
+from ..protocol import PAYLOAD_OUTSIDE, decode_envelope, encode_error, encode_ok, summarize
 from ..runtime import Runtime, new_process_id
 from ..translate import describe_exception
 from .baton import Baton, Threads
@@ -410,6 +410,8 @@ class Worker:
         try:
             try:
                 try:
+                    if payload == PAYLOAD_OUTSIDE:  # a large one, stored beside the request
+                        payload = await self.runtime.read_payload(request_id)
                     name, fingerprint, args_bytes = codec.decode(payload, path="request payload")
                 except (CodecError, ValueError, TypeError) as exc:
                     await self._dead_letter(request_id, payload, exc)

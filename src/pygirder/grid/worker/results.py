@@ -18,7 +18,8 @@ from ... import settings
 from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store import scripts
 from ...store.scripts import Completion
-from ..protocol import ERR, encode_error
+from .. import bulk
+from ..protocol import ERR, compress, compressing, encode_error
 from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
@@ -51,6 +52,7 @@ class Results:
         self.worker_id = worker_id
         self.error_ttl = error_ttl
         self.retries = settings.store_retries()
+        self.compress = compressing(runtime.url)  # large results, on a network
         self._pending: list[Completion] = []
         self._names: dict[str, str] = {}  # request -> function, while its result is stored
         self._transient_rounds = 0  # flushes in a row that failed with a transient error
@@ -254,7 +256,8 @@ class Results:
         for done in batch:
             if len(done.result) > OUTSIDE_BYTES and done.result[:1] != ERR:
                 key = self.runtime.keys.result(done.id)
-                await self.runtime.redis.set(key, done.result, ex=int(done.ttl) or None)
+                value = compress(done.result) if self.compress else done.result
+                await bulk.set_value(self.runtime.redis, key, value, ex=int(done.ttl) or None)
                 done = done._replace(result=b"")
             out.append(done)
         return out
@@ -288,6 +291,7 @@ class Results:
             raise
         for request_id in ids:
             self._names.pop(request_id, None)
+        await self.runtime.drop_payloads(ids)
         for hook in self.on_completed:
             hook(ids)
 
