@@ -3,8 +3,10 @@ arguments of the completion script; small ones still ride inside it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -27,20 +29,27 @@ def _monitor(url: str, events: list[dict], ready: threading.Event) -> None:
     client.close()
 
 
-def test_large_results_are_stored_outside_the_script(grid_factory, valkey_server):
-    grid = grid_factory(workers=1)
-    big, small = gf.big_bytes(300_000), gf.big_bytes(1000)
+@contextlib.contextmanager
+def _watching(url: str) -> Iterator[list[dict]]:
+    """The commands the server runs inside the block (MONITOR in a thread)."""
     events: list[dict] = []
     ready = threading.Event()
-    watcher = threading.Thread(target=_monitor, args=(valkey_server.url, events, ready))
+    watcher = threading.Thread(target=_monitor, args=(url, events, ready))
     watcher.start()
     ready.wait(10)
     try:
+        yield events
+    finally:
+        redis.Redis.from_url(url).echo(END)
+        watcher.join(30)
+
+
+def test_large_results_are_stored_outside_the_script(grid_factory, valkey_server):
+    grid = grid_factory(workers=1)
+    big, small = gf.big_bytes(300_000), gf.big_bytes(1000)
+    with _watching(valkey_server.url) as events:
         assert grid.run(big) == b"x" * 300_000
         assert grid.run(small) == b"x" * 1000
-    finally:
-        redis.Redis.from_url(valkey_server.url).echo(END)
-        watcher.join(30)
     keys = Keys(grid.namespace)
     words = [(e["command"].split(" ", 2), e["client_type"]) for e in events]
     sets = {w[1]: kind for w, kind in words if w[0].upper() == "SET" and len(w) > 1}
@@ -143,18 +152,10 @@ def test_large_arguments_are_stored_outside_the_scripts(grid_factory, valkey_ser
     grid = grid_factory(workers=1)
     data = bytes(range(256)) * 1200  # 300 KB
     call = gf.digest(data)
-    events: list[dict] = []
-    ready = threading.Event()
-    watcher = threading.Thread(target=_monitor, args=(valkey_server.url, events, ready))
-    watcher.start()
-    ready.wait(10)
-    try:
+    with _watching(valkey_server.url) as events:
         assert grid.run(call) == [len(data), zlib.crc32(data)]
         # inside a worker: the nested call's payload goes the same way
         assert grid.run(gf.digest_inside(data[1:])) == [len(data) - 1, zlib.crc32(data[1:])]
-    finally:
-        redis.Redis.from_url(valkey_server.url).echo(END)
-        watcher.join(30)
     keys = Keys(grid.namespace)
     scripts = [e["command"] for e in events if e["command"].upper().startswith("EVALSHA")]
     assert scripts and max(len(c) for c in scripts) < 100_000  # neither submit nor take
