@@ -434,6 +434,15 @@ def test_a_dead_clients_waits_are_withdrawn_and_counted_abandoned(
     # the one worker stays busy until the gate opens, however slowly the client starts
     busy = grid.submit(gf.gated(0, str(gate), log))
     poll(lambda: "gated:0" in gf.count(log), what="the worker is busy")
+    # and its last blocking take has lapsed (a busy worker issues none), so the calls
+    # below stay queued: none is moved to the worker while it is held at the gate
+    probe = redis.Redis.from_url(grid.url)
+    try:
+        poll(lambda: not any(c.get("cmd") == "blmove" and "b" in c.get("flags", "")
+                             for c in probe.client_list()),
+             what="no blocking take outstanding")  # fmt: skip
+    finally:
+        probe.close()
     code = (
         "import sys, time, pygirder, gridfuncs as gf\n"
         f"g = pygirder.connect({grid.url!r}, workers=0, namespace={grid.namespace!r})\n"
