@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+import gridfuncs as gf
 import hostilefuncs as hf
 import pygirder
 
@@ -49,6 +50,37 @@ def test_a_formerly_fast_function_that_spins_is_aborted_and_rerun_on_a_thread(gr
     after = [grid.run(hf.spins_for(i, 0.0), timeout=30) for i in range(5, 10)]
     assert after[0].startswith("pygirder-call") and after[1].startswith("pygirder-call")
     assert LOOP in after, after
+    assert grid._supervisor.restarts == 0
+
+
+def test_a_run_blocked_in_c_inline_keeps_the_heartbeat_and_runs_once(
+    grid_factory, monkeypatch, tmp_path
+):
+    # the loop is held three heartbeat TTLs by a sleep no Reroute can interrupt: the
+    # peer must not count its worker dead and run the call a second time
+    ttl = 1.5
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", str(ttl))
+    log = str(tmp_path / "runs")
+    grid = grid_factory(workers=2)
+    inline: set[int] = set()  # the workers where it ran inline: both, before the long run
+    for i in range(40):
+        where, pid = grid.run(hf.sleeps_for(i, 0.0, log), timeout=30)
+        if where == LOOP:
+            inline.add(pid)
+        if len(inline) == 2:
+            break
+    assert len(inline) == 2, "both workers should run the fast function inline"
+    where, blocked = grid.run(hf.sleeps_for(100, 3 * ttl, log), timeout=60)
+    assert gf.count(log)["100"] == 1
+    assert grid.stats().get("dead_workers", 0) == 0
+    assert where == LOOP  # it finished inline and its result was kept
+    # that worker sends the function back to threads; both workers still serve
+    later = [grid.run(hf.sleeps_for(i, 0.0, log), timeout=30) for i in range(200, 210)]
+    after_block = [w for w, pid in later if pid == blocked]
+    assert after_block and after_block[0] != LOOP, later
+    assert len({pid for _, pid in later}) == 2, later
+    assert grid.run(hf.inc(1), timeout=30) == 2
+    assert grid.stats().get("dead_workers", 0) == 0
     assert grid._supervisor.restarts == 0
 
 
