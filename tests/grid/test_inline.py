@@ -7,11 +7,15 @@ would on a thread, and the worker goes on serving.
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import redis
 
 import gridfuncs as gf
 import hostilefuncs as hf
 import pygirder
+from pygirder.observe.logs import read_logs
 
 LOOP = "MainThread"  # the worker process's event loop runs in its main thread
 
@@ -82,6 +86,18 @@ def test_a_run_blocked_in_c_inline_keeps_the_heartbeat_and_runs_once(
     assert grid.run(hf.inc(1), timeout=30) == 2
     assert grid.stats().get("dead_workers", 0) == 0
     assert grid._supervisor.restarts == 0
+    client = redis.Redis.from_url(grid.url)
+    try:  # the worker said so, once, naming the function
+        deadline = time.monotonic() + 10  # records reach the stream in batches
+        while time.monotonic() < deadline:
+            warned = [e.message for e in read_logs(client, grid.namespace, level="WARNING")
+                      if "blocked the worker's loop in C" in e.message]  # fmt: skip
+            if warned:
+                break
+            time.sleep(0.1)
+    finally:
+        client.close()
+    assert len(warned) == 1 and "sleeps_for" in warned[0] and "threads" in warned[0], warned
 
 
 def test_a_call_that_waits_while_inline_reruns_on_a_thread_and_counts_once(grid_factory):
