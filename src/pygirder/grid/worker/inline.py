@@ -188,9 +188,8 @@ class Inline:
         finally:
             asyncio.events._set_running_loop(loop)
         if run.blocked is not None:
-            log.warning("%s blocked the worker's loop in C for %.1f s (a Reroute could not "
-                        "stop it there); it now runs on threads", gf.name,
-                        time.monotonic() - run.since)  # fmt: skip
+            log.warning("%s blocked the worker's loop in C for %.1f s; it now runs on threads",
+                        gf.name, time.monotonic() - run.since)  # fmt: skip
         if run.needs_loop:
             self.waited(gf.name)
         if run.aborted or run.needs_loop or isinstance(error, Reroute):

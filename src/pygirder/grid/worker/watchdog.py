@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
@@ -28,6 +28,9 @@ from ..connection import connect_sync, scrub
 from ..protocol import encode_error
 from ..runtime import Runtime
 from .inline import Inline
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger("pygirder.worker")
 
@@ -72,7 +75,7 @@ class Watchdog:
         self._used: dict[str, float] = {}  # running request -> seconds it held the baton
         self._watch: _Watch | None = None  # read by the watchdog thread
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._client: Any = None  # sync client of this thread, for heartbeats (lazily)
+        self._client: redis.Redis | None = None  # this thread's, for heartbeats (lazily)
         self._beaten_at: float | None = None  # a heartbeat sent for a run blocked in C
 
     def limit(self, request_id: str, seconds: float) -> None:
@@ -126,18 +129,18 @@ class Watchdog:
     def _beat(self) -> None:
         """Refresh this process's heartbeat as ``Runtime.beat`` does, every heartbeat
         period, while the event loop is held by a run inline blocked in C."""
-        every = self.runtime.liveness
+        liveness = self.runtime.liveness
         now = time.monotonic()
-        if self._beaten_at is not None and now - self._beaten_at < every.heartbeat_every:
+        if self._beaten_at is not None and now - self._beaten_at < liveness.heartbeat_every:
             return
         self._beaten_at = now
         try:
             if self._client is None:
                 # a beat later than the TTL is of no use: retry no longer than that
                 self._client = connect_sync(self.runtime.url,
-                                            reconnect_timeout=every.heartbeat_ttl)  # fmt: skip
+                                            reconnect_timeout=liveness.heartbeat_ttl)  # fmt: skip
             self._client.set(self.runtime.keys.heartbeat(self.runtime.process_id), b"1",
-                             px=int(every.heartbeat_ttl * 1000))  # fmt: skip
+                             px=int(liveness.heartbeat_ttl * 1000))  # fmt: skip
         except Exception as exc:  # try again at the next period
             log.warning("heartbeat failed: %s", scrub(str(exc), self.runtime.url))
 
