@@ -114,6 +114,13 @@ def sleeps_for(i: int, seconds: float, log: str) -> tuple[str, int]:
     return _where(), os.getpid()
 
 
+@pygirder.fn(max_runtime=2)
+def sleeps_limited(i: int, seconds: float) -> str:
+    """``sleeps_for`` under a max_runtime."""
+    time.sleep(seconds)
+    return _where()
+
+
 def _first(call: pygirder.Call[int]) -> int:
     return pygirder.wait(call)[0]
 

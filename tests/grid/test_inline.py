@@ -100,6 +100,16 @@ def test_a_run_blocked_in_c_inline_keeps_the_heartbeat_and_runs_once(
     assert len(warned) == 1 and "sleeps_for" in warned[0] and "threads" in warned[0], warned
 
 
+def test_a_run_blocked_in_c_inline_is_still_held_to_its_max_runtime(grid_factory):
+    grid = grid_factory(workers=1)
+    assert grid.run(hf.sleeps_limited(0, 0.0), timeout=30).startswith("pygirder-call")
+    assert grid.run(hf.sleeps_limited(1, 0.0), timeout=30) == LOOP
+    with pytest.raises(pygirder.RemoteError) as info:  # inline, sleeping far past 2 s
+        grid.run(hf.sleeps_limited(2, 60.0), timeout=40)
+    assert info.value.remote_type == "pygirder.MaxRuntimeExceeded"
+    assert grid.run(hf.inc(1), timeout=30) == 2  # the worker came back
+
+
 def test_a_call_that_waits_while_inline_reruns_on_a_thread_and_counts_once(grid_factory):
     # it waits through a helper, which its own code does not show
     grid = grid_factory(workers=1)
