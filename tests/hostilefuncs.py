@@ -104,6 +104,23 @@ def spins_for(i: int, seconds: float) -> str:
     return _where()
 
 
+@pygirder.fn
+def sleeps_for(i: int, seconds: float, log: str) -> tuple[str, int]:
+    """Blocked in C (``time.sleep``) for ``seconds``; one line in ``log`` per execution;
+    the thread it ended on and its process."""
+    with open(log, "a") as fh:
+        fh.write(f"{i}\n")
+    time.sleep(seconds)
+    return _where(), os.getpid()
+
+
+@pygirder.fn(max_runtime=2)
+def sleeps_limited(i: int, seconds: float) -> str:
+    """``sleeps_for`` under a max_runtime."""
+    time.sleep(seconds)
+    return _where()
+
+
 def _first(call: pygirder.Call[int]) -> int:
     return pygirder.wait(call)[0]
 

@@ -7,10 +7,15 @@ would on a thread, and the worker goes on serving.
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+import redis
+
+import gridfuncs as gf
 import hostilefuncs as hf
 import pygirder
+from pygirder.observe.logs import read_logs
 
 LOOP = "MainThread"  # the worker process's event loop runs in its main thread
 
@@ -50,6 +55,59 @@ def test_a_formerly_fast_function_that_spins_is_aborted_and_rerun_on_a_thread(gr
     assert after[0].startswith("pygirder-call") and after[1].startswith("pygirder-call")
     assert LOOP in after, after
     assert grid._supervisor.restarts == 0
+
+
+def test_a_run_blocked_in_c_inline_keeps_the_heartbeat_and_runs_once(
+    grid_factory, monkeypatch, tmp_path
+):
+    # the loop is held three heartbeat TTLs by a sleep no Reroute can interrupt: the
+    # peer must not count its worker dead and run the call a second time
+    ttl = 1.5
+    monkeypatch.setenv("PYGIRDER_HEARTBEAT_TTL", str(ttl))
+    log = str(tmp_path / "runs")
+    grid = grid_factory(workers=2)
+    inline: set[int] = set()  # the workers where it ran inline: both, before the long run
+    for i in range(40):
+        where, pid = grid.run(hf.sleeps_for(i, 0.0, log), timeout=30)
+        if where == LOOP:
+            inline.add(pid)
+        if len(inline) == 2:
+            break
+    assert len(inline) == 2, "both workers should run the fast function inline"
+    where, blocked = grid.run(hf.sleeps_for(100, 3 * ttl, log), timeout=60)
+    assert gf.count(log)["100"] == 1
+    assert grid.stats().get("dead_workers", 0) == 0
+    assert where == LOOP  # it finished inline and its result was kept
+    # that worker sends the function back to threads; both workers still serve
+    later = [grid.run(hf.sleeps_for(i, 0.0, log), timeout=30) for i in range(200, 210)]
+    after_block = [w for w, pid in later if pid == blocked]
+    assert after_block and after_block[0] != LOOP, later
+    assert len({pid for _, pid in later}) == 2, later
+    assert grid.run(hf.inc(1), timeout=30) == 2
+    assert grid.stats().get("dead_workers", 0) == 0
+    assert grid._supervisor.restarts == 0
+    client = redis.Redis.from_url(grid.url)
+    try:  # the worker said so, once, naming the function
+        deadline = time.monotonic() + 10  # records reach the stream in batches
+        while time.monotonic() < deadline:
+            warned = [e.message for e in read_logs(client, grid.namespace, level="WARNING")
+                      if "blocked the worker's loop in C" in e.message]  # fmt: skip
+            if warned:
+                break
+            time.sleep(0.1)
+    finally:
+        client.close()
+    assert len(warned) == 1 and "sleeps_for" in warned[0] and "threads" in warned[0], warned
+
+
+def test_a_run_blocked_in_c_inline_is_still_held_to_its_max_runtime(grid_factory):
+    grid = grid_factory(workers=1)
+    assert grid.run(hf.sleeps_limited(0, 0.0), timeout=30).startswith("pygirder-call")
+    assert grid.run(hf.sleeps_limited(1, 0.0), timeout=30) == LOOP
+    with pytest.raises(pygirder.RemoteError) as info:  # inline, sleeping far past 2 s
+        grid.run(hf.sleeps_limited(2, 60.0), timeout=40)
+    assert info.value.remote_type == "pygirder.MaxRuntimeExceeded"
+    assert grid.run(hf.inc(1), timeout=30) == 2  # the worker came back
 
 
 def test_a_call_that_waits_while_inline_reruns_on_a_thread_and_counts_once(grid_factory):

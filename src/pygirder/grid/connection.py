@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as SyncRetry
 
 from .. import settings
 from ..errors import GridConnectionError
@@ -66,23 +68,7 @@ async def connect_redis(
         ) from None
     finally:
         await probe.aclose()
-    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
-    # Retry only lost connections: redis-py also retries time-outs by default.
-    retry = Retry(
-        ExponentialBackoff(cap=0.5, base=0.02),
-        retries=max(1, int(timeout * 2)),
-        supported_errors=(redis_errors.ConnectionError,),
-    )
-    read_timeout = settings.socket_timeout() + block
-    options: dict[str, Any] = dict(
-        decode_responses=False,
-        health_check_interval=30,
-        socket_timeout=read_timeout,
-        socket_connect_timeout=min(read_timeout, 10.0),
-        socket_keepalive=True,
-        retry=retry,
-        retry_on_error=[redis_errors.ConnectionError],
-    )
+    options = _options(Retry, timeout, block)
     if max_connections is None:
         return aioredis.Redis.from_url(url, **options)
     # A bounded pool makes concurrent commands wait for a connection instead of
@@ -92,6 +78,36 @@ async def connect_redis(
         url, max_connections=max_connections, timeout=None, **options
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def connect_sync(url: str, *, reconnect_timeout: float | None = None) -> redis.Redis:
+    """A synchronous client with the settings of ``connect_redis``, for a thread that
+    must reach the server while the event loop is held (the watchdog's heartbeats).
+    It connects at its first command; its errors are that command's."""
+    if reconnect_timeout is None:
+        reconnect_timeout = settings.liveness().reconnect_timeout
+    options = _options(SyncRetry, reconnect_timeout, 0.0)
+    return redis.Redis.from_url(url, **options)
+
+
+def _options(retry_type: Any, timeout: float, block: float) -> dict[str, Any]:
+    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
+    # Retry only lost connections: redis-py also retries time-outs by default.
+    retry = retry_type(
+        ExponentialBackoff(cap=0.5, base=0.02),
+        retries=max(1, int(timeout * 2)),
+        supported_errors=(redis_errors.ConnectionError,),
+    )
+    read_timeout = settings.socket_timeout() + block
+    return dict(
+        decode_responses=False,
+        health_check_interval=30,
+        socket_timeout=read_timeout,
+        socket_connect_timeout=min(read_timeout, 10.0),
+        socket_keepalive=True,
+        retry=retry,
+        retry_on_error=[redis_errors.ConnectionError],
+    )
 
 
 def redact(url: str) -> str:

@@ -16,7 +16,12 @@ so every way out is guarded:
 - a run still going after ``abort_after`` seconds is aborted the same way by the
   watchdog thread (an asynchronous exception in the loop's thread), so a formerly
   fast function that now loops stops the heartbeat for a fraction of a second, not
-  for good.  Code blocked in C (a ``time.sleep``) is only stopped when it returns;
+  for good.  Code blocked in C (a ``time.sleep``, a long numpy operation, a blocking
+  read), where that exception cannot land, is left to finish: its result counts, the
+  watchdog thread keeps this process's heartbeat alive meanwhile (so peers do not
+  declare the worker dead and run the call again), a warning names the function, and
+  the function goes back to threads.  Once the run is seen back in Python code it is
+  aborted as above;
 - what user code raises comes back as on a thread: ``Exception`` as is, any other
   ``BaseException`` (``SystemExit``...) wrapped in :class:`UserExit`.
 
@@ -29,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ctypes
+import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +43,8 @@ from typing import Any
 
 from ... import settings
 from ...calls import GridFunction
+
+log = logging.getLogger("pygirder.worker")
 
 # Names in a function's code that may be a wait on sub-calls (``call.result()``,
 # ``pygirder.wait``): such a function never runs inline.
@@ -81,13 +90,17 @@ def _set_async_exc(thread: int, exc: type[BaseException] | None) -> None:
 class _Run:
     """The call running inline, shared with the watchdog thread under ``Inline._lock``."""
 
-    __slots__ = ("aborted", "needs_loop", "since", "thread")
+    __slots__ = ("aborted", "blocked", "frame", "lasti", "needs_loop", "since", "thread")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
         self.since = time.monotonic()  # for the watchdog: the run's start, near enough
         self.aborted = False  # the watchdog raised Reroute in it
         self.needs_loop = False  # it asked for the loop (a wait)
+        # the Reroute did not land: blocked in C, since (monotonic), and where
+        self.blocked: float | None = None
+        self.frame: Any = None
+        self.lasti = -1
 
 
 _RAISED = object()  # the outcome of a run that raised
@@ -174,6 +187,9 @@ class Inline:
             value, error = self._invoke(run, context, call)
         finally:
             asyncio.events._set_running_loop(loop)
+        if run.blocked is not None:
+            log.warning("%s blocked the worker's loop in C for %.1f s; it now runs on threads",
+                        gf.name, time.monotonic() - run.since)  # fmt: skip
         if run.needs_loop:
             self.waited(gf.name)
         if run.aborted or run.needs_loop or isinstance(error, Reroute):
@@ -212,15 +228,34 @@ class Inline:
             except Reroute:  # delivered in this frame, outside user code
                 continue
 
-    def abort_if_over(self) -> None:
-        """From the watchdog thread: abort the run inline if it went on too long."""
+    def abort_if_over(self) -> bool:
+        """From the watchdog thread: abort the run inline if it went on too long.
+
+        Returns True while the run is blocked in C: a Reroute raised a tick before has
+        not landed and the run's frame has not moved since.  The caller then keeps the
+        heartbeat alive.  The first such Reroute is withdrawn, so the run finishes
+        inline and its result counts (rerun on a thread, it would block as long
+        again); once its frame moves (it runs Python code again), it is aborted anew.
+        """
         run = self._run
         if run is None or time.monotonic() - run.since < self.abort_after:
-            return
+            return False
         with self._lock:
-            if self._run is run and not run.aborted:
+            if self._run is not run:
+                return False
+            frame = sys._current_frames().get(run.thread)
+            lasti = -1 if frame is None else frame.f_lasti
+            moved = frame is not run.frame or lasti != run.lasti
+            run.frame, run.lasti = frame, lasti
+            if not run.aborted and (run.blocked is None or moved):
                 run.aborted = True
                 _set_async_exc(run.thread, Reroute)
+                return False
+            if run.aborted and run.blocked is None and not moved:  # the Reroute is stuck
+                run.aborted = False
+                _set_async_exc(run.thread, None)
+                run.blocked = time.monotonic()
+            return run.blocked is not None and not moved
 
 
 def _may_wait(func: Callable[..., Any]) -> bool:

@@ -5,7 +5,8 @@ as well as a sync one spinning in its thread.  Python cannot stop a running thre
 so the process goes: the call is failed (not retried: a rerun would spin again),
 the rest of this process's work is handed back, and the process is replaced (see
 :func:`reexec`).  The same thread aborts a call running inline on the loop's thread
-that goes on too long, so it runs again on a thread (``inline``).
+that goes on too long, so it runs again on a thread (``inline``), and keeps this
+process's heartbeat alive while such a run is blocked in C, where it cannot be aborted.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...errors import CallLink, RemoteError
 from ...store import scripts
+from ..connection import connect_sync, scrub
 from ..protocol import encode_error
 from ..runtime import Runtime
 from .inline import Inline
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger("pygirder.worker")
 
@@ -69,6 +75,8 @@ class Watchdog:
         self._used: dict[str, float] = {}  # running request -> seconds it held the baton
         self._watch: _Watch | None = None  # read by the watchdog thread
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._client: redis.Redis | None = None  # this thread's, for heartbeats (lazily)
+        self._beaten_at: float | None = None  # a heartbeat sent for a run blocked in C
 
     def limit(self, request_id: str, seconds: float) -> None:
         self._limits[request_id] = seconds
@@ -107,14 +115,34 @@ class Watchdog:
             watch = self._watch
             if self.loop is not None and self.loop.is_closed():
                 return
-            if self.inline is not None:
-                self.inline.abort_if_over()
+            if self.inline is not None and self.inline.abort_if_over():
+                self._beat()
+            else:
+                self._beaten_at = None
             if watch is None or self.loop is None:
                 continue
             ran = watch.used + (time.monotonic() - watch.since)
             if ran > watch.limit and self._watch is watch:
                 self._over_limit(watch, ran)
                 return
+
+    def _beat(self) -> None:
+        """Refresh this process's heartbeat as ``Runtime.beat`` does, every heartbeat
+        period, while the event loop is held by a run inline blocked in C."""
+        liveness = self.runtime.liveness
+        now = time.monotonic()
+        if self._beaten_at is not None and now - self._beaten_at < liveness.heartbeat_every:
+            return
+        self._beaten_at = now
+        try:
+            if self._client is None:
+                # a beat later than the TTL is of no use: retry no longer than that
+                self._client = connect_sync(self.runtime.url,
+                                            reconnect_timeout=liveness.heartbeat_ttl)  # fmt: skip
+            self._client.set(self.runtime.keys.heartbeat(self.runtime.process_id), b"1",
+                             px=int(liveness.heartbeat_ttl * 1000))  # fmt: skip
+        except Exception as exc:  # try again at the next period
+            log.warning("heartbeat failed: %s", scrub(str(exc), self.runtime.url))
 
     def _over_limit(self, watch: _Watch, ran: float) -> None:
         import redis as sync_redis
