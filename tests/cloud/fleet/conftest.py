@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cloud_helpers import amazon_image
 from fleet_helpers import TYPES, DrainAgents, StandInAgents, write_project
 
 from pygirder.cloud.account import account_resources, setup
@@ -26,7 +27,7 @@ def fleet(make_aws, config, built, boto) -> Any:
     setup(config, aws=aws_)
     res = account_resources(config, aws=aws_)
     push_artifact(built, res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     agents = StandInAgents(boto("ec2"), res["topic_arn"])
     agents.start()
     summary = up(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud_helpers import PUBLIC_KEY
+from cloud_helpers import PUBLIC_KEY, amazon_image
 from fleet_helpers import (
     Capacity,
     StandInAgents,
@@ -58,7 +58,7 @@ def account(make_aws, config, built_artifact, boto) -> dict[str, Any]:
     setup(config, aws=aws_)
     res = account_resources(config, aws=aws_)
     push_artifact(built_artifact, res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     return {"config": config, "aws": aws_, "faults": faults, "res": res, "image": image}
 
 
