@@ -91,16 +91,6 @@ def fresh_session(region: str) -> Any:
     return session(config_from_dict({"region": region}))
 
 
-def amazon_image(ec2: Any) -> str:
-    """An Amazon Linux 2023 x86_64 AMI of moto's catalogue, asked for by name: listing
-    all of Amazon's images (about 1300 in moto) takes a second or more per call."""
-    images = ec2.describe_images(
-        Owners=["amazon"], Filters=[{"Name": "name", "Values": ["al2023-ami-2023*-x86_64"]}]
-    )["Images"]
-    assert images, "moto's catalogue has no Amazon Linux 2023 x86_64 image"
-    return str(sorted(i["ImageId"] for i in images)[0])
-
-
 def tag_filter(name: str = "t") -> list[dict]:
     return [{"Name": f"tag:{TAG_NAME}", "Values": [name]}]
 

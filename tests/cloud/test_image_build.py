@@ -169,6 +169,37 @@ def test_build_makes_a_tagged_imdsv2_image_and_leaves_no_builder(
     assert not {s["SnapshotId"] for s in left} & set(result.snapshot_ids)
 
 
+def test_an_arm64_image_is_baked_on_a_graviton_builder_from_the_arm64_base(
+    account, sim: Simulator, boto
+) -> None:
+    config, aws_ = account
+    built = CliRunner().invoke(
+        app, ["image", "build", "--config", _toml(config), "--arch", "arm64", "--timeout", "1",
+              "--json"],
+    )  # fmt: skip
+    assert built.exit_code == 0, built.output
+    result = json.loads(built.stdout)
+    assert result["architecture"] == "arm64" and "-arm64-" in result["name"]
+    ec2 = boto("ec2")
+    expected = boto("ssm").get_parameter(
+        Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"
+    )["Parameter"]["Value"]
+    assert result["base_image_id"] == expected
+    [builder] = ec2.describe_instances(InstanceIds=[result["builder_id"]])["Reservations"][0][
+        "Instances"
+    ]
+    assert builder["InstanceType"] == "t4g.small" and builder["ImageId"] == expected
+    [image] = ec2.describe_images(ImageIds=[result["image_id"]])["Images"]
+    assert image["Architecture"] == "arm64"
+    assert latest_image(config, aws=aws_, architecture="arm64")["image_id"] == result["image_id"]
+    assert latest_image(config, aws=aws_, architecture="x86_64") is None
+    # A builder of the other architecture is refused before anything is launched.
+    with pytest.raises(CloudConfigError, match=r"t3\.small is x86_64, not arm64"):
+        build_image(config, aws=aws_, architecture="arm64", instance_type="t3.small")
+    with pytest.raises(CloudConfigError, match="x86_64 or arm64"):
+        build_image(config, aws=aws_, architecture="sparc")
+
+
 @pytest.mark.slow
 def test_the_cli_keeps_the_builder_stopped_and_protected(account, sim: Simulator, boto) -> None:
     config, aws_ = account

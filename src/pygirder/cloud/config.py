@@ -72,6 +72,9 @@ class CloudConfig(BaseModel):
     nat_instance_type: str = "t4g.nano"
     redis_market: Literal["on-demand", "spot"] = "on-demand"
     """Capacity of a fleet's redis node: its loss loses the grid, so on-demand by default."""
+    redis_instance_type: str = "m7g.medium"
+    """Type of a fleet's redis node: a small Graviton (arm64) type with steady CPU, which
+    needs an arm64 image (``pygirder cloud image build --arch arm64``)."""
 
     public_key_file: Path = DEFAULT_PUBLIC_KEY
     """Imported as the key pair instances accept; when this default does not exist,
@@ -172,7 +175,7 @@ class CloudConfig(BaseModel):
             )
         return str(net)
 
-    @field_validator("nat_instance_type")
+    @field_validator("nat_instance_type", "redis_instance_type")
     @classmethod
     def _check_instance_type(cls, value: str) -> str:
         if not _INSTANCE_TYPE_RE.match(value):
@@ -437,6 +440,7 @@ nat = "instance"                # "instance": a small NAT instance kept stopped 
                                 # "gateway": a managed NAT gateway (about $33/month idle)
 nat_instance_type = "t4g.nano"
 redis_market = "on-demand"      # the redis node holds the grid; "spot" saves a little
+redis_instance_type = "m7g.medium"  # Graviton (arm64): bake with `image build --arch arm64`
 
 # Keys.  Your public key is imported; without ~/.ssh/id_ed25519.pub, setup creates a
 # pygirder key pair in ~/.pygirder/keys/ (private half mode 0600).  The intra-cluster

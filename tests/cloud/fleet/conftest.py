@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from cloud_helpers import amazon_image
-from fleet_helpers import TYPES, DrainAgents, StandInAgents, write_project
+from fleet_helpers import TYPES, DrainAgents, StandInAgents, amazon_image, write_project
 
 from pygirder.cloud.account import account_resources, setup
 from pygirder.cloud.artifacts import build_artifact, push_artifact
@@ -33,10 +32,12 @@ def fleet(make_aws, config, built, boto) -> Any:
     summary = up(
         config,
         UpOptions(workers=2, instance_types=TYPES, image_id=image, deadline_s=20,
+                  image_ids=(amazon_image(boto("ec2"), "arm64"),),
                   backoff_s=(0.2, 1.0), processes="1"),
         aws=aws_,
     )  # fmt: skip
-    yield {"config": config, "aws": aws_, "fleet": summary.fleet, "res": res, "faults": faults}
+    yield {"config": config, "aws": aws_, "fleet": summary.fleet, "res": res, "faults": faults,
+           "agents": agents}  # fmt: skip
     agents.stop()
     down(config, summary.fleet, aws=aws_)
 

@@ -7,8 +7,7 @@ import fnmatch
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloud_helpers import amazon_image
-from fleet_helpers import TYPES, StandInAgents, leftovers
+from fleet_helpers import TYPES, StandInAgents, amazon_image, leftovers
 
 from pygirder.cloud.fleet.controller import controller_policy
 from pygirder.cloud.fleet.controller_role import (
@@ -41,6 +40,7 @@ def _up(make_aws, config, built, boto, refusals: int = 0, **kw: Any) -> tuple[An
         summary = up(
             config,
             UpOptions(workers=1, instance_types=TYPES, image_id=image, deadline_s=20,
+                      image_ids=(amazon_image(boto("ec2"), "arm64"),),
                       backoff_s=(0.2, 1.0), processes="1", **kw),
             aws=aws_, say=said.append,
         )  # fmt: skip

@@ -9,20 +9,44 @@ test drives :meth:`Controller.step` itself, so no timing decides what it sees.
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 
 import redis
-from fleet_helpers import TYPES, Capacity, announce, fleet_instances, workers_of
+from fleet_helpers import TYPES, Capacity, announce, fleet_instances, wait_until, workers_of
 
 import pygirder
 from pygirder.cloud.fleet.capacity import PoolBook
 from pygirder.cloud.fleet.controller import Controller, status_key
 from pygirder.cloud.fleet.converge import Target, write_target
+from pygirder.cloud.instance.agent import RunOptions, run_service
+from pygirder.cloud.instance.common import Role
+from pygirder.cloud.instance.metadata import ImdsClient
+from pygirder.cloud.sim.imds import ImdsEmulator
 from pygirder.cloud.tags import utcnow
+
+# The service of a worker whose agent runs in a test: it serves until SIGTERM.
+SERVICE = [
+    sys.executable,
+    "-c",
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: exit(0))\nwhile True: time.sleep(0.05)",
+]
 
 
 @pygirder.fn
 def waits_for_a_worker(x: int) -> int:
     return x + 1
+
+
+@pygirder.fn
+def fans_out(depth: int, k: int = 0, leaf_s: float = 0.0) -> int:
+    """Sum of the leaf numbers below node k: every level waits on four sub-calls."""
+    if depth == 0:
+        time.sleep(leaf_s)
+        return k
+    return sum(pygirder.wait(*(fans_out(depth - 1, 4 * k + i, leaf_s) for i in range(4))))
 
 
 class Clock:
@@ -79,6 +103,92 @@ def test_a_going_away_announcement_starts_the_replacement_early(fleet, boto, red
     boto("ec2").terminate_instances(InstanceIds=[leaving["InstanceId"]])
     settled = control.step()
     assert not settled.launched and settled.live == {"worker": 2} and settled.leaving == []
+
+
+def _rounds_until(control: Controller, done, rounds: int = 100):
+    """Controller rounds until ``done(round)``; messages take a moment through SNS to SQS."""
+    for _ in range(rounds):
+        result = control.step()
+        if done(result):
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {rounds} rounds; last: {result}")
+
+
+def test_a_rebalance_recommendation_replaces_the_worker_then_drains_it(
+    fleet, boto, redis_url
+) -> None:
+    """The at-risk worker's own agent reads the recommendation from its IMDS and
+    announces it; the controller launches a replacement while the old worker serves on,
+    and drains it (its agent stops the service and confirms) once the replacement
+    announced ``ready``; then it terminates it."""
+    control, _ = _controller(fleet, redis_url, Target(workers=2, instance_types=TYPES))
+    at_risk = workers_of(boto, fleet["fleet"])[0]["InstanceId"]
+    fleet["agents"].silent = {"worker": 1}  # the replacement says nothing until told to
+    opts = RunOptions(
+        role=Role.WORKER, topic_arn=fleet["res"]["topic_arn"], launch_id="L", fleet=fleet["fleet"],
+        redis=redis_url, spot_interval_s=0.1, ready_grace_s=0.2, drain_poll_s=0.1,
+    )  # fmt: skip
+    outcome: list[int] = []
+    with ImdsEmulator(instance_id=at_risk, lifecycle="spot") as imds:
+        agent = threading.Thread(
+            target=lambda: outcome.append(run_service(
+                opts, imds=ImdsClient(imds.url), command=SERVICE, handle_signals=False
+            )),
+            daemon=True,
+        )  # fmt: skip
+        agent.start()
+        started = time.monotonic()
+        imds.recommend_rebalance()
+        first = _rounds_until(control, lambda r: r.launched)
+        assert first.at_risk == [at_risk] and len(first.launched["worker"]) == 1
+        replacement = first.launched["worker"][0]
+        assert first.live == {"worker": 1} and not first.draining
+        control, _ = _controller(fleet, redis_url, Target(workers=2, instance_types=TYPES))
+        for _ in range(3):  # a restarted controller too keeps the old worker serving
+            held = control.step()
+            assert held.at_risk == [at_risk] and not held.draining and not held.launched
+        assert agent.is_alive() and len(workers_of(boto, fleet["fleet"])) == 3
+        new = next(i for i in workers_of(boto, fleet["fleet"]) if i["InstanceId"] == replacement)
+        announce(fleet["res"]["topic_arn"], new)  # up, then ready
+        draining = _rounds_until(control, lambda r: r.draining)
+        assert draining.draining == [at_risk] and draining.at_risk == []
+        assert not draining.launched
+        agent.join(20)  # the drain stopped its service; the agent confirmed and ended
+        assert outcome == [0]
+        drained = _rounds_until(control, lambda r: r.drained)
+        took = time.monotonic() - started
+    assert drained.drained == {at_risk: "drained"}
+    state = boto("ec2").describe_instances(InstanceIds=[at_risk])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] in (
+        "shutting-down", "terminated")  # fmt: skip
+    live = {i["InstanceId"] for i in workers_of(boto, fleet["fleet"])}
+    assert replacement in live and at_risk not in live and len(live) == 2
+    settled = control.step()
+    assert not settled.launched and not settled.draining and settled.live == {"worker": 2}
+    print(f"rebalance recommendation to drained and terminated: {took:.1f}s")
+
+
+def test_a_replacement_that_never_says_ready_is_terminated_and_replaced(
+    fleet, boto, redis_url
+) -> None:
+    clock = Clock()
+    control, _ = _controller(fleet, redis_url, Target(workers=2, instance_types=TYPES), clock)
+    fleet["agents"].silent = {"worker": 1}  # the replacement's boot hangs
+    boto("ec2").terminate_instances(InstanceIds=[sorted(_ids(workers_of(boto, fleet["fleet"])))[0]])
+    hung = control.step().launched["worker"][0]
+    wait_until(lambda: hung in fleet["agents"].ignored)
+    clock.now += control.boot_timeout_s - 1
+    waiting = control.step()
+    assert not waiting.launched and waiting.booting == [hung]
+    clock.now += 2  # past its boot deadline
+    again = control.step()
+    assert len(again.launched["worker"]) == 1 and again.launched["worker"] != [hung]
+    state = boto("ec2").describe_instances(InstanceIds=[hung])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] in (
+        "shutting-down", "terminated")  # fmt: skip
+    assert hung not in _ids(workers_of(boto, fleet["fleet"]))
+    assert len(workers_of(boto, fleet["fleet"])) == 2
 
 
 def test_a_worker_whose_boot_failed_is_terminated_and_replaced(fleet, boto, redis_url) -> None:
@@ -189,6 +299,37 @@ def test_scale_to_zero_when_idle_and_back_when_work_waits(
     assert len(back.launched["worker"]) == 1
 
 
+def test_waking_from_zero_counts_the_calls_waiting_on_a_worker_s_stack(
+    fleet, boto, redis_url
+) -> None:
+    """A job submitted to a fleet at zero is one queued call; once a worker runs it, its
+    sub-calls wait on that worker's own stack (shared only with idle workers), not in
+    the queue: the controller must see them to grow the fleet to what the job can use."""
+    from pygirder.cloud.fleet.controller import grid_demand
+
+    clock = Clock()
+    target = Target(workers=0, min_workers=0, max_workers=6, idle_s=600, instance_types=TYPES)
+    control, client = _controller(fleet, redis_url, target, clock)
+    boto("ec2").terminate_instances(InstanceIds=list(_ids(workers_of(boto, fleet["fleet"]))))
+    assert control.step().live == {"worker": 0}  # at zero, nothing asked for
+    with pygirder.connect(redis_url) as grid:
+        future = grid.submit(fans_out(3, 0, 0.3))  # 64 leaves of 0.3 s
+        woken = control.step()
+        assert woken.queue["queued"] == 1 and woken.target == {"worker": 1}
+        assert len(woken.launched["worker"]) == 1
+        # The launched instance's worker starts (a local worker process on the grid).
+        with pygirder.connect(redis_url, workers=1, store=None):
+            deadline = time.monotonic() + 60
+            while grid_demand(client)["stacked"] < 4 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            grown = control.step()
+            future.cancel()
+    assert grown.queue["queued"] == 0 and grown.queue["stacked"] >= 4
+    assert grown.target == {"worker": 6}  # 1 running + 4 or more stacked, at most max_workers
+    assert len(grown.launched["worker"]) == 5
+    assert len(workers_of(boto, fleet["fleet"])) == 6
+
+
 def test_pool_back_off_doubles_per_failure_and_resets_on_success() -> None:
     book = PoolBook(base_s=10.0, cap_s=35.0)
     pool = ("m7a.large", "subnet-1")
@@ -212,6 +353,6 @@ def test_distributors_are_not_counted_as_busy_workers(redis_url) -> None:
         client.set(keys.heartbeat("worker-1"), "1", ex=30)
         client.hset(keys.workers, "worker-dead", json.dumps({"pool": "workers"}))
         client.lpush(keys.queue("default"), "r1", "r2")
-        assert grid_demand(client) == {"queued": 2, "busy": 1, "alive": 1}
+        assert grid_demand(client) == {"queued": 2, "stacked": 0, "busy": 1, "alive": 1}
         client.hset(keys.idle("workers"), "worker-1", "0")
-        assert grid_demand(client) == {"queued": 2, "busy": 0, "alive": 1}
+        assert grid_demand(client) == {"queued": 2, "stacked": 0, "busy": 0, "alive": 1}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from cloud_helpers import PUBLIC_KEY, SSH_FROM, amazon_image
-from fleet_helpers import leftovers, nat_state, write_project
+from cloud_helpers import PUBLIC_KEY, SSH_FROM
+from fleet_helpers import amazon_image, leftovers, nat_state, write_project
 from typer.testing import CliRunner
 
 import pygirder
@@ -69,6 +69,7 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
             config,
             UpOptions(
                 workers=3, instance_types=("m7a.large", "c7a.large"), image_id=image,
+                image_ids=(amazon_image(boto("ec2"), "arm64"),),
                 processes="1", deadline_s=90, spot_interval_s=0.5, backoff_s=(0.2, 1.0),
             ),
             aws=aws_,

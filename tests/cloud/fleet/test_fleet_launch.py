@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud_helpers import PUBLIC_KEY, amazon_image
+from cloud_helpers import PUBLIC_KEY
 from fleet_helpers import (
     Capacity,
     StandInAgents,
+    amazon_image,
     announce,
     fleet_instances,
     leftovers,
@@ -59,7 +60,9 @@ def account(make_aws, config, built_artifact, boto) -> dict[str, Any]:
     res = account_resources(config, aws=aws_)
     push_artifact(built_artifact, res["bucket"], res["artifact_prefix"])
     image = amazon_image(boto("ec2"))
-    return {"config": config, "aws": aws_, "faults": faults, "res": res, "image": image}
+    arm = amazon_image(boto("ec2"), "arm64")  # the redis node's default type is Graviton
+    return {"config": config, "aws": aws_, "faults": faults, "res": res, "image": image,
+            "arm_image": arm}  # fmt: skip
 
 
 @pytest.fixture
@@ -81,6 +84,7 @@ def options(account: dict[str, Any], **kw: Any) -> UpOptions:
     base = {
         "instance_types": TYPES,
         "image_id": account["image"],
+        "image_ids": (account["arm_image"],),
         "deadline_s": 20,
         "backoff_s": (0.2, 1.0),
         "processes": "1",

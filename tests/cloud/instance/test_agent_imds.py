@@ -95,6 +95,19 @@ def test_spot_notice_appears_when_raised(imds: ImdsEmulator) -> None:
     )
 
 
+def test_a_rebalance_recommendation_appears_when_raised_and_stays(imds: ImdsEmulator) -> None:
+    headers = {"X-aws-ec2-metadata-token": _token(imds)}
+    url = imds.url + "/latest/meta-data/events/recommendations/rebalance"
+    client = ImdsClient()
+    assert _call(url, headers=headers)[0] == 404 and client.rebalance_recommendation() is None
+    when = imds.recommend_rebalance()
+    status, body = _call(url, headers=headers)
+    assert status == 200 and json.loads(body) == {"noticeTime": when}
+    assert client.rebalance_recommendation() == when
+    assert imds.recommend_rebalance() == when  # EC2 keeps the first one
+    assert client.spot_action() is None  # a recommendation is no interruption notice
+
+
 def test_client_reads_metadata_and_renews_tokens(imds: ImdsEmulator) -> None:
     client = ImdsClient()  # through PYGIRDER_IMDS_ENDPOINT
     assert client.endpoint == imds.url

@@ -115,6 +115,30 @@ def test_spot_notice_sigterms_the_child_and_announces_going_away(imds, status, t
     assert (state / "starts").read_text() == "1", "a stopped service must not be restarted"
 
 
+def test_a_rebalance_recommendation_is_announced_and_the_service_serves_on(
+    imds, status, tmp_path
+) -> None:
+    state = tmp_path / "child"
+    opts = _options(status, launch_id="L-rebalance")
+    thread, outcome = _in_thread(
+        lambda: run_service(opts, command=child(state), handle_signals=False)
+    )
+    status.wait_for("ready")
+    when = imds.recommend_rebalance()
+    at_risk, _ = status.wait_for("rebalance")
+    assert at_risk.detail == f"rebalance recommendation at {when}"
+    assert at_risk.instance_id == imds.instance_id
+    time.sleep(1.0)  # five more spot checks: still serving, announced once
+    assert thread.is_alive() and not (state / "terminated").exists()
+    imds.raise_spot_interruption("terminate", in_seconds=120)
+    thread.join(20)
+    assert outcome == [0]
+    going, seen = status.wait_for("going-away")
+    assert going.detail.startswith("spot interruption notice")
+    assert [a.event for a in seen] == ["going-away"]  # no second rebalance announcement
+    assert (state / "terminated").exists()
+
+
 def test_on_demand_instances_do_not_watch_for_spot_notices(status, tmp_path, monkeypatch) -> None:
     from pygirder.cloud.sim.imds import ImdsEmulator
 

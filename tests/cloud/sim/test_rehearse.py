@@ -37,8 +37,8 @@ def test_rehearse_with_one_worker_is_refused_at_once(tmp_path: Path) -> None:
 
 
 ELASTIC_STEPS = [
-    "reclaim 2, replace", "grow to 7", "shrink to 3", "elastic job", "idle to zero",
-    "wake on work",
+    "reclaim 2, replace", "grow to 7", "shrink to 3", "elastic job", "rebalance 1",
+    "idle to zero", "wake on work",
 ]  # fmt: skip
 
 
@@ -68,6 +68,10 @@ def test_rehearse_the_elastic_fleet(tmp_path: Path) -> None:
     assert report["replacement_s"] is not None
     # a second fleet, after the first is gone, answers the job from S3 and runs nothing
     assert " 0 executed" in steps["job from the store"]["detail"]
+    rebalance = report["rebalance_s"]  # the replacement serves before the drain ends
+    assert "drained and terminated" in steps["rebalance 1"]["detail"]
+    assert "(correct)" in steps["rebalance 1"]["detail"]
+    assert rebalance["serving"] < rebalance["drained"]
     assert report["leftovers"] and not any(report["leftovers"].values())
     # every instance of the first fleet was sampled: the 3 workers and those launched later
     rss = report["peak_rss_bytes"]

@@ -255,6 +255,22 @@ def test_a_spot_interruption_reclaims_the_instance_when_due(ec2, sim: Simulator)
     assert ec2_state(ec2, iid) == "terminated"
 
 
+def test_a_rebalance_recommendation_shows_in_imds_and_reclaims_nothing(ec2, sim: Simulator) -> None:
+    iid = run_instance(ec2, "#!/bin/bash\nexec sleep 300\n", spot=True)
+    running = sim.wait_for(iid, SimState.RUNNING, timeout=20)
+    assert running.imds_url is not None
+    path = "/latest/meta-data/events/recommendations/rebalance"
+    assert imds_get(running.imds_url, path)[0] == 404
+    stamp = sim.recommend_rebalance(iid)
+    assert imds_get(running.imds_url, path) == (200, json.dumps({"noticeTime": stamp}))
+    time.sleep(1.0)  # five polls of the simulator: the instance stays
+    assert ec2_state(ec2, iid) == "running" and sim.instance(iid).state is SimState.RUNNING
+    on_demand = run_instance(ec2, "#!/bin/bash\nexec sleep 300\n")
+    sim.wait_for(on_demand, SimState.RUNNING, timeout=20)
+    with pytest.raises(SimulatorError, match="only spot instances"):
+        sim.recommend_rebalance(on_demand)
+
+
 def test_fleet_instances_run_the_launch_templates_user_data(ec2, sim: Simulator) -> None:
     script = '#!/bin/bash\necho "fleet $(id -u)" > "$HOME/marker"\n'
     ec2.create_launch_template(

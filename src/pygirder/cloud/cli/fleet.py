@@ -120,7 +120,15 @@ def up(
         str, typer.Option(help="Worker processes per instance, or auto.")
     ] = "auto",
     image: Annotated[
-        str | None, typer.Option(help="AMI (default: the newest pygirder image).")
+        list[str] | None,
+        typer.Option(
+            help="AMI to boot, one per architecture (default: the newest pygirder image of "
+            "each role's architecture)."
+        ),
+    ] = None,
+    redis_type: Annotated[
+        str | None,
+        typer.Option("--redis-type", help="The redis node's type (default: redis_instance_type)."),
     ] = None,
     artifact: Annotated[
         str | None, typer.Option(help="Artifact URI or SHA-256 prefix (default: the newest).")
@@ -188,7 +196,8 @@ def up(
         deadline_s=_duration(deadline, "--deadline"),
         imports=tuple(imports) if imports else None,
         processes=processes,
-        image_id=image,
+        image_ids=tuple(image or ()),
+        redis_instance_type=redis_type,
         artifact=artifact,
         public_workers=public_workers,
         controller=controller if controller is not None else scale is not None,
@@ -325,8 +334,10 @@ def fleet(config: ConfigOpt = None, fleet: FleetOpt = None, as_json: JsonOpt = F
     if lost:
         err.print(
             f"[red]the redis node of fleet {status.fleet} is lost, and the grid with it: "
-            f"the calls in flight are gone. Bring the fleet down with `pygirder cloud down "
-            f"--fleet {status.fleet}` and start another.[/]"
+            f"the calls in flight are gone. `pygirder cloud up --fleet {status.fleet}` "
+            "launches a replacement (the fleet's controller ran on it, so nothing else "
+            "will); the workers follow it, and calls they finished come back from the "
+            "durable store when a job is submitted again.[/]"
         )
 
 

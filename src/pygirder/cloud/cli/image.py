@@ -61,13 +61,21 @@ def _config(path: Path | None):  # -> CloudConfig
 @app.command()
 def build(
     config: ConfigOpt = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            help="x86_64 (default) or arm64 (Graviton: the redis node's default type).",
+        ),
+    ] = None,
     instance_type: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--instance-type",
-            help="Builder type; its architecture (x86_64 or arm64) is the image's.",
+            help="Builder type (default t3.small, or t4g.small for arm64); its "
+            "architecture is the image's.",
         ),
-    ] = "t3.small",
+    ] = None,
     python: Annotated[
         str, typer.Option("--python", help="Amazon Linux Python package to install.")
     ] = "python3.11",
@@ -89,8 +97,9 @@ def build(
     cfg = _config(config)
     try:
         result = build_image(
-            cfg, instance_type=instance_type, python_package=python, keep_builder=keep_builder,
-            bake_timeout=timeout * 60, progress=None if as_json else _progress,
+            cfg, architecture=arch, instance_type=instance_type, python_package=python,
+            keep_builder=keep_builder, bake_timeout=timeout * 60,
+            progress=None if as_json else _progress,
         )  # fmt: skip
     except PygirderError as exc:
         raise _fail(exc) from None

@@ -56,8 +56,8 @@ def redis_node(config: CloudConfig, fleet: str | None = None, *, aws: Aws) -> Gr
     ]  # fmt: skip
     if not nodes:
         raise NoFleetError(
-            f"fleet {fleet} has no running redis node: bring it down with "
-            f"`pygirder cloud down --fleet {fleet}` and start another",
+            f"fleet {fleet} has no running redis node: `pygirder cloud up --fleet {fleet}` "
+            "launches a replacement",
             code="NoRedisNode",
         )
     node = nodes[0]

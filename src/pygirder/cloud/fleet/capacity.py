@@ -175,7 +175,8 @@ class Capacity:
 
     def pools(self, launch: RoleLaunch) -> list[tuple[str, str]]:
         now = self.clock()
-        every = [(t, s) for t in self.instance_types for s in launch.subnet_ids]
+        types = launch.instance_types or self.instance_types
+        every = [(t, s) for t in types for s in launch.subnet_ids]
         usable = [p for p in every if launch.blocked.get(p, 0.0) <= now]
         if not usable:
             # Every pool failed recently: forget the cool-downs, keep the permanent bans.

@@ -8,11 +8,14 @@ instance role, which :func:`controller_policy` scopes to this one fleet.  Every
 1. **read** the target (:mod:`.converge`'s SSM parameter; ``up`` rewrites it), the
    fleet's live instances (EC2, by tag) and the status queue: a ``going-away``
    announcement of one of them (spot interruption notice, time-to-live) makes it
-   *leaving*, so its replacement starts before EC2 takes it back, and one that
-   announced a ``failed`` boot is terminated (it would wait for its time-to-live);
+   *leaving*, so its replacement starts before EC2 takes it back; a ``rebalance``
+   announcement (EC2's rebalance recommendation) makes it *at risk*: replaced first,
+   drained once enough of the others serve (their ``ready`` announcement); one that
+   announced a ``failed`` boot is terminated (it would wait for its time-to-live), as
+   is one launched here that has not announced ``ready`` within ``boot_timeout_s``;
 2. **decide** the workers wanted: the target, or, when the target follows the queue
-   (``min_workers``/``max_workers``), enough for the queued and running calls, and
-   ``min_workers`` once nothing has been queued or running for ``idle_s``;
+   (``min_workers``/``max_workers``), enough for the calls queued, on workers' stacks
+   and running, and ``min_workers`` once there has been none for ``idle_s``;
 3. **launch** the shortfall from the role's launch template, spread over the pools
    (instance type x subnet) that hold fewest of the fleet's instances; a pool that
    answers with a capacity error is left alone for a while that doubles with each
@@ -22,7 +25,7 @@ instance role, which :func:`controller_policy` scopes to this one fleet.  Every
 
 A **launch budget** bounds what a confused controller can cost: never more than
 ``target.ceiling`` workers live (``max_workers``, else ``workers``; an instance that
-announced it is going away may be replaced before it is gone, one for one), and
+announced it is going away or at risk may be replaced before it is gone, one for one), and
 never more than ``max_launches_per_hour`` launches in any hour.  What stops a launch
 is reported, in the controller's log and in its status in the grid's Redis
 (``pygirder:fleet:{<fleet>}:controller``).  Announcements are trusted only for
@@ -65,6 +68,9 @@ DEFAULT_INTERVAL_S = 10.0
 # An instance that announced going-away and is still running after this long was not
 # reclaimed after all (or the message was not true): it counts again.
 LEAVING_GRACE_S = 180.0
+# An instance launched here that has not announced ``ready`` this long after its launch
+# is a hung boot: it is terminated and replaced (``PYGIRDER_BOOT_TIMEOUT_S``).
+DEFAULT_BOOT_TIMEOUT_S = 600.0
 ROLES = (Role.DISTRIBUTOR, Role.WORKER)
 # The pools of a fleet's grid: ``default``, and ``workers`` below distributors.
 FLEET_POOLS = ("default", "workers")
@@ -109,6 +115,10 @@ class Round:
     target: dict[str, int] = field(default_factory=dict)
     live: dict[str, int] = field(default_factory=dict)
     leaving: list[str] = field(default_factory=list)
+    at_risk: list[str] = field(default_factory=list)
+    """Instances EC2 recommended rebalancing: replaced, then drained."""
+    booting: list[str] = field(default_factory=list)
+    """Instances launched by the controller that have not announced ``ready`` yet."""
     launched: dict[str, list[str]] = field(default_factory=dict)
     drained: dict[str, str] = field(default_factory=dict)
     draining: list[str] = field(default_factory=list)
@@ -124,9 +134,14 @@ class Round:
 
 
 def grid_demand(client: Any, namespace: str = "default") -> dict[str, int]:
-    """What the grid asks of the workers: queued calls, busy and live worker processes.
+    """What the grid asks of the workers: queued calls, calls waiting on workers' own
+    stacks, busy and live worker processes.
 
-    Distributors register beside the workers but run no calls: they are left out.
+    A worker runs its sub-calls depth first from its own stack and offers them to the
+    pool only while some worker of the pool is idle, so a fanned-out job on busy
+    workers queues nothing: the stacks (each worker's registration says how deep its
+    stack is) are what more workers could take.  Distributors register beside the
+    workers but run no calls: they are left out.
     """
     import json as json_
 
@@ -141,20 +156,23 @@ def grid_demand(client: Any, namespace: str = "default") -> dict[str, int]:
     raw, *replies = pipe.execute()
     queued = sum(int(n) for n in replies[0::2])
     idle = {(k.decode() if isinstance(k, bytes) else str(k)) for ks in replies[1::2] for k in ks}
-    workers = []
+    workers: dict[str, int] = {}  # worker id -> entries on its stack
     for key, value in raw.items():
         try:
             info = json_.loads(value)
         except ValueError:
             continue
         if isinstance(info, dict) and info.get("kind") != "distributor":
-            workers.append(key.decode() if isinstance(key, bytes) else str(key))
+            stack = info.get("stack")
+            depth = stack if isinstance(stack, int) and stack > 0 else 0
+            workers[key.decode() if isinstance(key, bytes) else str(key)] = depth
     pipe = client.pipeline(transaction=False)
     for worker in workers:
         pipe.exists(keys.heartbeat(worker))
     alive = [w for w, up in zip(workers, pipe.execute(), strict=True) if up]
     busy = sum(1 for w in alive if w not in idle)
-    return {"queued": queued, "busy": busy, "alive": len(alive)}
+    stacked = sum(workers[w] for w in alive)
+    return {"queued": queued, "stacked": stacked, "busy": busy, "alive": len(alive)}
 
 
 class Controller:
@@ -183,6 +201,13 @@ class Controller:
         self.drainer = Drainer(aws, fleet, None, self.say, clock=clock)
         self.leaving: dict[str, tuple[float, str]] = {}
         """Instance id -> (when it announced going-away, why)."""
+        self.at_risk: dict[str, tuple[float, str]] = {}
+        """Instance id -> (when it announced a rebalance recommendation, its detail)."""
+        self.launched: dict[str, float | None] = {}
+        """Instances this controller launched -> when they announced ``ready`` (None: not yet)."""
+        self.boot_timeout_s = _env_float("PYGIRDER_BOOT_TIMEOUT_S", DEFAULT_BOOT_TIMEOUT_S)
+        self.boot_deadline: dict[str, float] = {}
+        """Instances launched here that have not announced ``ready`` -> until when they may."""
         self.idle_since: float | None = None
         self.failed: set[str] = set()
         """Instances terminated after announcing a failed boot."""
@@ -191,7 +216,8 @@ class Controller:
 
     # -- reading ---------------------------------------------------------------------
     def _announcements(self, ours: set[str]) -> None:
-        """Going-away announcements of this fleet's live instances mark them leaving.
+        """Going-away announcements of this fleet's live instances mark them leaving,
+        rebalance ones at risk, ``ready`` ones of instances launched here serving.
 
         Other messages are left on the queue (visible again in a moment) for whoever
         reads them: ``up`` waits there for its instances' ``ready``.
@@ -207,7 +233,15 @@ class Controller:
                 a = Announcement.from_message(message["Body"])
             except (ValueError, TypeError, KeyError):
                 continue
-            if a.fleet != self.fleet or a.event not in ("going-away", "failed"):
+            if a.fleet != self.fleet:
+                continue
+            if a.event in ("up", "ready"):
+                if a.instance_id not in self.launched:
+                    continue  # one of `up`'s own launches: `up` waits for it
+                if a.event == "ready" and self.launched[a.instance_id] is None:
+                    self.launched[a.instance_id] = self.clock()
+                    self.boot_deadline.pop(a.instance_id, None)
+            elif a.event not in ("going-away", "failed", "rebalance"):
                 continue
             if a.event == "failed" and a.instance_id in ours:
                 # A broken boot waits for its time-to-live for inspection; here it would
@@ -219,14 +253,60 @@ class Controller:
             if (a.event == "going-away" and not drained and a.instance_id in ours
                     and a.instance_id not in self.leaving):  # fmt: skip
                 self.leaving[a.instance_id] = (self.clock(), a.detail)
+                self.at_risk.pop(a.instance_id, None)
                 self.say(f"{a.role} {a.instance_id} is going away ({a.detail}): replacing it")
+            if (a.event == "rebalance" and a.instance_id in ours and a.role in ROLES
+                    and a.instance_id not in self.leaving
+                    and a.instance_id not in self.at_risk):  # fmt: skip
+                self.at_risk[a.instance_id] = (self.clock(), a.detail)
+                self.say(f"{a.role} {a.instance_id} is at risk ({a.detail}): replacing it first")
             self.aws.call(
                 "sqs", "delete_message", QueueUrl=self.queue_url,
                 ReceiptHandle=message["ReceiptHandle"], ignore=("ReceiptHandleIsInvalid",),
             )  # fmt: skip
 
+    def _resume(self) -> None:
+        """A restarted controller takes over the at-risk instances and the replacements
+        not yet serving of the last status: the controller before it read (and deleted)
+        their announcements."""
+        if self.grid is None:
+            return
+        try:
+            last = json.loads(self.grid.get(status_key(self.fleet)) or "{}")
+        except Exception as exc:  # no status, or no grid yet: nothing to take over
+            log.debug("no earlier status to resume from: %s", exc)
+            return
+        if not isinstance(last, dict):
+            return
+        for key, ids in (("at_risk", last.get("at_risk")), ("booting", last.get("booting"))):
+            for iid in ids if isinstance(ids, list) else []:
+                if not isinstance(iid, str):
+                    continue
+                if key == "at_risk":
+                    self.at_risk.setdefault(iid, (self.clock(), "at risk before a restart"))
+                else:
+                    self.launched.setdefault(iid, None)
+                    self.boot_deadline.setdefault(iid, self.clock() + self.boot_timeout_s)
+
+    def _hung_boots(self, ours: set[str]) -> None:
+        """Terminate instances launched here that never announced ``ready``: a hung boot
+        would hold a place of the fleet (and keep an at-risk instance) forever."""
+        now = self.clock()
+        for iid, deadline in list(self.boot_deadline.items()):
+            if iid in ours and now < deadline:
+                continue
+            del self.boot_deadline[iid]
+            if iid in ours:
+                self.say(
+                    f"{iid} has not announced ready {self.boot_timeout_s:.0f}s after its "
+                    "launch: terminating it (it is replaced)"
+                )
+                terminate(self.aws, [iid])
+                self.failed.add(iid)
+
     def _queue(self) -> dict[str, int] | None:
-        """Queued calls and busy and live worker processes; None when the grid is unreadable."""
+        """Queued and stacked calls, busy and live worker processes (:func:`grid_demand`);
+        None when the grid is unreadable."""
         if self.grid is None:
             return None
         try:
@@ -235,14 +315,20 @@ class Controller:
             log.warning("cannot read the grid's queue: %s", exc)
             return None
 
-    def wanted_workers(self, target: Target, live: int, queue: dict[str, int] | None) -> int:
-        """Workers wanted now: the target, or what the queue needs between min and max."""
+    def wanted_workers(
+        self, target: Target, live: int, queue: dict[str, int] | None, instances: int | None = None
+    ) -> int:
+        """Workers wanted now: the target, or what the queue needs between min and max.
+
+        ``live`` counts the instances that stay, ``instances`` every one whose worker
+        processes may be registered (those going away too; default ``live``).
+        """
         if target.min_workers is None or target.max_workers is None:
             return target.workers
         now = self.clock()
         if queue is None:  # blind: keep what runs, within the bounds
             return min(max(live, target.min_workers), target.max_workers)
-        demand = queue["queued"] + queue["busy"]
+        demand = queue["queued"] + queue.get("stacked", 0) + queue["busy"]
         if demand == 0:
             if self.idle_since is None:
                 self.idle_since = now
@@ -250,8 +336,10 @@ class Controller:
                 return target.min_workers
             return min(max(live, target.min_workers), target.max_workers)
         self.idle_since = None
-        # Worker processes per instance, as measured; one until there is a measure.
-        per_instance = max(1, queue["alive"] // live) if live else 1
+        # Worker processes per instance, as measured over every instance whose processes
+        # are counted (those going away too); one until there is a measure.
+        instances = live if instances is None else instances
+        per_instance = max(1, queue["alive"] // instances) if instances else 1
         need = math.ceil(demand / per_instance)
         return min(target.max_workers, max(target.min_workers, live, need))
 
@@ -321,6 +409,8 @@ class Controller:
             else:
                 result.errors.append(f"{role}: {code}: {message}")
         self.budget.record(len(new))
+        self.launched.update(dict.fromkeys(new))
+        self.boot_deadline.update(dict.fromkeys(new, now + self.boot_timeout_s))
         if new:
             self.say(f"{role}: launched {len(new)} of {count}: {', '.join(new)}")
         return new
@@ -336,10 +426,13 @@ class Controller:
         now = self.clock()
         self.rounds += 1
         result = Round(time=time.time())
+        if self.rounds == 1:
+            self._resume()
         target = read_target(self.aws, self.config.name, self.fleet)
         instances = instances_of(self.aws, self.config.name, self.fleet, ("pending", "running"))
         ours = {i["InstanceId"] for i in instances}
         self._announcements(ours)
+        self._hung_boots(ours)
         ours -= self.failed
         # Leaving instances that EC2 took are gone; those still up after the grace count.
         self.leaving = {
@@ -347,6 +440,12 @@ class Controller:
             if iid in ours and now - when < LEAVING_GRACE_S
         }  # fmt: skip
         result.leaving = sorted(self.leaving)
+        # At-risk instances EC2 took (or that started to drain) need nothing more.
+        self.at_risk = {
+            iid: seen for iid, seen in self.at_risk.items()
+            if iid in ours and iid not in self.drainer.pending
+        }  # fmt: skip
+        self.launched = {iid: ready for iid, ready in self.launched.items() if iid in ours}
         if self.grid is not None and self.drainer.pending:
             result.drained = self.drainer.poll(self.grid)
             ours -= set(result.drained)
@@ -369,10 +468,10 @@ class Controller:
                 if from_tag_list(i.get("Tags")).get(TAG_ROLE) == str(role)
                 and i["InstanceId"] in ours
             ]  # fmt: skip
-            going = set(self.leaving) | set(self.drainer.pending)
+            going = set(self.leaving) | set(self.drainer.pending) | set(self.at_risk)
             staying = [i for i in mine if i["InstanceId"] not in going]
             if role is Role.WORKER:
-                wanted = self.wanted_workers(target, len(staying), queue)
+                wanted = self.wanted_workers(target, len(staying), queue, len(mine))
                 ceiling = target.ceiling
             else:
                 wanted = ceiling = target.distributors
@@ -380,6 +479,7 @@ class Controller:
                     continue
             result.target[str(role)] = wanted
             result.live[str(role)] = len(staying)
+            self._retire(role, mine, staying, wanted, result)
             if len(staying) > wanted:
                 self._shrink(role, staying, wanted, result)
             elif len(staying) < wanted:
@@ -388,7 +488,8 @@ class Controller:
                     result.errors.append(f"{role}: the fleet has no launch template for it")
                     continue
                 # At most the ceiling live, plus one per instance that is going away.
-                leaving = sum(1 for i in mine if i["InstanceId"] in self.leaving)
+                away = set(self.leaving) | set(self.at_risk)
+                leaving = sum(1 for i in mine if i["InstanceId"] in away)
                 room = ceiling + leaving - len(mine)
                 left = self.budget.left(target.max_launches_per_hour)
                 count = min(wanted - len(staying), room, left)
@@ -414,12 +515,49 @@ class Controller:
                     if new:
                         result.launched[str(role)] = new
         result.draining = sorted(self.drainer.pending)
+        result.at_risk = sorted(self.at_risk)
+        result.booting = sorted(iid for iid, ready in self.launched.items() if ready is None)
         result.launches_last_hour = self.budget.used()
         for line in result.limits:
             log.warning("%s", line)
         for line in result.errors:
             log.error("%s", line)
         return self._publish(result)
+
+    def _retire(
+        self,
+        role: Role,
+        mine: list[dict[str, Any]],
+        staying: list[dict[str, Any]],
+        wanted: int,
+        result: Round,
+    ) -> None:
+        """Drain the at-risk instances that serving ones have replaced, oldest first.
+
+        An instance launched here serves once it announced ``ready``; the others (``up``
+        waited for theirs) serve already.  At-risk instances keep serving until then,
+        so the role never has fewer than ``wanted`` serving.
+        """
+        risky = sorted(
+            (i["InstanceId"] for i in mine if i["InstanceId"] in self.at_risk),
+            key=lambda iid: self.at_risk[iid][0],
+        )
+        if not risky:
+            return
+        serving = sum(1 for i in staying if self.launched.get(i["InstanceId"], 0.0) is not None)
+        victims = risky[: max(0, serving + len(risky) - wanted)]
+        if not victims:
+            return
+        if self.grid is None:
+            result.errors.append(f"{role}: cannot drain without the grid's Redis")
+            return
+        try:
+            self.drainer.start(self.grid, victims, "replaced after a rebalance recommendation")
+        except Exception as exc:  # redis down: try again next round
+            result.errors.append(f"{role}: cannot request a drain: {exc}")
+            return
+        for iid in victims:
+            del self.at_risk[iid]
 
     def _shrink(self, role: Role, staying: list[dict[str, Any]], wanted: int, result: Round):
         if self.grid is None:

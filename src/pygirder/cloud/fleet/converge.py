@@ -39,7 +39,6 @@ from ..leftovers import terminate
 from ..tags import (
     TAG_EXPIRES,
     TAG_ROLE,
-    as_tag_list,
     as_utc,
     fleet_filters,
     from_tag_list,
@@ -48,7 +47,14 @@ from ..tags import (
 )
 from .launch import Progress, UpOptions, _Up
 from .members import Member, MemberState, RoleLaunch, update
-from .naming import DEFAULT_INSTANCE_TYPES, check_fleet_id, fleet_tags, instances_of, launch_id
+from .naming import (
+    DEFAULT_INSTANCE_TYPES,
+    check_fleet_id,
+    instances_of,
+    launch_id,
+    put_fleet_parameter,
+)
+from .redis_node import replace_redis_node
 
 log = logging.getLogger("pygirder.fleet")
 
@@ -86,6 +92,8 @@ class Target:
     """Role -> the subnets its instances launch into."""
     controller: bool = False
     """A controller on the redis node keeps this target: ``up`` only writes it and waits."""
+    redis_instance_type: str = ""
+    """The redis node's type, for its replacement; empty: the config's."""
 
     def check(self) -> None:
         problems = []
@@ -153,19 +161,10 @@ def read_target(aws: Aws, name: str, fleet: str) -> Target | None:
 
 def write_target(aws: Aws, config: CloudConfig, fleet: str, target: Target, expires: datetime):
     """Store the target; the first write tags the parameter as the fleet's."""
-    name = target_parameter(config.name, fleet)
-    exists = aws.call("ssm", "get_parameter", Name=name, ignore=("ParameterNotFound",))
-    params: dict[str, Any] = {"Name": name, "Value": target.to_json(), "Type": "String"}
-    if exists:
-        aws.call("ssm", "put_parameter", Overwrite=True, **params)
-    else:
-        aws.call(
-            "ssm",
-            "put_parameter",
-            Description=f"Target size of pygirder fleet {fleet}",
-            Tags=as_tag_list(fleet_tags(config, fleet, expires)),
-            **params,
-        )
+    put_fleet_parameter(
+        aws, config, fleet, target_parameter(config.name, fleet), target.to_json(),
+        description=f"Target size of pygirder fleet {fleet}", expires=expires,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ what runs
@@ -436,10 +435,12 @@ def converge(
     target.check()
     instances = instances_of(aws, config.name, fleet, ("pending", "running"))
     templates = role_templates(aws, config.name, fleet)
-    if not any(from_tag_list(i.get("Tags")).get(TAG_ROLE) == "redis" for i in instances):
+    redis_lost = not any(from_tag_list(i.get("Tags")).get(TAG_ROLE) == "redis" for i in instances)
+    if redis_lost and "redis" not in templates:
         raise FleetError(
-            f"fleet {fleet} has no live redis node, so it cannot grow or shrink: bring it "
-            f"down with `pygirder cloud down --fleet {fleet}` and start another",
+            f"fleet {fleet} has no live redis node and no redis launch template to replace "
+            f"it from: bring it down with `pygirder cloud down --fleet {fleet}` and start "
+            "another",
             code="NoRedisNode",
         )
     if target.distributors and "distributor" not in templates:
@@ -462,8 +463,22 @@ def converge(
     expires = _expires_of(instances, templates)
     old = read_target(aws, config.name, fleet)
     target.controller = target.controller or bool(old and old.controller)
+    target.redis_instance_type = target.redis_instance_type or (
+        old.redis_instance_type if old else ""
+    )
     write_target(aws, config, fleet, target, expires)
     report = ConvergeReport(fleet)
+    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s, expires)
+    runner.res = res
+    deadline = clock() + deadline_s
+    if redis_lost:
+        # The controller ran on the lost node: only the operator can bring it back.
+        node, _ = replace_redis_node(
+            runner, templates["redis"]["id"],
+            target.subnets.get("redis") or [res["public_subnet_id"]],
+            target.redis_instance_type or config.redis_instance_type, deadline,
+        )  # fmt: skip
+        report.launched["redis"] = [node]
     if target.controller:
         # Two launchers for one target would each make up the same shortfall.
         say("the fleet's controller converges it; waiting for it")
@@ -476,9 +491,6 @@ def converge(
             )
         return report
 
-    runner = _Converge(config, fleet, target, aws, say, progress, clock, deadline_s, expires)
-    runner.res = res
-    deadline = clock() + deadline_s
     connect = connect or (lambda: grid_client(config, fleet, aws))
     drainer = Drainer(aws, fleet, connect, say)
     for role in (Role.DISTRIBUTOR, Role.WORKER):

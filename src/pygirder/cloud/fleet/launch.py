@@ -29,9 +29,9 @@ from typing import Any, Protocol
 from ...errors import ConfigError
 from ..aws import LIVE_INSTANCE_STATES, Aws
 from ..config import CloudConfig
-from ..errors import CloudError, FleetError, FleetNotReadyError
+from ..errors import CloudError, FleetNotReadyError
 from ..instance.announce import Announcement
-from ..instance.common import DEFAULT_REDIS_PORT, DEFAULT_SPOT_INTERVAL_S, Role
+from ..instance.common import DEFAULT_SPOT_INTERVAL_S, Role
 from ..leftovers import terminate
 from ..tags import fleet_filters
 from .access import write_known_hosts
@@ -48,7 +48,8 @@ from .naming import (
     new_fleet_id,
     utcnow,
 )
-from .sources import find_image, resolve_artifact
+from .redis_node import node_address, write_redis_address
+from .sources import images_for, resolve_artifact
 from .teardown import down
 from .templates import Blueprint
 
@@ -80,6 +81,12 @@ class UpOptions:
     """Modules the workers import; None: the pushed project's top-level modules."""
     processes: str = "auto"
     image_id: str | None = None
+    """An AMI to boot (``--image``) for the roles of its architecture."""
+    image_ids: tuple[str, ...] = ()
+    """More AMIs, one per architecture; a role whose architecture has none given boots
+    the newest image baked for it."""
+    redis_instance_type: str | None = None
+    """The redis node's type; None: the config's ``redis_instance_type``."""
     artifact: str | None = None
     """``s3://...`` URI or SHA-256 (prefix) of a pushed artifact; None: the newest."""
     public_workers: bool = False
@@ -188,7 +195,11 @@ class _Up:
         from ..account import account_resources
 
         self.res = account_resources(self.config, aws=self.aws)
-        image = self.options.image_id or find_image(self.config, aws=self.aws)
+        opts = self.options
+        roles = {str(Role.REDIS): (self.redis_type,), str(Role.WORKER): opts.instance_types}
+        given = (*([opts.image_id] if opts.image_id else []), *opts.image_ids)
+        images = images_for(self.config, aws=self.aws, roles=roles, given=given)
+        image = images[str(Role.WORKER)]
         uri, sha, modules = resolve_artifact(
             self.res["bucket"], self.res["artifact_prefix"], self.options.artifact
         )
@@ -196,7 +207,12 @@ class _Up:
         return Blueprint(
             self.aws, self.config, self.res, self.fleet, self.expires, image, uri, sha, imports,
             self.options.processes, self.options.spot_interval_s, self.options.controller,
+            role_images={str(Role.REDIS): images[str(Role.REDIS)]},
         )  # fmt: skip
+
+    @property
+    def redis_type(self) -> str:
+        return self.options.redis_instance_type or self.config.redis_instance_type
 
     def store_target(self, launches: list[RoleLaunch]) -> None:
         """The sizes just launched, for ``up`` on this fleet and its controller."""
@@ -209,7 +225,7 @@ class _Up:
             max_workers=high, idle_s=opts.idle_s, max_launches_per_hour=opts.launches_per_hour,
             instance_types=tuple(opts.instance_types), max_price=opts.max_price,
             subnets={str(lc.role): list(lc.subnet_ids) for lc in launches},
-            controller=opts.controller,
+            controller=opts.controller, redis_instance_type=self.redis_type,
         )  # fmt: skip
         write_target(self.aws, self.config, self.fleet, target, self.expires)
 
@@ -464,7 +480,8 @@ class _Up:
                 blueprint.redis_profile_arn = create_controller_role(
                     self.aws, self.config, self.res, self.fleet, self.expires
                 )
-            redis = RoleLaunch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public)
+            redis = RoleLaunch(Role.REDIS, 1, launch_id(self.fleet, Role.REDIS), public,
+                               instance_types=(self.redis_type,))  # fmt: skip
             self.launches = [redis]
             blueprint.template(redis, None)
             self.report()
@@ -472,14 +489,8 @@ class _Up:
             self.settle([redis])
             self.fail_if_short([redis], {Role.REDIS: 1})
             node = redis.in_state(MemberState.READY)[0]
-            if not node.private_ip:
-                fill(self.aws, redis, [node.instance_id])
-            if not node.private_ip:
-                raise FleetError(
-                    f"EC2 lists no private address for the redis node {node.instance_id}",
-                    code="NoAddress",
-                )
-            url = f"redis://{node.private_ip}:{DEFAULT_REDIS_PORT}/0"
+            url = node_address(self.aws, redis, node)
+            write_redis_address(self.aws, self.config, self.fleet, url, self.expires)
             self.say(f"redis node {node.instance_id} is ready at {node.private_ip}")
             second: list[RoleLaunch] = []
             pool = "workers" if opts.distributors else "default"

@@ -60,6 +60,8 @@ class RoleLaunch:
     next_at: float = 0.0
     stopped: str = ""
     errors: list[str] = field(default_factory=list)
+    instance_types: tuple[str, ...] = ()
+    """Types this launch diversifies over; empty: the fleet's (``--instance-types``)."""
     token: str = ""
     """Prefix of CreateFleet client tokens (default: the launch id); a later grow of
     the same launch needs its own, or EC2 would answer with the first launch."""

@@ -17,6 +17,7 @@ from ..tags import (
     TAG_EXPIRES,
     TAG_FLEET,
     TAG_ROLE,
+    as_tag_list,
     fleet_filters,
     ownership_tags,
     stamp,
@@ -81,6 +82,21 @@ def fleet_tags(config: CloudConfig, fleet: str, expires: datetime, role: str | N
         tags[TAG_LAUNCH] = launch_id(fleet, role)
         tags["Name"] = f"pygirder-{config.name}-{fleet}-{role}"
     return tags
+
+
+def put_fleet_parameter(
+    aws: Aws, config: CloudConfig, fleet: str, name: str, value: str, *,
+    description: str, expires: datetime,
+) -> None:  # fmt: skip
+    """Write one of the fleet's SSM parameters; the first write tags it as the fleet's,
+    so ``down`` removes it with the rest."""
+    exists = aws.call("ssm", "get_parameter", Name=name, ignore=("ParameterNotFound",))
+    params: dict[str, Any] = {"Name": name, "Value": value, "Type": "String"}
+    if exists:
+        aws.call("ssm", "put_parameter", Overwrite=True, **params)
+    else:
+        tags = as_tag_list(fleet_tags(config, fleet, expires))
+        aws.call("ssm", "put_parameter", Description=description, Tags=tags, **params)
 
 
 def describe_instances(aws: Aws, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:

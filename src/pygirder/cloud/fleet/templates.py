@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +40,8 @@ class Blueprint:
     redis_profile_arn: str | None = None
     """The redis node's instance profile when it is not the setup's: the controller's
     (:mod:`.controller_role`)."""
+    role_images: dict[str, str] = field(default_factory=dict)
+    """Role -> its AMI when it is not ``image_id`` (a role of another architecture)."""
 
     def store_password(self) -> None:
         """The fleet's Redis password, a tagged SecureString only the fleet can read."""
@@ -64,7 +66,7 @@ class Blueprint:
         if launch.role is Role.REDIS and self.redis_profile_arn:
             profile = self.redis_profile_arn
         data = {
-            "ImageId": self.image_id,
+            "ImageId": self.role_images.get(str(launch.role), self.image_id),
             "UserData": base64.b64encode(user_data.encode()).decode(),
             "IamInstanceProfile": {"Arn": profile},
             "SecurityGroupIds": [self.res["security_group_id"]],

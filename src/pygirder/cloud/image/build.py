@@ -65,6 +65,8 @@ __all__ = ["BuildResult", "boot_robot_script", "build_image", "render_bake_scrip
 
 SERVICE_USER = "pygirder"
 DEFAULT_BUILDER_TYPE = "t3.small"
+# The builder of each architecture's image: small and cheap, a few minutes of it.
+BUILDER_TYPES = {"x86_64": DEFAULT_BUILDER_TYPE, "arm64": "t4g.small"}
 DEFAULT_PYTHON_PACKAGE = "python3.11"
 AL2023_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 # EC2 refuses user-data over 16 KiB.
@@ -147,22 +149,38 @@ def build_image(
     config: CloudConfig,
     *,
     aws: Aws | None = None,
-    instance_type: str = DEFAULT_BUILDER_TYPE,
+    architecture: str | None = None,
+    instance_type: str | None = None,
     python_package: str = DEFAULT_PYTHON_PACKAGE,
     keep_builder: bool = False,
     bake_timeout: float = WAIT_BAKE_S,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Bake a template image for ``config``'s setup; see the module docstring."""
+    """Bake a template image for ``config``'s setup; see the module docstring.
+
+    ``architecture`` (``x86_64``, the default, or ``arm64``) picks the builder's type
+    (:data:`BUILDER_TYPES`) unless ``instance_type`` is given, whose architecture is
+    then the image's.
+    """
     from ..account import account_resources
 
+    if architecture is not None and architecture not in BUILDER_TYPES:
+        raise CloudConfigError(
+            f"--arch {architecture!r}: images are baked for {' or '.join(BUILDER_TYPES)}"
+        )
+    instance_type = instance_type or BUILDER_TYPES[architecture or "x86_64"]
     aws = aws or Aws(config)
     say = progress or (lambda text: None)
     started = time.monotonic()
+    found = _architecture(aws, config, instance_type)
+    if architecture is not None and found != architecture:
+        raise CloudConfigError(
+            f"--instance-type {instance_type} is {found}, not {architecture}: give a type of "
+            f"that architecture (e.g. {BUILDER_TYPES[architecture]}) or leave it out"
+        )
+    architecture = found
     resources_ = account_resources(config, aws=aws)
-    architecture = _architecture(aws, config, instance_type)
-    base = aws.call("ssm", "get_parameter", Name=AL2023_PARAMETER.format(arch=architecture))
-    base_image_id = base["Parameter"]["Value"]
+    base_image_id = _base_image(aws, architecture)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     build_id = f"image-{stamp}-{uuid.uuid4().hex[:6]}"
     version = _pygirder_version()
@@ -241,6 +259,22 @@ def _architecture(aws: Aws, config: CloudConfig, instance_type: str) -> str:
         )
     arches = types["InstanceTypes"][0]["ProcessorInfo"]["SupportedArchitectures"]
     return "arm64" if "arm64" in arches else "x86_64"
+
+
+def _base_image(aws: Aws, architecture: str) -> str:
+    """The latest Amazon Linux 2023 of ``architecture``: the public SSM parameter of that
+    architecture, checked against what EC2 says of the image."""
+    name = AL2023_PARAMETER.format(arch=architecture)
+    image_id = str(aws.call("ssm", "get_parameter", Name=name)["Parameter"]["Value"])
+    image = describe_image(aws, image_id)
+    if image is None:
+        raise ImageError(f"{name} names {image_id}, which EC2 does not list", code="NoBaseImage")
+    if image.get("Architecture", architecture) != architecture:
+        raise ImageError(
+            f"{name} names {image_id}, an {image['Architecture']} image, not {architecture}",
+            code="NoBaseImage",
+        )
+    return image_id
 
 
 def _upload_wheel(aws: Aws, bucket: str, prefix: str, *, expires: float) -> tuple[str, str, str]:

@@ -21,7 +21,8 @@ What it talks to:
   seam; a simulated instance sets it to an :class:`~pygirder.cloud.sim.imds.ImdsEmulator`).
   A session token is fetched first and renewed on 401.
 - **SNS**: one JSON :class:`Announcement` per event (``up``, ``ready``, ``going-away``,
-  ``failed``) on the fleet's status topic, whose region is read from the topic ARN.
+  ``rebalance``, ``failed``) on the fleet's status topic, whose region is read from the
+  topic ARN.
 - **SSM**: the Redis password, a SecureString at ``/pygirder/<name>/<fleet>/redis-password``,
   read at run time with the instance role and never written to a log or argv of ours.
 - **S3**: the artifact (see :mod:`.install`).
@@ -43,7 +44,10 @@ quick failures in a row the agent gives up with exit status 1 (the user-data the
 announces ``failed``).  SIGTERM/SIGINT to the agent are forwarded to the child.  Two
 watchers run beside it: the **spot watcher** polls ``spot/instance-action`` (every
 ``--spot-interval`` s) and on a notice SIGTERMs the child (a worker hands back what it
-holds) and announces ``going-away``; the **time-to-live** (``--ttl`` or ``--expires``)
+holds) and announces ``going-away``; it also polls
+``events/recommendations/rebalance`` and announces a rebalance recommendation as
+``rebalance`` once, the service serving on (the fleet controller replaces the instance,
+then drains it); the **time-to-live** (``--ttl`` or ``--expires``)
 announces ``going-away``, stops the child and runs ``--shutdown-command`` (default
 ``sudo shutdown -h now``; instances are launched with shutdown behaviour
 *terminate*), so a lost laptop never leaves a bill running.  On a simulated instance
@@ -102,6 +106,7 @@ from .common import (
     _utcnow,
 )
 from .drain import DEFAULT_DRAIN_POLL_S, DrainWatcher
+from .follow import GridFollower, current_address, follower_for
 from .metadata import ImdsClient, InstanceMetadata
 from .supervisor import (
     DeadlineWatcher,
@@ -215,12 +220,15 @@ def run_service(
         password = None
         env = dict(os.environ)
         on_exit: Callable[[int], object] | None = None
+        recovery = None
         if command is None and opts.name and opts.fleet:
             password = read_redis_password(opts.name, opts.fleet, region=region)
         if command is None:
             if opts.role is Role.REDIS:
                 command, probe = _redis_service(opts, meta, password, Path(tmp))
             else:
+                if opts.name and opts.fleet:  # the redis node may have been replaced
+                    opts.redis = current_address(opts.name, opts.fleet, opts.redis, region=region)
                 env.update(service_environment(opts.role, opts.redis, password))
                 if opts.store:
                     env["PYGIRDER_STORE"] = opts.store
@@ -231,7 +239,7 @@ def run_service(
                 probe = alive_for(opts.ready_grace_s)
                 from ...grid.recovery import DeadChildRecovery
 
-                on_exit = DeadChildRecovery(env["PYGIRDER_REDIS"])
+                on_exit = recovery = DeadChildRecovery(env["PYGIRDER_REDIS"])
             ready_probe = ready_probe or probe
         supervisor = Supervisor(
             command,
@@ -255,20 +263,37 @@ def run_service(
                 once=True,
             )
 
+        def on_rebalance(notice_time: str) -> None:
+            # The service keeps serving: the fleet controller launches a replacement
+            # first and drains this instance once the replacement serves.
+            announcer.send(Event.REBALANCE, f"rebalance recommendation at {notice_time}", once=True)
+
         def on_expiry() -> None:
             expired.set()
             at = _iso(opts.expires) if opts.expires is not None else "its deadline"
             announcer.send(Event.GOING_AWAY, f"time-to-live ran out at {at}", once=True)
             supervisor.stop("time-to-live ran out")
 
-        watchers: list[_Watcher | DrainWatcher] = []
+        watchers: list[_Watcher | DrainWatcher | GridFollower] = []
         if meta.lifecycle == "spot" and opts.spot_interval_s > 0:
-            watchers.append(SpotWatcher(imds, on_spot, opts.spot_interval_s))
+            watchers.append(SpotWatcher(imds, on_spot, opts.spot_interval_s, on_rebalance))
         if opts.expires is not None:
             watchers.append(DeadlineWatcher(opts.expires, on_expiry))
         drain = _drain_watcher(opts, meta, password, supervisor, announcer)
         if drain is not None:
             watchers.append(drain)
+        if recovery is not None and opts.redis and opts.name and opts.fleet:
+
+            def moved(url: str) -> None:  # the drain and the recovery follow the grid too
+                recovery.url = url
+                if drain is not None:
+                    drain.url = url
+
+            follower = follower_for(
+                name=opts.name, fleet=opts.fleet, region=region, url=opts.redis,
+                password=password, supervisor=supervisor, moved=moved,
+            )  # fmt: skip
+            watchers.append(follower)
         controller = _controller(opts, meta, region, env)
 
         previous: dict[int, Any] = {}

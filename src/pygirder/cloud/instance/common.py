@@ -34,6 +34,7 @@ class Event(enum.StrEnum):
     UP = "up"  # booted and running its user-data; nothing installed yet
     READY = "ready"  # its service is serving (Redis answers PING / worker is up)
     GOING_AWAY = "going-away"  # stopping: spot interruption, time-to-live or SIGTERM
+    REBALANCE = "rebalance"  # spot: at elevated risk of interruption, still serving
     FAILED = "failed"  # the user-data or the service failed; details in ``detail``
 
 

@@ -109,9 +109,12 @@ class DrainWatcher(threading.Thread):
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
 
     def run(self) -> None:
-        client = self._client()
+        client, url = self._client(), self.url
         try:
             while not self.done.wait(self.interval_s):
+                if self.url != url:  # the grid moved to a replacement redis node
+                    client.close()
+                    client, url = self._client(), self.url
                 try:
                     reason = client.hget(drain_key(self.fleet), self.instance_id)
                 except redis.RedisError as exc:

@@ -139,6 +139,22 @@ class ImdsClient:
             notice = {"action": "unknown", "time": body.strip()}
         return {"action": str(notice.get("action", "")), "time": str(notice.get("time", ""))}
 
+    def rebalance_recommendation(self) -> str | None:
+        """When EC2 recommended rebalancing this spot instance (ISO time), or None.
+
+        The signal (``{"noticeTime": ...}``) says the instance is at elevated risk of
+        interruption; it often comes well before the two-minute notice, and it stays.
+        """
+        body = self.get("meta-data/events/recommendations/rebalance")
+        if body is None:
+            return None
+        try:
+            notice = json.loads(body)
+        except ValueError:
+            return body.strip() or "an unknown time"
+        when = notice.get("noticeTime") if isinstance(notice, dict) else None
+        return str(when) if when else "an unknown time"
+
 
 class _Unauthorized(Exception):
     pass

@@ -140,8 +140,12 @@ class Supervisor:
         stop_timeout_s: float = 30.0,
         poll_s: float = 0.1,
         on_exit: Callable[[int], object] | None = None,
+        hold: Callable[[threading.Event], bool] | None = None,
     ) -> None:
         self.command = list(command)
+        # called before every restart: may wait (for the grid, say) and returns whether
+        # it did; then the exit is not the service's failure and is not counted
+        self.hold = hold
         # called with the pid of every child that exited, before any restart: a grid
         # worker's requests are requeued then, not when its heartbeat expires
         self.on_exit = on_exit
@@ -161,6 +165,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._signalled: subprocess.Popen | None = None
+        self._restart = threading.Event()
 
     @property
     def pid(self) -> int | None:
@@ -179,6 +184,16 @@ class Supervisor:
             self._stopping.set()
         self._signal_child()
 
+    def restart(self, reason: str, env: Mapping[str, str] | None = None) -> None:
+        """Stop the running child and start it again at once (with ``env`` merged into
+        its environment); not counted as a failure.  Thread-safe."""
+        with self._lock:
+            if env:
+                self.env = {**(self.env if self.env is not None else os.environ), **env}
+            self._restart.set()
+        log.info("restarting the service: %s", reason)
+        self._signal_child()
+
     def _signal_child(self) -> None:
         with self._lock:
             proc = self._proc
@@ -192,8 +207,11 @@ class Supervisor:
 
     def _start(self) -> subprocess.Popen:
         log.info("starting %s", mask_url(shlex.join(self.command)))
+        with self._lock:
+            self._restart.clear()  # a restart asked for while no child ran is done now
+            env = self.env
         proc = subprocess.Popen(
-            self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
+            self.command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
         )
         with self._lock:
             self._proc = proc
@@ -220,6 +238,10 @@ class Supervisor:
     def run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            if self.starts and self.hold is not None and self.hold(self._stopping):
+                failures = 0
+                if self._stopping.is_set():
+                    return
             started = time.monotonic()
             proc = self._start()
             ready = False
@@ -235,7 +257,15 @@ class Supervisor:
                     proc.send_signal(signal.SIGTERM)
                     self._finish(proc)
                     break
+                if self._restart.is_set():
+                    break
                 self._stopping.wait(self.poll_s)
+            if self._restart.is_set() and not self._stopping.is_set():
+                status = self._finish(proc)
+                self._exited(proc)
+                log.info("service exited with status %s for a restart", status)
+                failures = 0
+                continue
             if self._stopping.is_set():
                 self._signal_child()
                 status = self._finish(proc)
@@ -273,23 +303,37 @@ class _Watcher(threading.Thread):
 
 
 class SpotWatcher(_Watcher):
-    """Polls IMDS for a spot interruption notice; calls ``on_notice(notice)`` once."""
+    """Polls IMDS for a spot interruption notice; calls ``on_notice(notice)`` once.
+
+    With ``on_rebalance`` it also asks for a rebalance recommendation (the earlier
+    warning that the instance is at elevated risk) and calls ``on_rebalance(time)``
+    once, then keeps watching for the notice: the instance still serves until then.
+    """
 
     def __init__(
         self,
         imds: ImdsClient,
         on_notice: Callable[[dict[str, str]], None],
         interval_s: float = DEFAULT_SPOT_INTERVAL_S,
+        on_rebalance: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__("spot-watcher")
         self.imds = imds
         self.on_notice = on_notice
         self.interval_s = interval_s
+        self.on_rebalance = on_rebalance
 
     def run(self) -> None:
+        on_rebalance = self.on_rebalance
         while not self.done.wait(self.interval_s):
             try:
                 notice = self.imds.spot_action()
+                if notice is None and on_rebalance is not None:
+                    recommended = self.imds.rebalance_recommendation()
+                    if recommended is not None:
+                        log.warning("rebalance recommendation at %s", recommended)
+                        on_rebalance(recommended)
+                        on_rebalance = None
             except AgentError as exc:
                 log.debug("spot check failed: %s", exc)
                 continue

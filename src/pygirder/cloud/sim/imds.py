@@ -16,7 +16,9 @@ Served: ``/latest/user-data`` and, under ``/latest/meta-data/``, ``instance-id``
 ``public-hostname`` and ``public-ipv4`` (404 when the instance has none),
 ``placement/availability-zone``, ``placement/region``, ``tags/instance/<key>``,
 ``spot/instance-action`` and ``spot/termination-time`` (404 until
-:meth:`ImdsEmulator.raise_spot_interruption`).
+:meth:`ImdsEmulator.raise_spot_interruption`), and
+``events/recommendations/rebalance`` (404 until
+:meth:`ImdsEmulator.recommend_rebalance`; then ``{"noticeTime": ...}`` as on EC2).
 
 A process reaches it through the environment returned by :meth:`ImdsEmulator.env`:
 ``PYGIRDER_IMDS_ENDPOINT`` for the pygirder agent and
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 __all__ = ["MAX_TOKEN_TTL_S", "ImdsEmulator"]
 
@@ -113,6 +117,12 @@ class _ImdsHttpServer(ThreadingHTTPServer):
         self.emulator = emulator
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (its timeout, on a loaded machine) is not news: the
+        agent asks again; socketserver would print a traceback for each."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class ImdsEmulator:
     """IMDSv2 for one simulated instance; a context manager, or ``start()``/``stop()``.
@@ -157,6 +167,7 @@ class ImdsEmulator:
         self.port = port
         self.get_count = 0
         self._spot_action: dict[str, str] | None = None
+        self._rebalance: str | None = None
         self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server: _ImdsHttpServer | None = None
@@ -218,8 +229,18 @@ class ImdsEmulator:
         return stamp
 
     def clear_spot_interruption(self) -> None:
+        """Forget the notice and any rebalance recommendation (the instance booted again)."""
         with self._lock:
             self._spot_action = None
+            self._rebalance = None
+
+    def recommend_rebalance(self) -> str:
+        """Post a rebalance recommendation (elevated risk of interruption); returns its
+        time (ISO, UTC).  EC2 keeps the first one, so a second call changes nothing."""
+        with self._lock:
+            if self._rebalance is None:
+                self._rebalance = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return self._rebalance
 
     def revoke_tokens(self) -> None:
         """Invalidate every issued token, as if they had all expired."""
@@ -266,8 +287,12 @@ class ImdsEmulator:
             meta["tags"] = {"instance": dict(self.tags)}
         with self._lock:
             spot = dict(self._spot_action) if self._spot_action else None
+            rebalance = self._rebalance
         if spot:
             meta["spot"] = {"instance-action": json.dumps(spot), "termination-time": spot["time"]}
+        if rebalance:
+            notice = json.dumps({"noticeTime": rebalance})
+            meta["events"] = {"recommendations": {"rebalance": notice}}
         return {"meta-data": meta}
 
     def _lookup(self, path: str) -> tuple[int, bytes, str]:
@@ -285,5 +310,6 @@ class ImdsEmulator:
         if isinstance(node, dict):
             listing = [k + "/" if isinstance(v, dict) else k for k, v in sorted(node.items())]
             return 200, "\n".join(listing).encode(), "text/plain"
-        content_type = "application/json" if path.endswith("instance-action") else "text/plain"
+        json_leaf = path.rstrip("/").endswith(("instance-action", "recommendations/rebalance"))
+        content_type = "application/json" if json_leaf else "text/plain"
         return 200, str(node).encode(), content_type

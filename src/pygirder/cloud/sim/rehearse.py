@@ -107,6 +107,9 @@ class RehearsalReport:
     job_args: tuple[Any, ...] = ()  # the job's call, asked again of the second fleet
     replacement_s: float | None = None
     """Elastic rehearsal: seconds from a spot notice until the replacements serve."""
+    rebalance_s: dict[str, float] | None = None
+    """Elastic rehearsal: seconds from a rebalance recommendation until its replacement
+    serves (``serving``) and until the at-risk worker is drained and gone (``drained``)."""
 
     @property
     def seconds(self) -> float:
@@ -132,6 +135,8 @@ class RehearsalReport:
             "expected": self.expected,
             "leftovers": self.leftovers,
             "replacement_s": None if self.replacement_s is None else round(self.replacement_s, 1),
+            "rebalance_s": None if self.rebalance_s is None
+            else {k: round(v, 1) for k, v in self.rebalance_s.items()},
         }  # fmt: skip
 
 
@@ -323,11 +328,17 @@ def simulated_runner(source: Any) -> Callable[..., Any]:
 
 
 def _image(config: Any, aws: Any, step: Step) -> str | None:
-    """The image command's AMI, baked on a simulated builder like on EC2."""
+    """The image command's AMI, baked on a simulated builder like on EC2; and one of the
+    redis node's architecture when that is another (Graviton by default)."""
+    from ..fleet.sources import type_architectures
     from ..image import build_image
 
     ami = build_image(config, aws=aws).image_id
     step.detail = f"built {ami}"
+    redis_arch = type_architectures(aws, [config.redis_instance_type])[config.redis_instance_type]
+    if redis_arch != "x86_64":
+        other = build_image(config, aws=aws, architecture=redis_arch).image_id
+        step.detail += f" and {other} ({redis_arch}, for the redis node)"
     return ami
 
 
@@ -345,8 +356,9 @@ def rehearse(
     """Run the whole flow once (see the module docstring) and return its timeline.
 
     ``elastic`` adds the fleet controller's steps (:func:`_elastic`): two workers
-    reclaimed mid-job and replaced, the fleet grown by 4 and shrunk to 3 while the job
-    runs, scaled to zero when idle and back when a new job comes.
+    reclaimed mid-job and replaced, a rebalance recommendation to one (replaced, then
+    drained), the fleet grown by 4 and shrunk to 3 while the job runs, scaled to zero
+    when idle and back when a new job comes.
 
     ``job_seconds`` sizes the job: about that long on the ready workers.  ``up`` may
     take ``deadline_s`` (default: 5 minutes, plus 8 s per worker beyond 30: booting
@@ -618,6 +630,61 @@ def _alive_workers(client: Any) -> int:
     return grid_demand(client)["alive"]
 
 
+def _rebalance(
+    report: RehearsalReport,
+    step: Step,
+    aws: Any,
+    config: Any,
+    fleet: str,
+    simulator: Any,
+    client: Any,
+    size: int,
+    wait_s: float,
+) -> None:
+    """A rebalance recommendation to one worker: its replacement serves before the
+    at-risk worker is drained (its calls handed back) and terminated."""
+    from ..fleet.controller import status_key
+    from ..instance.drain import drained_key
+
+    before = _live_workers(aws, config, fleet)
+    victim = sorted(before)[0]
+    started = time.monotonic()
+    simulator.recommend_rebalance(victim)
+    ended: dict[str, str] = {}
+    times: dict[str, float] = {}
+
+    def watch() -> bool:
+        live = _live_workers(aws, config, fleet)
+        status = json.loads(client.get(status_key(fleet)) or "{}")
+        if victim in status.get("drained", {}):
+            ended[victim] = status["drained"][victim]
+        elif client.hexists(drained_key(fleet), victim):  # its agent confirmed the drain
+            ended[victim] = "drained"
+        if "launched" not in times and live - before:
+            times["launched"] = time.monotonic() - started
+        # The replacement's worker has registered while the at-risk one still serves.
+        if ("launched" in times and "serving" not in times and victim in live
+                and _alive_workers(client) > size):  # fmt: skip
+            times["serving"] = time.monotonic() - started
+        if victim not in live:
+            times.setdefault("drained", time.monotonic() - started)
+        return "drained" in times and _alive_workers(client) >= size and len(live) == size
+
+    _until(watch, wait_s, "the at-risk worker's replacement and drain")
+    report.rebalance_s = {k: times[k] for k in ("serving", "drained") if k in times}
+    new = ", ".join(sorted(_live_workers(aws, config, fleet) - before))
+    # The status and the drain record last a round or so: a drain may end unseen.
+    timed_out = ended.get(victim) == "drain timed out"
+    step.ok = "serving" in times and not timed_out
+    how = "drain timed out, terminated" if timed_out else "drained and terminated"
+    step.detail = (
+        f"rebalance recommendation to {victim}; replacement {new} launched "
+        f"{times.get('launched', float('nan')):.1f}s after it, serving after "
+        f"{times.get('serving', float('nan')):.1f}s; {victim} {how} after "
+        f"{times['drained']:.1f}s"
+    )
+
+
 def _elastic(
     report: RehearsalReport,
     timeline: _Timeline,
@@ -628,7 +695,8 @@ def _elastic(
     job_seconds: float,
     wait_s: float,
 ) -> None:
-    """The controller's steps: reclaim and replace, grow and shrink mid-job, zero and back."""
+    """The controller's steps: reclaim and replace, replace and drain one at risk, grow
+    and shrink mid-job, zero and back."""
     import redis
 
     import pygirder
@@ -657,7 +725,7 @@ def _elastic(
 
     with grid_url(config, fleet, aws=aws) as url, pygirder.connect(url) as grid:
         client = redis.Redis.from_url(url)
-        stack_ok = True
+        stack_ok = risk_ok = True
         with timeline.step("reclaim 2, replace") as step:
             future = grid.submit(jobs.tree_sum(depth, 1, leaf_s))
             before = _live_workers(aws, config, fleet)
@@ -700,6 +768,23 @@ def _elastic(
                 f"tree_sum(depth={depth}, k=1) = {got} ({'correct' if stack_ok else 'WRONG'})"
             )
             step.ok = stack_ok
+        with timeline.step("rebalance 1") as step:
+            # A job of its own (about 50 s on the workers) runs while one is replaced.
+            job = grid.submit(
+                jobs.tree_sum(depth, 3, round(9 * job_seconds * shrink_to / leaves, 4))
+            )
+            _rebalance(report, step, aws, config, fleet, simulator, client, shrink_to, wait_s)
+            running = not job.done()
+            try:
+                got = job.result(timeout=wait_s + 40 * job_seconds)
+            except concurrent.futures.TimeoutError:
+                raise PygirderError("the rebalance step's job did not finish in time") from None
+            risk_ok = got == expected(3)
+            step.detail += (
+                f"; tree_sum(depth={depth}, k=3) = {got} ({'correct' if risk_ok else 'WRONG'}), "
+                f"{'drained while it ran' if running else 'it finished before the drain'}"
+            )
+            step.ok = step.ok and risk_ok
         with timeline.step("idle to zero") as step:
             resize(step, workers=shrink_to, min_workers=0, max_workers=shrink_to, idle_s=3.0)
             _until(lambda: not _live_workers(aws, config, fleet), wait_s, "scaling to zero")
@@ -713,5 +798,5 @@ def _elastic(
                            f"({'correct' if ok else 'WRONG'})")  # fmt: skip
             step.ok = ok
         client.close()
-    if not (stack_ok and ok):
+    if not (stack_ok and ok and risk_ok):
         report.result = None  # the report is not ok

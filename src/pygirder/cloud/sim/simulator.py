@@ -394,14 +394,8 @@ class Simulator:
         if action not in ("terminate", "stop", "hibernate"):
             raise SimulatorError(f"action must be terminate, stop or hibernate, not {action!r}")
         with self._cond:
-            machine = self._machines.get(instance_id)
-            if machine is None or machine.emulator is None or machine.ec2_state != "running":
-                raise SimulatorError(f"instance {instance_id} is not a running simulated instance")
-            if machine.lifecycle != "spot":
-                raise SimulatorError(
-                    f"instance {instance_id} is an on-demand instance: AWS interrupts only spot "
-                    "instances (launch it as spot to rehearse an interruption)"
-                )
+            machine = self._running_spot(instance_id, "interrupts")
+            assert machine.emulator is not None
             stamp = machine.emulator.raise_spot_interruption(action, in_seconds)
             machine.spot_action = {"action": action, "time": stamp}
             if reclaim:
@@ -409,6 +403,32 @@ class Simulator:
             snapshot = machine.snapshot()
         self._event(snapshot, f"spot interruption notice: {action} at {stamp}")
         return stamp
+
+    def recommend_rebalance(self, instance_id: str) -> str:
+        """Post a rebalance recommendation at the instance's IMDS; returns its time.
+
+        EC2's earlier, softer warning: the instance is at elevated risk of interruption
+        and nothing happens to it by itself (a reclaim, if any, comes with a notice).
+        """
+        with self._cond:
+            machine = self._running_spot(instance_id, "recommends rebalancing")
+            assert machine.emulator is not None
+            stamp = machine.emulator.recommend_rebalance()
+            snapshot = machine.snapshot()
+        self._event(snapshot, f"rebalance recommendation at {stamp}")
+        return stamp
+
+    def _running_spot(self, instance_id: str, what: str) -> _Machine:
+        """The running spot machine of ``instance_id`` (with ``self._cond`` held)."""
+        machine = self._machines.get(instance_id)
+        if machine is None or machine.emulator is None or machine.ec2_state != "running":
+            raise SimulatorError(f"instance {instance_id} is not a running simulated instance")
+        if machine.lifecycle != "spot":
+            raise SimulatorError(
+                f"instance {instance_id} is an on-demand instance: AWS {what} only spot "
+                f"instances (launch it as spot to rehearse that)"
+            )
+        return machine
 
     # -- the poll loop ------------------------------------------------------------------
     def _loop(self) -> None:
