@@ -26,7 +26,7 @@ def fleet(make_aws, config, built, boto) -> Any:
     setup(config, aws=aws_)
     res = account_resources(config, aws=aws_)
     push_artifact(built, res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     agents = StandInAgents(boto("ec2"), res["topic_arn"])
     agents.start()
     summary = up(

@@ -30,7 +30,7 @@ def _up(make_aws, config, built, boto, refusals: int = 0, **kw: Any) -> tuple[An
     setup(config, aws=aws_)
     res = account_resources(config, aws=aws_)
     push_artifact(built, res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     if refusals:
         _refuse_profile(aws_.client("ec2"), refusals)
     agents = StandInAgents(boto("ec2"), res["topic_arn"])

@@ -52,7 +52,7 @@ def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
     res = account_resources(config, aws=aws_)
     project = write_project(tmp_path)
     push_artifact(build_artifact(project, tmp_path / "out"), res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     cli = CliRunner()
 
     def cloud(*args: str) -> str:

@@ -59,7 +59,7 @@ def account(make_aws, config, built_artifact, boto) -> dict[str, Any]:
     setup(config, aws=aws_)
     res = account_resources(config, aws=aws_)
     push_artifact(built_artifact, res["bucket"], res["artifact_prefix"])
-    image = boto("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = amazon_image(boto("ec2"))
     arm = amazon_image(boto("ec2"), "arm64")  # the redis node's default type is Graviton
     return {"config": config, "aws": aws_, "faults": faults, "res": res, "image": image,
             "arm_image": arm}  # fmt: skip
