@@ -7,6 +7,8 @@ against a real Valkey (the grid's Redis stands in for the redis node's).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 from fleet_helpers import TYPES, Capacity, connect_to, workers_of
@@ -22,6 +24,10 @@ def test_converge_grows_shrinks_with_a_drain_and_is_idempotent(
 ) -> None:
     config, aws_, fid = fleet["config"], fleet["aws"], fleet["fleet"]
     first = {i["InstanceId"] for i in workers_of(boto, fid)}
+    # EC2's LaunchTime has whole seconds: the grown workers must be newer than these for
+    # the shrink below to tell them apart
+    launched = max(i["LaunchTime"].timestamp() for i in workers_of(boto, fid))
+    time.sleep(max(0.0, launched + 1.1 - time.time()))
     capacity = Capacity(aws_.client("ec2"))
     target = Target(workers=4, instance_types=TYPES)
     grown = converge(config, fid, target, aws=aws_, connect=connect_to(redis_url), deadline_s=20)
