@@ -55,6 +55,33 @@ def write_project(root: Path) -> Path:
     return project
 
 
+def data_plane_account(tmp_path: Path, extra_toml: str = "") -> tuple[Any, Any, dict[str, Any]]:
+    """An account set up on moto for a fleet on the local data plane, with the
+    ``fleetjobs`` project's artifact pushed: (config, Aws, account resources)."""
+    from cloud_helpers import PUBLIC_KEY, SSH_FROM
+
+    from pygirder.cloud.account import account_resources, setup
+    from pygirder.cloud.artifacts import build_artifact, push_artifact
+    from pygirder.cloud.aws import Aws
+    from pygirder.cloud.config import load_config
+    from pygirder.cloud.sim.simulator import loopback_network
+
+    (tmp_path / "id_ed25519.pub").write_text(PUBLIC_KEY + "\n")
+    toml = tmp_path / "pygirder.toml"
+    network = "".join(f'{key} = "{value}"\n' for key, value in loopback_network().items())
+    toml.write_text(
+        f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
+        'cluster_key_file = "keys/cluster.pem"\n' + extra_toml + network
+    )
+    config = load_config(toml)
+    aws_ = Aws(config)
+    setup(config, aws=aws_)
+    res = account_resources(config, aws=aws_)
+    project = write_project(tmp_path)
+    push_artifact(build_artifact(project, tmp_path / "out"), res["bucket"], res["artifact_prefix"])
+    return config, aws_, res
+
+
 class Capacity:
     """Spot capacity of the moto server as a test wants it (see the module docstring)."""
 

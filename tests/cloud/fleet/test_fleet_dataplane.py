@@ -16,22 +16,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from cloud_helpers import PUBLIC_KEY, SSH_FROM
-from fleet_helpers import amazon_image, leftovers, nat_state, write_project
+from fleet_helpers import amazon_image, data_plane_account, leftovers, nat_state
 from typer.testing import CliRunner
 
 import pygirder
-from pygirder.cloud.account import account_resources, setup
-from pygirder.cloud.artifacts import build_artifact, push_artifact
-from pygirder.cloud.aws import Aws
 from pygirder.cloud.cli import app
-from pygirder.cloud.config import load_config
 from pygirder.cloud.errors import FleetError
 from pygirder.cloud.fleet.access import direct_route, grid_url
 from pygirder.cloud.fleet.inventory import dashboard_instances
 from pygirder.cloud.fleet.launch import UpOptions, up
 from pygirder.cloud.sim.rehearse import kill_service
-from pygirder.cloud.sim.simulator import Simulator, loopback_network
+from pygirder.cloud.sim.simulator import Simulator
 
 
 @pytest.mark.slow
@@ -39,19 +34,8 @@ from pygirder.cloud.sim.simulator import Simulator, loopback_network
 def test_up_run_exec_survive_a_kill_and_a_spot_notice_then_down(
     aws, boto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "id_ed25519.pub").write_text(PUBLIC_KEY + "\n")
-    toml = tmp_path / "pygirder.toml"
-    network = "".join(f'{key} = "{value}"\n' for key, value in loopback_network().items())
-    toml.write_text(
-        f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
-        'cluster_key_file = "keys/cluster.pem"\nalert_email = "ops@example.com"\n' + network
-    )
-    config = load_config(toml)
-    aws_ = Aws(config)
-    setup(config, aws=aws_)
-    res = account_resources(config, aws=aws_)
-    project = write_project(tmp_path)
-    push_artifact(build_artifact(project, tmp_path / "out"), res["bucket"], res["artifact_prefix"])
+    config, aws_, _ = data_plane_account(tmp_path, 'alert_email = "ops@example.com"\n')
+    toml, project = tmp_path / "pygirder.toml", tmp_path / "fleetjobs"
     image = amazon_image(boto("ec2"))
     cli = CliRunner()
 

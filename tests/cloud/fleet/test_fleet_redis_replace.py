@@ -16,19 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cloud_helpers import PUBLIC_KEY, SSH_FROM
-from fleet_helpers import amazon_image, fleet_instances, wait_until, write_project
+from fleet_helpers import amazon_image, data_plane_account, fleet_instances, wait_until
 
 import pygirder
-from pygirder.cloud.account import account_resources, setup
-from pygirder.cloud.artifacts import build_artifact, push_artifact
-from pygirder.cloud.aws import Aws
-from pygirder.cloud.config import load_config
 from pygirder.cloud.fleet.access import grid_url
 from pygirder.cloud.fleet.converge import Target, converge
 from pygirder.cloud.fleet.launch import UpOptions, up
 from pygirder.cloud.fleet.teardown import down
-from pygirder.cloud.sim.simulator import Simulator, loopback_network
+from pygirder.cloud.sim.simulator import Simulator
 from pygirder.cloud.tags import TAG_ROLE, from_tag_list
 
 TYPES = ("m7a.large", "c7a.large")
@@ -39,19 +34,8 @@ TYPES = ("m7a.large", "c7a.large")
 def test_a_replacement_redis_node_brings_the_workers_back_and_finished_calls_are_restored(
     aws, boto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "id_ed25519.pub").write_text(PUBLIC_KEY + "\n")
-    toml = tmp_path / "pygirder.toml"
-    network = "".join(f'{key} = "{value}"\n' for key, value in loopback_network().items())
-    toml.write_text(
-        f'[cloud]\nname = "t"\nssh_from = "{SSH_FROM}"\npublic_key_file = "id_ed25519.pub"\n'
-        'cluster_key_file = "keys/cluster.pem"\n' + network
-    )
-    config = load_config(toml)
-    aws_ = Aws(config)
-    setup(config, aws=aws_)
-    res = account_resources(config, aws=aws_)
-    project = write_project(tmp_path)
-    push_artifact(build_artifact(project, tmp_path / "out"), res["bucket"], res["artifact_prefix"])
+    config, aws_, res = data_plane_account(tmp_path)
+    project = tmp_path / "fleetjobs"
     monkeypatch.syspath_prepend(str(project))
     import fleetjobs
 
