@@ -34,6 +34,7 @@ from ...errors import ConfigError
 from ..aws import Aws
 from ..config import CloudConfig
 from ..errors import FleetError
+from ..instance.announce import fleet_parameter
 from ..instance.common import Role
 from ..leftovers import terminate
 from ..tags import (
@@ -71,7 +72,7 @@ def drain_timeout_s() -> float:
 
 
 def target_parameter(name: str, fleet: str) -> str:
-    return f"/pygirder/{name}/{fleet}/target"
+    return fleet_parameter(name, fleet, "target")
 
 
 @dataclass

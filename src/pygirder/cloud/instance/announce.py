@@ -81,8 +81,15 @@ def region_of_arn(arn: str) -> str:
     return parts[3]
 
 
+def fleet_parameter(name: str, fleet: str, leaf: str) -> str:
+    """The SSM name of one of a fleet's parameters (``redis-password``,
+    ``redis-address``, ``target``): all live below ``/pygirder/<name>/<fleet>/``, which
+    is what the instance and controller policies grant and what ``down`` removes."""
+    return f"/pygirder/{name}/{fleet}/{leaf}"
+
+
 def redis_password_parameter(name: str, fleet: str) -> str:
-    return f"/pygirder/{name}/{fleet}/redis-password"
+    return fleet_parameter(name, fleet, "redis-password")
 
 
 def read_redis_password(name: str, fleet: str, *, region: str | None = None) -> str:

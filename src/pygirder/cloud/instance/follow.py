@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import AgentError
-from .announce import _client, _with_retries
+from .announce import _client, _with_retries, fleet_parameter
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -53,7 +53,7 @@ def follow_interval_s() -> float:
 
 
 def redis_address_parameter(name: str, fleet: str) -> str:
-    return f"/pygirder/{name}/{fleet}/redis-address"
+    return fleet_parameter(name, fleet, "redis-address")
 
 
 def check_grid_address(url: str) -> str:
