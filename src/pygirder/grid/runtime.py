@@ -39,6 +39,7 @@ from .protocol import (
     decode_envelope,
     expand,
 )
+from .resp import Reader, connect_reader
 from .translate import out_of_memory
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class Runtime:
         self._cached_bytes = 0
         self.graph_ttl = CALL_GRAPH_TTL_S if call_graph else 0
         self.redis: aioredis.Redis | None = None
-        self._listener_client: aioredis.Redis | None = None
+        self._listener_client: Reader | None = None
         self._listener: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
         # what is needed to submit a waited-for request again after a server restart
@@ -113,9 +114,7 @@ class Runtime:
         settings.pickle_codec()  # a bad PYGIRDER_SECRET fails here, not at the first result
         settings.compression()  # and a bad PYGIRDER_COMPRESS
         await self.connect()
-        self._listener_client = await connect_redis(
-            self.url, max_connections=1, block=self._inbox_block
-        )
+        self._listener_client = await connect_reader(self.url, block=self._inbox_block)
         self._server_run_id = await self._run_id()
         await self.beat()
         self._start_listener()
