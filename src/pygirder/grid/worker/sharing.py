@@ -4,7 +4,8 @@ Sub-calls go on the worker's own stack and run depth first; the entries nearest 
 root are the biggest pieces of work, so those are what an idle worker of the pool
 gets.  The server moves an offer only while some worker of the pool is idle.
 
-Offers go out on a period that backs off while nobody takes them, and at once on two
+Offers go out on a period that backs off while there is nothing to offer or nobody
+takes it (an idle worker wakes a few times a second, not fifty), and at once on two
 events: when a request about to park leaves a fan-out on an empty stack (its children
 can start elsewhere right away: the worker offers them before the first one starts, so
 no running call delays the offer), and when a worker of the pool goes idle while this
@@ -65,8 +66,10 @@ class Sharing:
     async def run(self, processed: Callable[[], int]) -> None:
         """Offer surplus work to the pool: half of what this worker would not get
         through in one period, and at least the oldest entry.  The period backs off (up
-        to 8x) while nobody takes anything, and snaps back when an offer is taken; a
-        kick (see the module) cuts any wait short."""
+        to 8x) while nothing is taken, and snaps back when an offer is taken; a kick
+        (see the module) cuts any wait short.  A stack that grows from at most one
+        entry is offered at once by ``Worker.gather``, so a backed-off period never
+        delays the first offer of a fan-out."""
         last = processed()
         period = self.period
         while True:
@@ -76,10 +79,10 @@ class Sharing:
             done = processed()
             recent, last = done - last, done
             moved = await self.offer(recent)
-            if moved is None:
-                period = self.period
-            else:
-                period = self.period if moved else min(2 * period, 8 * self.period)
+            # back off while there is nothing to spare or nobody takes it: a worker with
+            # an empty stack then wakes a few times a second, not fifty; the kicks above
+            # are what make sharing prompt
+            period = self.period if moved else min(2 * period, 8 * self.period)
 
     async def offer(self, recent: int = 0) -> int | None:
         """Offer half of the stack beyond the ``recent`` entries this worker gets through
