@@ -109,7 +109,7 @@ def test_a_call_longer_than_every_budget_returns(redis_url, monkeypatch, tmp_pat
 
 
 class Flaky:
-    """Wraps a client's execute_command: raises the given errors once each, in order."""
+    """Wraps a client's method: raises the given errors once each, in order."""
 
     def __init__(self, real: Callable[..., Any], errors: list[BaseException]) -> None:
         self.real = real
@@ -127,7 +127,7 @@ def test_the_inbox_listener_survives_any_error_and_restarts(grid_factory, monkey
     assert grid.run(gf.add(1, 1), timeout=30) == 2
     client = grid.runtime._listener_client
     flaky = Flaky(
-        client.execute_command,
+        client.send,
         [
             redis.TimeoutError("injected time-out"),
             redis.ResponseError("ERR injected"),
@@ -135,7 +135,7 @@ def test_the_inbox_listener_survives_any_error_and_restarts(grid_factory, monkey
             GeneratorExit(),  # not an Exception: it ends the listener task itself
         ],
     )
-    client.execute_command = flaky
+    client.send = flaky
     poll(lambda: not flaky.errors, what="the injected errors were raised")
     assert [grid.run(gf.add(i, 10), timeout=30) for i in range(3)] == [10, 11, 12]
     assert grid.runtime.listener_restarts == 1

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+import redis.asyncio
 from redis import exceptions as redis_errors
 
 from pygirder.grid.resp import LeanConnection, connect_reader, is_lean, pack
@@ -104,7 +105,26 @@ def test_a_lost_server_is_a_connection_error_until_it_is_back():
     _run(go())
 
 
-def test_a_cancelled_read_leaves_the_connection_usable(valkey_server):
+def test_reads_sent_back_to_back_are_answered_in_order(valkey_server):
+    async def go():
+        conn = LeanConnection(valkey_server.url, block=5.0)
+        first = await conn.send("BLMPOP", 5, 1, "lean:two", "RIGHT", timeout=20)
+        second = await conn.send("BLMPOP", 5, 1, "lean:two", "RIGHT", timeout=20)
+        await asyncio.sleep(0.1)
+        assert not first.done() and not second.done()  # both wait on the server
+        pusher = redis.asyncio.Redis.from_url(valkey_server.url)
+        await pusher.lpush("lean:two", b"m1")
+        assert await asyncio.wait_for(first, 5) == [b"lean:two", [b"m1"]]
+        assert not second.done()  # armed behind the first, now waiting itself
+        await pusher.lpush("lean:two", b"m2")
+        assert await asyncio.wait_for(second, 5) == [b"lean:two", [b"m2"]]
+        await pusher.aclose()
+        await conn.aclose()
+
+    _run(go())
+
+
+def test_a_cancelled_read_leaves_no_read_behind(valkey_server):
     async def go():
         conn = LeanConnection(valkey_server.url, block=5.0)
         read = asyncio.ensure_future(conn.execute_command("BLMPOP", 5, 1, "lean:c", "RIGHT"))
@@ -112,8 +132,10 @@ def test_a_cancelled_read_leaves_the_connection_usable(valkey_server):
         read.cancel()
         with pytest.raises(asyncio.CancelledError):
             await read
-        # the cancelled read's reply would arrive out of step: the next one reconnects
+        # the connection closed: the server dropped the blocked read, which pops nothing
+        await asyncio.sleep(0.1)
         await conn.execute_command("LPUSH", "lean:c", b"x")
+        assert await conn.execute_command("LLEN", "lean:c") == 1
         assert await conn.execute_command("BLMPOP", 1, 1, "lean:c", "RIGHT") == [b"lean:c", [b"x"]]
         await conn.aclose()
 

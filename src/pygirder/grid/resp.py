@@ -7,11 +7,13 @@ server spends 10.  This connection is an ``asyncio.Protocol`` that writes the pa
 command to the transport and parses replies with hiredis as they arrive: about a
 quarter of redis-py's cost per command.
 
-It does one thing at a time (the inbox loop never overlaps its reads) and does not
-retry: a lost connection, a reply that does not come within the time-out, or a
-refused login raise redis-py's own exception classes, so the caller's handling (the
-inbox loop logs, backs off, rechecks what it waits for, and reads again) is the same
-for both clients.  The next command after a failure connects afresh.
+Commands are answered in the order they were sent, so a read can be sent while the one
+before it still waits on the server: the inbox loop keeps a second read queued behind
+the first, and the next message is read at once while the loop handles this one.  It
+does not retry: a lost connection, a reply that does not come in time, or a refused
+login raise redis-py's own exception classes, so the caller's handling (the inbox loop
+logs, backs off, rechecks what it waits for, and reads again) is the same for both
+clients.  The next command after a failure connects afresh.
 
 Plain TCP and Unix-socket URLs use it; a ``rediss://`` URL keeps redis-py's client,
 whose TLS options (certificates, ``ssl_cert_reqs`` and the rest) are the ones a user
@@ -21,10 +23,11 @@ configures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections import deque
 from typing import Any, Protocol
 
 import hiredis
+import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import parse_url
 
@@ -33,9 +36,10 @@ from .connection import connect_redis
 
 
 class Reader(Protocol):
-    """What the inbox loop needs of a client: one command at a time, and closing."""
+    """What the inbox loop needs of a client: commands sent now whose replies it awaits
+    later (several may be in flight), and closing."""
 
-    async def execute_command(self, *args: Any) -> Any: ...
+    async def send(self, *args: Any, timeout: float) -> asyncio.Future[Any]: ...
 
     async def aclose(self) -> None: ...
 
@@ -63,7 +67,7 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=redis_errors.ResponseError)
-        self.waiting: list[asyncio.Future[Any]] = []
+        self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
 
@@ -76,27 +80,33 @@ class _Replies(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 if not self.waiting:
                     raise redis_errors.ConnectionError("a reply nobody asked for")
-                fut = self.waiting.pop(0)
-                if not fut.done():
+                fut = self.waiting.popleft()
+                if fut.done():
+                    continue
+                if isinstance(reply, redis_errors.ResponseError):
+                    fut.set_exception(reply)
+                else:
                     fut.set_result(reply)
         except Exception as exc:  # a protocol error: nothing after it can be trusted
-            self._lose(exc if isinstance(exc, redis_errors.RedisError)
-                       else redis_errors.ConnectionError(f"unreadable reply: {exc}"))  # fmt: skip
-            if self.transport is not None:
-                self.transport.abort()
+            self.lose(exc if isinstance(exc, redis_errors.RedisError)
+                      else redis_errors.ConnectionError(f"unreadable reply: {exc}"))  # fmt: skip
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lose(redis_errors.ConnectionError(
+        self.lose(redis_errors.ConnectionError(
             f"connection to the server lost: {exc}" if exc else "the server closed the connection"
         ))  # fmt: skip
 
-    def _lose(self, exc: Exception) -> None:
+    def lose(self, exc: Exception) -> None:
+        """Fail every command still waiting and close: the connection is spoilt."""
         if self.lost is None:
             self.lost = exc
-        waiting, self.waiting = self.waiting, []
+        waiting, self.waiting = self.waiting, deque()
         for fut in waiting:
             if not fut.done():
                 fut.set_exception(self.lost)
+                fut.exception()  # retrieved: a read nobody awaits any more is no error
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class LeanConnection:
@@ -108,14 +118,23 @@ class LeanConnection:
         self.options = parse_url(url)
         self.timeout = settings.socket_timeout() + block
         self._protocol: _Replies | None = None
-        self._lock = asyncio.Lock()
+        self._connecting = asyncio.Lock()
+
+    async def _connected(self) -> _Replies:
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None:
+            return protocol
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is None or protocol.lost is not None:
+                protocol = self._protocol = await self._connect()
+            return protocol
 
     async def _connect(self) -> _Replies:
         loop = asyncio.get_running_loop()
         opts = self.options
-        connect_timeout = min(self.timeout, 10.0)
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with asyncio.timeout(min(self.timeout, 10.0)):
                 if opts.get("path"):
                     _, protocol = await loop.create_unix_connection(_Replies, opts["path"])
                 else:
@@ -124,67 +143,87 @@ class LeanConnection:
                     )
         except (OSError, TimeoutError) as exc:
             raise redis_errors.ConnectionError(f"cannot connect to the server: {exc}") from None
-        self._protocol = protocol
         try:
             password, username = opts.get("password"), opts.get("username")
             if password is not None:
                 auth = ("AUTH", username, password) if username else ("AUTH", password)
                 try:
-                    await self._send(protocol, auth)
+                    await self._command(protocol, auth, self.timeout)
                 except redis_errors.ResponseError as exc:
                     raise redis_errors.AuthenticationError(str(exc)) from None
             if int(opts.get("db", 0) or 0):
-                await self._send(protocol, ("SELECT", int(opts["db"])))
-        except BaseException:
-            self._drop()
+                await self._command(protocol, ("SELECT", int(opts["db"])), self.timeout)
+        except BaseException as exc:
+            protocol.lose(exc if isinstance(exc, Exception) else redis_errors.ConnectionError())
             raise
         return protocol
 
-    async def _send(self, protocol: _Replies, args: tuple[Any, ...]) -> Any:
+    def _write(
+        self, protocol: _Replies, args: tuple[Any, ...], timeout: float
+    ) -> asyncio.Future[Any]:
         if protocol.lost is not None or protocol.transport is None:
             raise protocol.lost or redis_errors.ConnectionError("not connected")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(fut)
         protocol.transport.write(pack(args))
-        try:
-            async with asyncio.timeout(self.timeout):
-                reply = await fut
-        except TimeoutError:
-            self._drop()  # the reply may still come: this connection is out of step
-            raise redis_errors.TimeoutError(
-                f"no reply from the server within {self.timeout:.0f}s to {args[0]!r}"
-            ) from None
-        except asyncio.CancelledError:
-            self._drop()  # the same, for a command given up by its caller
-            raise
-        if isinstance(reply, redis_errors.ResponseError):
-            raise reply
-        return reply
+        name = args[0]
+
+        def expired() -> None:
+            if not fut.done():
+                fut.set_exception(redis_errors.TimeoutError(
+                    f"no reply from the server within {timeout:.0f}s to {name!r}"
+                ))  # fmt: skip
+                fut.exception()
+                protocol.lose(
+                    redis_errors.ConnectionError(
+                        f"closed after a reply to {name!r} did not come in time"
+                    )
+                )  # fmt: skip: the reply may still come, out of step
+
+        def settled(_: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if fut.cancelled() and protocol.lost is None:
+                # given up before its reply: close, so the server drops a blocking read
+                # instead of popping messages for a reply nobody will read
+                protocol.lose(redis_errors.ConnectionError(f"{name!r} was cancelled"))
+
+        timer = loop.call_later(timeout, expired)
+        fut.add_done_callback(settled)
+        return fut
+
+    async def _command(self, protocol: _Replies, args: tuple[Any, ...], timeout: float) -> Any:
+        return await self._write(protocol, args, timeout)
+
+    async def send(self, *args: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+        """Write one command now (connecting first if need be); the future gets its
+        reply or its error.  Commands sent one after the other are answered in order."""
+        protocol = await self._connected()
+        return self._write(protocol, args, self.timeout if timeout is None else timeout)
 
     async def execute_command(self, *args: Any) -> Any:
         """Send one command and return its reply (raw bytes, ints, lists, None)."""
-        async with self._lock:
-            protocol = self._protocol
-            if protocol is None or protocol.lost is not None:
-                self._drop()
-                protocol = await self._connect()
-            try:
-                return await self._send(protocol, args)
-            except redis_errors.ConnectionError:
-                self._drop()
-                raise
-
-    def _drop(self) -> None:
-        protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.abort()
+        return await (await self.send(*args))
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.close()
-            with contextlib.suppress(Exception):
-                await asyncio.sleep(0)  # let the transport finish closing
+        if protocol is not None:
+            protocol.lose(redis_errors.ConnectionError("the connection was closed"))
+            await asyncio.sleep(0)  # let the transport finish closing
+
+
+class _RedisReader:
+    """redis-py's client behind the same interface: one command in flight at a time
+    (its pool has one connection), each run by a task of its own."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    async def send(self, *args: Any, timeout: float) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.client.execute_command(*args))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 async def connect_reader(url: str, *, block: float) -> Reader:
@@ -192,7 +231,7 @@ async def connect_reader(url: str, *, block: float) -> Reader:
     docstring).  The caller has reached the server already (``connect_redis`` says
     what to fix when it cannot), so this opens nothing until the first read."""
     if not is_lean(url):
-        return await connect_redis(url, max_connections=1, block=block)
+        return _RedisReader(await connect_redis(url, max_connections=1, block=block))
     return LeanConnection(url, block=block)
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,13 @@ if TYPE_CHECKING:
     from ..calls import Call
 
 log = logging.getLogger("pygirder.grid")
+
+# Inbox reads in flight at once (see Runtime._listen), and the loop turns the inbox
+# loop lets pass before it arms the next read while one is still armed: a result's
+# waiter is woken through a chain of futures (the result's, the wait's, the caller's
+# task, and a sync caller's thread), which should not queue behind that write.
+READS_AHEAD = 2
+SETTLE_TURNS = 3
 
 
 def new_process_id(kind: str) -> str:
@@ -428,36 +435,57 @@ class Runtime:
 
         Each read blocks on the server for at most ``PYGIRDER_INBOX_BLOCK`` seconds,
         well inside the socket time-out, so a quiet wait is a loop of empty replies, not
-        of errors.  Any error (a lost connection, a time-out, a server error) is logged
-        and the read is repeated with backoff; messages a failed read or fetch may have
-        lost are recovered by looking up the results of everything still waited for.
+        of errors.  Two reads are in flight (:data:`READS_AHEAD`): while this loop hands
+        out one batch of messages, the next read already waits on the server, so the
+        next message is not held up by the write that arms a read, and that write waits
+        (:data:`SETTLE_TURNS`) until what the messages woke has run.  Any error (a lost
+        connection, a time-out, a server error) is logged and the read is repeated with
+        backoff; messages a failed read or fetch may have lost are recovered by looking
+        up the results of everything still waited for.
         """
         assert self._listener_client is not None and self.redis is not None
         client = self._listener_client
         backoff = 0.05
         recheck = False
-        # Closing also ends the loop: redis-py can swallow the cancel of a blocking read,
-        # and the read then returns as if nothing happened.
-        while not self._closing:
-            try:
-                if recheck:
-                    await self._recheck_waiting()
-                    recheck = False
-                reply = await client.execute_command(
-                    "BLMPOP", self._inbox_block, 1, self.inbox, "RIGHT", "COUNT", 1024
-                )
-                fetch = self._deliver(reply[1]) if reply else []
-                if fetch:
-                    await self._fetch_results(fetch)
-                backoff = 0.05
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("reading the inbox failed (%s: %s); retrying in %.2fs",
-                            type(exc).__name__, exc, backoff)  # fmt: skip
-                recheck = True
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 1.0)
+        # the second read waits on the server behind the first one's whole block
+        timeout = settings.socket_timeout() + READS_AHEAD * self._inbox_block
+        armed: deque[asyncio.Future[Any]] = deque()
+        try:
+            # Closing also ends the loop: redis-py can swallow the cancel of a blocking
+            # read, and the read then returns as if nothing happened.
+            while not self._closing:
+                try:
+                    if recheck:
+                        await self._recheck_waiting()
+                        recheck = False
+                    if armed:  # a read still waits on the server: arming the next can wait
+                        for _ in range(SETTLE_TURNS):
+                            await asyncio.sleep(0)
+                    while len(armed) < READS_AHEAD:
+                        armed.append(await client.send(
+                            "BLMPOP", self._inbox_block, 1, self.inbox, "RIGHT", "COUNT", 1024,
+                            timeout=timeout,
+                        ))  # fmt: skip
+                    reply = await armed.popleft()
+                    fetch = self._deliver(reply[1]) if reply else []
+                    if fetch:
+                        await self._fetch_results(fetch)
+                    backoff = 0.05
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # a read that failed with it is dropped; one still waiting on a sound
+                    # connection delivers its messages as usual
+                    while armed and armed[0].done() and armed[0].exception() is not None:
+                        armed.popleft()
+                    log.warning("reading the inbox failed (%s: %s); retrying in %.2fs",
+                                type(exc).__name__, exc, backoff)  # fmt: skip
+                    recheck = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, 1.0)
+        finally:
+            for read in armed:  # the process stops listening: nobody takes these
+                read.cancel()
 
     def _deliver(self, messages: list[bytes]) -> list[str]:
         """Resolve inline results and pass on hand-offs; return the ids whose result
@@ -644,25 +672,18 @@ class Runtime:
         self.hold(ids, futures)
         try:
             pending = {f for f in futures if not f.done()}
-            if pending:
-                # shield: giving up must not cancel the future other waiters share
-                _, still = await asyncio.wait(
-                    {asyncio.ensure_future(asyncio.shield(f)) for f in pending}, timeout=timeout
+            if pending and not await _all_done(pending, timeout):
+                missing = tuple(i for i, f in zip(ids, futures, strict=True) if not f.done())
+                names = sorted(
+                    {c.function.name for c, f in zip(calls, futures, strict=True)
+                     if not f.done()}
+                )  # fmt: skip
+                raise GridTimeout(
+                    f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not "
+                    f"finish within {timeout}s; those not yet started were cancelled, "
+                    "started ones run to the end and their results are memoized",
+                    call_ids=missing,
                 )
-                if still:
-                    for s in still:
-                        s.cancel()
-                    missing = tuple(i for i, f in zip(ids, futures, strict=True) if not f.done())
-                    names = sorted(
-                        {c.function.name for c, f in zip(calls, futures, strict=True)
-                         if not f.done()}
-                    )  # fmt: skip
-                    raise GridTimeout(
-                        f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not "
-                        f"finish within {timeout}s; those not yet started were cancelled, "
-                        "started ones run to the end and their results are memoized",
-                        call_ids=missing,
-                    )
             return [decode_envelope(f.result(), i) for f, i in zip(futures, ids, strict=True)]
         except (GridTimeout, asyncio.CancelledError):
             await asyncio.shield(self._withdraw(ids, futures, give_up=True))
@@ -709,3 +730,36 @@ class Runtime:
                 await self.cancel(list(dict.fromkeys(abandoned)))
             except Exception as exc:  # the grid keeps the requests; they just run
                 log.warning("could not cancel %d abandoned calls: %s", len(abandoned), exc)
+
+
+async def _all_done(pending: set[asyncio.Future[bytes]], timeout: float | None) -> bool:
+    """Wait until every future in ``pending`` is done, or ``timeout`` seconds; True if
+    they all finished.  Giving up cancels none of them (other waiters share them).
+
+    One private future, set by a callback on each: a waiter is woken one loop turn
+    after its last result, and a map of many calls pays no shield per call."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    left = len(pending)
+
+    def one(_: asyncio.Future[bytes]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not done.done():
+            done.set_result(None)
+
+    def expired() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    for fut in pending:
+        fut.add_done_callback(one)
+    timer = loop.call_later(timeout, expired) if timeout is not None else None
+    try:
+        await done
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for fut in pending:
+            fut.remove_done_callback(one)
+    return left == 0
