@@ -275,7 +275,7 @@ class Results:
                     idle, self._idle_pool = self._idle_pool, None
                     await scripts.complete(
                         self.runtime, self.runtime.keys, sent, worker=self.worker_id,
-                        idle_pool=idle,
+                        idle_pool=idle, resolved_here=True,
                     )  # fmt: skip
                     break
                 except Exception as exc:
