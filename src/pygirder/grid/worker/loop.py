@@ -479,8 +479,9 @@ class Worker:
             done, value = self.inline.run(gf, run)
             if done:
                 return value
-        return await self.loop.run_in_executor(  # type: ignore[union-attr]
-            self.threads, contextvars.copy_context().run, self.inline.timed(gf, run)
+        assert self.loop is not None
+        return await self.threads.run_soon(
+            self.loop, functools.partial(contextvars.copy_context().run, self.inline.timed(gf, run))
         )
 
     async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
