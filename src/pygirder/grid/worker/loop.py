@@ -327,6 +327,7 @@ class Worker:
         talk to the server and pushes sub-calls sets it again, and we must see that.
         """
         self._wake.clear()
+        self.results.send_now()  # nothing left to batch them with
         if self._handed:
             await self._adopt_handed()
             return
@@ -491,7 +492,10 @@ class Worker:
         if durable and self.durable is not None:
             deps = tuple(sorted(ctx.deps.items())) if ctx is not None else ()
             self.durable.computed(request_id, name, fingerprint, envelope, deps)
-        self.results.add(request_id, name, envelope, ttl, started, summary, more=bool(self.stack))
+        # held back for others that finish soon (at most GATHER_S): a worker that runs
+        # out of work sends at once (``_idle``), one still busy batches its completions,
+        # a nested call's among them (its parent resumes here, not on the stack)
+        self.results.add(request_id, name, envelope, ttl, started, summary, more=True)
         if self.durable is not None:
             await self.durable.room()  # a store far behind slows the worker, not its memory
 

@@ -116,6 +116,13 @@ class Results:
         else:
             self._send()
 
+    def send_now(self) -> None:
+        """The worker ran out of work: send what waits at once, without the gathering
+        delay (a send in flight takes it next)."""
+        if self._pending:
+            self._more = False
+            self._send()
+
     def _send_later(self) -> None:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(GATHER_S, self._send)
