@@ -60,6 +60,16 @@ def gated(x: int, gate: str, log: str) -> int:
 
 
 @pygirder.fn
+def impatient(x: int, pool: str, log: str) -> str:
+    """Waits briefly on two children in ``pool`` and reports what it got."""
+    child = gated.options(pool=pool)
+    try:
+        return str(pygirder.wait(child(x, "", log), child(x + 1, "", log), timeout=0.2))
+    except pygirder.GridTimeout as exc:
+        return f"timed out on {len(exc.call_ids)}: {exc}"
+
+
+@pygirder.fn
 def gated_pid(x: int, gate: str, log: str) -> int:
     """``gated`` that records the pid of each process that starts it."""
     record(log, f"pid:{os.getpid()}")

@@ -143,6 +143,17 @@ def test_timeout_then_result_is_memoized(grid, tmp_path):
     assert gf.count(log) == {"slow:3": 1}
 
 
+def test_a_nested_wait_that_times_out_raises_in_the_caller(grid, tmp_path):
+    log = str(tmp_path / "exec.log")
+    # no worker serves the children's pool: the parent's 0.2 s wait runs out, and the
+    # children, which nobody else waits for, are dropped before they start
+    reply = grid.run(gf.impatient(7, "served-by-nobody", log), timeout=60)
+    assert reply.startswith("timed out on 2: 2 of 2 calls (gridfuncs:gated)"), reply
+    assert "not yet started were cancelled" in reply
+    assert grid.stats().get("cancelled") == 2, grid.stats()
+    assert gf.count(log) == {}
+
+
 def test_code_version_mismatch_is_refused(grid):
     other = GridFunction(gf.versioned.func, version="2")  # same name, other code version
     try:

@@ -249,3 +249,26 @@ def test_max_runtime_must_be_positive_and_does_not_change_ids(monkeypatch):
         pygirder.fn(max_runtime=0)(hf.inc.func)
     monkeypatch.setitem(pygirder.calls._REGISTRY, hf.spin.name, hf.spin)  # restored after
     assert hf.spin(1).id == pygirder.fn(hf.spin.func)(1).id
+
+
+def test_a_thread_run_settles_its_loop_future_with_what_it_returned_or_raised():
+    threads = Threads(keep=1, idle_s=5)
+
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        value = await threads.run_soon(loop, lambda: 7)
+        with pytest.raises(ValueError, match="boom"):
+            await threads.run_soon(loop, lambda: int("boom"))
+        # a BaseException is handed over as it is (the worker's own guard turns user
+        # code's into errors before it gets here)
+        with pytest.raises(KeyboardInterrupt):
+            await threads.run_soon(loop, stop)
+        return value
+
+    try:
+        assert asyncio.run(main()) == 7
+    finally:
+        threads.shutdown()

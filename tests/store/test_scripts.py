@@ -186,7 +186,7 @@ def test_a_script_whose_keys_do_not_match_its_arguments_is_refused(client):
         scripts.REQUEUE.run_sync(client, ["pg:{t}:x"] * 5, ["w", "0", 0, "s", "r", "q", "id"])
     with pytest.raises(redis.ResponseError, match="expected 4 per result"):
         scripts.COMPLETE.run_sync(client, ["pg:{t}:x"] * 6,
-                                  ["w", 10, "i", "0", "s", "id", "O", 0, 1, "s"])  # fmt: skip
+                                  ["w", 10, "i", "0", "s", "", "id", "O", 0, 1, "s"])  # fmt: skip
     with pytest.raises(redis.ResponseError, match="needs its 3 keys"):
         scripts.TAKE.run_sync(client, ["pg:{t}:x"] * 5,
                               ["w", 1, "s", "r", "c", "0", "i", "s", "moved"])  # fmt: skip

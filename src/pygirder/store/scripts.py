@@ -284,15 +284,20 @@ def complete(
     worker: str,
     inline_limit: int = INLINE_RESULT_LIMIT,
     idle_pool: str | None = None,
+    resolved_here: bool = False,
 ) -> R:
     """Store ``results`` and wake every waiter of each; with ``idle_pool``, ``worker``
     has nothing else to run and is marked idle there, taking hand-offs and waking the
-    latest offerer (as a take that claims nothing would).  Reply: how many were stored."""
+    latest offerer (as a take that claims nothing would).  ``resolved_here``: ``worker``
+    already handed these results to its own waiters, so its inbox gets no message
+    (a nested call's parent usually waits in the same process: the message would cost
+    the server a push and the worker a read, for nothing).  Reply: how many were stored."""
     done_keys: list[str | bytes] = [keys.owned(worker), keys.inflight(worker), keys.stats,
                                     keys.failures, keys.idle(idle_pool or ""),
                                     keys.offers(idle_pool or "")]  # fmt: skip
     args: list[Arg] = [worker, inline_limit, keys.inbox(""),
-                       "0" if idle_pool is None else "1", SHARE_NOW]  # fmt: skip
+                       "0" if idle_pool is None else "1", SHARE_NOW,
+                       keys.inbox(worker) if resolved_here else ""]  # fmt: skip
     for r in results:
         done_keys += [keys.result(r.id), keys.waiters(r.id), keys.state(r.id), keys.call(r.id)]
         args += [r.id, r.result, r.ttl, r.started, r.summary]

@@ -84,30 +84,47 @@ class Threads(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         fut: Future[Any] = Future()
-        job = (fut, fn, args, kwargs)
+        self._start((fut, fn, args, kwargs, None))
+        return fut
+
+    def run_soon(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]
+    ) -> asyncio.Future[Any]:
+        """Run ``fn`` on a thread; its outcome settles the returned future of ``loop``.
+
+        What ``run_in_executor`` does, without the ``concurrent.futures`` future (a
+        lock and a condition each) and the two callbacks that chain it to the loop's:
+        a sync grid call makes this trip once per run, so it is the worker's busiest
+        hop.  The outcome comes back through one ``call_soon_threadsafe``."""
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._start((None, fn, (), {}, (loop, fut)))
+        return fut
+
+    def _start(self, job: Any) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot run a call after the worker shut down")
             if self._idle:
                 self._idle -= 1  # promised to one waiting thread
                 self._jobs.put(job)
-                return fut
+                return
             self._started += 1
             self.alive += 1
             name = f"{self.prefix}-{self._started}"
         threading.Thread(target=self._serve, args=(job,), name=name, daemon=True).start()
-        return fut
 
     def _serve(self, job: Any) -> None:
         while job is not None:
-            fut, fn, args, kwargs = job
+            fut, fn, args, kwargs, target = job
             job = None
-            if fut.set_running_or_notify_cancel():
+            if target is not None:
+                _run_for_loop(fn, *target)
+            elif fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn(*args, **kwargs))
                 except BaseException as exc:  # handed to the waiter, as concurrent.futures does
                     fut.set_exception(exc)
-            del fut, fn, args, kwargs
+            del fut, fn, args, kwargs, target
             with self._lock:
                 if self._closed or self._idle >= self.keep:
                     self.alive -= 1
@@ -132,3 +149,27 @@ class Threads(Executor):
             for _ in range(self._idle):
                 self._jobs.put(None)
             self._idle = 0
+
+
+def _run_for_loop(
+    fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]
+) -> None:
+    """Run ``fn`` here and settle ``fut`` with its outcome on ``loop``'s thread."""
+    try:
+        outcome: tuple[bool, Any] = (True, fn())
+    except BaseException as exc:  # handed to the waiter, as run_in_executor does
+        outcome = (False, exc)
+    try:
+        loop.call_soon_threadsafe(_settle, fut, outcome)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _settle(fut: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if fut.done():  # its waiter was cancelled
+        return
+    ok, value = outcome
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)

@@ -18,6 +18,7 @@ included) becomes an error for its callers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import json
@@ -27,13 +28,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from queue import SimpleQueue
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from ... import codec, settings
 from ...calls import Call, GridFunction
-from ...errors import CodecError, ConfigError, GridCycleError, GridFunctionError, RemoteError
+from ...errors import (
+    CodecError,
+    ConfigError,
+    GridCycleError,
+    GridFunctionError,
+    GridTimeout,
+    RemoteError,
+)
 from ...results import open_store
 from ...store import scripts
 from ..connection import connect_redis
@@ -56,6 +65,20 @@ log = logging.getLogger("pygirder.worker")
 
 COMMAND_CONNECTIONS = 1  # connections of a worker's command client (see Worker.__init__)
 TAKE_BLOCK_S = 1.0  # seconds an idle worker's blocking take waits before it looks again
+
+
+def _timed_out(
+    futures: list[asyncio.Future[bytes]], calls: list[Call[Any]], timeout: float
+) -> GridTimeout:
+    """The error of a wait on sub-calls that ran out of time (as ``Runtime.wait``'s)."""
+    missing = tuple(c.id for c, f in zip(calls, futures, strict=True) if not f.done())
+    names = sorted({c.function.name for c, f in zip(calls, futures, strict=True) if not f.done()})
+    return GridTimeout(
+        f"{len(missing)} of {len(calls)} calls ({', '.join(names)}) did not finish within "
+        f"{timeout}s; those not yet started were cancelled, started ones run to the end and "
+        "their results are memoized",
+        call_ids=missing,
+    )
 
 
 class HandedBack(BaseException):
@@ -304,6 +327,7 @@ class Worker:
         talk to the server and pushes sub-calls sets it again, and we must see that.
         """
         self._wake.clear()
+        self.results.send_now()  # nothing left to batch them with
         if self._handed:
             await self._adopt_handed()
             return
@@ -468,7 +492,10 @@ class Worker:
         if durable and self.durable is not None:
             deps = tuple(sorted(ctx.deps.items())) if ctx is not None else ()
             self.durable.computed(request_id, name, fingerprint, envelope, deps)
-        self.results.add(request_id, name, envelope, ttl, started, summary, more=bool(self.stack))
+        # held back for others that finish soon (at most GATHER_S): a worker that runs
+        # out of work sends at once (``_idle``), one still busy batches its completions,
+        # a nested call's among them (its parent resumes here, not on the stack)
+        self.results.add(request_id, name, envelope, ttl, started, summary, more=True)
         if self.durable is not None:
             await self.durable.room()  # a store far behind slows the worker, not its memory
 
@@ -479,8 +506,9 @@ class Worker:
             done, value = self.inline.run(gf, run)
             if done:
                 return value
-        return await self.loop.run_in_executor(  # type: ignore[union-attr]
-            self.threads, contextvars.copy_context().run, self.inline.timed(gf, run)
+        assert self.loop is not None
+        return await self.threads.run_soon(
+            self.loop, functools.partial(contextvars.copy_context().run, self.inline.timed(gf, run))
         )
 
     async def _dead_letter(self, request_id: str, payload: bytes, exc: BaseException) -> None:
@@ -534,20 +562,74 @@ class Worker:
         self.watchdog.hold(None)
         self.baton.release()
         self._wake.set()
-        waiter = asyncio.ensure_future(self.runtime.wait(futures, calls, timeout))
         try:
-            await asyncio.wait({waiter, parked.cycle}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                exc = parked.cycle.exception() or parked.cycle.result()
-                raise exc
-            return waiter.result()
+            return await self._await_children(futures, calls, parked, timeout)
         finally:
             self.parked.pop(ctx.request_id, None)
             await self.baton.acquire(high=True)
             self.watchdog.hold(ctx.request_id, ctx.function)
             if careful:
                 await self._mark_current(ctx.request_id)
+
+    async def _await_children(
+        self,
+        futures: list[asyncio.Future[bytes]],
+        calls: list[Call[Any]],
+        parked: Parked,
+        timeout: float | None,
+    ) -> list[Any]:
+        """The children's results in call order (the first failure in call order is
+        raised), or the cycle error ``parked.cycle`` carries, whichever comes first.
+
+        One future woken by done-callbacks, where ``Runtime.wait`` would start a task
+        per wait and a shielded task per child: a nested call waits here once per run.
+        A waiter that gives up (time-out, cycle, hand-back, cancellation) withdraws
+        its interest, as ``Runtime.wait``'s does: what nobody here waits for any more is
+        cancelled on the grid, which drops it if it has not started."""
+        ids = [c.id for c in calls]
+        runtime = self.runtime
+        runtime.hold(ids, futures)
+        finished = False
+        try:
+            pending = [f for f in futures if not f.done()]
+            if pending:
+                woken = asyncio.get_running_loop().create_future()
+                left = len(pending)
+
+                def child_done(_: asyncio.Future[Any]) -> None:
+                    nonlocal left
+                    left -= 1
+                    if not left and not woken.done():
+                        woken.set_result(None)
+
+                def cycle_found(_: asyncio.Future[Any]) -> None:
+                    if not woken.done():
+                        woken.set_result(None)
+
+                for f in pending:
+                    f.add_done_callback(child_done)
+                parked.cycle.add_done_callback(cycle_found)
+                try:
+                    if timeout is None:
+                        await woken
+                    else:
+                        await asyncio.wait_for(woken, timeout)
+                except TimeoutError:
+                    raise _timed_out(futures, calls, timeout) from None
+                finally:
+                    for f in pending:
+                        f.remove_done_callback(child_done)
+                    parked.cycle.remove_done_callback(cycle_found)
+                if not all(f.done() for f in pending):
+                    raise parked.cycle.exception() or parked.cycle.result()
+            values = [decode_envelope(f.result(), i) for f, i in zip(futures, ids, strict=True)]
+            finished = True
+            return values
+        finally:
+            if finished or all(f.done() for f in futures):
+                runtime.let_go_local(ids)
+            else:
+                await asyncio.shield(runtime.let_go(ids, futures))
 
     def wait_from_thread(
         self, calls: list[Call[Any]], ctx: RequestContext, timeout: float | None
@@ -561,9 +643,21 @@ class Worker:
                 "the worker's event loop, which would stop the worker: in an async grid "
                 "function use `await pygirder.gather(...)` or `await call`"
             )
-        return asyncio.run_coroutine_threadsafe(
-            self.gather(calls, ctx, timeout), self.loop
-        ).result()
+        # As run_coroutine_threadsafe, with a SimpleQueue for the reply in place of a
+        # concurrent.futures future and its chaining: every nested wait of a sync call
+        # crosses here twice.
+        loop = self.loop
+        reply: SimpleQueue[asyncio.Future[list[Any]]] = SimpleQueue()
+
+        def start() -> None:
+            task = loop.create_task(self.gather(calls, ctx, timeout))
+            task.add_done_callback(reply.put)
+
+        loop.call_soon_threadsafe(start)
+        done = reply.get()
+        if done.cancelled():  # as run_coroutine_threadsafe's future would say it
+            raise concurrent.futures.CancelledError()
+        return done.result()
 
     # -- shutdown -----------------------------------------------------------------
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:

@@ -116,6 +116,13 @@ class Results:
         else:
             self._send()
 
+    def send_now(self) -> None:
+        """The worker ran out of work: send what waits at once, without the gathering
+        delay (a send in flight takes it next)."""
+        if self._pending:
+            self._more = False
+            self._send()
+
     def _send_later(self) -> None:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(GATHER_S, self._send)
@@ -275,7 +282,7 @@ class Results:
                     idle, self._idle_pool = self._idle_pool, None
                     await scripts.complete(
                         self.runtime, self.runtime.keys, sent, worker=self.worker_id,
-                        idle_pool=idle,
+                        idle_pool=idle, resolved_here=True,
                     )  # fmt: skip
                     break
                 except Exception as exc:

@@ -18,6 +18,9 @@
 --          hand-offs and wakes the latest offerer of KEYS[6], as take does, saving it
 --          a take of its own; '0': not
 -- ARGV[5]  the message that tells a worker to offer its surplus now
+-- ARGV[6]  the inbox of a process that has these results already ('' for none): the
+--          completing worker, which resolved its own waiters before sending them; a
+--          message there would only be read and dropped
 -- then groups of 5: id, encoded result, TTL seconds (0: none), time the run started,
 --          one-line summary of the result or error.  An empty result: the caller
 --          stored it under res:<id> itself (a large one, sent as a plain SET rather
@@ -34,16 +37,17 @@
 local owned, inflight, stats, failures = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local idle, offers = KEYS[5], KEYS[6]
 local worker, inline, inbox_stem = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if #KEYS - 6 ~= 4 * (#ARGV - 5) / 5 then
+local resolved = ARGV[6]
+if #KEYS - 6 ~= 4 * (#ARGV - 6) / 5 then
   return redis.error_reply('ERR pygirder complete: ' .. (#KEYS - 6) .. ' keys for '
-                           .. ((#ARGV - 5) / 5) .. ' results; expected 4 per result')
+                           .. ((#ARGV - 6) / 5) .. ' results; expected 4 per result')
 end
 local now = redis.call('TIME')
 local t = now[1] + now[2] / 1e6
 local done, failed = 0, 0
-for i = 6, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   local id, result, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local k = 6 + 4 * (i - 6) / 5
+  local k = 6 + 4 * (i - 7) / 5
   local res, wt, st, c = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   if redis.call('EXISTS', c) == 1 then
     local state = 'done'
@@ -66,7 +70,7 @@ for i = 6, #ARGV, 5 do
   local msg
   if result and #result <= inline then msg = '1' .. id .. result else msg = '0' .. id end
   for _, box in ipairs(redis.call('SMEMBERS', wt)) do
-    if string.sub(box, 1, #inbox_stem) == inbox_stem then
+    if box ~= resolved and string.sub(box, 1, #inbox_stem) == inbox_stem then
       redis.call('LPUSH', box, msg)
       redis.call('EXPIRE', box, INBOX_TTL)
     end

@@ -75,10 +75,7 @@ for i = 1, #items, 6 do
   local id, payload, pool, mode = items[i], items[i + 1], items[i + 2], items[i + 3]
   local k = 5 + 5 * (i - 1) / 6
   local res, wt, st, c, q = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  if graph_ttl > 0 and parent ~= '' then
-    redis.call('SADD', kids, id)
-    redis.call('EXPIRE', kids, graph_ttl)
-  end
+  if graph_ttl > 0 and parent ~= '' then redis.call('SADD', kids, id) end
   local r = redis.call('GET', res)
   if r then
     out[#out + 1] = r
@@ -129,6 +126,7 @@ for i = 1, #items, 6 do
     end
   end
 end
+if graph_ttl > 0 and parent ~= '' and #items > 0 then redis.call('EXPIRE', kids, graph_ttl) end
 if new > 0 then redis.call('HINCRBY', stats, 'submitted', new) end
 if cached > 0 then redis.call('HINCRBY', stats, 'cached', cached) end
 if shared > 0 then redis.call('HINCRBY', stats, 'shared', shared) end
