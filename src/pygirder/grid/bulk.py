@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -28,6 +29,7 @@ from redis import exceptions as redis_errors
 from .. import settings
 
 log = logging.getLogger("pygirder.grid")
+T = TypeVar("T")
 
 # GETs in flight at once: enough that a reply is always on its way, few enough that
 # the server's output buffers hold a few values, not a batch's worth.
@@ -38,21 +40,50 @@ SCRATCH = 64 * 1024
 MAX_HEADER = 4096
 
 
+# A value at most this large is read into a buffer the reading thread keeps and reuses
+# (when the caller converts values as they complete): memory a process has not touched
+# yet costs far more than a copy (each page faulted in and zeroed by the kernel), and a
+# new buffer per value, then a new object for its decoded value, touched it twice.
+SPARE_MAX = 32 * 1024**2
+_spare = threading.local()  # the reading thread's buffer: ``.buffer``, a bytearray
+
+
+def _take_spare(size: int) -> bytearray:
+    """This thread's reused buffer, at least ``size`` bytes, for one value at a time:
+    a batch read at the same time on another connection gets a buffer of its own."""
+    buffer: bytearray | None = getattr(_spare, "buffer", None)
+    _spare.buffer = None
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(max(size, SCRATCH))
+    return buffer
+
+
+def _give_back(buffer: bytearray) -> None:
+    held: bytearray | None = getattr(_spare, "buffer", None)
+    if held is None or len(held) < len(buffer):
+        _spare.buffer = buffer
+
+
 class _Replies(asyncio.BufferedProtocol):
     """The replies of pipelined GETs: bulk strings, nulls or errors, in order."""
 
-    def __init__(self, keys: Sequence[bytes], window: int) -> None:
-        self.done: asyncio.Future[list[bytearray | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
+    def __init__(
+        self,
+        keys: Sequence[bytes],
+        window: int,
+        convert: Callable[[memoryview], Any] | None = None,
+    ) -> None:
+        self.done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.keys = deque(keys)
         self.window = window
-        self.values: list[bytearray | None] = []
+        self.convert = convert  # makes each complete value one to keep (else: the buffer)
+        self.spare: bytearray | None = None  # the reused buffer ``target`` is a view of
+        self.values: list[Any] = []
         self.errors: list[str] = []
         self.expected = len(keys)
         self.scratch = bytearray(SCRATCH)
         self.head = bytearray()  # received bytes not yet parsed
-        self.target: bytearray | None = None  # the value being filled
+        self.target: bytearray | memoryview | None = None  # the value being filled
         self.got = 0  # bytes of ``target`` filled
         self.crlf = False  # the CRLF after a value is still to come
         self.progress = 0  # bytes received, for the idle time-out
@@ -110,8 +141,23 @@ class _Replies(asyncio.BufferedProtocol):
 
     def _finish_value(self) -> None:
         """A value is complete (its CRLF is still to come): send the next GET."""
-        self.values.append(self.target)
+        target = self.target
         self.target = None
+        assert target is not None
+        if self.convert is None:
+            self.values.append(target)
+        else:
+            view = target if isinstance(target, memoryview) else memoryview(target)
+            try:
+                self.values.append(self.convert(view))
+            except Exception as exc:
+                self.values.append(None)
+                self._fail(exc)
+            finally:
+                view.release()
+                if self.spare is not None:  # the reused buffer is free again
+                    _give_back(self.spare)
+                    self.spare = None
         self.crlf = True
         if self.keys:
             self._send(1)
@@ -163,7 +209,11 @@ class _Replies(asyncio.BufferedProtocol):
                     self.values.append(None)
                     self._next()
                 else:
-                    self.target = bytearray(size)
+                    if self.convert is not None and size <= SPARE_MAX:
+                        self.spare = _take_spare(size)
+                        self.target = memoryview(self.spare)[:size]
+                    else:
+                        self.target = bytearray(size)
                     self.got = 0
                     if size == 0:
                         self._finish_value()
@@ -208,9 +258,18 @@ def _transport_of(conn: Any) -> asyncio.Transport | None:
 
 
 async def get_values(
-    client: aioredis.Redis, keys: Sequence[str | bytes], *, window: int = WINDOW
-) -> list[bytearray | bytes | None]:
+    client: aioredis.Redis,
+    keys: Sequence[str | bytes],
+    *,
+    window: int = WINDOW,
+    convert: Callable[[memoryview], T] | None = None,
+) -> list[Any]:
     """The values of ``keys`` (None for a missing key), read at memory speed.
+
+    ``convert``: called with a view of each value as soon as it is complete, and its
+    return value taken instead of the value's bytes; the view is of a buffer that is
+    reused at once (convert copies what it keeps).  Without it, each value is a
+    ``bytearray`` of its own.
 
     Uses one connection of ``client``'s pool for the whole batch.  A connection this
     cannot use (a redis-py without the transport it expects) gets a plain MGET.
@@ -225,18 +284,24 @@ async def get_values(
     if transport is None:
         await pool.release(conn)  # before the fallback, which takes one from the pool
         fallback: list[Any] = await client.mget(encoded)
+        if convert is not None:
+            return [None if v is None else convert(memoryview(v)) for v in fallback]
         return fallback
     try:
-        values = await _read(conn, transport, encoded, window)
+        values = await _read(conn, transport, encoded, window, convert)
     finally:
         await _release(pool, conn)
     return values  # type: ignore[return-value]
 
 
 async def _read(
-    conn: Any, transport: asyncio.Transport, keys: list[bytes], window: int
-) -> list[bytearray | None]:
-    protocol = _Replies(keys, window)
+    conn: Any,
+    transport: asyncio.Transport,
+    keys: list[bytes],
+    window: int,
+    convert: Callable[[memoryview], Any] | None,
+) -> list[Any]:
+    protocol = _Replies(keys, window, convert)
     original = protocol.original = transport.get_protocol()
     clean = False
     try:
@@ -274,21 +339,27 @@ PIECE = 256 * 1024
 
 
 async def set_value(
-    client: aioredis.Redis, key: str | bytes, value: bytes, *, ex: int | None
+    client: aioredis.Redis,
+    key: str | bytes,
+    value: bytes | Sequence[bytes],
+    *,
+    ex: int | None,
 ) -> None:
     """``SET key value [EX ex]``, with the value written straight from its buffer.
 
     redis-py packs a command into one new bytes object (a copy of the value) and hands
     it to the transport at once, which copies what the socket does not take and shifts
     its buffer after every send: three or four copies of a 10 MB value.  Here the value
-    is written piece by piece, each when the one before has been sent.
+    is written piece by piece, each when the one before has been sent.  A value given
+    as a sequence of parts is stored as their concatenation, without making it.
     """
+    parts = [value] if isinstance(value, bytes | bytearray | memoryview) else list(value)
     pool = client.connection_pool
     conn = await _connection(pool)
     writer = getattr(conn, "_writer", None)
     if writer is None or not hasattr(writer, "drain"):
         await pool.release(conn)  # before the fallback, which takes one from the pool
-        await client.set(key, value, ex=ex)
+        await client.set(key, b"".join(parts), ex=ex)
         return
     try:
         name = key.encode() if isinstance(key, str) else bytes(key)
@@ -296,16 +367,18 @@ async def set_value(
         if ex is not None:
             tail += b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ex)), ex)
         count = 3 + (2 if ex is not None else 0)
-        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (count, len(name), name, len(value))
+        size = sum(len(part) for part in parts)
+        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (count, len(name), name, size)
         idle = settings.socket_timeout()
         clean = False
         try:
             writer.write(head)
-            view = memoryview(value)
-            for start in range(0, len(view), PIECE):
-                writer.write(view[start : start + PIECE])
-                async with asyncio.timeout(idle):
-                    await writer.drain()
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for start in range(0, len(view), PIECE):
+                    writer.write(view[start : start + PIECE])
+                    async with asyncio.timeout(idle):
+                        await writer.drain()
             writer.write(tail)
             try:
                 await conn.read_response()

@@ -28,7 +28,7 @@ from ..errors import ConfigError, GridConnectionError, GridFunctionError, GridTi
 from ..server import EmbeddedServer, random_password
 from . import context
 from .loading import stop_if_loading_script
-from .protocol import decode_envelope
+from .protocol import Envelope, decode_envelope
 from .restore import StoreOnlyAnswers
 from .runtime import Runtime, new_process_id
 from .supervisor import Supervisor
@@ -474,10 +474,10 @@ class Grid:
         """
         rt = self._require()
         slots = asyncio.Semaphore(max(1, window))
-        futures: list[asyncio.Future[bytes]] = []
+        futures: list[asyncio.Future[Envelope]] = []
         ids: list[str] = []
 
-        def release(_f: asyncio.Future[bytes]) -> None:
+        def release(_f: asyncio.Future[Envelope]) -> None:
             slots.release()
             if tick is not None:
                 tick()

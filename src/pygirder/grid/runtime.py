@@ -33,11 +33,13 @@ from .protocol import (
     COMPRESS_BYTES,
     ID_LEN,
     PAYLOAD_OUTSIDE,
+    Envelope,
     call_summary,
     compress,
     compressing,
     decode_envelope,
     expand,
+    settle,
 )
 from .resp import Reader, connect_reader
 from .translate import out_of_memory
@@ -89,11 +91,11 @@ class Runtime:
         self.redis: aioredis.Redis | None = None
         self._listener_client: Reader | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
         # what is needed to submit a waited-for request again after a server restart
         self._resubmit: dict[str, tuple[bytes, str, str]] = {}
         self._lost: dict[str, int] = {}  # waited-for results that expired before a fetch
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache: OrderedDict[str, Envelope] = OrderedDict()
         self._beat: asyncio.Task[None] | None = None
         self._server_run_id: str | None = None
         self.liveness = settings.liveness()
@@ -286,14 +288,14 @@ class Runtime:
         a CodecError when it is gone.  Remembered in ``outside_payloads`` until the
         result is stored (``drop_payloads``)."""
         assert self.redis is not None
-        [data] = await bulk.get_values(self.redis, [self.keys.argument(request_id)])
+        [data] = await bulk.get_values(self.redis, [self.keys.argument(request_id)], convert=bytes)
         if data is None:
             raise CodecError(
                 f"the arguments of request {request_id} are no longer on the server (a large "
                 f"payload is kept {ARGUMENT_TTL_S // 86400} days); submit the call again"
             )
         self.outside_payloads.add(request_id)
-        return expand(bytes(data), limit=DEFAULT_LIMITS["max_arg_bytes"], what="request payload")
+        return expand(data, limit=DEFAULT_LIMITS["max_arg_bytes"], what="request payload")
 
     async def drop_payloads(self, request_ids: Sequence[str]) -> None:
         """Delete the stored payloads of these requests, whose results are stored."""
@@ -374,7 +376,7 @@ class Runtime:
             raise
 
     # -- results -------------------------------------------------------------
-    def _remember(self, request_id: str, data: bytes) -> None:
+    def _remember(self, request_id: str, data: Envelope) -> None:
         """Keep a result for later calls of this process, the oldest going first once
         the cache holds ``cache_size`` results or ``cache_bytes`` bytes."""
         cache = self._cache
@@ -394,7 +396,7 @@ class Runtime:
         self._cache.clear()
         self._cached_bytes = 0
 
-    def resolve(self, request_id: str, data: bytes) -> None:
+    def resolve(self, request_id: str, data: Envelope) -> None:
         """A result arrived (from the inbox, a submit reply, or this process's own worker)."""
         self._remember(request_id, data)
         self._resubmit.pop(request_id, None)
@@ -524,7 +526,11 @@ class Runtime:
     async def _fetch_results(self, ids: list[str]) -> None:
         assert self.redis is not None
         self.round_trips += 1
-        values = await bulk.get_values(self.redis, [self.keys.result(i) for i in ids])
+        # each value made into the envelope this process keeps as soon as it is read:
+        # a batch of large results never sits in memory twice (read, then decoded)
+        values = await bulk.get_values(
+            self.redis, [self.keys.result(i) for i in ids], convert=settle
+        )
         again: list[str] = []
         for request_id, data in zip(ids, values, strict=True):
             if data is not None:
@@ -557,7 +563,7 @@ class Runtime:
         owner: str = "",
         local_pool: str = "default",
         parent: str = "",
-    ) -> tuple[list[asyncio.Future[bytes]], list[tuple[str, bytes]], list[str]]:
+    ) -> tuple[list[asyncio.Future[Envelope]], list[tuple[str, bytes]], list[str]]:
         """Submit-or-subscribe every call.
 
         Returns one future per call, the new requests this process must run itself
@@ -565,7 +571,7 @@ class Runtime:
         elsewhere: only waiting on those can close a cycle.
         """
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bytes]] = []
+        futures: list[asyncio.Future[Envelope]] = []
         sent: list[tuple[str, bytes, str]] = []
         sent_calls: list[Call[Any]] = []
         items: list[scripts.Submission] = []
@@ -658,7 +664,7 @@ class Runtime:
 
     async def wait(
         self,
-        futures: Sequence[asyncio.Future[bytes]],
+        futures: Sequence[asyncio.Future[Envelope]],
         calls: Sequence[Call[Any]],
         timeout: float | None,
     ) -> list[Any]:
@@ -691,13 +697,13 @@ class Runtime:
         finally:
             self._withdraw_local(ids)
 
-    def hold(self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]]) -> None:
+    def hold(self, ids: Sequence[str], futures: Sequence[asyncio.Future[Envelope]]) -> None:
         """Count a local waiter for each pending request (``let_go`` ends it)."""
         for request_id, fut in zip(ids, futures, strict=True):
             if not fut.done():
                 self._interest[request_id] = self._interest.get(request_id, 0) + 1
 
-    async def let_go(self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]]) -> None:
+    async def let_go(self, ids: Sequence[str], futures: Sequence[asyncio.Future[Envelope]]) -> None:
         """Give up waiting: cancel on the grid what nobody else here waits for, and
         forget its payload."""
         try:
@@ -718,7 +724,7 @@ class Runtime:
                 self._interest.pop(request_id, None)
 
     async def _withdraw(
-        self, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]], *, give_up: bool
+        self, ids: Sequence[str], futures: Sequence[asyncio.Future[Envelope]], *, give_up: bool
     ) -> None:
         """Cancel on the grid what this process waited for and nobody else here does."""
         abandoned = [

@@ -270,7 +270,9 @@ class Completion(NamedTuple):
     """One finished request."""
 
     id: str
-    result: bytes  # the encoded result envelope
+    # the encoded result envelope; a worker's may also be a large bytes value held as
+    # itself (grid.protocol.BytesEnvelope), which it writes with a SET of its own
+    result: Any
     ttl: int  # seconds the result is kept (0: no expiry)
     started: float  # when its run started (epoch seconds)
     summary: str  # one line, of the result or error

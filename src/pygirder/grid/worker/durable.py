@@ -29,7 +29,7 @@ from ... import codec, settings
 from ...calls import GridFunction
 from ...results import Item, ResultStore
 from ...results.writer import WriteBehind
-from ..protocol import PAYLOAD_OUTSIDE
+from ..protocol import PAYLOAD_OUTSIDE, Envelope
 from ..restore import Restorer
 from ..runtime import Runtime
 from .functions import Functions
@@ -105,11 +105,12 @@ class DurableTier:
 
     # -- write-behind ---------------------------------------------------------------
     def computed(
-        self, request_id: str, name: str, fingerprint: str, envelope: bytes,
+        self, request_id: str, name: str, fingerprint: str, envelope: Envelope,
         deps: tuple[tuple[str, str], ...],
     ) -> None:  # fmt: skip
         """A result this worker computed: stored durably once Valkey has it."""
-        self._computed[request_id] = Item(request_id, envelope, name, fingerprint, deps)
+        body = envelope if isinstance(envelope, bytes) else bytes(envelope)
+        self._computed[request_id] = Item(request_id, body, name, fingerprint, deps)
         self._sizes[request_id] = len(envelope)
 
     def _completed(self, ids: list[str]) -> None:

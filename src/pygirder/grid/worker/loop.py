@@ -47,7 +47,7 @@ from ...results import open_store
 from ...store import scripts
 from ..connection import connect_redis
 from ..context import RequestContext, current_request
-from ..protocol import PAYLOAD_OUTSIDE, decode_envelope, encode_error, encode_ok, summarize
+from ..protocol import PAYLOAD_OUTSIDE, decode_envelope, encode_error, encode_result, summarize
 from ..runtime import Runtime, new_process_id
 from ..translate import describe_exception
 from .baton import Baton, Threads
@@ -458,7 +458,7 @@ class Worker:
                     value = await _guarded_async(gf.func(*args, **kwargs))
                 else:
                     value = await self._run_sync(gf, functools.partial(gf.func, *args, **kwargs))
-                envelope = encode_ok(
+                envelope = encode_result(
                     value, name=name, limit=self.max_result_bytes, request_id=request_id
                 )
                 summary = summarize(value)

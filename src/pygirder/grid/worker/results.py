@@ -19,7 +19,7 @@ from ...errors import CallLink, GridOutOfMemory, RemoteError
 from ...store import scripts
 from ...store.scripts import Completion
 from .. import bulk
-from ..protocol import ERR, compress, compressing, encode_error
+from ..protocol import ERR, BytesEnvelope, Envelope, compress, compressing, encode_error
 from ..runtime import Runtime
 
 log = logging.getLogger("pygirder.worker")
@@ -91,7 +91,7 @@ class Results:
         self,
         request_id: str,
         name: str,
-        envelope: bytes,
+        envelope: Envelope,
         ttl: int,
         started: float,
         summary: str,
@@ -261,9 +261,15 @@ class Results:
         out = []
         assert self.runtime.redis is not None
         for done in batch:
-            if len(done.result) > OUTSIDE_BYTES and done.result[:1] != ERR:
+            envelope = done.result
+            if isinstance(envelope, BytesEnvelope):  # head and value, written as they are
                 key = self.runtime.keys.result(done.id)
-                value = compress(done.result) if self.compress else done.result
+                value = compress(bytes(envelope)) if self.compress else envelope.parts()
+                await bulk.set_value(self.runtime.redis, key, value, ex=int(done.ttl) or None)
+                done = done._replace(result=b"")
+            elif len(envelope) > OUTSIDE_BYTES and envelope[:1] != ERR:
+                key = self.runtime.keys.result(done.id)
+                value = compress(envelope) if self.compress else envelope
                 await bulk.set_value(self.runtime.redis, key, value, ex=int(done.ttl) or None)
                 done = done._replace(result=b"")
             out.append(done)
