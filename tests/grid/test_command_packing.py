@@ -30,15 +30,20 @@ def test_packing_gives_redis_pys_bytes_and_keeps_its_errors(redis_url):
                 ("CONFIG GET", "maxmemory"),  # redis-py splits a name with a space
                 ("SET", "big", b"v" * 100_000),  # large: sent beside the header, uncopied
                 ("SET", "view", memoryview(b"xyz")),
+                ("EVALSHA", "ab", 2, "k", b"b" * 7000, 3, "s" * 7000, "é" * 4000, memoryview(b"m")),
+                ("EVALSHA", "ab", 1, b"x" * 6001),
             ]
             for args in cases:
                 assert b"".join(_packed(conn, *args)) == b"".join(_packed(plain, *args))
-            assert len(_packed(conn, "SET", "big", b"v" * 100_000)) > 1
+            big = b"v" * 100_000
+            assert any(chunk is big for chunk in _packed(conn, "SET", "big", big))  # uncopied
             with pytest.raises(redis_errors.DataError):
                 _packed(conn, "SET", "k", True)
             await client.set("k", 2.5, ex=60)
             assert await client.get("k") == b"2.5"
             assert await client.execute_command("ECHO", "é") == "é".encode()
+            await client.set("big", big, ex=60)
+            assert await client.get("big") == big
         finally:
             await client.aclose()
 

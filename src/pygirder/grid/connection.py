@@ -83,8 +83,9 @@ async def connect_redis(
     return aioredis.Redis.from_pool(pool)
 
 
-_PLAIN = frozenset({str, bytes, int, float})
+_SMALL = frozenset({str, bytes, int, float})
 _FAST_CLASSES: dict[type, type] = {}
+_CUTOFF = 6000  # redis-py's buffer cut-off: larger arguments travel on their own
 
 
 def _pack_in_c(pool: aioredis.ConnectionPool) -> None:
@@ -94,10 +95,9 @@ def _pack_in_c(pool: aioredis.ConnectionPool) -> None:
     arguments, and a script over a batch of calls has thousands (five keys per call):
     that loop was the largest single cost of a client submitting a large map.
     ``hiredis.pack_command`` writes the same bytes in C (the synchronous client uses
-    it already).  A command with any argument that is not a plain str, bytes, int or
-    float, or that is large, keeps redis-py's packing: it raises redis-py's errors for
-    what it cannot encode and sends large values and memoryviews without copying them
-    into one buffer.
+    it already).  Large values and memoryviews are sent beside the packed runs of
+    small arguments, uncopied, as redis-py sends them; a command with any other kind
+    of argument keeps redis-py's packing, and its errors.
     """
     try:
         from hiredis import pack_command
@@ -106,17 +106,36 @@ def _pack_in_c(pool: aioredis.ConnectionPool) -> None:
     base = pool.connection_class
     fast = _FAST_CLASSES.get(base)
     if fast is None:
-        cutoff = 6000  # redis-py's buffer cut-off: larger arguments travel on their own
 
-        def pack(self: Any, *args: Any) -> list[bytes]:
+        def run(small: list[Any]) -> bytes:
+            packed: bytes = pack_command(tuple(small))
+            return packed[packed.index(b"\r\n") + 2 :]  # without the array header
+
+        def pack(self: Any, *args: Any) -> list[Any]:
             first = args[0]
             if type(first) is not str or " " in first:  # redis-py splits "CONFIG GET"
                 return base.pack_command(self, *args)  # type: ignore[no-any-return]
+            out: list[Any] = []
+            small: list[Any] = []
             for arg in args:
                 kind = type(arg)
-                if kind not in _PLAIN or ((kind is bytes or kind is str) and len(arg) > cutoff):
+                if kind in _SMALL and (kind is int or kind is float or len(arg) <= _CUTOFF):
+                    small.append(arg)
+                    continue
+                if kind is str:
+                    arg = arg.encode()
+                elif kind is not bytes and kind is not memoryview:
                     return base.pack_command(self, *args)  # type: ignore[no-any-return]
-            return [pack_command(args)]
+                if small:
+                    out.append(run(small))
+                    small = []
+                out += [b"$%d\r\n" % len(arg), arg, b"\r\n"]
+            if not out:
+                return [pack_command(args)]
+            if small:
+                out.append(run(small))
+            out.insert(0, b"*%d\r\n" % len(args))
+            return out
 
         fast = type(base.__name__, (base,), {"pack_command": pack, "__module__": __name__})
         _FAST_CLASSES[base] = fast
