@@ -81,3 +81,15 @@ async def _await(call: calls.Call[Any]) -> Any:
 
 def _double(x: int) -> int:
     return 2 * x
+
+
+def test_a_payload_is_the_array_of_name_fingerprint_and_arguments():
+    # Call.payload joins precomputed parts; it must stay the codec's own encoding of
+    # the array, at every msgpack length class of the arguments (bin 8, 16 and 32).
+    double = pygirder.fn(version="p")(_double)
+    for value in [0, "x" * 240, "y" * 300, b"z" * 70_000, [1.5] * 8_000]:
+        call = double(value)
+        expected = codec.encode([call.function.name, call.function.fingerprint, call.args_bytes])
+        assert call.payload() == expected
+        assert codec.decode(call.payload()) == [double.name, "v:p", call.args_bytes]
+    assert double(1).id == double.options(pool="other")(1).id

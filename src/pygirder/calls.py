@@ -16,7 +16,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from . import codec
 from .errors import GridFunctionError
-from .hashing import ID_LENGTH, ID_TAG, fingerprint, request_id
+from .hashing import ID_LENGTH, ID_TAG, fingerprint, id_hasher
 
 __all__ = [
     "ID_LENGTH",
@@ -131,6 +131,10 @@ class GridFunction(Generic[P, R]):
             )
         self.version = version
         self.fingerprint = f"v:{version}" if version is not None else fingerprint(func)
+        # (name, fingerprint, the encoded start of every payload): see Call.payload
+        self._payload_head: tuple[str, str, bytes] | None = None
+        # (name, fingerprint, the id hash over both, to be copied): see Call.id
+        self._id_base: tuple[str, str, Any] | None = None
         self.pool = pool
         self.timeout = timeout
         self.max_runtime = max_runtime  # not part of the id: a limit does not change results
@@ -144,7 +148,8 @@ class GridFunction(Generic[P, R]):
         _REGISTRY[self.name] = self
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Call[R]:
-        return self.options()(*args, **kwargs)
+        # not through options(): a closure per call is a measurable part of a large map
+        return Call(self, self._bind(args, kwargs), pool=self.pool)
 
     def options(self, *, pool: str | None = None) -> Callable[P, Call[R]]:
         """Per-call overrides: ``price.options(pool="big")(1, 2)``."""
@@ -185,8 +190,14 @@ class GridFunction(Generic[P, R]):
     def bind_payload(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Turn decoded bound arguments back into ``(args, kwargs)`` for the real function."""
         simple = self._simple
-        if simple is not None and tuple(arguments) == simple[0]:
-            return tuple(arguments.values()), {}  # a plain signature: all positional
+        if simple is not None:
+            names = simple[0]
+            if tuple(arguments) == names:
+                return tuple(arguments.values()), {}  # a plain signature: all positional
+            # the encoding sorts the names, so decoded arguments of a plain signature
+            # come in another order: put them back in the signature's
+            if len(arguments) == len(names) and all(n in arguments for n in names):
+                return tuple([arguments[n] for n in names]), {}
         bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type,unused-ignore]
         return bound.args, bound.kwargs
 
@@ -285,12 +296,36 @@ class Call(Generic[R]):
     @property
     def id(self) -> str:
         if self._id is None:
-            self._id = request_id(self.function.name, self.function.fingerprint, self.args_bytes)
+            fn = self.function
+            base = fn._id_base
+            if base is None or base[0] != fn.name or base[1] != fn.fingerprint:
+                base = fn._id_base = (fn.name, fn.fingerprint, id_hasher(fn.name, fn.fingerprint))
+            h = base[2].copy()
+            h.update(self.args_bytes)
+            self._id = h.hexdigest()
         return self._id
 
     def payload(self) -> bytes:
-        """What a worker needs to run the call: name, fingerprint, encoded arguments."""
-        return codec.encode([self.function.name, self.function.fingerprint, self.args_bytes])
+        """What a worker needs to run the call: name, fingerprint, encoded arguments.
+
+        The msgpack array ``[name, fingerprint, args_bytes]``, joined from the
+        function's encoded head and the arguments already encoded for the id: encoding
+        the array again would walk and copy the arguments once more for every call.
+        """
+        fn = self.function
+        head = fn._payload_head
+        if head is None or head[0] != fn.name or head[1] != fn.fingerprint:
+            encoded = codec.encode([fn.name, fn.fingerprint])
+            head = fn._payload_head = (fn.name, fn.fingerprint, b"\x93" + encoded[1:])
+        args = self.args_bytes
+        size = len(args)
+        if size < 0x100:
+            mark = b"\xc4" + size.to_bytes(1, "big")
+        elif size < 0x10000:
+            mark = b"\xc5" + size.to_bytes(2, "big")
+        else:
+            mark = b"\xc6" + size.to_bytes(4, "big")
+        return b"".join((head[2], mark, args))
 
     def result(self, timeout: float | None = None) -> R:
         result: R = _the_waiter().wait_sync([self], timeout)[0]

@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ID_LENGTH", "ID_TAG", "code_digest", "fingerprint", "request_id"]
+__all__ = ["ID_LENGTH", "ID_TAG", "code_digest", "fingerprint", "id_hasher", "request_id"]
 
 ID_TAG = b"pygirder-call-v1\x00"
 ID_LENGTH = 40  # hex characters of a request id (BLAKE2b, 20 bytes)
@@ -67,11 +67,18 @@ def fingerprint(func: Callable[..., Any]) -> str:
     return code_digest(func.__code__, func.__doc__)
 
 
-def request_id(name: str, fingerprint: str, args_bytes: bytes) -> str:
-    """The id of a call: its function's name and fingerprint, and its encoded arguments."""
+def id_hasher(name: str, fingerprint: str) -> Any:
+    """The id hash fed with everything but the arguments: a caller that names many calls
+    of one function copies it (``.copy()``) and adds each call's arguments."""
     h = hashlib.blake2b(ID_TAG, digest_size=ID_LENGTH // 2)
     for part in (name.encode(), fingerprint.encode()):
         h.update(len(part).to_bytes(4, "big"))
         h.update(part)
+    return h
+
+
+def request_id(name: str, fingerprint: str, args_bytes: bytes) -> str:
+    """The id of a call: its function's name and fingerprint, and its encoded arguments."""
+    h = id_hasher(name, fingerprint)
     h.update(args_bytes)
-    return h.hexdigest()
+    return str(h.hexdigest())

@@ -70,14 +70,76 @@ async def connect_redis(
         await probe.aclose()
     options = _options(Retry, timeout, block)
     if max_connections is None:
-        return aioredis.Redis.from_url(url, **options)
+        client = aioredis.Redis.from_url(url, **options)
+        _pack_in_c(client.connection_pool)
+        return client
     # A bounded pool makes concurrent commands wait for a connection instead of
     # opening one more (each new one costs HELLO and CLIENT SETINFO on the server, and
     # a grid of a thousand workers holds every connection they ever opened).
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=None, **options
     )
+    _pack_in_c(pool)
     return aioredis.Redis.from_pool(pool)
+
+
+_SMALL = frozenset({str, bytes, int, float})
+_FAST_CLASSES: dict[type, type] = {}
+_CUTOFF = 6000  # redis-py's buffer cut-off: larger arguments travel on their own
+
+
+def _pack_in_c(pool: aioredis.ConnectionPool) -> None:
+    """Let the pool's connections pack commands with hiredis where it is installed.
+
+    redis-py's asyncio connection packs a command in a Python loop over its
+    arguments, and a script over a batch of calls has thousands (five keys per call):
+    that loop was the largest single cost of a client submitting a large map.
+    ``hiredis.pack_command`` writes the same bytes in C (the synchronous client uses
+    it already).  Large values and memoryviews are sent beside the packed runs of
+    small arguments, uncopied, as redis-py sends them; a command with any other kind
+    of argument keeps redis-py's packing, and its errors.
+    """
+    try:
+        from hiredis import pack_command
+    except ImportError:  # an optional speed-up of redis[hiredis]
+        return
+    base = pool.connection_class
+    fast = _FAST_CLASSES.get(base)
+    if fast is None:
+
+        def run(small: list[Any]) -> bytes:
+            packed: bytes = pack_command(tuple(small))
+            return packed[packed.index(b"\r\n") + 2 :]  # without the array header
+
+        def pack(self: Any, *args: Any) -> list[Any]:
+            first = args[0]
+            if type(first) is not str or " " in first:  # redis-py splits "CONFIG GET"
+                return base.pack_command(self, *args)  # type: ignore[no-any-return]
+            out: list[Any] = []
+            small: list[Any] = []
+            for arg in args:
+                kind = type(arg)
+                if kind in _SMALL and (kind is int or kind is float or len(arg) <= _CUTOFF):
+                    small.append(arg)
+                    continue
+                if kind is str:
+                    arg = arg.encode()
+                elif kind is not bytes and kind is not memoryview:
+                    return base.pack_command(self, *args)  # type: ignore[no-any-return]
+                if small:
+                    out.append(run(small))
+                    small = []
+                out += [b"$%d\r\n" % len(arg), arg, b"\r\n"]
+            if not out:
+                return [pack_command(args)]
+            if small:
+                out.append(run(small))
+            out.insert(0, b"*%d\r\n" % len(args))
+            return out
+
+        fast = type(base.__name__, (base,), {"pack_command": pack, "__module__": __name__})
+        _FAST_CLASSES[base] = fast
+    pool.connection_class = fast
 
 
 def connect_sync(url: str, *, reconnect_timeout: float | None = None) -> redis.Redis:

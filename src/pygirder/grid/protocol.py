@@ -260,10 +260,22 @@ _short = _ShortRepr()
 _short.maxstring = 60
 _short.maxother = 60
 _short.maxlevel = 3
+_SMALL_INT = 10 ** (_short.maxlong - 2)  # its repr is never cut by reprlib
 
 
 def summarize(value: Any, limit: int = 200) -> str:
     """A bounded one-line repr for the call graph: never expensive, never huge."""
+    kind = type(value)
+    # what reprlib would render as the plain repr, without its dispatch (the result
+    # of every call is summarized)
+    if value is None or kind is bool or kind is float:
+        return repr(value)
+    if kind is int and -_SMALL_INT < value < _SMALL_INT:
+        return repr(value)
+    if kind is str and len(value) <= _short.maxstring:
+        text = repr(value)
+        if len(text) <= _short.maxstring and len(text) <= limit:
+            return text
     try:
         text = _short.repr(value)
     except Exception:

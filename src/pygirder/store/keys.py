@@ -59,6 +59,7 @@ requests nobody waits for.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # How long a pushed inbox survives without its reader (a process that died without
@@ -87,8 +88,9 @@ class Keys:
 
     namespace: str = "default"
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
+        # cached: every key of every call is built on it, several per call
         return f"pg:{{{self.namespace}}}:"
 
     # -- requests -------------------------------------------------------------
