@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from pygirder.store import scripts
 from pygirder.store.keys import Keys
-
-
-@pytest.fixture
-def client(redis_url) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -167,13 +167,6 @@ def test_the_facade_gives_every_script_keys_of_one_slot_and_stems_of_its_namespa
                 assert arg.startswith(keys.prefix), (script.name, arg)
 
 
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def test_a_script_whose_keys_do_not_match_its_arguments_is_refused(client):
     items = msgpack.packb(["id", "p", "default", "q", "m:f", ""], use_bin_type=False)
     with pytest.raises(redis.ResponseError, match="expected 5 and 5 per call"):

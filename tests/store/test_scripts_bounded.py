@@ -39,13 +39,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 # -- cancel ----------------------------------------------------------------------------
 def test_cancel_of_many_calls_is_chunked_and_a_resubmit_runs_once(grid_factory, tmp_path):
     grid = grid_factory(workers=0)

@@ -5,18 +5,8 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-import redis
-
 from pygirder.store import scripts
 from pygirder.store.keys import Keys
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def local_requests(client, keys: Keys, worker: str, n: int) -> list[str]:
