@@ -678,7 +678,7 @@ class Runtime:
         self.hold(ids, futures)
         try:
             pending = {f for f in futures if not f.done()}
-            if pending and not await _all_done(pending, timeout):
+            if pending and not await all_done(pending, timeout):
                 missing = tuple(i for i, f in zip(ids, futures, strict=True) if not f.done())
                 names = sorted(
                     {c.function.name for c, f in zip(calls, futures, strict=True)
@@ -738,12 +738,19 @@ class Runtime:
                 log.warning("could not cancel %d abandoned calls: %s", len(abandoned), exc)
 
 
-async def _all_done(pending: set[asyncio.Future[bytes]], timeout: float | None) -> bool:
-    """Wait until every future in ``pending`` is done, or ``timeout`` seconds; True if
-    they all finished.  Giving up cancels none of them (other waiters share them).
+async def all_done(
+    pending: Iterable[asyncio.Future[bytes]],
+    timeout: float | None,
+    *,
+    also: asyncio.Future[Any] | None = None,
+) -> bool:
+    """Wait until every future in ``pending`` is done, or ``timeout`` seconds, or
+    ``also`` is done; True if they all finished.  Giving up cancels none of them
+    (other waiters share them).
 
     One private future, set by a callback on each: a waiter is woken one loop turn
     after its last result, and a map of many calls pays no shield per call."""
+    pending = list(pending)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     left = len(pending)
@@ -754,13 +761,15 @@ async def _all_done(pending: set[asyncio.Future[bytes]], timeout: float | None) 
         if not left and not done.done():
             done.set_result(None)
 
-    def expired() -> None:
+    def stop(_: object = None) -> None:
         if not done.done():
             done.set_result(None)
 
     for fut in pending:
         fut.add_done_callback(one)
-    timer = loop.call_later(timeout, expired) if timeout is not None else None
+    if also is not None:
+        also.add_done_callback(stop)
+    timer = loop.call_later(timeout, stop) if timeout is not None else None
     try:
         await done
     finally:
@@ -768,4 +777,6 @@ async def _all_done(pending: set[asyncio.Future[bytes]], timeout: float | None) 
             timer.cancel()
         for fut in pending:
             fut.remove_done_callback(one)
+        if also is not None:
+            also.remove_done_callback(stop)
     return left == 0

@@ -48,7 +48,7 @@ from ...store import scripts
 from ..connection import connect_redis
 from ..context import RequestContext, current_request
 from ..protocol import PAYLOAD_OUTSIDE, decode_envelope, encode_error, encode_result, summarize
-from ..runtime import Runtime, new_process_id
+from ..runtime import Runtime, all_done, new_process_id
 from ..translate import describe_exception
 from .baton import Baton, Threads
 from .cycle_checks import CycleChecks, Parked
@@ -581,8 +581,9 @@ class Worker:
         """The children's results in call order (the first failure in call order is
         raised), or the cycle error ``parked.cycle`` carries, whichever comes first.
 
-        One future woken by done-callbacks, where ``Runtime.wait`` would start a task
-        per wait and a shielded task per child: a nested call waits here once per run.
+        One future woken by done-callbacks (``all_done``, which the cycle future wakes
+        too), not a task running ``Runtime.wait`` per wait: a nested call waits here
+        once per run.
         A waiter that gives up (time-out, cycle, hand-back, cancellation) withdraws
         its interest, as ``Runtime.wait``'s does: what nobody here waits for any more is
         cancelled on the grid, which drops it if it has not started."""
@@ -592,36 +593,10 @@ class Worker:
         finished = False
         try:
             pending = [f for f in futures if not f.done()]
-            if pending:
-                woken = asyncio.get_running_loop().create_future()
-                left = len(pending)
-
-                def child_done(_: asyncio.Future[Any]) -> None:
-                    nonlocal left
-                    left -= 1
-                    if not left and not woken.done():
-                        woken.set_result(None)
-
-                def cycle_found(_: asyncio.Future[Any]) -> None:
-                    if not woken.done():
-                        woken.set_result(None)
-
-                for f in pending:
-                    f.add_done_callback(child_done)
-                parked.cycle.add_done_callback(cycle_found)
-                try:
-                    if timeout is None:
-                        await woken
-                    else:
-                        await asyncio.wait_for(woken, timeout)
-                except TimeoutError:
-                    raise _timed_out(futures, calls, timeout) from None
-                finally:
-                    for f in pending:
-                        f.remove_done_callback(child_done)
-                    parked.cycle.remove_done_callback(cycle_found)
-                if not all(f.done() for f in pending):
-                    raise parked.cycle.exception() or parked.cycle.result()
+            if pending and not await all_done(pending, timeout, also=parked.cycle):
+                if not parked.cycle.done():
+                    raise _timed_out(futures, calls, timeout)
+                raise parked.cycle.exception() or parked.cycle.result()
             values = [decode_envelope(f.result(), i) for f, i in zip(futures, ids, strict=True)]
             finished = True
             return values
