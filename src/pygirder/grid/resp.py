@@ -45,21 +45,22 @@ class Reader(Protocol):
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in the server's protocol (arguments: bytes, str, int or float)."""
-    out = [b"*%d\r\n" % len(args)]
+    """One command in the server's protocol (arguments: bytes, str, int or float), packed
+    by hiredis as the grid's other clients' commands are (``connection._pack_in_c``)."""
+    try:
+        return hiredis.pack_command(args)  # type: ignore[no-any-return]
+    except TypeError:  # a buffer it does not take, or an argument nobody should send
+        pass
+    parts: list[Any] = []
     for arg in args:
-        if isinstance(arg, bytes | bytearray | memoryview):
-            data = bytes(arg)
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int | float) and not isinstance(arg, bool):
-            data = repr(arg).encode()
-        else:
+        if isinstance(arg, bytearray | memoryview):
+            arg = bytes(arg)
+        elif not isinstance(arg, bytes | str | int | float) or isinstance(arg, bool):
             raise redis_errors.DataError(
                 f"a command argument must be bytes, str, int or float, not {type(arg).__name__}"
             )
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+        parts.append(arg)
+    return hiredis.pack_command(tuple(parts))  # type: ignore[no-any-return]
 
 
 class _Replies(asyncio.Protocol):
@@ -148,11 +149,11 @@ class LeanConnection:
             if password is not None:
                 auth = ("AUTH", username, password) if username else ("AUTH", password)
                 try:
-                    await self._command(protocol, auth, self.timeout)
+                    await self._write(protocol, auth, self.timeout)
                 except redis_errors.ResponseError as exc:
                     raise redis_errors.AuthenticationError(str(exc)) from None
             if int(opts.get("db", 0) or 0):
-                await self._command(protocol, ("SELECT", int(opts["db"])), self.timeout)
+                await self._write(protocol, ("SELECT", int(opts["db"])), self.timeout)
         except BaseException as exc:
             protocol.lose(exc if isinstance(exc, Exception) else redis_errors.ConnectionError())
             raise
@@ -191,9 +192,6 @@ class LeanConnection:
         timer = loop.call_later(timeout, expired)
         fut.add_done_callback(settled)
         return fut
-
-    async def _command(self, protocol: _Replies, args: tuple[Any, ...], timeout: float) -> Any:
-        return await self._write(protocol, args, timeout)
 
     async def send(self, *args: Any, timeout: float | None = None) -> asyncio.Future[Any]:
         """Write one command now (connecting first if need be); the future gets its
