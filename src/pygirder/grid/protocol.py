@@ -154,10 +154,7 @@ def settle(view: memoryview) -> bytes | BytesEnvelope:
         and view[1] == _BIN32
         and int.from_bytes(view[2:_BYTES_HEAD], "big") == size - _BYTES_HEAD
     ):
-        envelope = BytesEnvelope.__new__(BytesEnvelope)
-        envelope.head = bytes(view[:_BYTES_HEAD])
-        envelope.value = bytes(view[_BYTES_HEAD:])
-        return envelope
+        return BytesEnvelope(bytes(view[_BYTES_HEAD:]))  # its head is the one checked
     return bytes(view)
 
 
@@ -208,9 +205,8 @@ def decode_envelope(data: Envelope, request_id: str | None = None) -> Any:
     A signed pickled result verifies only as the result of the request it was signed
     for, so ``request_id`` is required to read one.
     """
-    if type(data) is BytesEnvelope:
+    if isinstance(data, BytesEnvelope):
         return data.value
-    assert not isinstance(data, BytesEnvelope)
     data = expand(data)
     body = memoryview(data)[1:]
     kind = data[:1]
