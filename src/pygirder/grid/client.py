@@ -160,8 +160,9 @@ class Grid:
                 self._url = self._server.url
             self._loop = _LoopThread()
             self.runtime = Runtime(
-                self._url, namespace=self.namespace, process_id=new_process_id("client")
-            )
+                self._url, namespace=self.namespace, process_id=new_process_id("client"),
+                lean_scripts=True,
+            )  # fmt: skip
             self._loop.run(self.runtime.start())
             if self._n_workers:
                 self._start_workers(self._n_workers)

@@ -1,4 +1,5 @@
-"""A lean connection for the one command a process repeats most: its inbox read.
+"""A lean connection for the commands a process repeats most: its inbox read, and a
+client's scripts.
 
 Every isolated call wakes two inboxes (the worker's, with the hand-off; the caller's,
 with the result), and redis-py's asyncio client spends about 150 us of CPU on each
@@ -15,6 +16,11 @@ login raise redis-py's own exception classes, so the caller's handling (the inbo
 logs, backs off, rechecks what it waits for, and reads again) is the same for both
 clients.  The next command after a failure connects afresh.
 
+A client's scripts (every call's submit, its cancels) go through one too
+(:class:`LeanCommands`): those do ride out a lost connection, with redis-py's own
+policy of ``connect_redis`` (retry only lost connections, with backoff, for the
+reconnect window).
+
 Plain TCP and Unix-socket URLs use it; a ``rediss://`` URL keeps redis-py's client,
 whose TLS options (certificates, ``ssl_cert_reqs`` and the rest) are the ones a user
 configures.
@@ -23,6 +29,7 @@ configures.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import Any, Protocol
 
@@ -30,6 +37,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import parse_url
+from redis.backoff import ExponentialBackoff
 
 from .. import settings
 from .connection import connect_redis
@@ -63,17 +71,31 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return hiredis.pack_command(tuple(parts))  # type: ignore[no-any-return]
 
 
+def _error(message: str) -> redis_errors.ResponseError:
+    """An error reply as redis-py's parser would class it, for the two the grid acts on:
+    a script the server does not know (load it and run it again) and a full server."""
+    if message.startswith("NOSCRIPT"):
+        return redis_errors.NoScriptError(message)
+    if message.startswith("OOM"):
+        return redis_errors.OutOfMemoryError(message)
+    return redis_errors.ResponseError(message)
+
+
 class _Replies(asyncio.Protocol):
     """Parses replies and hands each to the oldest command waiting for one."""
 
     def __init__(self) -> None:
-        self.reader = hiredis.Reader(replyError=redis_errors.ResponseError)
+        self.reader = hiredis.Reader(replyError=_error)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            # as redis-py's clients do: a peer that vanished is noticed on an idle link
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -208,6 +230,42 @@ class LeanConnection:
         if protocol is not None:
             protocol.lose(redis_errors.ConnectionError("the connection was closed"))
             await asyncio.sleep(0)  # let the transport finish closing
+
+
+class LeanCommands(LeanConnection):
+    """A lean connection whose commands ride out a lost connection as ``connect_redis``'s
+    clients do: a command that fails for a lost connection (before or after it was
+    sent) is sent again on a new one, with backoff capped at 0.5 s, for the reconnect
+    window; a reply that does not come in time and every error reply are the caller's.
+    A script may so run twice, as it may with redis-py's retries: the grid's scripts
+    are written to be run again."""
+
+    def __init__(self, url: str, *, reconnect_timeout: float | None = None) -> None:
+        super().__init__(url)
+        if reconnect_timeout is None:
+            reconnect_timeout = settings.liveness().reconnect_timeout
+        self.retries = max(1, int(reconnect_timeout * 2))
+        self.backoff = ExponentialBackoff(cap=0.5, base=0.02)
+
+    async def execute_command(self, *args: Any) -> Any:
+        failures = 0
+        while True:
+            try:
+                return await (await self.send(*args))
+            except (redis_errors.TimeoutError, redis_errors.AuthenticationError):
+                raise
+            except redis_errors.ConnectionError:
+                failures += 1
+                if failures > self.retries:
+                    raise
+                await asyncio.sleep(self.backoff.compute(failures))
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """As redis-py's ``evalsha``, for ``store.scripts.Script.run``."""
+        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def script_load(self, source: str) -> Any:
+        return await self.execute_command("SCRIPT", "LOAD", source)
 
 
 class _RedisReader:

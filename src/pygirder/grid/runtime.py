@@ -41,7 +41,7 @@ from .protocol import (
     expand,
     settle,
 )
-from .resp import Reader, connect_reader
+from .resp import LeanCommands, Reader, connect_reader, is_lean
 from .translate import out_of_memory
 
 if TYPE_CHECKING:
@@ -77,9 +77,16 @@ class Runtime:
         cache_size: int = 4096,
         call_graph: bool = True,
         max_connections: int | None = None,
+        lean_scripts: bool = False,
     ) -> None:
         self.url = url
         self.max_connections = max_connections  # of the command client (None: as needed)
+        # Scripts on a lean connection of their own (resp.LeanCommands): a client's
+        # submit is on the path of every call it makes, and redis-py costs about four
+        # times the lean connection's CPU per command.  One connection more: a worker,
+        # whose connections are counted, keeps its scripts on the command client.
+        self.lean_scripts = lean_scripts and is_lean(url)
+        self._scripts: LeanCommands | None = None
         self.keys = Keys(namespace)
         self.process_id = process_id or new_process_id("proc")
         self.inbox = self.keys.inbox(self.process_id)
@@ -135,6 +142,8 @@ class Runtime:
         self.redis = await connect_redis(
             self.url, max_connections=self.max_connections, reconnect_timeout=reconnect_timeout
         )
+        if self.lean_scripts:  # reached already: this one connects at its first script
+            self._scripts = LeanCommands(self.url, reconnect_timeout=reconnect_timeout)
 
     async def _run_id(self) -> str | None:
         """The server's run id: it changes when the server restarts."""
@@ -354,7 +363,7 @@ class Runtime:
         except Exception:
             pass
         finally:
-            for client in (self._listener_client, self.redis):
+            for client in (self._listener_client, self._scripts, self.redis):
                 if client is not None:
                     try:
                         await asyncio.wait_for(client.aclose(), 2.0)
@@ -366,10 +375,11 @@ class Runtime:
     ) -> Any:
         """Run one server-side script (the functions of ``store.scripts`` call this):
         counted in ``round_trips``, and an out-of-memory refusal explained."""
-        assert self.redis is not None
+        client = self._scripts or self.redis
+        assert client is not None
         self.round_trips += 1
         try:
-            return await script.run(self.redis, keys, args)
+            return await script.run(client, keys, args)
         except redis_errors.ResponseError as exc:
             if _refused_for_memory(exc):
                 raise out_of_memory(self.url, script.name) from None

@@ -96,6 +96,15 @@ SHEBANG = "#!lua"
 Arg = str | bytes | int | float
 
 
+class AsyncClient(Protocol):
+    """What running a script needs of an asyncio client: redis-py's, or the grid's lean
+    connection (``grid.resp.LeanCommands``)."""
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    def script_load(self, script: str) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Script:
     """One server-side script, run by its SHA1 (EVALSHA) and loaded on a NOSCRIPT.
@@ -112,7 +121,7 @@ class Script:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
-    async def run(self, client: aioredis.Redis, keys: Sequence[str | bytes],
+    async def run(self, client: AsyncClient, keys: Sequence[str | bytes],
                   args: Sequence[Arg]) -> Any:  # fmt: skip
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
