@@ -44,4 +44,4 @@ def test_a_crashing_child_restarts_at_once_then_with_growing_pauses():
 def test_the_pause_grows_with_failures_in_a_row_and_is_capped():
     supervisor = Supervisor(["true"], 1, max_backoff=4.0)
     assert [supervisor.backoff(n) for n in range(1, 7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
-    assert supervisor.backoff(0) == 0.0  # after a clean exit it starts again at once too
+    assert supervisor.backoff(0) == 0.5  # a clean exit was meant: no hurry

@@ -130,16 +130,19 @@ class Supervisor:
                 self.on_death(pid)
 
     def backoff(self, failures: int) -> float:
-        """Seconds before a child that failed ``failures`` times in a row starts again.
+        """Seconds before a child that failed ``failures`` times in a row starts again
+        (0: it exited cleanly).
 
         The first failure restarts it at once: a worker lost to the OOM killer or a
         stray SIGKILL is one machine's share of the work, and every second without it
         the others carry that share.  Repeats wait 0.5 s, 1 s, 2 s, ... up to
         ``max_backoff``: a crash at import costs a start a while, not a spinning core.
+        A clean exit was meant, so there is no hurry: 0.5 s, which also keeps a child
+        that always exits at once from spinning.
         """
-        if failures <= 1:
+        if failures == 1:
             return 0.0
-        return float(min(self.max_backoff, 0.5 * 2 ** (failures - 2)))
+        return float(min(self.max_backoff, 0.5 * 2 ** max(0, failures - 2)))
 
     def pids(self) -> list[int]:
         with self._lock:
