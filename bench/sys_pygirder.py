@@ -142,7 +142,8 @@ class PygirderSystem(harness.System):
 
     def after_kill(self, pid: int) -> None:
         # What `pygirder worker --processes N` does: reap the child, requeue its requests
-        # at once (not when its heartbeat expires), restart it after its first backoff.
+        # at once (not when its heartbeat expires), and start a replacement at once (its
+        # first restart has no backoff).
         next(p for p in self.workers if p.pid == pid).wait()
         try:
             from pygirder.grid.recovery import DeadChildRecovery
@@ -150,7 +151,6 @@ class PygirderSystem(harness.System):
             pass
         else:
             DeadChildRecovery(self.url, NAMESPACE)(pid)
-        time.sleep(0.5)
         self._spawn_worker()
 
     def blobs(self, salt: str, n: int, size: int, timeout: float) -> list[bytes]:

@@ -1,8 +1,9 @@
 """Run N worker processes on one machine: restart the ones that crash, forward signals.
 
 ``pygirder worker --processes N`` (or ``auto``: one per core) is this supervisor; each
-child is a plain ``pygirder worker --processes 1``.  A child that keeps crashing is
-restarted with exponential backoff, so a poison import cannot spin the machine.
+child is a plain ``pygirder worker --processes 1``.  A child that dies is restarted at
+once; one that keeps crashing, with exponential backoff, so a poison import cannot spin
+the machine.
 Children die with the supervisor (see :mod:`pygirder.lifetime`), even after a SIGKILL.
 A child that dies is reported to ``on_death`` with its pid before its replacement starts:
 the worker commands pass :class:`pygirder.grid.recovery.DeadChildRecovery`, which requeues
@@ -118,14 +119,30 @@ class Supervisor:
                     continue
                 self.children[i] = None
                 self.failures[i] = self.failures[i] + 1 if code != 0 else 0
-                delay = min(self.max_backoff, 0.5 * 2 ** max(0, self.failures[i] - 1))
+                delay = self.backoff(self.failures[i])
                 self.next_start[i] = now + delay
                 self.restarts += 1
                 exited.append(child.pid)
-                log.warning("worker process %d exited with %s; restarting in %.1fs", i, code, delay)
+                when = f"in {delay:.1f}s" if delay else "now"
+                log.warning("worker process %d exited with %s; restarting %s", i, code, when)
         if self.on_death is not None:
             for pid in exited:
                 self.on_death(pid)
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before a child that failed ``failures`` times in a row starts again
+        (0: it exited cleanly).
+
+        The first failure restarts it at once: a worker lost to the OOM killer or a
+        stray SIGKILL is one machine's share of the work, and every second without it
+        the others carry that share.  Repeats wait 0.5 s, 1 s, 2 s, ... up to
+        ``max_backoff``: a crash at import costs a start a while, not a spinning core.
+        A clean exit was meant, so there is no hurry: 0.5 s, which also keeps a child
+        that always exits at once from spinning.
+        """
+        if failures == 1:
+            return 0.0
+        return float(min(self.max_backoff, 0.5 * 2 ** max(0, failures - 2)))
 
     def pids(self) -> list[int]:
         with self._lock:
