@@ -333,9 +333,7 @@ def advantage(key: str, row: dict[str, dict[str, Any]]) -> str:
     return f"{shown:.2f}x {word} than {best_name}"
 
 
-def target(
-    key: str, row: dict[str, dict[str, Any]], sizes: Sizes, floor_mb_s: float | None = None
-) -> str:
+def target(key: str, row: dict[str, dict[str, Any]], floor_mb_s: float | None = None) -> str:
     """The row held to its performance target, against the peers of the same run;
     ``floor_mb_s``: B8's floor (a redis-py GET of one value of that size)."""
     mine = row.get("pygirder")
@@ -397,7 +395,8 @@ def target(
 
 
 def table(report: dict[str, Any]) -> str:
-    sizes = Sizes.quick_sizes() if report["meta"]["quick"] else Sizes.full()
+    extras = report["extras"]
+    pyg = extras.get("pygirder", {})
     names = report["meta"]["systems"]
     lines = [
         "| workload | " + " | ".join(names) + " | floor | pygirder vs best peer | target |",
@@ -407,15 +406,12 @@ def table(report: dict[str, Any]) -> str:
         row = report["workloads"][key]["systems"]
         cells = [cell(key, row.get(n)) for n in names]
         floor = report["floors"].get(key, "")
-        pyg_extras = report["extras"].get("pygirder", {})
-        floor_mb_s = pyg_extras.get(f"valkey_get_mb_s_{key[3:]}") if key[:3] == "B8-" else None
-        held = target(key, row, sizes, floor_mb_s)
+        floor_mb_s = pyg.get(f"valkey_get_mb_s_{key[3:]}") if key[:3] == "B8-" else None
+        held = target(key, row, floor_mb_s)
         lines.append(
             f"| {key} {report['workloads'][key]['title']} | " + " | ".join(cells)
             + f" | {floor} | {advantage(key, row)} | {held} |"
         )  # fmt: skip
-    extras = report["extras"]
-    pyg = extras.get("pygirder", {})
     cel = extras.get("celery", {})
     lines.append("")
     if cel and not pyg:

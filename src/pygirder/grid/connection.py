@@ -152,14 +152,16 @@ def connect_sync(url: str, *, reconnect_timeout: float | None = None) -> redis.R
     return redis.Redis.from_url(url, **options)
 
 
+def reconnect_policy(timeout: float) -> tuple[ExponentialBackoff, int]:
+    """The backoff and the number of retries that ride out ``timeout`` seconds without
+    a connection: capped at 0.5 s, about two tries a second for the whole window."""
+    return ExponentialBackoff(cap=0.5, base=0.02), max(1, int(timeout * 2))
+
+
 def _options(retry_type: Any, timeout: float, block: float) -> dict[str, Any]:
-    # Backoff capped at 0.5 s: about two tries a second for the whole reconnect window.
     # Retry only lost connections: redis-py also retries time-outs by default.
-    retry = retry_type(
-        ExponentialBackoff(cap=0.5, base=0.02),
-        retries=max(1, int(timeout * 2)),
-        supported_errors=(redis_errors.ConnectionError,),
-    )
+    backoff, retries = reconnect_policy(timeout)
+    retry = retry_type(backoff, retries=retries, supported_errors=(redis_errors.ConnectionError,))
     read_timeout = settings.socket_timeout() + block
     return dict(
         decode_responses=False,

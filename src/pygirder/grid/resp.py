@@ -37,10 +37,9 @@ import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import parse_url
-from redis.backoff import ExponentialBackoff
 
 from .. import settings
-from .connection import connect_redis
+from .connection import connect_redis, reconnect_policy
 
 
 class Reader(Protocol):
@@ -235,17 +234,16 @@ class LeanConnection:
 class LeanCommands(LeanConnection):
     """A lean connection whose commands ride out a lost connection as ``connect_redis``'s
     clients do: a command that fails for a lost connection (before or after it was
-    sent) is sent again on a new one, with backoff capped at 0.5 s, for the reconnect
-    window; a reply that does not come in time and every error reply are the caller's.
-    A script may so run twice, as it may with redis-py's retries: the grid's scripts
-    are written to be run again."""
+    sent) is sent again on a new one, with ``connection.reconnect_policy``'s backoff,
+    for the reconnect window; a reply that does not come in time and every error reply
+    are the caller's.  A script may so run twice, as it may with redis-py's retries:
+    the grid's scripts are written to be run again."""
 
     def __init__(self, url: str, *, reconnect_timeout: float | None = None) -> None:
         super().__init__(url)
         if reconnect_timeout is None:
             reconnect_timeout = settings.liveness().reconnect_timeout
-        self.retries = max(1, int(reconnect_timeout * 2))
-        self.backoff = ExponentialBackoff(cap=0.5, base=0.02)
+        self.backoff, self.retries = reconnect_policy(reconnect_timeout)
 
     async def execute_command(self, *args: Any) -> Any:
         failures = 0
